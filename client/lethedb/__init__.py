@@ -1,0 +1,1 @@
+"""LetheDB Python SDK."""

@@ -1,0 +1,243 @@
+"""The SDK's exception hierarchy and the one place that builds it from a gRPC status.
+
+Every failure the SDK reports is a :class:`LetheError`. The server sends a gRPC
+status code plus trailing metadata naming its own exception class
+(``lethedb-error``) and, for version conflicts, the stream's actual version
+(``lethedb-actual-version``). :func:`error_from_status` turns those into the
+exception below, preferring the server's class name and falling back to the
+status code, so an error from a proxy or an older server still lands on a
+sensible type. Nothing else in the SDK decides which exception a status becomes.
+
+    LetheError                   .code (grpc.StatusCode | None), .details (str)
+    ├── ValidationError          the request is malformed; nothing was changed
+    ├── WrongExpectedVersion     the stream was not in the expected state (.actual_version)
+    ├── StreamNotFound           a read named a stream that does not exist
+    ├── SubjectForgotten         the subject was erased; its id is never reused
+    ├── IdempotencyConflict      an idempotency key was reused for a different request
+    ├── LegalHoldActive          the subject is under legal hold and cannot be forgotten
+    ├── StorageFull              the server is out of space or over a limit; nothing written
+    ├── DataLoss                 a stored record failed its integrity checks
+    ├── Unavailable              the server could not be reached (after every retry)
+    ├── DeadlineExceeded         the call's deadline passed (after every retry)
+    ├── Unauthenticated          the call carried no valid credentials
+    ├── PermissionDenied         the credentials lack the role the call needs
+    └── ServerError              anything else the server reported
+
+This module must not import the generated protobuf modules: it knows statuses,
+not messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+import grpc
+
+__all__ = [
+    "DataLoss",
+    "DeadlineExceeded",
+    "IdempotencyConflict",
+    "LegalHoldActive",
+    "LetheError",
+    "PermissionDenied",
+    "ServerError",
+    "StorageFull",
+    "StreamNotFound",
+    "SubjectForgotten",
+    "Unauthenticated",
+    "Unavailable",
+    "ValidationError",
+    "WrongExpectedVersion",
+    "error_from_rpc_error",
+    "error_from_status",
+]
+
+ERROR_KEY: Final = "lethedb-error"
+ACTUAL_VERSION_KEY: Final = "lethedb-actual-version"
+
+
+class LetheError(Exception):
+    """Base of every error the SDK raises or returns.
+
+    ``code`` is the gRPC status the server answered with, or ``None`` when the
+    SDK detected the problem itself before any I/O. ``details`` is the server's
+    message (or the SDK's own), kept separately so that callers can log it
+    without parsing ``str(error)``.
+    """
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, details: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = message if details is None else details
+
+
+class ValidationError(LetheError):
+    """The request was malformed; the server (or the SDK, before sending) changed nothing."""
+
+
+class WrongExpectedVersion(LetheError):
+    """The stream's version did not match ``expected_version``; nothing was written.
+
+    ``actual_version`` is the stream's last version, or ``None`` when the
+    stream does not exist (or the server did not say).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        details: str | None = None,
+        actual_version: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.actual_version = actual_version
+
+
+class StreamNotFound(LetheError):
+    """A read named a stream that holds no events."""
+
+
+class SubjectForgotten(LetheError):
+    """The data subject was erased: its id cannot be written to again and its data is gone."""
+
+
+class IdempotencyConflict(LetheError):
+    """An idempotency key was reused for a request with different content."""
+
+
+class LegalHoldActive(LetheError):
+    """The subject is under legal hold, so it cannot be forgotten until the hold is released."""
+
+
+class StorageFull(LetheError):
+    """The server ran out of space or hit a size limit; nothing was written."""
+
+
+class DataLoss(LetheError):
+    """The server found a stored record (or its data directory) damaged."""
+
+
+class Unavailable(LetheError):
+    """The server could not be reached or is shutting down, and retrying did not help."""
+
+
+class DeadlineExceeded(LetheError):
+    """The call did not finish within its timeout, and retrying did not help.
+
+    For an append this does not mean nothing was written: the write may have
+    committed after the deadline. Retrying with the same idempotency key is safe.
+    """
+
+
+class Unauthenticated(LetheError):
+    """The server requires credentials the call did not carry (or they were invalid)."""
+
+
+class PermissionDenied(LetheError):
+    """The call's credentials do not hold the role the operation needs."""
+
+
+class ServerError(LetheError):
+    """The server reported an error the SDK has no more specific type for."""
+
+
+# The server's class names, including server-only ones that a client can only
+# handle like one of its own types (a damaged data directory is data loss to
+# the reader; a draining server is simply unavailable).
+_BY_NAME: Final[dict[str, type[LetheError]]] = {
+    "ValidationError": ValidationError,
+    "WrongExpectedVersion": WrongExpectedVersion,
+    "StreamNotFound": StreamNotFound,
+    "SubjectForgotten": SubjectForgotten,
+    "IdempotencyConflict": IdempotencyConflict,
+    "LegalHoldActive": LegalHoldActive,
+    "StorageFull": StorageFull,
+    "DataLoss": DataLoss,
+    "DataDirDamaged": DataLoss,
+    "DataDirLocked": ServerError,
+    "ShuttingDown": Unavailable,
+}
+
+# FAILED_PRECONDITION is deliberately absent: it means several different
+# things (forgotten subject, idempotency conflict, legal hold), so without the
+# server's class name only ServerError is honest.
+_BY_CODE: Final[dict[grpc.StatusCode, type[LetheError]]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
+    grpc.StatusCode.ABORTED: WrongExpectedVersion,
+    grpc.StatusCode.NOT_FOUND: StreamNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: StorageFull,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
+
+
+def error_from_status(
+    code: grpc.StatusCode | None,
+    details: str,
+    *,
+    error_name: str | None = None,
+    actual_version: int | None = None,
+) -> LetheError:
+    """Build the exception for one failed call or one failed pipelined append.
+
+    ``actual_version`` follows the wire convention: ``-1`` (or ``None``) means
+    the stream does not exist.
+    """
+    cls = _BY_NAME.get(error_name or "") or _BY_CODE.get(code or grpc.StatusCode.UNKNOWN)
+    if cls is None:
+        cls = ServerError
+    message = details or (code.name if code is not None else "unknown error")
+    if cls is WrongExpectedVersion:
+        actual = None if actual_version is None or actual_version < 0 else actual_version
+        return WrongExpectedVersion(message, code=code, details=details, actual_version=actual)
+    return cls(message, code=code, details=details)
+
+
+def error_from_rpc_error(error: grpc.RpcError) -> LetheError:
+    """Map a failed sync or asyncio call to its :class:`LetheError`.
+
+    Both ``grpc.RpcError`` flavours expose ``code()``, ``details()`` and
+    ``trailing_metadata()`` as plain methods; the base class declares none of
+    them, so a bare ``RpcError`` (raised by some channel failures) becomes a
+    ServerError rather than an AttributeError.
+    """
+    code = _call(error, "code")
+    details = _call(error, "details")
+    metadata = _call(error, "trailing_metadata")
+    name = _metadata_value(metadata, ERROR_KEY)
+    actual_text = _metadata_value(metadata, ACTUAL_VERSION_KEY)
+    actual: int | None = None
+    if actual_text is not None:
+        try:
+            actual = int(actual_text)
+        except ValueError:
+            actual = None
+    return error_from_status(
+        code if isinstance(code, grpc.StatusCode) else None,
+        details if isinstance(details, str) else "",
+        error_name=name,
+        actual_version=actual,
+    )
+
+
+def _call(error: grpc.RpcError, method: str) -> Any:
+    function = getattr(error, method, None)
+    return function() if callable(function) else None
+
+
+def _metadata_value(metadata: Iterable[Any] | None, key: str) -> str | None:
+    """Find one key in sync metadata (tuple of pairs) or aio ``Metadata`` (iterates pairs)."""
+    if not metadata:
+        return None
+    for item in metadata:
+        item_key, value = item
+        if item_key == key:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None

@@ -1,0 +1,1 @@
+"""The LetheDB server: storage, keys, writer, gRPC services and CLI."""

@@ -1,0 +1,184 @@
+"""Byte formats of everything LetheDB stores: records, keys and metadata.
+
+This module is the single definition of the on-disk format. It knows nothing
+of LMDB, keys or gRPC; it turns values into bytes and back. Every stored
+struct is array-like msgpack (field order is the format, so fields are only
+ever appended, never reordered) and the event record carries a format version
+so a future change can be read side by side with the old one.
+
+A stored event value is ``msgpack(RecordBody) || chain_hash`` where
+``chain_hash = BLAKE2b-256(previous chain_hash || msgpack(RecordBody))``. The
+hash is a fixed 32-byte trailer rather than a last array element so that
+hashing and verifying never re-encode the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Final
+
+import msgspec
+
+RECORD_FORMAT: Final = 1
+HASH_SIZE: Final = 32
+GENESIS_HASH: Final = bytes(HASH_SIZE)
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+class RecordBody(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One event as stored in the ``events`` database, without its chain hash."""
+
+    format: int
+    stream_id: str
+    stream_version: int
+    event_id: bytes
+    event_type: str
+    subject_id: str
+    content_type: str
+    recorded_at: int
+    dek_version: int
+    nonce: bytes
+    ciphertext: bytes
+
+
+class Payload(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The plaintext sealed into ``RecordBody.ciphertext``: data and metadata together."""
+
+    data: bytes
+    metadata: bytes
+
+
+class StreamInfo(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``streams`` value: where a stream stands."""
+
+    last_version: int
+    first_position: int
+    created_at: int
+
+
+class AppendResult(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """What an append returns; stored with its idempotency key for retries."""
+
+    first_position: int
+    last_position: int
+    first_version: int
+    last_version: int
+    recorded_at: int
+    deduplicated: bool = False
+
+
+class IdempotencyEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    digest: bytes
+    result: AppendResult
+    created_at: int
+
+
+class Tombstone(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``tombstones`` value: the proof that a subject was forgotten."""
+
+    position: int
+    forgotten_at: int
+    reason: str
+    shred_epoch: int
+
+
+class LogMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``meta`` value under ``b"log"``: identity and head of the log."""
+
+    format: int
+    store_id: bytes
+    last_position: int
+    chain_head: bytes
+    shred_epoch: int
+
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+_body_decoder = msgspec.msgpack.Decoder(RecordBody)
+_payload_decoder = msgspec.msgpack.Decoder(Payload)
+_stream_decoder = msgspec.msgpack.Decoder(StreamInfo)
+_idem_decoder = msgspec.msgpack.Decoder(IdempotencyEntry)
+_tombstone_decoder = msgspec.msgpack.Decoder(Tombstone)
+_meta_decoder = msgspec.msgpack.Decoder(LogMeta)
+
+decode_payload = _payload_decoder.decode
+decode_stream = _stream_decoder.decode
+decode_idempotency = _idem_decoder.decode
+decode_tombstone = _tombstone_decoder.decode
+decode_meta = _meta_decoder.decode
+
+
+def chain_hash(previous: bytes, body: bytes) -> bytes:
+    """BLAKE2b-256 over the previous hash and the encoded body."""
+    h = hashlib.blake2b(previous, digest_size=HASH_SIZE)
+    h.update(body)
+    return h.digest()
+
+
+def seal_record(previous: bytes, body: RecordBody) -> tuple[bytes, bytes]:
+    """Encode *body* and chain it after *previous*; return (stored value, its hash)."""
+    encoded = encode(body)
+    digest = chain_hash(previous, encoded)
+    return encoded + digest, digest
+
+
+def split_record(value: bytes | memoryview) -> tuple[memoryview, bytes]:
+    """Split a stored event value into its encoded body and its chain hash."""
+    view = memoryview(value)
+    return view[:-HASH_SIZE], bytes(view[-HASH_SIZE:])
+
+
+def decode_record(value: bytes | memoryview) -> RecordBody:
+    return _body_decoder.decode(memoryview(value)[:-HASH_SIZE])
+
+
+def position_key(position: int) -> bytes:
+    return _U64.pack(position)
+
+
+def position_from_key(key: bytes | memoryview) -> int:
+    return int(_U64.unpack(key)[0])
+
+
+def _prefixed(text: str) -> bytes:
+    raw = text.encode()
+    return _U32.pack(len(raw)) + raw
+
+
+def stream_version_key(stream_id: str, version: int) -> bytes:
+    """``stream_index`` key: length-prefixed stream id, then the version (BE)."""
+    return _prefixed(stream_id) + _U64.pack(version)
+
+
+def stream_prefix(stream_id: str) -> bytes:
+    return _prefixed(stream_id)
+
+
+def subject_position_key(subject_id: str, position: int) -> bytes:
+    """``subject_index`` key: length-prefixed subject id, then the position (BE)."""
+    return _prefixed(subject_id) + _U64.pack(position)
+
+
+def subject_prefix(subject_id: str) -> bytes:
+    return _prefixed(subject_id)
+
+
+def dek_key(subject_id: str, version: int) -> bytes:
+    """Key-store key of one DEK version: length-prefixed subject id, then version."""
+    return _prefixed(subject_id) + _U32.pack(version)
+
+
+def dek_version_from_key(key: bytes | memoryview) -> int:
+    return int(_U32.unpack(bytes(key[-4:]))[0])
+
+
+def u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def from_u64(raw: bytes | memoryview) -> int:
+    return int(_U64.unpack(raw)[0])

@@ -1,0 +1,77 @@
+"""AES-256-GCM sealing of event payloads and wrapping of data keys.
+
+Pure functions over bytes: no storage, no key management. The associated data
+built here binds each ciphertext to its slot, so a ciphertext copied into
+another record, another subject or another key version fails to decrypt.
+
+NIST SP 800-38D allows at most 2**32 encryptions with random 96-bit nonces
+under one key; :mod:`lethedb_server.keys` counts uses and rolls keys well
+before that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_SIZE: Final = 32
+NONCE_SIZE: Final = 12
+TAG_SIZE: Final = 16
+#: The NIST limit for random nonces under one key.
+NIST_RANDOM_NONCE_LIMIT: Final = 2**32
+
+__all__ = [
+    "AESGCM",
+    "KEY_SIZE",
+    "NONCE_SIZE",
+    "InvalidTag",
+    "event_aad",
+    "new_key",
+    "new_nonce",
+    "wrap_aad",
+]
+
+_encode = msgspec.msgpack.encode
+
+
+def new_key() -> bytes:
+    return AESGCM.generate_key(bit_length=256)
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def event_aad(
+    store_id: bytes,
+    position: int,
+    stream_id: str,
+    stream_version: int,
+    event_type: str,
+    subject_id: str,
+    event_id: bytes,
+    dek_version: int,
+) -> bytes:
+    """Associated data of an event ciphertext: every field that names its slot."""
+    return _encode(
+        (
+            b"lethedb.event.v1",
+            store_id,
+            position,
+            stream_id,
+            stream_version,
+            event_type,
+            subject_id,
+            event_id,
+            dek_version,
+        )
+    )
+
+
+def wrap_aad(subject_id: str, dek_version: int, master_version: int) -> bytes:
+    """Associated data of a wrapped DEK: whose key it is, which version, under which KEK."""
+    return _encode((b"lethedb.dek.v1", subject_id, dek_version, master_version))

@@ -1,0 +1,87 @@
+"""Domain errors of the LetheDB server.
+
+Every layer below the gRPC service raises these and nothing else for
+conditions a client can cause or must learn about. They carry no gRPC
+knowledge: :mod:`lethedb_server.status` is the one place that maps them to
+status codes. Messages are written for the person reading them: they name the
+field, the limit and what was found, and never contain event data or keys.
+
+    LetheError
+    ├── ValidationError          a request is malformed; nothing was changed
+    ├── WrongExpectedVersion     the stream is not in the expected state
+    ├── StreamNotFound           a read named a stream that does not exist
+    ├── SubjectForgotten         the subject was erased; its id is never reused
+    ├── IdempotencyConflict      a key was reused for a different request
+    ├── StorageFull              the disk or the LMDB map cannot grow
+    ├── DataLoss                 a record fails its integrity checks
+    ├── DataDirLocked            another process holds the data directory
+    ├── DataDirDamaged           the files on disk are unusable as they are
+    └── ShuttingDown             the server is draining and takes no new work
+"""
+
+from __future__ import annotations
+
+
+class LetheError(Exception):
+    """Base of every error the server reports to clients."""
+
+
+class ValidationError(LetheError):
+    """A request failed validation before it reached the writer."""
+
+
+class WrongExpectedVersion(LetheError):
+    """The stream's version did not match the request's expectation.
+
+    ``actual_version`` is the stream's last version, or ``None`` when the
+    stream does not exist.
+    """
+
+    def __init__(self, stream_id: str, expected: str, actual_version: int | None) -> None:
+        self.stream_id = stream_id
+        self.actual_version = actual_version
+        actual = "no stream" if actual_version is None else f"version {actual_version}"
+        super().__init__(f"stream {stream_id!r}: expected {expected}, found {actual}")
+
+
+class StreamNotFound(LetheError):
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        super().__init__(f"stream {stream_id!r} does not exist")
+
+
+class SubjectForgotten(LetheError):
+    def __init__(self, subject_id: str) -> None:
+        self.subject_id = subject_id
+        super().__init__(
+            f"subject {subject_id!r} has been forgotten; an erased subject id is never reused"
+        )
+
+
+class IdempotencyConflict(LetheError):
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different request; "
+            "use a new key for a new request"
+        )
+
+
+class StorageFull(LetheError):
+    """The write could not be made durable for lack of space; nothing was written."""
+
+
+class DataLoss(LetheError):
+    """A stored record failed its integrity check (hash chain or AEAD tag)."""
+
+
+class DataDirLocked(LetheError):
+    """Another process has the data directory open."""
+
+
+class DataDirDamaged(LetheError):
+    """The data directory's files are truncated, corrupt or inconsistent."""
+
+
+class ShuttingDown(LetheError):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry against another node or later")

@@ -1,0 +1,205 @@
+"""Opening LMDB environments safely, growing their maps, checking their files.
+
+Every environment LetheDB opens goes through :class:`LmdbEnv` so that only the
+safe modes are ever used: sync and metasync on (a commit is durable when it
+returns), no writemap (a full disk with writemap kills the process with
+SIGBUS), no map_async, locking on.
+
+LMDB may only change its map size while no transaction of this process is
+open. Readers therefore enter through :meth:`LmdbEnv.read`, which holds a
+shared gate that :meth:`LmdbEnv.grow` takes exclusively; read transactions
+are short (one page), so growth waits at most for one page read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from lethedb_server.errors import DataDirDamaged, StorageFull
+
+_MDB_MAGIC = 0xBEEFC0DE
+_META_LAYOUT = struct.Struct("<IIQQ")  # magic, version, address, mapsize
+_PAGE_HEADER = 16
+_DB_RECORD = 48
+_LAST_PG_OFFSET = _PAGE_HEADER + _META_LAYOUT.size + 2 * _DB_RECORD
+
+
+class _ResizeGate:
+    """Many readers or one resizer: LMDB's rule for mdb_env_set_mapsize."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class LmdbEnv:
+    """One LMDB environment with its named databases."""
+
+    def __init__(
+        self,
+        path: Path,
+        db_names: Sequence[str],
+        *,
+        map_size: int,
+        max_map_size: int,
+        max_readers: int = 1024,
+    ) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        check_data_file(path / "data.mdb")
+        self.path = path
+        self.max_map_size = max_map_size
+        self.env = lmdb.open(
+            str(path),
+            map_size=max(map_size, _current_file_size(path / "data.mdb")),
+            max_dbs=len(db_names) + 4,
+            max_readers=max_readers,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            writemap=False,
+            map_async=False,
+            lock=True,
+            readahead=False,
+            meminit=False,
+        )
+        self.env.reader_check()
+        self.dbs: dict[str, Any] = {name: self.env.open_db(name.encode()) for name in db_names}
+        self._gate = _ResizeGate()
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction; never hold it across a wait."""
+        with self._gate.shared(), self.env.begin(buffers=False) as txn:
+            yield txn
+
+    def begin_write(self) -> lmdb.Transaction:
+        """Only the writer thread (or start-up code before it runs) calls this."""
+        return self.env.begin(write=True)
+
+    def grow(self) -> None:
+        """Double the map size; raise :class:`StorageFull` past the configured ceiling."""
+        current = self.env.info()["map_size"]
+        if current >= self.max_map_size:
+            raise StorageFull(
+                f"{self.path} reached its maximum map size of {self.max_map_size} bytes; "
+                "raise max_map_size or free space"
+            )
+        with self._gate.exclusive():
+            self.env.set_mapsize(min(current * 2, self.max_map_size))
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def reader_check(self) -> int:
+        """Clear reader slots left by dead processes; return how many were cleared."""
+        return int(self.env.reader_check())
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def is_disk_full(exc: lmdb.Error) -> bool:
+    """LMDB reports ENOSPC/EDQUOT/EFBIG as plain errors with the errno's text."""
+    text = str(exc)
+    return any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def _current_file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse a ``data.mdb`` whose meta pages are bad or whose size is short.
+
+    LMDB has no page checksums, and a truncated file opens fine and then dies
+    with SIGBUS on the first read of a missing page. Both meta pages name the
+    last page in use; the file must reach past it.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    with path.open("rb") as f:
+        head = f.read(2 * 65536)
+    if len(head) < 2 * 4096:
+        raise DataDirDamaged(
+            f"{path} is {size} bytes, too short to hold LMDB's two meta pages; "
+            "restore it from a backup"
+        )
+    page_size = _page_size(head)
+    best: tuple[int, int] | None = None  # (txnid, last_pgno)
+    for index in (0, 1):
+        meta = head[index * page_size : (index + 1) * page_size]
+        magic = struct.unpack_from("<I", meta, _PAGE_HEADER)[0]
+        if magic != _MDB_MAGIC:
+            continue
+        last_pgno, txnid = struct.unpack_from("<QQ", meta, _LAST_PG_OFFSET)
+        if best is None or txnid > best[0]:
+            best = (txnid, last_pgno)
+    if best is None:
+        raise DataDirDamaged(
+            f"{path} has no valid LMDB meta page (both are damaged); restore it from a backup"
+        )
+    needed = (best[1] + 1) * page_size
+    if size < needed:
+        raise DataDirDamaged(
+            f"{path} is truncated: it is {size} bytes but its meta page says it holds "
+            f"{needed} bytes; restore it from a backup"
+        )
+
+
+def _page_size(head: bytes) -> int:
+    """The page size is stored in the free-list database record of the meta page."""
+    for index_page in (0, 1):
+        for guess in (4096, 8192, 16384, 32768, 65536):
+            offset = index_page * guess + _PAGE_HEADER
+            if offset + _META_LAYOUT.size + 4 > len(head):
+                continue
+            magic = struct.unpack_from("<I", head, offset)[0]
+            if magic == _MDB_MAGIC:
+                (psize,) = struct.unpack_from("<I", head, offset + _META_LAYOUT.size)
+                if psize in (4096, 8192, 16384, 32768, 65536):
+                    return int(psize)
+    return 4096

@@ -1,0 +1,79 @@
+"""Conversion between protobuf messages and domain values.
+
+The service layer is the only user. Conversions are written for the hot path:
+one protobuf object per event, no intermediate dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server.codec import AppendResult
+from lethedb_server.errors import ValidationError
+from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent, StoredEvent
+
+#: Target size of one streamed read message. A single event larger than this
+#: still travels alone in its own message.
+READ_MESSAGE_BYTES = 1 << 20
+
+_EXPECTED_STATES = {state.value: state for state in ExpectedState}
+
+
+def append_command(request: pb.AppendRequest) -> AppendCommand:
+    state = _EXPECTED_STATES.get(request.expected_state)
+    if state is None:
+        raise ValidationError(f"expected_state is {request.expected_state}, which is not defined")
+    return AppendCommand(
+        stream_id=request.stream_id,
+        events=tuple(
+            ProposedEvent(
+                e.event_id, e.event_type, e.subject_id, e.content_type, e.data, e.metadata
+            )
+            for e in request.events
+        ),
+        expected_state=state,
+        expected_version=request.expected_version,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def append_response(result: AppendResult) -> pb.AppendResponse:
+    return pb.AppendResponse(
+        first_position=result.first_position,
+        last_position=result.last_position,
+        first_version=result.first_version,
+        last_version=result.last_version,
+        recorded_at=result.recorded_at,
+        deduplicated=result.deduplicated,
+    )
+
+
+def recorded_event(event: StoredEvent) -> pb.RecordedEvent:
+    return pb.RecordedEvent(
+        position=event.position,
+        stream_id=event.stream_id,
+        stream_version=event.stream_version,
+        event_id=event.event_id,
+        event_type=event.event_type,
+        subject_id=event.subject_id,
+        content_type=event.content_type,
+        recorded_at=event.recorded_at,
+        data=event.data,
+        metadata=event.metadata,
+        redacted=event.redacted,
+    )
+
+
+def read_responses(events: Sequence[StoredEvent]) -> Iterator[pb.ReadResponse]:
+    """Pack events into messages of about READ_MESSAGE_BYTES each."""
+    batch: list[pb.RecordedEvent] = []
+    size = 0
+    for event in events:
+        batch.append(recorded_event(event))
+        size += len(event.data) + len(event.metadata) + 96
+        if size >= READ_MESSAGE_BYTES:
+            yield pb.ReadResponse(events=batch)
+            batch, size = [], 0
+    if batch:
+        yield pb.ReadResponse(events=batch)

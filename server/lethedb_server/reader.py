@@ -1,0 +1,87 @@
+"""Reading events back: pages from the log, opened with the subjects' keys.
+
+Decryption happens here, on the server, for authorised readers. An event
+whose subject has been forgotten comes back *redacted* (every clear field
+intact, no data) rather than skipped, so positions stay contiguous for
+consumers. A record whose ciphertext fails its authentication tag is reported
+as :class:`DataLoss` naming its position; it is never returned wrong.
+"""
+
+from __future__ import annotations
+
+from lethedb_server import codec
+from lethedb_server.crypto import InvalidTag, event_aad
+from lethedb_server.errors import DataLoss, StreamNotFound
+from lethedb_server.keys import KeyStore
+from lethedb_server.model import STORE_SUBJECT, StoredEvent
+from lethedb_server.storage import LogStore, RawPage
+
+#: Events per read transaction: short enough never to pin old pages for long.
+DEFAULT_PAGE = 512
+
+
+class EventReader:
+    def __init__(self, log_store: LogStore, keys: KeyStore) -> None:
+        self.log = log_store
+        self.keys = keys
+
+    def read_all(self, start: int, *, backwards: bool, limit: int) -> list[StoredEvent]:
+        return self.open_page(self.log.read_all_page(start, backwards=backwards, limit=limit))
+
+    def read_stream(
+        self, stream_id: str, start: int, *, backwards: bool, limit: int
+    ) -> list[StoredEvent]:
+        page = self.log.read_stream_page(stream_id, start, backwards=backwards, limit=limit)
+        if page is None:
+            raise StreamNotFound(stream_id)
+        return self.open_page(page)
+
+    def open_page(self, page: RawPage) -> list[StoredEvent]:
+        return [self.open(position, value) for position, value in page]
+
+    def open(self, position: int, value: bytes) -> StoredEvent:
+        """Decode and decrypt one stored event."""
+        try:
+            body = codec.decode_record(value)
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(f"the record at position {position} cannot be decoded: {exc}") from exc
+        subject = body.subject_id or STORE_SUBJECT
+        aead = self.keys.cipher(subject, body.dek_version)
+        if aead is None:
+            if body.subject_id and self.log.is_forgotten(body.subject_id):
+                return _envelope(position, body, b"", b"", redacted=True)
+            raise DataLoss(
+                f"the key for the event at position {position} is missing "
+                f"(subject {body.subject_id!r}, key version {body.dek_version}) "
+                "and the subject was never forgotten"
+            )
+        aad = event_aad(
+            self.log.store_id, position, body.stream_id, body.stream_version,
+            body.event_type, body.subject_id, body.event_id, body.dek_version,
+        )  # fmt: skip
+        try:
+            payload = codec.decode_payload(aead.decrypt(body.nonce, body.ciphertext, aad))
+        except InvalidTag as exc:
+            raise DataLoss(
+                f"the event at position {position} fails its authentication check "
+                "(the record was altered or moved)"
+            ) from exc
+        return _envelope(position, body, payload.data, payload.metadata, redacted=False)
+
+
+def _envelope(
+    position: int, body: codec.RecordBody, data: bytes, metadata: bytes, *, redacted: bool
+) -> StoredEvent:
+    return StoredEvent(
+        position=position,
+        stream_id=body.stream_id,
+        stream_version=body.stream_version,
+        event_id=body.event_id,
+        event_type=body.event_type,
+        subject_id=body.subject_id,
+        content_type=body.content_type,
+        recorded_at=body.recorded_at,
+        data=data,
+        metadata=metadata,
+        redacted=redacted,
+    )

@@ -1,0 +1,103 @@
+"""Running the gRPC server: wiring the store to the services, start and drain.
+
+Start-up order matters for durability: the data directory is opened (lock,
+file checks, keyring) before the port is bound, so a client can never reach a
+server that cannot write. Shutdown is the reverse: stop accepting calls, give
+in-flight calls the grace period, let the writer finish its queue, close LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lethedb_server.config import Config
+from lethedb_server.service import SERVICE_NAME, EventStoreService, add_event_store
+from lethedb_server.store import Store
+from lethedb_server.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def harden_process() -> None:
+    """No core dumps: a core file would hold unwrapped keys and plaintext."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, HealthServicer]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    add_event_store(server, EventStoreService(store, Validator(config.limits())))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health
+
+
+async def serve(config: Config) -> None:
+    harden_process()
+    store = Store.open(config.data_dir, config.store_options())
+    try:
+        server, health = build_server(config, store)
+        port = server.add_insecure_port(config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
+        host = config.listen.rsplit(":", 1)[0]
+        address = f"{host}:{port}"
+        await server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "LetheDB serving on %s; data directory %s (log %s, keys %s), master keyring %s; "
+            "head position %d",
+            address,
+            store.data_dir.resolve(),
+            store.log.lmdb.path,
+            store.keys.lmdb.path,
+            config.keyring_path.resolve(),
+            store.log.head,
+        )
+        if config.ready_file:
+            _write_ready_file(Path(config.ready_file), address)
+        await _wait_for_signal()
+        log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
+        await health.enter_graceful_shutdown()
+        await server.stop(config.shutdown_grace_s)
+    finally:
+        store.close()
+        log.info("stopped; all acknowledged appends are on disk")
+
+
+def _write_ready_file(path: Path, address: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(address + "\n")
+    os.replace(tmp, path)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,64 @@
+"""The one place where domain errors become gRPC status codes.
+
+Besides the code and message, every error carries trailing metadata the SDK
+reads back into the same exception type:
+
+* ``lethedb-error``: the domain exception's class name;
+* ``lethedb-actual-version``: for WrongExpectedVersion, the stream's last
+  version, or ``-1`` when the stream does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import grpc
+
+from lethedb_server import errors
+
+ERROR_KEY: Final = "lethedb-error"
+ACTUAL_VERSION_KEY: Final = "lethedb-actual-version"
+
+_CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
+    errors.ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WrongExpectedVersion: grpc.StatusCode.ABORTED,
+    errors.StreamNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.SubjectForgotten: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.IdempotencyConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.DataDirLocked: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DataDirDamaged: grpc.StatusCode.DATA_LOSS,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(error: errors.LetheError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        code = _CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def trailing_metadata(error: errors.LetheError) -> tuple[tuple[str, str], ...]:
+    items: list[tuple[str, str]] = [(ERROR_KEY, type(error).__name__)]
+    if isinstance(error, errors.WrongExpectedVersion):
+        actual = -1 if error.actual_version is None else error.actual_version
+        items.append((ACTUAL_VERSION_KEY, str(actual)))
+    return tuple(items)
+
+
+def append_error_fields(error: errors.LetheError) -> tuple[int, str, int]:
+    """(numeric code, message, actual version or -1) for an in-stream AppendError."""
+    actual = -1
+    if isinstance(error, errors.WrongExpectedVersion) and error.actual_version is not None:
+        actual = error.actual_version
+    return status_code(error).value[0], str(error), actual
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[object, object], error: errors.LetheError
+) -> None:
+    """End the call with the error's status; raises, as grpc.aio's abort does."""
+    await context.abort(status_code(error), str(error), trailing_metadata(error))

@@ -1,0 +1,190 @@
+"""The log environment (``<data>/log/``): events, indexes and log metadata.
+
+The log never holds a key and never holds plaintext personal data: event
+payloads arrive here already sealed. Reads use short LMDB read transactions
+(MVCC, so they never block the writer); writes happen only in the writer
+thread, in the transaction it passes in.
+
+Named databases (see docs/ARCHITECTURE.md for the value formats):
+
+* ``events``: u64 BE position -> RecordBody || chain hash
+* ``streams``: stream id -> StreamInfo
+* ``stream_index``: length-prefixed stream id + u64 BE version -> u64 BE position
+* ``subject_index``: length-prefixed subject id + u64 BE position -> empty
+* ``tombstones``: subject id -> Tombstone
+* ``idempotency``: idempotency key -> IdempotencyEntry
+* ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
+* ``checkpoints``: consumer group -> u64 BE position
+* ``meta``: ``log`` -> LogMeta
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
+
+import lmdb
+
+from lethedb_server import codec
+from lethedb_server.codec import LogMeta, RecordBody, StreamInfo, Tombstone
+from lethedb_server.lmdbenv import LmdbEnv
+
+LOG_DBS = (
+    "events",
+    "streams",
+    "stream_index",
+    "subject_index",
+    "tombstones",
+    "idempotency",
+    "idempotency_expiry",
+    "checkpoints",
+    "meta",
+)
+_META_KEY = b"log"
+
+#: A page of raw events: (position, stored value).
+RawPage = list[tuple[int, bytes]]
+
+
+class LogStore:
+    """The event log environment."""
+
+    def __init__(
+        self, path: Path, *, map_size: int = 64 << 20, max_map_size: int = 1 << 42
+    ) -> None:
+        self.lmdb = LmdbEnv(path, LOG_DBS, map_size=map_size, max_map_size=max_map_size)
+        db = self.lmdb.dbs
+        self.events = db["events"]
+        self.streams = db["streams"]
+        self.stream_index = db["stream_index"]
+        self.subject_index = db["subject_index"]
+        self.tombstones = db["tombstones"]
+        self.idempotency = db["idempotency"]
+        self.idempotency_expiry = db["idempotency_expiry"]
+        self.checkpoints = db["checkpoints"]
+        self.meta_db = db["meta"]
+        self.meta = self._load_or_init_meta()
+
+    def close(self) -> None:
+        self.lmdb.close()
+
+    def _load_or_init_meta(self) -> LogMeta:
+        with self.lmdb.read() as txn:
+            raw = txn.get(_META_KEY, db=self.meta_db)
+        if raw is not None:
+            return codec.decode_meta(raw)
+        meta = LogMeta(
+            format=codec.RECORD_FORMAT,
+            store_id=os.urandom(16),
+            last_position=0,
+            chain_head=codec.GENESIS_HASH,
+            shred_epoch=0,
+        )
+        with self.lmdb.begin_write() as txn:
+            txn.put(_META_KEY, codec.encode(meta), db=self.meta_db)
+        return meta
+
+    @property
+    def store_id(self) -> bytes:
+        return self.meta.store_id
+
+    @property
+    def head(self) -> int:
+        """The last committed global position (0 for an empty log)."""
+        return self.meta.last_position
+
+    # -- writer-side helpers (called with the writer's transaction) ------------
+
+    def put_meta(self, txn: lmdb.Transaction, meta: LogMeta) -> None:
+        txn.put(_META_KEY, codec.encode(meta), db=self.meta_db)
+
+    def stream_info(self, txn: lmdb.Transaction, stream_id: str) -> StreamInfo | None:
+        raw = txn.get(stream_id.encode(), db=self.streams)
+        return None if raw is None else codec.decode_stream(raw)
+
+    def tombstone(self, txn: lmdb.Transaction, subject_id: str) -> Tombstone | None:
+        raw = txn.get(subject_id.encode(), db=self.tombstones)
+        return None if raw is None else codec.decode_tombstone(raw)
+
+    def put_event(
+        self, txn: lmdb.Transaction, position: int, value: bytes, body: RecordBody
+    ) -> None:
+        key = codec.position_key(position)
+        # append=True: positions only grow, so LMDB can skip the tree search.
+        txn.put(key, value, db=self.events, append=True)
+        txn.put(
+            codec.stream_version_key(body.stream_id, body.stream_version),
+            key,
+            db=self.stream_index,
+        )
+        txn.put(codec.subject_position_key(body.subject_id, position), b"", db=self.subject_index)
+
+    # -- reads ------------------------------------------------------------------
+
+    def read_all_page(self, start: int, *, backwards: bool, limit: int) -> RawPage:
+        """Up to *limit* events from position *start* (inclusive) in one direction."""
+        page: RawPage = []
+        if start < 1 and backwards:
+            return page
+        with self.lmdb.read() as txn:
+            cursor = txn.cursor(db=self.events)
+            if backwards:
+                found = cursor.set_range(codec.position_key(start))
+                if not found or codec.position_from_key(cursor.key()) > start:
+                    found = cursor.prev() if found else cursor.last()
+                items = _pairs(cursor.iterprev()) if found else iter(())
+            else:
+                found = cursor.set_range(codec.position_key(max(start, 1)))
+                items = _pairs(cursor.iternext()) if found else iter(())
+            for key, value in items:
+                page.append((codec.position_from_key(key), value))
+                if len(page) >= limit:
+                    break
+        return page
+
+    def read_stream_page(
+        self, stream_id: str, start: int, *, backwards: bool, limit: int
+    ) -> RawPage | None:
+        """Up to *limit* events of a stream from version *start*; None if no stream."""
+        page: RawPage = []
+        prefix = codec.stream_prefix(stream_id)
+        with self.lmdb.read() as txn:
+            if txn.get(stream_id.encode(), db=self.streams) is None:
+                return None
+            if start < 0:
+                return page
+            index = txn.cursor(db=self.stream_index)
+            found = index.set_range(codec.stream_version_key(stream_id, start))
+            if backwards:
+                key = bytes(index.key())
+                if not found or not key.startswith(prefix) or codec.from_u64(key[-8:]) > start:
+                    found = index.prev() if found else index.last()
+                items = _pairs(index.iterprev()) if found else iter(())
+            else:
+                items = _pairs(index.iternext()) if found else iter(())
+            for key, position_raw in items:
+                if not key.startswith(prefix):
+                    break
+                value = cast(bytes, txn.get(position_raw, db=self.events))
+                page.append((codec.from_u64(position_raw), value))
+                if len(page) >= limit:
+                    break
+        return page
+
+    def last_version(self, stream_id: str) -> int | None:
+        with self.lmdb.read() as txn:
+            info = self.stream_info(txn, stream_id)
+        return None if info is None else info.last_version
+
+    def is_forgotten(self, subject_id: str) -> bool:
+        with self.lmdb.read() as txn:
+            return txn.get(subject_id.encode(), db=self.tombstones) is not None
+
+
+def _pairs(
+    items: Iterator[tuple[bytes | memoryview, bytes | memoryview]],
+) -> Iterator[tuple[bytes, bytes]]:
+    """Cursor items as bytes: every transaction here is opened with buffers=False."""
+    return cast(Iterator[tuple[bytes, bytes]], items)

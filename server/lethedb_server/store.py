@@ -1,0 +1,123 @@
+"""A LetheDB data directory opened as a whole: lock, keyring, log, keys, writer.
+
+This is the one object the server (and in-process tools, tests and
+benchmarks) hold. Opening takes the directory's lock file first, so a second
+process is refused with a clear message before it touches any LMDB file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from lethedb_server.errors import DataDirLocked
+from lethedb_server.keyring import FileKeyring, KeyProvider
+from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
+from lethedb_server.reader import EventReader
+from lethedb_server.storage import LogStore
+from lethedb_server.writer import Writer, WriterLimits
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "lethedb.lock"
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    keyring_path: Path | None = None  # default: <data>/master.keyring
+    dek_cache_size: int = 10_000
+    dek_max_uses: int = DEFAULT_MAX_USES
+    log_map_size: int = 64 << 20
+    max_map_size: int = 1 << 42
+    writer: WriterLimits = field(default_factory=WriterLimits)
+
+
+class Store:
+    """An open data directory. Use :meth:`open`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        lock: IO[bytes],
+        provider: KeyProvider,
+        log_store: LogStore,
+        keys: KeyStore,
+        writer: Writer,
+    ) -> None:
+        self.data_dir = data_dir
+        self._lock = lock
+        self.provider = provider
+        self.log = log_store
+        self.keys = keys
+        self.writer = writer
+        self.reader = EventReader(log_store, keys)
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        options: StoreOptions | None = None,
+        provider: KeyProvider | None = None,
+    ) -> Store:
+        opts = options or StoreOptions()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _take_lock(data_dir / LOCK_FILE)
+        try:
+            if provider is None:
+                keyring_path = opts.keyring_path or data_dir / "master.keyring"
+                provider, created = FileKeyring.open_or_create(keyring_path)
+                if created:
+                    log.info("created master keyring %s (mode 0600)", keyring_path)
+            log_store = LogStore(
+                data_dir / "log", map_size=opts.log_map_size, max_map_size=opts.max_map_size
+            )
+            keys = KeyStore(
+                data_dir / "keys",
+                provider,
+                cache_size=opts.dek_cache_size,
+                max_uses=opts.dek_max_uses,
+                max_map_size=opts.max_map_size,
+            )
+        except BaseException:
+            lock.close()
+            raise
+        writer = Writer(log_store, keys, opts.writer)
+        writer.start()
+        return cls(data_dir, lock, provider, log_store, keys, writer)
+
+    def close(self) -> None:
+        """Finish queued writes, then close LMDB and release the lock."""
+        self.writer.stop()
+        self.log.close()
+        self.keys.close()
+        self._lock.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _take_lock(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on *path* for the life of the process's store."""
+    handle = path.open("a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "unknown"
+        handle.close()
+        raise DataDirLocked(
+            f"the data directory {path.parent} is in use by another LetheDB process "
+            f"(pid {holder}); stop it first or choose another --data directory"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()).encode())
+    handle.flush()
+    return handle

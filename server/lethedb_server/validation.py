@@ -1,0 +1,134 @@
+"""Validation of every client-supplied field before it reaches the writer.
+
+A request that fails here is refused with a message that names the field, the
+limit and what was found (``events[3].data is 2.1 MiB; the limit is 1 MiB``)
+and changes nothing. Clear fields are stored unencrypted, so they are held to
+strict rules: no control characters, bounded length, and the ``$`` prefix is
+reserved for the server's own streams, types and subjects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lethedb_server.errors import ValidationError
+from lethedb_server.model import AppendCommand, ProposedEvent
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+EVENT_ID_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_stream_id_bytes: int = 256
+    max_event_type_bytes: int = 256
+    max_subject_id_bytes: int = 128
+    max_content_type_bytes: int = 128
+    max_idempotency_key_bytes: int = 128
+    max_event_bytes: int = 1 << 20
+    max_events_per_append: int = 10_000
+    max_append_bytes: int = 16 << 20
+    #: When set, subject ids must match it in full (e.g. a UUID pattern), so
+    #: nobody can put an e-mail address into a clear field by mistake.
+    subject_id_pattern: str | None = None
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def check_name(value: str, field: str, max_bytes: int, *, required: bool = True) -> None:
+    """A clear-text identifier: bounded, printable, not in the reserved namespace."""
+    if not value:
+        if required:
+            raise ValidationError(f"{field} is empty; it is required")
+        return
+    size = len(value.encode())
+    if size > max_bytes:
+        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+    if value.startswith("$"):
+        raise ValidationError(
+            f"{field} {value[:40]!r} starts with '$', which is reserved for the server"
+        )
+    match = _CONTROL.search(value)
+    if match:
+        raise ValidationError(
+            f"{field} contains the control character U+{ord(match.group()):04X} "
+            f"at offset {match.start()}"
+        )
+    if value != value.strip():
+        raise ValidationError(f"{field} {value[:40]!r} has leading or trailing white space")
+
+
+class Validator:
+    """Checks commands against the configured :class:`Limits`."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        pattern = self.limits.subject_id_pattern
+        self._subject_re = re.compile(pattern) if pattern else None
+
+    def check_stream_id(self, stream_id: str, field: str = "stream_id") -> None:
+        check_name(stream_id, field, self.limits.max_stream_id_bytes)
+
+    def check_subject_id(self, subject_id: str, field: str, *, required: bool) -> None:
+        check_name(subject_id, field, self.limits.max_subject_id_bytes, required=required)
+        if subject_id and self._subject_re and not self._subject_re.fullmatch(subject_id):
+            raise ValidationError(
+                f"{field} {subject_id[:40]!r} does not match the required pattern "
+                f"{self._subject_re.pattern!r}; subject ids must be opaque (UUID-like)"
+            )
+
+    def check_append(self, command: AppendCommand) -> None:
+        limits = self.limits
+        self.check_stream_id(command.stream_id)
+        count = len(command.events)
+        if count == 0:
+            raise ValidationError("events is empty; an append needs at least one event")
+        if count > limits.max_events_per_append:
+            raise ValidationError(
+                f"events has {count} events; the limit is {limits.max_events_per_append} per append"
+            )
+        check_name(
+            command.idempotency_key,
+            "idempotency_key",
+            limits.max_idempotency_key_bytes,
+            required=False,
+        )
+        total = 0
+        for index, event in enumerate(command.events):
+            total += self._check_event(event, f"events[{index}]")
+        if total > limits.max_append_bytes:
+            raise ValidationError(
+                f"the append carries {human_size(total)} of data and metadata; "
+                f"the limit is {human_size(limits.max_append_bytes)}"
+            )
+
+    def _check_event(self, event: ProposedEvent, where: str) -> int:
+        limits = self.limits
+        if event.event_id and len(event.event_id) != EVENT_ID_SIZE:
+            raise ValidationError(
+                f"{where}.event_id is {len(event.event_id)} bytes; it must be a UUID's 16 bytes "
+                "or empty"
+            )
+        check_name(event.event_type, f"{where}.event_type", limits.max_event_type_bytes)
+        self.check_subject_id(event.subject_id, f"{where}.subject_id", required=False)
+        check_name(
+            event.content_type,
+            f"{where}.content_type",
+            limits.max_content_type_bytes,
+            required=False,
+        )
+        size = len(event.data) + len(event.metadata)
+        if size > limits.max_event_bytes:
+            part = "data" if not event.metadata else "data and metadata"
+            raise ValidationError(
+                f"{where}.{part} is {human_size(size)}; the limit is "
+                f"{human_size(limits.max_event_bytes)} per event"
+            )
+        return size

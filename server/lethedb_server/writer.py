@@ -1,0 +1,369 @@
+"""The single writer: every write of the log goes through one thread, in batches.
+
+LMDB allows one write transaction at a time, so one thread owns them all. RPC
+handlers queue commands and wait on a future. The writer takes everything
+queued (bounded by count and bytes), applies each command in its own nested
+transaction, so a rejected command never affects its neighbours, commits once
+with fsync, and only then resolves the futures and announces the new head.
+Many concurrent single-event appends therefore share one fsync (group commit).
+
+What the writer must never do: resolve a future before the commit that holds
+its result has returned, or let a failed batch leave in-memory state (head,
+chain hash) ahead of what is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Final
+
+import lmdb
+
+from lethedb_server import codec
+from lethedb_server.codec import AppendResult, IdempotencyEntry, LogMeta, RecordBody
+from lethedb_server.crypto import event_aad, new_nonce
+from lethedb_server.errors import (
+    IdempotencyConflict,
+    LetheError,
+    ShuttingDown,
+    StorageFull,
+    SubjectForgotten,
+    WrongExpectedVersion,
+)
+from lethedb_server.keys import KeyStore
+from lethedb_server.lmdbenv import is_disk_full
+from lethedb_server.model import STORE_SUBJECT, AppendCommand, ExpectedState
+from lethedb_server.storage import LogStore
+
+log = logging.getLogger(__name__)
+
+HeadListener = Callable[[int], None]
+_STOP: Final = object()
+
+
+@dataclass(frozen=True)
+class WriterLimits:
+    max_batch_commands: int = 1024
+    max_batch_bytes: int = 16 << 20
+    idempotency_window_ns: int = 24 * 3600 * 10**9
+    sweep_interval_s: float = 60.0
+    sweep_chunk: int = 10_000
+
+
+@dataclass
+class _Pending:
+    command: AppendCommand
+    future: Future[AppendResult]
+
+
+class Writer:
+    """Owns the log's write transactions; see the module docstring."""
+
+    def __init__(
+        self,
+        log_store: LogStore,
+        keys: KeyStore,
+        limits: WriterLimits | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.log = log_store
+        self.keys = keys
+        self.limits = limits or WriterLimits()
+        self.clock = clock
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._listeners: list[HeadListener] = []
+        self._thread = threading.Thread(target=self._run, name="lethedb-writer", daemon=True)
+        self._accepting = True
+        self._last_sweep = 0.0
+        self.batches = 0
+        self.commands = 0
+
+    # -- public API -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add_head_listener(self, listener: HeadListener) -> None:
+        """Call *listener(head)* from the writer thread after every commit."""
+        self._listeners.append(listener)
+
+    def submit(self, command: AppendCommand) -> Future[AppendResult]:
+        future: Future[AppendResult] = Future()
+        if not self._accepting:
+            future.set_exception(ShuttingDown())
+            return future
+        self._queue.put(_Pending(command, future))
+        return future
+
+    def append(self, command: AppendCommand, timeout: float | None = None) -> AppendResult:
+        """Submit and wait: for in-process callers (tests, benchmarks, tools)."""
+        return self.submit(command).result(timeout)
+
+    def stop(self) -> None:
+        """Refuse new work, finish everything queued, then end the thread."""
+        self._accepting = False
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=self.limits.sweep_interval_s)
+            except queue.Empty:
+                self._sweep_idempotency()
+                continue
+            if first is _STOP:
+                break
+            batch, stopping = self._collect(first)
+            self._write_batch(batch)
+            if time.monotonic() - self._last_sweep > self.limits.sweep_interval_s:
+                self._sweep_idempotency()
+        # Drain what raced with stop(): it was queued before _accepting fell.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Pending):
+                self._write_batch([item])
+
+    def _collect(self, first: object) -> tuple[list[_Pending], bool]:
+        assert isinstance(first, _Pending)
+        batch = [first]
+        size = first.command.size()
+        while len(batch) < self.limits.max_batch_commands and size < self.limits.max_batch_bytes:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, _Pending)
+            batch.append(item)
+            size += item.command.size()
+        return batch, False
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        while True:
+            try:
+                outcomes, meta = self._try_batch(live)
+                break
+            except lmdb.MapFullError:
+                try:
+                    self.log.lmdb.grow()
+                except StorageFull as exc:
+                    self._fail_all(live, exc)
+                    return
+                log.info("log map grown to %d bytes", self.log.lmdb.map_size())
+            except lmdb.Error as exc:
+                error: LetheError = (
+                    StorageFull(f"the disk holding the data directory is full: {exc}")
+                    if is_disk_full(exc)
+                    else LetheError(f"storage error; nothing of this batch was written: {exc}")
+                )
+                log.error("batch of %d commands failed: %s", len(live), exc)
+                self._fail_all(live, error)
+                return
+        self.log.meta = meta
+        self.batches += 1
+        self.commands += len(live)
+        for pending, outcome in zip(live, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        for listener in self._listeners:
+            listener(meta.last_position)
+
+    @staticmethod
+    def _fail_all(batch: list[_Pending], error: LetheError) -> None:
+        for pending in batch:
+            pending.future.set_exception(error)
+
+    def _try_batch(self, batch: list[_Pending]) -> tuple[list[AppendResult | LetheError], LogMeta]:
+        """Apply the batch in one transaction and commit it; raise LMDB errors as-is."""
+        meta = self.log.meta
+        txn = self.log.lmdb.begin_write()
+        try:
+            self.keys.reserve(self._key_demand(txn, batch))
+            outcomes: list[AppendResult | LetheError] = []
+            for pending in batch:
+                child = self.log.lmdb.env.begin(write=True, parent=txn)
+                try:
+                    result, meta = self._apply(child, pending.command, meta)
+                except LetheError as exc:
+                    child.abort()
+                    outcomes.append(exc)
+                except BaseException:
+                    child.abort()
+                    raise
+                else:
+                    child.commit()
+                    outcomes.append(result)
+            if meta is not self.log.meta:
+                self.log.put_meta(txn, meta)
+            txn.commit()
+        except BaseException:
+            txn.abort()
+            raise
+        return outcomes, meta
+
+    def _key_demand(self, txn: lmdb.Transaction, batch: list[_Pending]) -> dict[str, int]:
+        """How many encryptions each subject needs, skipping forgotten subjects."""
+        demand: dict[str, int] = {}
+        for pending in batch:
+            for event in pending.command.events:
+                subject = event.subject_id or STORE_SUBJECT
+                demand[subject] = demand.get(subject, 0) + 1
+        return {s: n for s, n in demand.items() if self.log.tombstone(txn, s) is None}
+
+    # -- one append -------------------------------------------------------------
+
+    def _apply(
+        self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta
+    ) -> tuple[AppendResult, LogMeta]:
+        now = self.clock()
+        digest = b""
+        if command.idempotency_key:
+            digest = command.digest()
+            previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
+            if previous is not None:
+                return previous, meta
+        for event in command.events:
+            if event.subject_id and self.log.tombstone(txn, event.subject_id) is not None:
+                raise SubjectForgotten(event.subject_id)
+        info = self.log.stream_info(txn, command.stream_id)
+        self._check_expected(command, None if info is None else info.last_version)
+
+        version = 0 if info is None else info.last_version + 1
+        position = meta.last_position + 1
+        chain = meta.chain_head
+        first_position, first_version = position, version
+        for event in command.events:
+            subject = event.subject_id or STORE_SUBJECT
+            dek_version, aead = self.keys.take(subject)
+            event_id = event.event_id or uuid.uuid4().bytes
+            nonce = new_nonce()
+            aad = event_aad(
+                meta.store_id, position, command.stream_id, version,
+                event.event_type, event.subject_id, event_id, dek_version,
+            )  # fmt: skip
+            body = RecordBody(
+                format=codec.RECORD_FORMAT,
+                stream_id=command.stream_id,
+                stream_version=version,
+                event_id=event_id,
+                event_type=event.event_type,
+                subject_id=event.subject_id,
+                content_type=event.content_type,
+                recorded_at=now,
+                dek_version=dek_version,
+                nonce=nonce,
+                ciphertext=aead.encrypt(
+                    nonce, codec.encode(codec.Payload(event.data, event.metadata)), aad
+                ),
+            )
+            value, chain = codec.seal_record(chain, body)
+            self.log.put_event(txn, position, value, body)
+            position += 1
+            version += 1
+
+        created_at = now if info is None else info.created_at
+        first = first_position if info is None else info.first_position
+        txn.put(
+            command.stream_id.encode(),
+            codec.encode(codec.StreamInfo(version - 1, first, created_at)),
+            db=self.log.streams,
+        )
+        result = AppendResult(first_position, position - 1, first_version, version - 1, now)
+        if command.idempotency_key:
+            self._remember(txn, command.idempotency_key, digest, result, now)
+        new_meta = LogMeta(meta.format, meta.store_id, position - 1, chain, meta.shred_epoch)
+        return result, new_meta
+
+    @staticmethod
+    def _check_expected(command: AppendCommand, last_version: int | None) -> None:
+        state = command.expected_state
+        ok = (
+            state is ExpectedState.ANY
+            or (state is ExpectedState.NO_STREAM and last_version is None)
+            or (state is ExpectedState.STREAM_EXISTS and last_version is not None)
+            or (state is ExpectedState.EXACT and last_version == command.expected_version)
+        )
+        if not ok:
+            raise WrongExpectedVersion(command.stream_id, command.describe_expected(), last_version)
+
+    # -- idempotency --------------------------------------------------------------
+
+    def _idempotent_result(
+        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
+    ) -> AppendResult | None:
+        raw = txn.get(key.encode(), db=self.log.idempotency)
+        if raw is None:
+            return None
+        entry = codec.decode_idempotency(raw)
+        if entry.created_at + self.limits.idempotency_window_ns < now:
+            return None  # expired: the sweeper has not reached it yet
+        if entry.digest != digest:
+            raise IdempotencyConflict(key)
+        r = entry.result
+        return AppendResult(
+            r.first_position, r.last_position, r.first_version, r.last_version,
+            r.recorded_at, deduplicated=True,
+        )  # fmt: skip
+
+    def _remember(
+        self, txn: lmdb.Transaction, key: str, digest: bytes, result: AppendResult, now: int
+    ) -> None:
+        raw_key = key.encode()
+        old = txn.get(raw_key, db=self.log.idempotency)
+        if old is not None:  # an expired entry being replaced
+            txn.delete(
+                codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
+                db=self.log.idempotency_expiry,
+            )
+        txn.put(
+            raw_key, codec.encode(IdempotencyEntry(digest, result, now)), db=self.log.idempotency
+        )
+        txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
+
+    def _sweep_idempotency(self) -> int:
+        """Delete idempotency entries older than the window, a bounded chunk at a time."""
+        self._last_sweep = time.monotonic()
+        cutoff = codec.u64(max(0, self.clock() - self.limits.idempotency_window_ns))
+        removed = 0
+        try:
+            with self.log.lmdb.begin_write() as txn:
+                cursor = txn.cursor(db=self.log.idempotency_expiry)
+                cursor.first()
+                while removed < self.limits.sweep_chunk:
+                    key = bytes(cursor.key())
+                    if not key or key[:8] >= cutoff:
+                        break
+                    txn.delete(key[8:], db=self.log.idempotency)
+                    cursor.delete()
+                    removed += 1
+        except lmdb.Error as exc:
+            log.warning("idempotency sweep skipped: %s", exc)
+            return 0
+        if removed:
+            log.debug("expired %d idempotency keys", removed)
+        return removed
