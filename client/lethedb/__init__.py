@@ -1,1 +1,68 @@
-"""LetheDB Python SDK."""
+"""LetheDB Python SDK: the whole public API, re-exported from private modules.
+
+```python
+from lethedb import NO_STREAM, Client, Event
+
+with Client("localhost:50051") as db:
+    placed = Event("OrderPlaced", {"total": 42}, subject_id=customer_id)
+    db.append("order-1", placed, expected_version=NO_STREAM)
+    for event in db.read_stream("order-1"):
+        print(event.stream_version, event.json())
+```
+"""
+
+from lethedb._async_client import AsyncClient
+from lethedb._client import Client
+from lethedb._exceptions import (
+    DataLoss,
+    DeadlineExceeded,
+    IdempotencyConflict,
+    LegalHoldActive,
+    LetheError,
+    PermissionDenied,
+    ServerError,
+    StorageFull,
+    StreamNotFound,
+    SubjectForgotten,
+    Unauthenticated,
+    Unavailable,
+    ValidationError,
+    WrongExpectedVersion,
+)
+from lethedb._models import (
+    ANY,
+    NO_STREAM,
+    STREAM_EXISTS,
+    Append,
+    AppendResult,
+    Event,
+    RecordedEvent,
+    StreamState,
+)
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "Append",
+    "AppendResult",
+    "AsyncClient",
+    "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "Event",
+    "IdempotencyConflict",
+    "LegalHoldActive",
+    "LetheError",
+    "PermissionDenied",
+    "RecordedEvent",
+    "ServerError",
+    "StorageFull",
+    "StreamNotFound",
+    "StreamState",
+    "SubjectForgotten",
+    "Unauthenticated",
+    "Unavailable",
+    "ValidationError",
+    "WrongExpectedVersion",
+]

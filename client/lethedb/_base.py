@@ -1,0 +1,772 @@
+"""Everything the sync and asyncio clients share that is not I/O.
+
+Request building (events to protobuf, expected versions, idempotency keys,
+erasure and admin requests), client-side validation, response conversion,
+the retry policy, read-resume and pipelined-append bookkeeping all live here, so the two clients differ only
+in how they wait: ``time.sleep`` against ``asyncio.sleep``, ``for`` against
+``async for``. Nothing here opens a channel, sleeps or blocks.
+
+Retries resend the *same* request message: event ids and the idempotency key
+are fixed when the request is built, so the server can recognise a retry of a
+write that did commit and answer it with the stored result instead of writing
+twice.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, TypeAlias
+
+import grpc
+import msgspec
+
+from lethedb._exceptions import (
+    DeadlineExceeded,
+    LetheError,
+    ServerError,
+    Unavailable,
+    ValidationError,
+    error_from_rpc_error,
+    error_from_status,
+)
+from lethedb._models import (
+    Append,
+    AppendResult,
+    BackupResult,
+    Event,
+    ExpectedVersion,
+    LegalHold,
+    RecordedEvent,
+    ShredResult,
+    StreamState,
+    SubjectReceipt,
+    SubjectState,
+)
+from lethedb.v1 import admin_pb2 as apb
+from lethedb.v1 import eventstore_pb2 as pb
+
+OCTET_STREAM: Final = "application/octet-stream"
+JSON: Final = "application/json"
+
+_UINT64_LIMIT: Final = 2**64
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_JSON_ENCODER: Final = msgspec.json.Encoder()
+_CODES_BY_NUMBER: Final[dict[int, grpc.StatusCode]] = {
+    status.value[0]: status for status in grpc.StatusCode
+}
+_EXPECTED_STATES: Final[dict[StreamState, pb.ExpectedState.ValueType]] = {
+    StreamState.ANY: pb.EXPECTED_ANY,
+    StreamState.NO_STREAM: pb.EXPECTED_NO_STREAM,
+    StreamState.STREAM_EXISTS: pb.EXPECTED_STREAM_EXISTS,
+}
+_SUBJECT_STATES: Final[dict[int, SubjectState]] = {
+    pb.SUBJECT_ACTIVE: SubjectState.ACTIVE,
+    pb.SUBJECT_FORGOTTEN_PENDING_SHRED: SubjectState.FORGOTTEN_PENDING_SHRED,
+    pb.SUBJECT_SHREDDED: SubjectState.SHREDDED,
+}
+
+
+class BaseClient:
+    """Configuration and argument checks common to :class:`Client` and :class:`AsyncClient`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float,
+        max_retries: int,
+        initial_backoff: float,
+        max_backoff: float,
+        channel_options: Sequence[tuple[str, Any]] | None,
+        channel_credentials: grpc.ChannelCredentials | None,
+    ) -> None:
+        if not isinstance(target, str) or not target:
+            raise ValidationError(f"target is {target!r}; it must be a host:port string")
+        _check_positive("timeout", timeout)
+        self._target = target
+        self._timeout = float(timeout)
+        self._retry_policy = RetryPolicy(
+            max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff
+        )
+        self._channel_options = tuple(channel_options or ())
+        self._channel_credentials = channel_credentials
+
+    def _timeout_for(self, timeout: float | None) -> float:
+        """The per-attempt deadline: a retry gets a fresh one, as a new attempt needs it."""
+        if timeout is None:
+            return self._timeout
+        _check_positive("timeout", timeout)
+        return float(timeout)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._target!r})"
+
+
+# --- retries -------------------------------------------------------------------------
+
+
+class RetryPolicy:
+    """Which failures are retried and how long to wait before each retry.
+
+    Only UNAVAILABLE and DEADLINE_EXCEEDED are retried: they say nothing about
+    the request itself, and almost every request is safe to resend (appends
+    carry an idempotency key, forgets, legal holds and shreds are idempotent or
+    harmless to repeat, reads resume after the last event delivered). The
+    exceptions make their single attempt with ``start(no_retry=...)``: a
+    backup, which could meet its own half-written destination, and an export
+    that has already delivered events, as it cannot resume. Delays grow
+    exponentially with "equal jitter" (half fixed, half random), so clients
+    that lost the same server do not come back in lockstep, yet each retry
+    still waits at least half its step.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_retries: int,
+        initial_backoff: float,
+        max_backoff: float,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValidationError(f"max_retries is {max_retries!r}; it must be an int >= 0")
+        _check_positive("initial_backoff", initial_backoff)
+        _check_positive("max_backoff", max_backoff)
+        if max_backoff < initial_backoff:
+            raise ValidationError(
+                f"max_backoff is {max_backoff}; it must be >= initial_backoff ({initial_backoff})"
+            )
+        self.max_retries = max_retries
+        self.initial_backoff = float(initial_backoff)
+        self.max_backoff = float(max_backoff)
+        self._random = random
+
+    @staticmethod
+    def is_retryable(error: LetheError) -> bool:
+        return isinstance(error, Unavailable | DeadlineExceeded)
+
+    def delays(self) -> Iterator[float]:
+        """The waits before retry 1, 2, ... max_retries."""
+        for attempt in range(self.max_retries):
+            step = min(self.max_backoff, self.initial_backoff * 2**attempt)
+            yield step / 2 + self._random() * step / 2
+
+    def start(self, *, no_retry: str | None = None) -> Retrying:
+        """The budget of one call; with ``no_retry`` (why not), a single attempt."""
+        return Retrying(self, no_retry=no_retry)
+
+
+class Retrying:
+    """The retry budget of one logical call (which may span several gRPC calls)."""
+
+    def __init__(self, policy: RetryPolicy, *, no_retry: str | None = None) -> None:
+        self._policy = policy
+        self._no_retry = no_retry
+        self._delays = policy.delays()
+        self.attempts = 1
+
+    def reset(self) -> None:
+        """Restore the full budget: the call made progress, so the last failure is history."""
+        self._delays = self._policy.delays()
+        self.attempts = 1
+
+    def next_delay(self, error: LetheError) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up with ``error``."""
+        if not self._policy.is_retryable(error):
+            return None
+        if self._no_retry is not None:
+            error.add_note(f"lethedb: not retried: {self._no_retry}")
+            return None
+        delay = next(self._delays, None)
+        if delay is None:
+            error.add_note(f"lethedb: gave up after {self.attempts} attempts")
+            return None
+        self.attempts += 1
+        return delay
+
+    def delay_or_raise(self, exc: grpc.RpcError) -> float:
+        """Map a failed call; return the wait before retrying, or raise the mapped error."""
+        error = error_from_rpc_error(exc)
+        delay = self.next_delay(error)
+        if delay is None:
+            raise error from exc
+        return delay
+
+
+# --- appends -------------------------------------------------------------------------
+
+
+def build_append_request(
+    stream_id: str,
+    events: Event | Sequence[Event],
+    expected_version: ExpectedVersion,
+    idempotency_key: str | None,
+    *,
+    where: str = "",
+) -> pb.AppendRequest:
+    """Check and encode one append, fixing everything a retry must repeat exactly.
+
+    Events without an ``event_id`` get a random one here, once, when the SDK
+    also generates the idempotency key: only the SDK's own retries can resend
+    that request, and they resend these very bytes. When the caller supplies
+    the key, the caller may retry by calling again with the same arguments, so
+    the request must be a pure function of them: the ids are left empty and the
+    server draws them at commit. (Ids derived from the key would instead repeat
+    if a key were reused once its deduplication window expired, and consumers
+    that deduplicate by event id would then drop a genuine event.)
+
+    ``where`` prefixes field names in error messages (``items[2].``) for
+    pipelined appends.
+    """
+    _check_name(f"{where}stream_id", stream_id)
+    if isinstance(events, Event):
+        events = (events,)
+    elif not isinstance(events, Sequence) or isinstance(events, str | bytes):
+        raise ValidationError(
+            f"{where}events is {_type_name(events)}; expected an Event or a sequence of Events"
+        )
+    if not events:
+        raise ValidationError(f"{where}events is empty; an append needs at least one event")
+    draw_event_ids = idempotency_key is None
+    if idempotency_key is None:
+        idempotency_key = uuid.uuid4().hex
+    elif not isinstance(idempotency_key, str) or not idempotency_key:
+        raise ValidationError(
+            f"{where}idempotency_key is {idempotency_key!r}; "
+            "it must be a non-empty str, or None to have one generated"
+        )
+    request = pb.AppendRequest(
+        stream_id=stream_id,
+        events=[
+            proposed_event(event, f"{where}events[{i}]", draw_event_id=draw_event_ids)
+            for i, event in enumerate(events)
+        ],
+        idempotency_key=idempotency_key,
+    )
+    set_expected_version(request, expected_version, f"{where}expected_version")
+    return request
+
+
+def proposed_event(
+    event: Event, where: str = "event", *, draw_event_id: bool = True
+) -> pb.ProposedEvent:
+    """Encode one event; without an ``event_id``, draw one or leave it to the server."""
+    if not isinstance(event, Event):
+        raise ValidationError(f"{where} is {_type_name(event)}; expected lethedb.Event")
+    _check_name(f"{where}.event_type", event.event_type)
+    for field in ("subject_id", "content_type"):
+        value = getattr(event, field)
+        if not isinstance(value, str):
+            raise ValidationError(f"{where}.{field} is {_type_name(value)}; expected str")
+    if event.event_id is None:
+        event_id = uuid.uuid4().bytes if draw_event_id else b""
+    elif isinstance(event.event_id, uuid.UUID):
+        event_id = event.event_id.bytes
+    else:
+        raise ValidationError(
+            f"{where}.event_id is {_type_name(event.event_id)}; expected uuid.UUID or None"
+        )
+    if isinstance(event.data, bytes | bytearray | memoryview):
+        data = bytes(event.data)
+        content_type = event.content_type or OCTET_STREAM
+    else:
+        data = _encode_json(event.data, f"{where}.data")
+        content_type = event.content_type or JSON
+    if event.metadata is None:
+        metadata = b""
+    elif isinstance(event.metadata, bytes | bytearray | memoryview):
+        metadata = bytes(event.metadata)
+    else:
+        metadata = _encode_json(event.metadata, f"{where}.metadata")
+    return pb.ProposedEvent(
+        event_id=event_id,
+        event_type=event.event_type,
+        subject_id=event.subject_id,
+        content_type=content_type,
+        data=data,
+        metadata=metadata,
+    )
+
+
+def set_expected_version(
+    request: pb.AppendRequest, expected_version: ExpectedVersion, field: str = "expected_version"
+) -> None:
+    if isinstance(expected_version, StreamState):
+        request.expected_state = _EXPECTED_STATES[expected_version]
+        return
+    if isinstance(expected_version, bool) or not isinstance(expected_version, int):
+        raise ValidationError(
+            f"{field} is {_type_name(expected_version)}; "
+            "expected an int >= 0 or ANY/NO_STREAM/STREAM_EXISTS"
+        )
+    if expected_version < 0:
+        raise ValidationError(
+            f"{field} is {expected_version}; it must be >= 0 or ANY/NO_STREAM/STREAM_EXISTS"
+        )
+    if expected_version >= _UINT64_LIMIT:
+        raise ValidationError(f"{field} is {expected_version}; it must be < 2**64")
+    request.expected_state = pb.EXPECTED_EXACT
+    request.expected_version = expected_version
+
+
+def to_append_result(response: pb.AppendResponse) -> AppendResult:
+    return AppendResult(
+        first_position=response.first_position,
+        last_position=response.last_position,
+        first_version=response.first_version,
+        last_version=response.last_version,
+        recorded_at=response.recorded_at,
+        deduplicated=response.deduplicated,
+    )
+
+
+def error_from_append_error(error: pb.AppendError) -> LetheError:
+    """Map a failed pipelined append the same way as a failed call.
+
+    ``error.error`` is the server's class name, as the ``lethedb-error``
+    trailer is for a call; a server that predates the field leaves it empty,
+    and the status code decides alone.
+    """
+    return error_from_status(
+        _CODES_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN),
+        error.message,
+        error_name=error.error or None,
+        actual_version=error.actual_version,
+    )
+
+
+class AppendPipeline:
+    """Bookkeeping for ``append_many``: which items are answered, what to resend.
+
+    Relies on the AppendStream contract: exactly one response per request, in
+    request order. So the k-th response of a call answers the k-th request
+    still pending when the call started, and after a broken connection only
+    the unanswered requests are resent, with the idempotency keys they had.
+    Items that fail client-side checks take their slot as a ValidationError
+    and are never sent, as the server would have refused them the same way.
+    """
+
+    def __init__(self, items: Iterable[Append]) -> None:
+        self._results: list[AppendResult | LetheError | None] = []
+        self._pending: deque[tuple[int, pb.AppendRequest]] = deque()
+        self._answered_since_attempt = 0
+        for index, item in enumerate(items):
+            if not isinstance(item, Append):
+                raise ValidationError(
+                    f"items[{index}] is {_type_name(item)}; expected lethedb.Append"
+                )
+            try:
+                request = build_append_request(
+                    item.stream_id,
+                    item.events,
+                    item.expected_version,
+                    item.idempotency_key,
+                    where=f"items[{index}].",
+                )
+            except ValidationError as error:
+                self._results.append(error)
+                continue
+            self._results.append(None)
+            self._pending.append((index, request))
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def requests(self) -> list[pb.AppendRequest]:
+        """The requests to send on the next call: every unanswered one, in order."""
+        self._answered_since_attempt = 0
+        return [request for _, request in self._pending]
+
+    def acknowledge(self, response: pb.AppendStreamResponse) -> None:
+        if not self._pending:
+            raise ServerError("the server sent more append responses than there were requests")
+        index, _ = self._pending.popleft()
+        self._answered_since_attempt += 1
+        if response.WhichOneof("result") == "ok":
+            self._results[index] = to_append_result(response.ok)
+        else:
+            self._results[index] = error_from_append_error(response.error)
+
+    def stream_ended(self) -> None:
+        """The server closed the call cleanly; any request still unanswered broke the contract."""
+        count = len(self._pending)
+        while self._pending:
+            index, _ = self._pending.popleft()
+            self._results[index] = ServerError(
+                f"the server ended the append stream with {count} request(s) unanswered; "
+                "they may or may not have been written (retrying with the same "
+                "idempotency key is safe)"
+            )
+
+    def retry_delay(self, exc: grpc.RpcError, retrying: Retrying) -> float | None:
+        """Wait before resending, or None after giving every unanswered item the error."""
+        if self._answered_since_attempt:
+            retrying.reset()
+        error = error_from_rpc_error(exc)
+        delay = retrying.next_delay(error)
+        if delay is not None:
+            return delay
+        notes = getattr(error, "__notes__", [])
+        while self._pending:
+            index, _ = self._pending.popleft()
+            # One instance per slot: a caller may raise any of them, and a
+            # shared instance would collect the tracebacks of all raises.
+            slot_error = error_from_rpc_error(exc)
+            slot_error.__cause__ = exc
+            for note in notes:
+                slot_error.add_note(note)
+            self._results[index] = slot_error
+        return None
+
+    def results(self) -> list[AppendResult | LetheError]:
+        results: list[AppendResult | LetheError] = []
+        for result in self._results:
+            assert result is not None, "append_many finished with an unanswered item"
+            results.append(result)
+        return results
+
+
+# --- reads ---------------------------------------------------------------------------
+
+
+def to_recorded_event(event: pb.RecordedEvent) -> RecordedEvent:
+    return RecordedEvent(
+        event.position,
+        event.stream_id,
+        event.stream_version,
+        uuid.UUID(bytes=event.event_id),
+        event.event_type,
+        event.subject_id,
+        event.content_type,
+        event.recorded_at,
+        event.data,
+        event.metadata,
+        event.redacted,
+    )
+
+
+ReadRequest: TypeAlias = pb.ReadStreamRequest | pb.ReadAllRequest | pb.ExportSubjectRequest
+"""A request answered by a stream of :class:`pb.ReadResponse` batches."""
+
+
+class ReadCursor:
+    """Where a read stands, so that a retried call resumes after the last event delivered.
+
+    The caller sees neither a gap nor a duplicate across reconnects: the first
+    attempt sends the request as built, and each retry asks for what comes
+    after the last event actually yielded, with ``max_count`` reduced by the
+    events already yielded. Subclasses know how to say "after" for their request.
+    """
+
+    def __init__(self, request: ReadRequest, max_count: int = 0) -> None:
+        self.request: ReadRequest | None = request
+        self._max_count = max_count
+        self._last: RecordedEvent | None = None
+        self._yielded = 0
+        self._yielded_since_attempt = 0
+
+    def track(self, events: Iterable[pb.RecordedEvent]) -> Iterator[RecordedEvent]:
+        """Convert a batch, noting each event as delivered just before it is handed out."""
+        for message in events:
+            event = to_recorded_event(message)
+            self._last = event
+            self._yielded += 1
+            self._yielded_since_attempt += 1
+            yield event
+
+    def retry_delay(self, exc: grpc.RpcError, retrying: Retrying) -> float:
+        """Wait before resuming; raises the mapped error when the read must give up."""
+        if self._yielded_since_attempt:
+            retrying.reset()
+        delay = retrying.delay_or_raise(exc)
+        self._yielded_since_attempt = 0
+        self.request = self._resume_request()
+        return delay
+
+    def _resume_request(self) -> ReadRequest | None:
+        assert self.request is not None
+        if self._last is None:
+            return self.request
+        if self._max_count:
+            remaining = self._max_count - self._yielded
+            if remaining <= 0:
+                return None
+        else:
+            remaining = 0
+        return self._after(self._last, remaining)
+
+    def _after(self, last: RecordedEvent, max_count: int) -> ReadRequest | None:
+        raise NotImplementedError
+
+
+class StreamReadCursor(ReadCursor):
+    def __init__(self, request: pb.ReadStreamRequest) -> None:
+        super().__init__(request, request.max_count)
+        self._original = request
+
+    def _after(self, last: RecordedEvent, max_count: int) -> pb.ReadStreamRequest | None:
+        if self._original.backwards:
+            if last.stream_version == 0:
+                return None
+            from_version = last.stream_version - 1
+        else:
+            from_version = last.stream_version + 1
+        return pb.ReadStreamRequest(
+            stream_id=self._original.stream_id,
+            from_version=from_version,
+            backwards=self._original.backwards,
+            max_count=max_count,
+        )
+
+
+class AllReadCursor(ReadCursor):
+    def __init__(self, request: pb.ReadAllRequest) -> None:
+        super().__init__(request, request.max_count)
+        self._original = request
+
+    def _after(self, last: RecordedEvent, max_count: int) -> pb.ReadAllRequest | None:
+        if self._original.backwards and last.position <= 1:
+            return None
+        return pb.ReadAllRequest(
+            after_position=last.position, backwards=self._original.backwards, max_count=max_count
+        )
+
+
+class ExportCursor(ReadCursor):
+    """An export, retried only until its first event arrives.
+
+    ``ExportSubjectRequest`` has no start position, so a call that broke after
+    delivering events cannot ask for the rest: starting over would hand the
+    caller every event again. Such a failure is raised, with a note saying so.
+    """
+
+    def __init__(self, request: pb.ExportSubjectRequest) -> None:
+        super().__init__(request)
+        self._subject_id = request.subject_id
+
+    def retry_delay(self, exc: grpc.RpcError, retrying: Retrying) -> float:
+        if not self._yielded:
+            return super().retry_delay(exc, retrying)
+        error = error_from_rpc_error(exc)
+        if RetryPolicy.is_retryable(error):
+            error.add_note(
+                f"lethedb: not retried: the export of subject {self._subject_id!r} broke after "
+                f"{self._yielded} event(s) and cannot resume where it stopped; "
+                "call export_subject again to start over"
+            )
+        raise error from exc
+
+    def _after(self, last: RecordedEvent, max_count: int) -> ReadRequest | None:
+        raise AssertionError("an export that delivered events is never resumed")
+
+
+def build_read_stream_request(
+    stream_id: str, from_version: int | None, backwards: bool, max_count: int | None
+) -> pb.ReadStreamRequest:
+    _check_name("stream_id", stream_id)
+    request = pb.ReadStreamRequest(
+        stream_id=stream_id,
+        backwards=bool(backwards),
+        max_count=_check_max_count(max_count),
+    )
+    if from_version is not None:
+        request.from_version = _check_position("from_version", from_version)
+    return request
+
+
+def build_read_all_request(
+    after: int | None, from_position: int | None, backwards: bool, max_count: int | None
+) -> pb.ReadAllRequest:
+    if after is not None and from_position is not None:
+        raise ValidationError(
+            f"after is {after} and from_position is {from_position}; give at most one of them"
+        )
+    request = pb.ReadAllRequest(backwards=bool(backwards), max_count=_check_max_count(max_count))
+    if after is not None:
+        request.after_position = _check_position("after", after)
+    elif from_position is not None:
+        request.from_position = _check_position("from_position", from_position)
+    return request
+
+
+# --- erasure and admin ----------------------------------------------------------------
+
+BACKUP_NOT_RETRIED: Final = (
+    "a repeated backup could meet the partly written destination of the first attempt; "
+    "check the destination on the server (it must be missing or empty) before calling again"
+)
+
+
+def build_forget_subject_request(subject_id: str, reason: str) -> pb.ForgetSubjectRequest:
+    _check_name("subject_id", subject_id)
+    _check_name("reason", reason)
+    return pb.ForgetSubjectRequest(subject_id=subject_id, reason=reason)
+
+
+def build_get_subject_request(subject_id: str) -> pb.GetSubjectRequest:
+    _check_name("subject_id", subject_id)
+    return pb.GetSubjectRequest(subject_id=subject_id)
+
+
+def build_export_subject_request(subject_id: str) -> pb.ExportSubjectRequest:
+    _check_name("subject_id", subject_id)
+    return pb.ExportSubjectRequest(subject_id=subject_id)
+
+
+def build_set_legal_hold_request(
+    subject_id: str, reason: str, until: datetime | int | None
+) -> apb.SetLegalHoldRequest:
+    _check_name("subject_id", subject_id)
+    _check_name("reason", reason)
+    return apb.SetLegalHoldRequest(
+        subject_id=subject_id, reason=reason, until=legal_hold_until(until)
+    )
+
+
+def build_release_legal_hold_request(subject_id: str) -> apb.ReleaseLegalHoldRequest:
+    _check_name("subject_id", subject_id)
+    return apb.ReleaseLegalHoldRequest(subject_id=subject_id)
+
+
+def build_backup_request(destination: str, include_keys: bool) -> apb.BackupRequest:
+    _check_name("destination", destination)
+    if not isinstance(include_keys, bool):
+        raise ValidationError(f"include_keys is {_type_name(include_keys)}; expected a bool")
+    return apb.BackupRequest(destination=destination, include_keys=include_keys)
+
+
+def legal_hold_until(until: datetime | int | None) -> int:
+    """A hold's end as the wire has it: nanoseconds since the Unix epoch, 0 for "until released".
+
+    An int is taken as nanoseconds already. An explicit 0 is refused: as a
+    time it would be 1970, a hold long over, yet the wire reads it as a hold
+    without end; ``None`` says that unambiguously. A naive datetime is refused
+    too, as its time zone would be a guess. Whether the time is still ahead
+    is the server's call, by its clock.
+    """
+    if until is None:
+        return 0
+    if isinstance(until, datetime):
+        if until.utcoffset() is None:
+            raise ValidationError(
+                f"until is the naive datetime {until.isoformat()}; give a timezone-aware "
+                "datetime (for example with tzinfo=datetime.UTC)"
+            )
+        delta = until - _EPOCH
+        nanos = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+        shown = until.isoformat()
+    elif isinstance(until, bool) or not isinstance(until, int):
+        raise ValidationError(
+            f"until is {_type_name(until)}; expected an aware datetime, "
+            "an int (nanoseconds since the Unix epoch) or None"
+        )
+    elif until == 0:
+        raise ValidationError("until is 0; pass None for a hold that lasts until it is released")
+    else:
+        nanos = until
+        shown = str(until)
+    if not 0 < nanos < _UINT64_LIMIT:
+        raise ValidationError(
+            f"until is {shown}; it must be after the Unix epoch and less than "
+            "2**64 nanoseconds after it (before 2554)"
+        )
+    return nanos
+
+
+def to_legal_hold(hold: pb.LegalHold) -> LegalHold:
+    return LegalHold(reason=hold.reason, set_at=hold.set_at, until=hold.until or None)
+
+
+def to_subject_receipt(receipt: pb.SubjectReceipt) -> SubjectReceipt:
+    state = _SUBJECT_STATES.get(receipt.state)
+    if state is None:
+        raise ServerError(
+            f"the server sent subject state {receipt.state} for subject {receipt.subject_id!r}, "
+            "which this SDK does not know; upgrade lethedb"
+        )
+    return SubjectReceipt(
+        subject_id=receipt.subject_id,
+        state=state,
+        tombstone_position=receipt.tombstone_position,
+        forgotten_at=receipt.forgotten_at,
+        reason=receipt.reason,
+        shred_epoch=receipt.shred_epoch,
+        shredded_at=receipt.shredded_at,
+        event_count=receipt.event_count,
+        legal_hold=to_legal_hold(receipt.legal_hold) if receipt.HasField("legal_hold") else None,
+    )
+
+
+def to_shred_result(response: apb.ShredResponse) -> ShredResult:
+    return ShredResult(
+        epoch=response.epoch,
+        master_version=response.master_version,
+        live_keys=response.live_keys,
+        shredded_subjects=response.shredded_subjects,
+        completed_at=response.completed_at,
+    )
+
+
+def to_backup_result(response: apb.BackupResponse) -> BackupResult:
+    return BackupResult(
+        destination=response.destination,
+        last_position=response.last_position,
+        log_bytes=response.log_bytes,
+        key_bytes=response.key_bytes,
+    )
+
+
+# --- checks --------------------------------------------------------------------------
+
+
+def _check_name(field: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ValidationError(f"{field} is {_type_name(value)}; expected a non-empty str")
+    if not value:
+        raise ValidationError(f"{field} is empty")
+
+
+def _check_position(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{field} is {_type_name(value)}; expected an int >= 0")
+    if not 0 <= value < _UINT64_LIMIT:
+        raise ValidationError(f"{field} is {value}; it must be >= 0 and < 2**64")
+    return value
+
+
+def _check_max_count(value: object) -> int:
+    """0 means "no limit" on the wire, so an explicit 0 is refused rather than inverted."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"max_count is {_type_name(value)}; expected an int >= 1 or None")
+    if not 1 <= value < _UINT64_LIMIT:
+        raise ValidationError(f"max_count is {value}; it must be >= 1, or None for no limit")
+    return value
+
+
+def _check_positive(field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValidationError(f"{field} is {value!r}; it must be a number > 0")
+
+
+def _encode_json(value: Any, field: str) -> bytes:
+    try:
+        return _JSON_ENCODER.encode(value)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise ValidationError(
+            f"{field} is {_type_name(value)} and cannot be encoded as JSON ({exc}); "
+            "pass bytes to send it as is"
+        ) from exc
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"

@@ -1,0 +1,354 @@
+"""The blocking client: one gRPC channel, calls with deadlines and retries.
+
+This module only performs I/O and waits; what to send, whether to retry, how
+long to wait and where to resume all come from :mod:`lethedb._base`, shared
+with the asyncio client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from lethedb._base import (
+    BACKUP_NOT_RETRIED,
+    AllReadCursor,
+    AppendPipeline,
+    BaseClient,
+    ExportCursor,
+    ReadCursor,
+    StreamReadCursor,
+    build_append_request,
+    build_backup_request,
+    build_export_subject_request,
+    build_forget_subject_request,
+    build_get_subject_request,
+    build_read_all_request,
+    build_read_stream_request,
+    build_release_legal_hold_request,
+    build_set_legal_hold_request,
+    to_append_result,
+    to_backup_result,
+    to_shred_result,
+    to_subject_receipt,
+)
+from lethedb._exceptions import LetheError
+from lethedb._models import (
+    ANY,
+    Append,
+    AppendResult,
+    BackupResult,
+    Event,
+    ExpectedVersion,
+    RecordedEvent,
+    ShredResult,
+    SubjectReceipt,
+)
+from lethedb.v1 import admin_pb2 as apb
+from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
+from lethedb.v1 import eventstore_pb2 as pb
+
+__all__ = ["AdminClient", "Client"]
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+
+class Client(BaseClient):
+    """A blocking LetheDB client; safe to share between threads.
+
+    Every call has a deadline (``timeout`` seconds per attempt) and is retried
+    on UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff, resending
+    the identical request, so a retried append is deduplicated by the server
+    rather than written twice.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 5,
+        initial_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        channel_options: Sequence[tuple[str, Any]] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(
+            target,
+            timeout=timeout,
+            max_retries=max_retries,
+            initial_backoff=initial_backoff,
+            max_backoff=max_backoff,
+            channel_options=channel_options,
+            channel_credentials=channel_credentials,
+        )
+        if channel_credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._channel_options)
+        else:
+            self._channel = grpc.secure_channel(
+                target, channel_credentials, options=self._channel_options
+            )
+        self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
+        self._admin = AdminClient(self)
+
+    @property
+    def admin(self) -> AdminClient:
+        """Operator calls (shred epochs, legal holds, backups) on this client's channel."""
+        return self._admin
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def append(
+        self,
+        stream_id: str,
+        events: Event | Sequence[Event],
+        *,
+        expected_version: ExpectedVersion = ANY,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> AppendResult:
+        """Append events to one stream, atomically; returns once they are durable.
+
+        Without an ``idempotency_key`` one is generated, so that the SDK's own
+        retries are never written twice. Pass your own key (and the same events)
+        to make your own retries safe too, for example after DeadlineExceeded
+        or a process restart: the server answers them with the first result.
+        """
+        request = build_append_request(stream_id, events, expected_version, idempotency_key)
+        deadline = self._timeout_for(timeout)
+        return to_append_result(self._unary(self._stub.Append, request, deadline))
+
+    def append_many(
+        self, items: Iterable[Append], *, timeout: float | None = None
+    ) -> list[AppendResult | LetheError]:
+        """Pipeline many appends on one call; one result or error per item, in order.
+
+        Each item is committed and acknowledged separately, so a failed item
+        does not stop the others: its slot holds the exception instead of a
+        result, and nothing is raised for it. After a broken connection only
+        the unanswered items are resent (with their idempotency keys); once
+        retries are exhausted, they hold the connection error.
+        """
+        pipeline = AppendPipeline(items)
+        deadline = self._timeout_for(timeout)
+        retrying = self._retry_policy.start()
+        while pipeline.pending:
+            call = self._stub.AppendStream(iter(pipeline.requests()), timeout=deadline)
+            try:
+                for response in call:
+                    pipeline.acknowledge(response)
+                pipeline.stream_ended()
+            except grpc.RpcError as exc:
+                delay = pipeline.retry_delay(exc, retrying)
+                if delay is not None:
+                    time.sleep(delay)
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]
+        return pipeline.results()
+
+    def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        backwards: bool = False,
+        max_count: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """Iterate over one stream's events, from ``from_version`` (inclusive).
+
+        Without ``from_version``: from the first event, or from the last one
+        when reading backwards. Arguments are checked now; the call starts on
+        the first ``next()``. Raises StreamNotFound when the stream does not
+        exist.
+        """
+        cursor = StreamReadCursor(
+            build_read_stream_request(stream_id, from_version, backwards, max_count)
+        )
+        return self._read(self._stub.ReadStream, cursor, self._timeout_for(timeout))
+
+    def read_all(
+        self,
+        *,
+        after: int | None = None,
+        from_position: int | None = None,
+        backwards: bool = False,
+        max_count: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """Iterate over the whole log in position order.
+
+        Start strictly ``after`` a position (a saved checkpoint) or
+        ``from_position`` inclusive; with neither, from the start (or from the
+        end when reading backwards).
+        """
+        cursor = AllReadCursor(build_read_all_request(after, from_position, backwards, max_count))
+        return self._read(self._stub.ReadAll, cursor, self._timeout_for(timeout))
+
+    def forget_subject(
+        self, subject_id: str, *, reason: str = "unspecified", timeout: float | None = None
+    ) -> SubjectReceipt:
+        """Forget a data subject (right to erasure); returns its erasure receipt.
+
+        Once this returns, the subject's events read as redacted and the id
+        can never be written to again; the receipt says FORGOTTEN_PENDING_SHRED
+        until the next shred epoch has destroyed every stale copy of its keys.
+        ``reason`` is a short code (for example ``"gdpr-art17-request"``) stored
+        in clear, so it must not hold personal data. Forgetting a forgotten
+        subject changes nothing and returns its receipt, which is also why a
+        retry is safe. Raises LegalHoldActive while a legal hold is in force,
+        PermissionDenied without the admin role.
+        """
+        request = build_forget_subject_request(subject_id, reason)
+        deadline = self._timeout_for(timeout)
+        return to_subject_receipt(self._unary(self._stub.ForgetSubject, request, deadline))
+
+    def get_subject(self, subject_id: str, *, timeout: float | None = None) -> SubjectReceipt:
+        """What the store knows of a subject: erasure state, event count, legal hold."""
+        request = build_get_subject_request(subject_id)
+        deadline = self._timeout_for(timeout)
+        return to_subject_receipt(self._unary(self._stub.GetSubject, request, deadline))
+
+    def export_subject(
+        self, subject_id: str, *, timeout: float | None = None
+    ) -> Iterator[RecordedEvent]:
+        """Iterate over every event of a subject across all streams, decrypted, in log order.
+
+        For the rights of access and portability; admin only. Arguments are
+        checked now; the call starts on the first ``next()``. A dropped
+        connection is retried only until the first event arrives: the export
+        cannot resume mid-way, so a later drop is raised (start over by
+        calling again). ``timeout`` bounds each attempt, that is the whole
+        export, so give a large export a large one.
+        """
+        cursor = ExportCursor(build_export_subject_request(subject_id))
+        return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        deadline: float,
+        *,
+        no_retry: str | None = None,
+    ) -> _Response:
+        """One unary call, resending the same request on retryable failures."""
+        retrying = self._retry_policy.start(no_retry=no_retry)
+        while True:
+            try:
+                return method(request, timeout=deadline)
+            except grpc.RpcError as exc:
+                time.sleep(retrying.delay_or_raise(exc))
+
+    def _read(
+        self,
+        method: grpc.UnaryStreamMultiCallable[Any, pb.ReadResponse],
+        cursor: ReadCursor,
+        deadline: float,
+    ) -> Iterator[RecordedEvent]:
+        retrying = self._retry_policy.start()
+        while cursor.request is not None:
+            call = method(cursor.request, timeout=deadline)
+            try:
+                for response in call:
+                    yield from cursor.track(response.events)
+                return
+            except grpc.RpcError as exc:
+                time.sleep(cursor.retry_delay(exc, retrying))
+            finally:
+                # Also runs when the caller stops iterating early: free the
+                # server's read transaction instead of waiting for the deadline.
+                call.cancel()  # type: ignore[no-untyped-call]
+
+
+class AdminClient:
+    """Operator calls of ``lethedb.v1.Admin``; get one from :attr:`Client.admin`.
+
+    It shares the client's channel, timeout and retry policy, and is closed
+    with it. Every call needs the admin role (PermissionDenied otherwise).
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._stub = admin_pb2_grpc.AdminStub(client._channel)
+
+    def shred(self, *, timeout: float | None = None) -> ShredResult:
+        """Run a shred epoch now and wait for it to complete.
+
+        A new master key version wraps the live keys in a compacted key store;
+        the old store is overwritten and older master versions destroyed, so
+        every subject forgotten before the epoch becomes SHREDDED. Retrying is
+        safe (a repeat just runs another epoch); as an epoch rewrites every
+        live key, a large store may need more than the default ``timeout``.
+        """
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(self._stub.Shred, apb.ShredRequest(), deadline)
+        return to_shred_result(response)
+
+    def set_legal_hold(
+        self,
+        subject_id: str,
+        reason: str,
+        *,
+        until: datetime | int | None = None,
+        timeout: float | None = None,
+    ) -> SubjectReceipt:
+        """Block forgetting a subject until ``until`` or until released.
+
+        ``until`` is an aware datetime, an int of nanoseconds since the Unix
+        epoch, or ``None`` for a hold without end. Setting a hold again
+        replaces it. ``reason`` is stored in clear: no personal data.
+        """
+        request = build_set_legal_hold_request(subject_id, reason, until)
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(self._stub.SetLegalHold, request, deadline)
+        return to_subject_receipt(response)
+
+    def release_legal_hold(
+        self, subject_id: str, *, timeout: float | None = None
+    ) -> SubjectReceipt:
+        """Release a subject's legal hold (a subject without one is left as it is)."""
+        request = build_release_legal_hold_request(subject_id)
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(self._stub.ReleaseLegalHold, request, deadline)
+        return to_subject_receipt(response)
+
+    def backup(
+        self, destination: str, *, include_keys: bool = False, timeout: float | None = None
+    ) -> BackupResult:
+        """Write a consistent backup into ``destination``, a directory on the server's machine.
+
+        The directory must be missing or empty. This call is never retried:
+        a second attempt could find the first one's partial output. With
+        ``include_keys`` the backup also holds the key store, with wrapped
+        keys of subjects that a later forget erases; such a backup must never
+        be kept together with the master keyring (see docs/ERASURE.md).
+        """
+        request = build_backup_request(destination, include_keys)
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(
+            self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
+        )
+        return to_backup_result(response)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client._target!r})"

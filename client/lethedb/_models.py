@@ -1,0 +1,270 @@
+"""The values an application passes to and gets from LetheDB.
+
+These are plain msgspec Structs with no I/O and no protobuf: turning them into
+requests and back is :mod:`lethedb._base`'s job. ``repr`` of an event never
+shows its data or metadata, because those hold personal data and event reprs
+end up in logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from lethedb._exceptions import SubjectForgotten
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "Append",
+    "AppendResult",
+    "BackupResult",
+    "Event",
+    "ExpectedVersion",
+    "LegalHold",
+    "RecordedEvent",
+    "ShredResult",
+    "StreamState",
+    "SubjectReceipt",
+    "SubjectState",
+]
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class StreamState(enum.Enum):
+    """What an append expects of its stream, short of an exact version."""
+
+    ANY = "any"
+    """Append whatever state the stream is in."""
+    NO_STREAM = "no_stream"
+    """The stream must not exist yet (the append creates it)."""
+    STREAM_EXISTS = "stream_exists"
+    """The stream must already hold at least one event."""
+
+
+ANY: Final = StreamState.ANY
+NO_STREAM: Final = StreamState.NO_STREAM
+STREAM_EXISTS: Final = StreamState.STREAM_EXISTS
+
+ExpectedVersion: TypeAlias = StreamState | int
+"""A :class:`StreamState`, or an int: the stream's exact last version (0-based)."""
+
+
+class Event(msgspec.Struct, frozen=True):
+    """An event to append.
+
+    ``data`` given as bytes is sent as is (content type
+    ``application/octet-stream`` unless ``content_type`` says otherwise); any
+    other value is encoded as JSON (``application/json``). ``metadata`` is
+    bytes, a JSON-able value, or ``None`` for none. ``subject_id`` names the
+    data subject whose personal data the event holds, so that forgetting the
+    subject makes this event's data unreadable; leave it empty only for events
+    without personal data. Without an ``event_id`` a random one is assigned:
+    by the SDK, once per request, or, when you pass your own idempotency key,
+    by the server, so that calling ``append`` again with the same arguments is
+    recognised as a retry.
+    """
+
+    event_type: str
+    data: Any = b""
+    subject_id: str = ""
+    metadata: Any = None
+    content_type: str = ""
+    event_id: uuid.UUID | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(event_type={self.event_type!r}, data={_describe(self.data)}, "
+            f"subject_id={self.subject_id!r}, metadata={_describe(self.metadata)}, "
+            f"content_type={self.content_type!r}, event_id={self.event_id!r})"
+        )
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as stored: where it sits in the log and in its stream, and its content.
+
+    ``redacted`` means its subject was forgotten: every clear field is intact,
+    ``data`` and ``metadata`` are empty and can never be recovered.
+    """
+
+    position: int
+    stream_id: str
+    stream_version: int
+    event_id: uuid.UUID
+    event_type: str
+    subject_id: str
+    content_type: str
+    recorded_at: int
+    data: bytes
+    metadata: bytes
+    redacted: bool
+
+    @property
+    def recorded_at_datetime(self) -> datetime:
+        """Commit time as an aware UTC datetime (microsecond precision)."""
+        return _EPOCH + timedelta(microseconds=self.recorded_at // 1000)
+
+    def json(self) -> Any:
+        """Decode ``data`` as JSON.
+
+        Raises SubjectForgotten for a redacted event, rather than returning
+        something that looks like an empty payload, and ValueError when the
+        data is not JSON.
+        """
+        return self._decode(self.data, "data")
+
+    def metadata_json(self) -> Any:
+        """Decode ``metadata`` as JSON; empty metadata (none was given) is ``None``."""
+        if not self.metadata and not self.redacted:
+            return None
+        return self._decode(self.metadata, "metadata")
+
+    def _decode(self, payload: bytes, field: str) -> Any:
+        if self.redacted:
+            raise SubjectForgotten(
+                f"{self._where()} is redacted: subject {self.subject_id!r} was forgotten, "
+                f"so its {field} can never be read"
+            )
+        try:
+            return msgspec.json.decode(payload)
+        except msgspec.DecodeError as exc:
+            content_type = self.content_type or "application/octet-stream"
+            raise ValueError(
+                f"{self._where()}: {field} is not JSON (content type {content_type!r}, "
+                f"{len(payload)} bytes): {exc}"
+            ) from exc
+
+    def _where(self) -> str:
+        return (
+            f"event at position {self.position} "
+            f"(stream {self.stream_id!r} version {self.stream_version})"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"RecordedEvent(position={self.position}, stream_id={self.stream_id!r}, "
+            f"stream_version={self.stream_version}, event_id={self.event_id!r}, "
+            f"event_type={self.event_type!r}, subject_id={self.subject_id!r}, "
+            f"content_type={self.content_type!r}, recorded_at={self.recorded_at}, "
+            f"data=<{len(self.data)} bytes>, metadata=<{len(self.metadata)} bytes>, "
+            f"redacted={self.redacted})"
+        )
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """Where an acknowledged (durably committed) append landed.
+
+    ``deduplicated`` is true when this is the stored result of an earlier
+    request with the same idempotency key: nothing new was written.
+    """
+
+    first_position: int
+    last_position: int
+    first_version: int
+    last_version: int
+    recorded_at: int
+    deduplicated: bool
+
+
+class Append(msgspec.Struct, frozen=True):
+    """One append of a pipelined ``append_many`` call; the arguments of ``append``."""
+
+    stream_id: str
+    events: Event | Sequence[Event]
+    expected_version: ExpectedVersion = ANY
+    idempotency_key: str | None = None
+
+
+class SubjectState(enum.Enum):
+    """Where a data subject stands in its erasure."""
+
+    ACTIVE = "active"
+    """Not forgotten: the subject's events are readable."""
+    FORGOTTEN_PENDING_SHRED = "forgotten_pending_shred"
+    """Forgotten: tombstoned, its events read as redacted and its keys deleted; stale
+    copies of the keys (in the key store's free pages, under older master key versions)
+    are destroyed by the next shred epoch."""
+    SHREDDED = "shredded"
+    """A shred epoch has completed since the forget: no key that could decrypt the
+    subject's events exists any more."""
+
+
+class LegalHold(msgspec.Struct, frozen=True):
+    """A legal hold that blocks forgetting a subject.
+
+    Times are nanoseconds since the Unix epoch; ``until`` is ``None`` for a
+    hold that lasts until it is released.
+    """
+
+    reason: str
+    set_at: int
+    until: int | None = None
+
+
+class SubjectReceipt(msgspec.Struct, frozen=True):
+    """The erasure receipt: what the store knows of one data subject.
+
+    While the subject is ACTIVE, ``tombstone_position``, ``forgotten_at``,
+    ``shred_epoch`` and ``shredded_at`` are 0 and ``reason`` is empty. Once
+    forgotten, ``tombstone_position`` is the log position of the erasure event
+    (in stream ``$erasures``), ``forgotten_at`` its time and ``shred_epoch``
+    the shred epoch that destroys (or destroyed) the subject's keys;
+    ``shredded_at`` is that epoch's completion time, 0 until it has run. Times
+    are nanoseconds since the Unix epoch. ``event_count`` counts the subject's
+    events in the log (they stay there, redacted, after a forget).
+    ``legal_hold`` is set while a hold is in force.
+    """
+
+    subject_id: str
+    state: SubjectState
+    tombstone_position: int = 0
+    forgotten_at: int = 0
+    reason: str = ""
+    shred_epoch: int = 0
+    shredded_at: int = 0
+    event_count: int = 0
+    legal_hold: LegalHold | None = None
+
+
+class ShredResult(msgspec.Struct, frozen=True):
+    """A completed shred epoch.
+
+    ``master_version`` is the master key version now current (every older one
+    was destroyed), ``live_keys`` the data keys re-wrapped under it,
+    ``shredded_subjects`` the forgotten subjects whose erasure this epoch
+    completed, ``completed_at`` nanoseconds since the Unix epoch.
+    """
+
+    epoch: int
+    master_version: int
+    live_keys: int
+    shredded_subjects: int
+    completed_at: int
+
+
+class BackupResult(msgspec.Struct, frozen=True):
+    """A backup written on the server's machine.
+
+    It holds the log up to and including ``last_position``; ``key_bytes`` is 0
+    unless the key store was included.
+    """
+
+    destination: str
+    last_position: int
+    log_bytes: int
+    key_bytes: int
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    return f"<{type(value).__name__}>"
