@@ -31,6 +31,8 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
         f"--python_out={out_dir}",
         f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
         f"--mypy_out={out_dir}",
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
+        f"--mypy_grpc_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         *files,
     ]

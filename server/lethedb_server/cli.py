@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lethedb_server import config as config_module
 from lethedb_server import logs
 from lethedb_server.errors import LetheError
+
+if TYPE_CHECKING:
+    import lethedb
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,17 +74,67 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--backwards", action="store_true")
     read.add_argument("--max", dest="max_count", type=int, default=None)
     _client_args(read)
+
+    forget = sub.add_parser("forget", help="forget a data subject (GDPR erasure)")
+    forget.add_argument("subject_id")
+    forget.add_argument("--reason", default="unspecified", help="reason code (no personal data)")
+    _client_args(forget)
+
+    subject = sub.add_parser("subject", help="show a subject's erasure receipt")
+    subject.add_argument("subject_id")
+    _client_args(subject)
+
+    export = sub.add_parser("export", help="export every event of a subject, decrypted")
+    export.add_argument("subject_id")
+    export.add_argument("--format", choices=["json"], default="json")
+    export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    _client_args(export)
+
+    shred = sub.add_parser("shred", help="run a shred epoch now")
+    _client_args(shred)
+
+    hold = sub.add_parser("legal-hold", help="set or release a subject's legal hold")
+    hold.add_argument("action", choices=["set", "release"])
+    hold.add_argument("subject_id")
+    hold.add_argument("--reason", default="", help="why the subject is held (required to set)")
+    hold.add_argument("--until", default=None, help="ISO 8601 time the hold ends (default: never)")
+    _client_args(hold)
+
+    backup = sub.add_parser("backup", help="hot backup of the log (compacted) into DEST")
+    backup.add_argument("destination", help="empty or missing directory, on the server's machine")
+    backup.add_argument(
+        "--include-keys",
+        action="store_true",
+        help="also copy the key store (read docs/ERASURE.md first)",
+    )
+    _client_args(backup)
+
+    audit = sub.add_parser(
+        "audit-erasure", help="prove from the files that forgotten subjects are erased"
+    )
+    audit.add_argument("--data", type=Path, required=True, help="data directory")
+    audit.add_argument("--keyring", type=Path, default=None, help="default: <data>/master.keyring")
+    audit.add_argument("--backup", type=Path, action="append", default=[], help="backup to scan")
+    audit.add_argument("--canary", action="append", default=[], help="text that must not appear")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {
+        "serve": _serve,
+        "append": _append,
+        "read": _read,
+        "forget": _forget,
+        "subject": _subject,
+        "export": _export,
+        "shred": _shred,
+        "legal-hold": _legal_hold,
+        "backup": _backup,
+        "audit-erasure": _audit,
+    }
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "append":
-            return _append(args)
-        return _read(args)
+        return commands[args.command](args)
     except LetheError as exc:
         print(f"lethedb: {exc}", file=sys.stderr)
         return 2
@@ -131,17 +187,13 @@ def _append(args: argparse.Namespace) -> int:
                 f"lethedb: data is not JSON ({exc}); use @FILE for raw bytes"
             ) from None
     event = lethedb.Event(args.event_type, data, subject_id=args.subject)
-    try:
-        with lethedb.Client(args.server, timeout=args.timeout) as db:
-            result = db.append(
-                args.stream_id,
-                [event],
-                expected_version=_expected(args.expected),
-                idempotency_key=args.idempotency_key,
-            )
-    except lethedb.LetheError as exc:
-        print(f"lethedb: {exc}", file=sys.stderr)
-        return 1
+    with _client(args) as db:
+        result = db.append(
+            args.stream_id,
+            [event],
+            expected_version=_expected(args.expected),
+            idempotency_key=args.idempotency_key,
+        )
     print(
         json.dumps(
             {
@@ -155,33 +207,158 @@ def _append(args: argparse.Namespace) -> int:
 
 
 def _read(args: argparse.Namespace) -> int:
+
+    with _client(args) as db:
+        events: Iterator[lethedb.RecordedEvent]
+        if args.stream_id:
+            events = db.read_stream(
+                args.stream_id,
+                from_version=args.start,
+                backwards=args.backwards,
+                max_count=args.max_count,
+            )
+        else:
+            events = db.read_all(
+                from_position=args.start, backwards=args.backwards, max_count=args.max_count
+            )
+        try:
+            for event in events:
+                print(json.dumps(_event_json(event)))
+        except BrokenPipeError:
+            return 0
+    return 0
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[lethedb.Client]:
+    """A connected SDK client; SDK errors end the command with status 1."""
     import lethedb
 
     try:
         with lethedb.Client(args.server, timeout=args.timeout) as db:
-            events: Iterator[lethedb.RecordedEvent]
-            if args.stream_id:
-                events = db.read_stream(
-                    args.stream_id,
-                    from_version=args.start,
-                    backwards=args.backwards,
-                    max_count=args.max_count,
-                )
-            else:
-                events = db.read_all(
-                    from_position=args.start, backwards=args.backwards, max_count=args.max_count
-                )
-            for event in events:
-                print(json.dumps(_event_json(event)))
+            yield db
     except lethedb.LetheError as exc:
         print(f"lethedb: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 0
+        raise SystemExit(1) from None
+
+
+def _receipt_json(receipt: lethedb.SubjectReceipt) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "subject_id": receipt.subject_id,
+        "state": receipt.state.name.lower(),
+        "event_count": receipt.event_count,
+    }
+    if receipt.tombstone_position:
+        doc.update(
+            tombstone_position=receipt.tombstone_position,
+            forgotten_at=_iso(receipt.forgotten_at),
+            reason=receipt.reason,
+            shred_epoch=receipt.shred_epoch,
+        )
+    if receipt.shredded_at:
+        doc["shredded_at"] = _iso(receipt.shredded_at)
+    if receipt.legal_hold is not None:
+        hold = receipt.legal_hold
+        doc["legal_hold"] = {
+            "reason": hold.reason,
+            "set_at": _iso(hold.set_at),
+            "until": _iso(hold.until) if hold.until else None,
+        }
+    return doc
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _forget(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        receipt = db.forget_subject(args.subject_id, reason=args.reason)
+    print(json.dumps(_receipt_json(receipt), indent=2))
     return 0
 
 
-def _event_json(event: Any) -> dict[str, Any]:
+def _subject(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        receipt = db.get_subject(args.subject_id)
+    print(json.dumps(_receipt_json(receipt), indent=2))
+    return 0
+
+
+EXPORT_FORMAT = "lethedb.subject-export.v1"
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Right of access: one JSON document with every event of the subject."""
+    with _client(args) as db:
+        events = [_event_json(e, export=True) for e in db.export_subject(args.subject_id)]
+    document = {
+        "format": EXPORT_FORMAT,
+        "subject_id": args.subject_id,
+        "exported_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "event_count": len(events),
+        "events": events,
+    }
+    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        print(
+            f"wrote {len(events)} events of subject {args.subject_id} to {args.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _shred(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        result = db.admin.shred()
+    print(
+        f"shred epoch {result.epoch} complete: master key version {result.master_version} "
+        f"is current, {result.live_keys} live keys re-wrapped, "
+        f"{result.shredded_subjects} forgotten subjects shredded"
+    )
+    return 0
+
+
+def _legal_hold(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        if args.action == "release":
+            receipt = db.admin.release_legal_hold(args.subject_id)
+        else:
+            if not args.reason:
+                raise SystemExit("lethedb: --reason is required to set a legal hold")
+            until = datetime.fromisoformat(args.until) if args.until else None
+            receipt = db.admin.set_legal_hold(args.subject_id, args.reason, until=until)
+    print(json.dumps(_receipt_json(receipt), indent=2))
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from lethedb_server.erasure import KEY_BACKUP_WARNING
+
+    if args.include_keys:
+        print(f"lethedb: warning: {KEY_BACKUP_WARNING}", file=sys.stderr)
+    with _client(args) as db:
+        result = db.admin.backup(args.destination, include_keys=args.include_keys)
+    print(
+        f"backed up the log up to position {result.last_position} to {result.destination} "
+        f"({result.log_bytes} bytes"
+        + (f", key store {result.key_bytes} bytes)" if args.include_keys else ", no keys)")
+    )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from lethedb_server.audit import audit_erasure
+
+    report = audit_erasure(args.data, args.keyring, args.backup, args.canary)
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+def _event_json(event: Any, *, export: bool = False) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "position": event.position,
         "stream_id": event.stream_id,
@@ -193,12 +370,24 @@ def _event_json(event: Any) -> dict[str, Any]:
         "recorded_at": event.recorded_at,
         "redacted": event.redacted,
     }
+    if export:
+        doc["recorded_at"] = _iso(event.recorded_at)
+        del doc["subject_id"], doc["redacted"]
     if not event.redacted:
-        if event.content_type == "application/json":
-            doc["data"] = json.loads(event.data) if event.data else None
-        else:
-            doc["data_hex"] = event.data.hex()
+        doc.update(_payload_json("data", event.data, event.content_type))
+        if event.metadata:
+            doc.update(_payload_json("metadata", event.metadata, "application/json"))
     return doc
+
+
+def _payload_json(name: str, raw: bytes, content_type: str) -> dict[str, Any]:
+    """JSON payloads inline; anything else base64-encoded under ``<name>_base64``."""
+    if content_type == "application/json":
+        try:
+            return {name: json.loads(raw) if raw else None}
+        except ValueError:
+            pass
+    return {f"{name}_base64": base64.b64encode(raw).decode()}
 
 
 if __name__ == "__main__":

@@ -85,6 +85,26 @@ class Tombstone(msgspec.Struct, array_like=True, frozen=True, gc=False):
     shred_epoch: int
 
 
+class LegalHold(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``legal_holds`` value: while present (and not expired) Forget is refused."""
+
+    reason: str
+    set_at: int
+    until: int  # ns since the epoch; 0 = until released
+
+    def active(self, now: int) -> bool:
+        return self.until == 0 or self.until > now
+
+
+class EpochRecord(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``epochs`` value: one completed shred epoch."""
+
+    completed_at: int
+    master_version: int
+    live_keys: int
+    shredded_subjects: int
+
+
 class LogMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """The ``meta`` value under ``b"log"``: identity and head of the log."""
 
@@ -104,12 +124,16 @@ _stream_decoder = msgspec.msgpack.Decoder(StreamInfo)
 _idem_decoder = msgspec.msgpack.Decoder(IdempotencyEntry)
 _tombstone_decoder = msgspec.msgpack.Decoder(Tombstone)
 _meta_decoder = msgspec.msgpack.Decoder(LogMeta)
+_hold_decoder = msgspec.msgpack.Decoder(LegalHold)
+_epoch_decoder = msgspec.msgpack.Decoder(EpochRecord)
 
 decode_payload = _payload_decoder.decode
 decode_stream = _stream_decoder.decode
 decode_idempotency = _idem_decoder.decode
 decode_tombstone = _tombstone_decoder.decode
 decode_meta = _meta_decoder.decode
+decode_legal_hold = _hold_decoder.decode
+decode_epoch = _epoch_decoder.decode
 
 
 def chain_hash(previous: bytes, body: bytes) -> bytes:

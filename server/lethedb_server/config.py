@@ -42,6 +42,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     batch_max_commands: int = 1024
     batch_max_bytes: int = 16 << 20
     shutdown_grace_s: float = 10.0
+    shred_interval_s: float = 3600.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     ready_file: str = ""
@@ -90,6 +91,7 @@ HELP: dict[str, str] = {
     "batch_max_commands": "most commands the writer commits in one transaction",
     "batch_max_bytes": "most bytes the writer commits in one transaction",
     "shutdown_grace_s": "seconds in-flight calls get to finish on shutdown",
+    "shred_interval_s": "seconds between automatic shred epochs when forgets are pending (0: off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
     "ready_file": "file to write the bound address to once serving (for supervisors)",

@@ -11,6 +11,7 @@ field, the limit and what was found, and never contain event data or keys.
     ├── WrongExpectedVersion     the stream is not in the expected state
     ├── StreamNotFound           a read named a stream that does not exist
     ├── SubjectForgotten         the subject was erased; its id is never reused
+    ├── LegalHoldActive          a legal hold blocks forgetting the subject
     ├── IdempotencyConflict      a key was reused for a different request
     ├── StorageFull              the disk or the LMDB map cannot grow
     ├── DataLoss                 a record fails its integrity checks
@@ -85,3 +86,13 @@ class DataDirDamaged(LetheError):
 class ShuttingDown(LetheError):
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry against another node or later")
+
+
+class LegalHoldActive(LetheError):
+    def __init__(self, subject_id: str, reason: str, until: int) -> None:
+        self.subject_id = subject_id
+        when = "until released" if until == 0 else f"until {until} ns since the epoch"
+        super().__init__(
+            f"subject {subject_id!r} is under legal hold ({reason!r}, {when}); "
+            "release the hold before forgetting the subject"
+        )

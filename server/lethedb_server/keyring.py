@@ -23,6 +23,7 @@ import msgspec
 
 from lethedb_server.crypto import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
 from lethedb_server.errors import DataDirDamaged, LetheError
+from lethedb_server.lmdbenv import fsync_dir
 
 KEYRING_FORMAT = 1
 
@@ -179,11 +180,3 @@ def _write_atomically(path: Path, content: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,10 +17,16 @@ Databases of the key store:
 
 * ``deks``: length-prefixed subject id + u32 BE version -> WrappedKey
 * ``dek_state``: subject id -> DekState (latest version and its reserved uses)
+* ``forgotten``: subject id -> Tombstone (a copy of the log's tombstone)
+
+The ``forgotten`` copy exists so that restoring an *old log* backup next to the
+current key store cannot bring a forgotten subject back: the key store still
+knows the subject is gone, refuses new keys for it and the reader redacts it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -36,7 +42,7 @@ from lethedb_server.errors import DataLoss
 from lethedb_server.keyring import KeyProvider, MasterKeyUnavailable, WrappedKey
 from lethedb_server.lmdbenv import LmdbEnv
 
-KEY_DBS = ("deks", "dek_state")
+KEY_DBS = ("deks", "dek_state", "forgotten")
 #: Far below NIST's 2**32 random-nonce limit, as SP 800-38D asks.
 DEFAULT_MAX_USES = 2**31
 RESERVE_BLOCK = 4096
@@ -90,6 +96,7 @@ class KeyStore:
         self._cache: OrderedDict[str, _SubjectKeys] = OrderedDict()
         self._lock = threading.Lock()
         self._pinned: frozenset[str] = frozenset()
+        self._forgotten = self._load_forgotten()
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -103,8 +110,17 @@ class KeyStore:
 
         Creates first DEKs, extends reservations and rolls versions as needed,
         all in one key-store transaction committed (with fsync) before return,
-        so the log never references a key that is not durable.
+        so the log never references a key that is not durable. A full key
+        store map is grown (up to its ceiling, then StorageFull) and retried.
         """
+        while True:
+            try:
+                self._reserve_once(demand)
+                return
+            except lmdb.MapFullError:
+                self.lmdb.grow()
+
+    def _reserve_once(self, demand: Mapping[str, int]) -> None:
         with self._lock:
             # Subjects of the batch being written may not be evicted before
             # take() consumes their reservations.
@@ -125,6 +141,13 @@ class KeyStore:
             if txn is not None:
                 txn.commit()
                 txn = None
+        except BaseException:
+            # Nothing planned here is durable: drop it from memory, or a later
+            # batch would encrypt under a DEK that the key store never saved.
+            with self._lock:
+                for subject_id in demand:
+                    self._cache.pop(subject_id, None)
+            raise
         finally:
             if txn is not None:
                 txn.abort()
@@ -150,7 +173,7 @@ class KeyStore:
             return added
         version = latest.version + 1 if latest is not None else self._next_version(txn, subject_id)
         dek = new_key()
-        wrapped = self.provider.wrap(dek, lambda mv: wrap_aad(subject_id, version, mv))
+        wrapped = self.provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
         txn.put(codec.dek_key(subject_id, version), codec.encode(wrapped), db=self.lmdb.dbs["deks"])
         aead = AESGCM(dek)
         del dek
@@ -188,6 +211,8 @@ class KeyStore:
 
     def cipher(self, subject_id: str, version: int) -> AESGCM | None:
         """The cipher of one DEK version, or None when it no longer exists."""
+        if subject_id in self._forgotten:
+            return None
         with self._lock:
             keys = self._cached(subject_id)
             aead = keys.aeads.get(version)
@@ -253,3 +278,126 @@ class KeyStore:
                         break
                     found.append(codec.dek_version_from_key(key))
             return found
+
+    # -- erasure ----------------------------------------------------------------
+
+    def _load_forgotten(self) -> set[str]:
+        with self.lmdb.read() as txn:
+            return {
+                bytes(k).decode()
+                for k in txn.cursor(db=self.lmdb.dbs["forgotten"]).iternext(values=False)
+            }
+
+    def is_forgotten(self, subject_id: str) -> bool:
+        return subject_id in self._forgotten
+
+    def forgotten_tombstone(self, subject_id: str) -> codec.Tombstone | None:
+        """The key store's copy of a subject's tombstone, if it was forgotten."""
+        with self.lmdb.read() as txn:
+            raw = txn.get(subject_id.encode(), db=self.lmdb.dbs["forgotten"])
+        return None if raw is None else codec.decode_tombstone(raw)
+
+    def forgotten_subjects(self) -> frozenset[str]:
+        return frozenset(self._forgotten)
+
+    def forget(self, tombstones: Mapping[str, codec.Tombstone]) -> int:
+        """Delete every DEK version of each subject and remember it as forgotten.
+
+        Returns how many wrapped DEK entries were deleted. The subjects are
+        refused and redacted from the moment this is called, before the
+        deletion commits, so no reader can race the erasure.
+        """
+        if not tombstones:
+            return 0
+        self._forgotten.update(tombstones)
+        for subject_id in tombstones:
+            self.evict(subject_id)
+        deleted = 0
+        deks, state, forgotten = (self.lmdb.dbs[n] for n in ("deks", "dek_state", "forgotten"))
+        with self.lmdb.begin_write() as txn:
+            for subject_id, tombstone in tombstones.items():
+                prefix = codec.dek_key(subject_id, 0)[:-4]
+                cursor = txn.cursor(db=deks)
+                cursor.set_range(prefix)
+                while bytes(cursor.key()).startswith(prefix) and cursor.delete():
+                    deleted += 1
+                txn.delete(subject_id.encode(), db=state)
+                txn.put(subject_id.encode(), codec.encode(tombstone), db=forgotten)
+        return deleted
+
+    def dek_entries(self) -> int:
+        with self.lmdb.read() as txn:
+            return int(txn.stat(self.lmdb.dbs["deks"])["entries"])
+
+    def write_compacted(self, path: Path, master_version: int) -> int:
+        """Write a fresh key store at *path* with every live DEK re-wrapped.
+
+        Live means not forgotten. Each DEK is unwrapped under its old master
+        version and wrapped under *master_version* (the new current one). The
+        new environment is written from empty, so it holds no free pages with
+        stale data. Returns the number of DEKs written.
+        """
+        target = LmdbEnv(
+            path,
+            KEY_DBS,
+            map_size=max(self.lmdb.map_size(), 1 << 20),
+            max_map_size=self.lmdb.max_map_size,
+        )
+        written = 0
+        try:
+            chunk: list[tuple[bytes, bytes, str]] = []
+            with self.lmdb.read() as source:
+                for key, value in source.cursor(db=self.lmdb.dbs["deks"]):
+                    raw_key = bytes(key)
+                    subject_id = _subject_of(raw_key)
+                    if subject_id in self._forgotten:
+                        continue
+                    chunk.append((raw_key, bytes(value), subject_id))
+                state = [
+                    (bytes(k), bytes(v))
+                    for k, v in source.cursor(db=self.lmdb.dbs["dek_state"])
+                    if bytes(k).decode() not in self._forgotten
+                ]
+                forgotten = [
+                    (bytes(k), bytes(v)) for k, v in source.cursor(db=self.lmdb.dbs["forgotten"])
+                ]
+            for start in range(0, len(chunk), 10_000):
+                self._rewrap_into(target, chunk[start : start + 10_000], master_version)
+                written += len(chunk[start : start + 10_000])
+            with target.begin_write() as txn:
+                for k, v in state:
+                    txn.put(k, v, db=target.dbs["dek_state"])
+                for k, v in forgotten:
+                    txn.put(k, v, db=target.dbs["forgotten"])
+        finally:
+            target.close()
+        return written
+
+    def _rewrap_into(
+        self, target: LmdbEnv, chunk: list[tuple[bytes, bytes, str]], master_version: int
+    ) -> None:
+        provider = self.provider
+        with target.begin_write() as txn:
+            for raw_key, value, subject_id in chunk:
+                version = codec.dek_version_from_key(raw_key)
+                wrapped = _wrapped_decoder.decode(value)
+                dek = provider.unwrap(
+                    wrapped, wrap_aad(subject_id, version, wrapped.master_version)
+                )
+                if provider.current_version() != master_version:
+                    raise RuntimeError("the master key version changed during a shred epoch")
+                rewrapped = provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
+                txn.put(raw_key, codec.encode(rewrapped), db=target.dbs["deks"], append=True)
+
+    def swap_file(self, new_data_file: Path, old_copy: Path) -> None:
+        """Atomically make *new_data_file* this key store's ``data.mdb``.
+
+        The old file stays reachable as *old_copy* (a hard link) so the caller
+        can overwrite its bytes before removing it.
+        """
+        self.lmdb.replace_data_file(new_data_file, old_copy)
+
+
+def _subject_of(dek_key: bytes) -> str:
+    length = int.from_bytes(dek_key[:4], "big")
+    return dek_key[4 : 4 + length].decode()

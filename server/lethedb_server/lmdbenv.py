@@ -84,14 +84,20 @@ class LmdbEnv:
         max_readers: int = 1024,
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        check_data_file(path / "data.mdb")
         self.path = path
         self.max_map_size = max_map_size
+        self._db_names = tuple(db_names)
+        self._max_readers = max_readers
+        self._gate = _ResizeGate()
+        self._open(map_size)
+
+    def _open(self, map_size: int) -> None:
+        check_data_file(self.path / "data.mdb")
         self.env = lmdb.open(
-            str(path),
-            map_size=max(map_size, _current_file_size(path / "data.mdb")),
-            max_dbs=len(db_names) + 4,
-            max_readers=max_readers,
+            str(self.path),
+            map_size=max(map_size, _current_file_size(self.path / "data.mdb")),
+            max_dbs=len(self._db_names) + 4,
+            max_readers=self._max_readers,
             subdir=True,
             sync=True,
             metasync=True,
@@ -102,8 +108,27 @@ class LmdbEnv:
             meminit=False,
         )
         self.env.reader_check()
-        self.dbs: dict[str, Any] = {name: self.env.open_db(name.encode()) for name in db_names}
-        self._gate = _ResizeGate()
+        self.dbs: dict[str, Any] = {
+            name: self.env.open_db(name.encode()) for name in self._db_names
+        }
+
+    def replace_data_file(self, new_data_file: Path, old_copy: Path) -> None:
+        """Swap in another ``data.mdb`` atomically, keeping the old one as *old_copy*.
+
+        Only the writer thread may call this (no write transaction can be
+        open); readers wait at the gate while the environment is closed.
+        """
+        data_file = self.path / "data.mdb"
+        with self._gate.exclusive():
+            map_size = self.map_size()
+            self.env.close()
+            old_copy.unlink(missing_ok=True)
+            os.link(data_file, old_copy)
+            os.replace(new_data_file, data_file)
+            fsync_dir(self.path)
+            fsync_dir(old_copy.parent)
+            (self.path / "lock.mdb").unlink(missing_ok=True)
+            self._open(map_size)
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
@@ -126,6 +151,19 @@ class LmdbEnv:
         with self._gate.exclusive():
             self.env.set_mapsize(min(current * 2, self.max_map_size))
 
+    def copy_to(self, destination: Path) -> int:
+        """A consistent, compacted copy of the environment; returns its size in bytes.
+
+        ``compact=True`` writes only live pages: free pages, where LMDB leaves
+        deleted values in place, are not carried into the copy.
+        """
+        destination.mkdir(parents=True, exist_ok=True)
+        if any(destination.iterdir()):
+            raise ValueError(f"backup destination {destination} is not empty")
+        with self._gate.shared():
+            self.env.copy(str(destination), compact=True)
+        return (destination / "data.mdb").stat().st_size
+
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])
 
@@ -135,6 +173,38 @@ class LmdbEnv:
 
     def close(self) -> None:
         self.env.close()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in *directory* durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def overwrite_and_remove(path: Path, chunk: int = 1 << 20) -> None:
+    """Overwrite a file's bytes with zeros, fsync, then unlink it.
+
+    On a journaling or copy-on-write file system the old blocks may survive
+    elsewhere; what this guarantees is that the file's own extent no longer
+    holds them, and the erasure guarantee never rests on it alone: every key
+    copy it held is wrapped by a master key version destroyed afterwards.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    zeros = bytes(chunk)
+    with path.open("r+b") as f:
+        written = 0
+        while written < size:
+            written += f.write(zeros[: min(chunk, size - written)])
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+    fsync_dir(path.parent)
 
 
 def is_disk_full(exc: lmdb.Error) -> bool:

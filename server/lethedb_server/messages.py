@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from lethedb.v1 import admin_pb2
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.codec import AppendResult
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent, StoredEvent
+from lethedb_server.model import (
+    AppendCommand,
+    ExpectedState,
+    ProposedEvent,
+    ShredResult,
+    StoredEvent,
+    SubjectReceipt,
+)
 
 #: Target size of one streamed read message. A single event larger than this
 #: still travels alone in its own message.
@@ -77,3 +85,33 @@ def read_responses(events: Sequence[StoredEvent]) -> Iterator[pb.ReadResponse]:
             batch, size = [], 0
     if batch:
         yield pb.ReadResponse(events=batch)
+
+
+def subject_receipt(receipt: SubjectReceipt) -> pb.SubjectReceipt:
+    message = pb.SubjectReceipt(
+        subject_id=receipt.subject_id,
+        state=int(receipt.state),  # type: ignore[arg-type]
+        tombstone_position=receipt.tombstone_position,
+        forgotten_at=receipt.forgotten_at,
+        reason=receipt.reason,
+        shred_epoch=receipt.shred_epoch,
+        shredded_at=receipt.shredded_at,
+        event_count=receipt.event_count,
+    )
+    if receipt.on_hold:
+        message.legal_hold.CopyFrom(
+            pb.LegalHold(
+                reason=receipt.hold_reason, set_at=receipt.hold_set_at, until=receipt.hold_until
+            )
+        )
+    return message
+
+
+def shred_response(result: ShredResult) -> admin_pb2.ShredResponse:
+    return admin_pb2.ShredResponse(
+        epoch=result.epoch,
+        master_version=result.master_version,
+        live_keys=result.live_keys,
+        shredded_subjects=result.shredded_subjects,
+        completed_at=result.completed_at,
+    )

@@ -83,3 +83,70 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     data: bytes
     metadata: bytes
     redacted: bool
+
+
+#: Where erasure events are written, and their type.
+ERASURE_STREAM = "$erasures"
+ERASURE_EVENT_TYPE = "$subject.forgotten"
+
+
+class ForgetCommand(msgspec.Struct, frozen=True):
+    subject_id: str
+    reason: str
+    by_role: str
+
+    def size(self) -> int:
+        return 256
+
+
+class LegalHoldCommand(msgspec.Struct, frozen=True):
+    """Set (``release`` false) or release a subject's legal hold."""
+
+    subject_id: str
+    reason: str = ""
+    until: int = 0
+    release: bool = False
+
+    def size(self) -> int:
+        return 128
+
+
+class ShredCommand(msgspec.Struct, frozen=True):
+    """Run a shred epoch; always alone, never inside a batch."""
+
+    def size(self) -> int:
+        return 0
+
+
+class SubjectState(enum.IntEnum):
+    """Numbering shared with ``lethedb.v1.SubjectState``."""
+
+    ACTIVE = 1
+    FORGOTTEN_PENDING_SHRED = 2
+    SHREDDED = 3
+
+
+class SubjectReceipt(msgspec.Struct, frozen=True):
+    subject_id: str
+    state: SubjectState
+    tombstone_position: int = 0
+    forgotten_at: int = 0
+    reason: str = ""
+    shred_epoch: int = 0
+    shredded_at: int = 0
+    event_count: int = 0
+    hold_reason: str = ""
+    hold_set_at: int = 0
+    hold_until: int = 0
+    on_hold: bool = False
+
+
+class ShredResult(msgspec.Struct, frozen=True):
+    epoch: int
+    master_version: int
+    live_keys: int
+    shredded_subjects: int
+    completed_at: int
+
+
+Command = AppendCommand | ForgetCommand | LegalHoldCommand | ShredCommand

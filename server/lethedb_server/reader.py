@@ -36,6 +36,11 @@ class EventReader:
             raise StreamNotFound(stream_id)
         return self.open_page(page)
 
+    def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
+        """The subject's events after position *after*, across all streams, in log order."""
+        positions = self.log.subject_positions(subject_id, after, limit)
+        return self.open_page(self.log.read_positions(positions)) if positions else []
+
     def open_page(self, page: RawPage) -> list[StoredEvent]:
         return [self.open(position, value) for position, value in page]
 
@@ -48,7 +53,9 @@ class EventReader:
         subject = body.subject_id or STORE_SUBJECT
         aead = self.keys.cipher(subject, body.dek_version)
         if aead is None:
-            if body.subject_id and self.log.is_forgotten(body.subject_id):
+            if body.subject_id and (
+                self.keys.is_forgotten(body.subject_id) or self.log.is_forgotten(body.subject_id)
+            ):
                 return _envelope(position, body, b"", b"", redacted=True)
             raise DataLoss(
                 f"the key for the event at position {position} is missing "

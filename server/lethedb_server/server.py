@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
+from lethedb_server.errors import LetheError
 from lethedb_server.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.store import Store
 from lethedb_server.validation import Validator
@@ -33,7 +35,9 @@ def harden_process() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, HealthServicer]:
+def build_server(
+    config: Config, store: Store
+) -> tuple[grpc.aio.Server, HealthServicer, AdminService]:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -41,7 +45,10 @@ def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, HealthS
             ("grpc.so_reuseport", 0),
         ]
     )
-    add_event_store(server, EventStoreService(store, Validator(config.limits())))
+    validator = Validator(config.limits())
+    add_event_store(server, EventStoreService(store, validator))
+    admin = AdminService(store, validator)
+    add_admin(server, admin)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -52,14 +59,27 @@ def build_server(config: Config, store: Store) -> tuple[grpc.aio.Server, HealthS
         ),
         server,
     )
-    return server, health
+    return server, health, admin
+
+
+async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -> None:
+    """Run a shred epoch every *interval_s* seconds when forgets are pending."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            pending = await asyncio.to_thread(store.log.pending_forgets)
+            if pending:
+                log.info("%d forgotten subjects await shredding; running a shred epoch", pending)
+                await admin.shred()
+        except LetheError as exc:
+            log.error("scheduled shred epoch failed: %s", exc)
 
 
 async def serve(config: Config) -> None:
     harden_process()
     store = Store.open(config.data_dir, config.store_options())
     try:
-        server, health = build_server(config, store)
+        server, health, admin = build_server(config, store)
         port = server.add_insecure_port(config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
@@ -80,7 +100,14 @@ async def serve(config: Config) -> None:
         )
         if config.ready_file:
             _write_ready_file(Path(config.ready_file), address)
+        timer = (
+            asyncio.create_task(shred_on_timer(store, admin, config.shred_interval_s))
+            if config.shred_interval_s > 0
+            else None
+        )
         await _wait_for_signal()
+        if timer is not None:
+            timer.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
         await health.enter_graceful_shutdown()
         await server.stop(config.shutdown_grace_s)

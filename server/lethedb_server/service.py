@@ -1,31 +1,26 @@
-"""The gRPC services: thin adapters from protobuf calls to the store.
+"""``lethedb.v1.EventStore``: thin adapters from protobuf calls to the store.
 
 No storage logic lives here. A handler converts and validates the request,
-hands it to the writer or the reader, and converts the answer. Domain errors
-are turned into statuses by :mod:`lethedb_server.status` (the one place that
-knows the mapping). Requests are decoded by :func:`_decoder`, which turns a
-message protobuf cannot parse (invalid UTF-8 in a string, a truncated field)
-into INVALID_ARGUMENT instead of gRPC's generic INTERNAL.
+hands it to the writer or the reader, and converts the answer; domain errors
+become statuses in :mod:`lethedb_server.rpc` and :mod:`lethedb_server.status`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages, status
-from lethedb_server.errors import LetheError, ValidationError
-from lethedb_server.model import StoredEvent
+from lethedb_server.errors import LetheError
+from lethedb_server.model import ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
+from lethedb_server.rpc import Context, Undecodable, decoded, register, server_streaming, unary
 from lethedb_server.store import Store
-from lethedb_server.validation import Validator
+from lethedb_server.validation import Validator, check_name
 
 log = logging.getLogger(__name__)
 
@@ -33,63 +28,6 @@ SERVICE_NAME = "lethedb.v1.EventStore"
 _END = 2**64 - 1
 #: Appends one AppendStream call may have queued at the writer at once.
 STREAM_IN_FLIGHT = 256
-
-Context = grpc.aio.ServicerContext[Any, Any]
-M = TypeVar("M", bound=Message)
-
-
-class _Undecodable:
-    """Stands in for a request protobuf could not parse."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _decoder(message_type: type[M]) -> Callable[[bytes], M | _Undecodable]:
-    name = message_type.DESCRIPTOR.full_name
-
-    def decode(raw: bytes) -> M | _Undecodable:
-        try:
-            return message_type.FromString(raw)
-        except DecodeError as exc:
-            return _Undecodable(f"the request is not a valid {name}: {exc}")
-
-    return decode
-
-
-def _decoded(request: M | _Undecodable) -> M:
-    if isinstance(request, _Undecodable):
-        raise ValidationError(request.reason)
-    return request
-
-
-def unary(
-    handler: Callable[[Any, Any, Context], Awaitable[Any]],
-) -> Callable[[Any, Any, Context], Awaitable[Any]]:
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: Context) -> Any:
-        try:
-            return await handler(self, _decoded(request), context)
-        except LetheError as exc:
-            await status.abort(context, exc)
-
-    return wrapper
-
-
-def server_streaming(
-    handler: Callable[[Any, Any, Context], AsyncIterator[Any]],
-) -> Callable[[Any, Any, Context], AsyncIterator[Any]]:
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
-        try:
-            async for message in handler(self, _decoded(request), context):
-                yield message
-        except LetheError as exc:
-            await status.abort(context, exc)
-
-    return wrapper
 
 
 class EventStoreService:
@@ -99,8 +37,8 @@ class EventStoreService:
         self.store = store
         self.validator = validator
 
-    async def _append(self, request: pb.AppendRequest | _Undecodable) -> pb.AppendResponse:
-        command = messages.append_command(_decoded(request))
+    async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
+        command = messages.append_command(decoded(request))
         self.validator.check_append(command)
         result = await asyncio.wrap_future(self.store.writer.submit(command))
         return messages.append_response(result)
@@ -110,7 +48,7 @@ class EventStoreService:
         return await self._append(request)
 
     async def AppendStream(  # noqa: N802
-        self, requests: AsyncIterator[pb.AppendRequest | _Undecodable], context: Context
+        self, requests: AsyncIterator[pb.AppendRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.AppendStreamResponse]:
         """Pipelined appends: a reader task submits, this generator answers in order."""
         answers: asyncio.Queue[asyncio.Task[pb.AppendResponse] | None] = asyncio.Queue(
@@ -130,9 +68,11 @@ class EventStoreService:
                 try:
                     yield pb.AppendStreamResponse(ok=await task)
                 except LetheError as exc:
-                    code, message, actual = status.append_error_fields(exc)
+                    code, message, actual, name = status.append_error_fields(exc)
                     yield pb.AppendStreamResponse(
-                        error=pb.AppendError(code=code, message=message, actual_version=actual)
+                        error=pb.AppendError(
+                            code=code, message=message, actual_version=actual, error=name
+                        )
                     )
             await reader
         finally:
@@ -154,6 +94,41 @@ class EventStoreService:
             return reader.read_stream(request.stream_id, start, backwards=backwards, limit=limit)
 
         async for message in _paged(page, start, backwards, request.max_count, _next_version):
+            yield message
+
+    @unary
+    async def ForgetSubject(  # noqa: N802
+        self, request: pb.ForgetSubjectRequest, context: Context
+    ) -> pb.SubjectReceipt:
+        self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        reason = request.reason or "unspecified"
+        check_name(reason, "reason", 128)
+        command = ForgetCommand(request.subject_id, reason, by_role="admin")
+        await asyncio.wrap_future(self.store.writer.submit(command))
+        return await self._receipt(request.subject_id)
+
+    @unary
+    async def GetSubject(  # noqa: N802
+        self, request: pb.GetSubjectRequest, context: Context
+    ) -> pb.SubjectReceipt:
+        self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        return await self._receipt(request.subject_id)
+
+    async def _receipt(self, subject_id: str) -> pb.SubjectReceipt:
+        receipt = await asyncio.to_thread(self.store.receipt, subject_id)
+        return messages.subject_receipt(receipt)
+
+    @server_streaming
+    async def ExportSubject(  # noqa: N802
+        self, request: pb.ExportSubjectRequest, context: Context
+    ) -> AsyncIterator[pb.ReadResponse]:
+        self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        reader = self.store.reader
+
+        def page(after: int, limit: int) -> list[StoredEvent]:
+            return reader.read_subject(request.subject_id, after - 1, limit)
+
+        async for message in _paged(page, 1, False, 0, _next_position):
             yield message
 
     @server_streaming
@@ -206,27 +181,36 @@ async def _paged(
 
 
 def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None:
-    """Register the service with request decoders that never fail with INTERNAL."""
-    handlers = {
-        "Append": grpc.unary_unary_rpc_method_handler(
-            service.Append,
-            request_deserializer=_decoder(pb.AppendRequest),
-            response_serializer=pb.AppendResponse.SerializeToString,
-        ),
-        "AppendStream": grpc.stream_stream_rpc_method_handler(
-            service.AppendStream,
-            request_deserializer=_decoder(pb.AppendRequest),
-            response_serializer=pb.AppendStreamResponse.SerializeToString,
-        ),
-        "ReadStream": grpc.unary_stream_rpc_method_handler(
-            service.ReadStream,
-            request_deserializer=_decoder(pb.ReadStreamRequest),
-            response_serializer=pb.ReadResponse.SerializeToString,
-        ),
-        "ReadAll": grpc.unary_stream_rpc_method_handler(
-            service.ReadAll,
-            request_deserializer=_decoder(pb.ReadAllRequest),
-            response_serializer=pb.ReadResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    register(
+        server,
+        SERVICE_NAME,
+        {
+            "Append": ("unary", service.Append, pb.AppendRequest, pb.AppendResponse),
+            "AppendStream": (
+                "stream_stream",
+                service.AppendStream,
+                pb.AppendRequest,
+                pb.AppendStreamResponse,
+            ),
+            "ReadStream": (
+                "server_streaming",
+                service.ReadStream,
+                pb.ReadStreamRequest,
+                pb.ReadResponse,
+            ),
+            "ReadAll": ("server_streaming", service.ReadAll, pb.ReadAllRequest, pb.ReadResponse),
+            "ForgetSubject": (
+                "unary",
+                service.ForgetSubject,
+                pb.ForgetSubjectRequest,
+                pb.SubjectReceipt,
+            ),
+            "GetSubject": ("unary", service.GetSubject, pb.GetSubjectRequest, pb.SubjectReceipt),
+            "ExportSubject": (
+                "server_streaming",
+                service.ExportSubject,
+                pb.ExportSubjectRequest,
+                pb.ReadResponse,
+            ),
+        },
+    )

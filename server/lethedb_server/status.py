@@ -25,6 +25,7 @@ _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
     errors.StreamNotFound: grpc.StatusCode.NOT_FOUND,
     errors.SubjectForgotten: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.LegalHoldActive: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.DataDirLocked: grpc.StatusCode.FAILED_PRECONDITION,
@@ -49,12 +50,12 @@ def trailing_metadata(error: errors.LetheError) -> tuple[tuple[str, str], ...]:
     return tuple(items)
 
 
-def append_error_fields(error: errors.LetheError) -> tuple[int, str, int]:
-    """(numeric code, message, actual version or -1) for an in-stream AppendError."""
+def append_error_fields(error: errors.LetheError) -> tuple[int, str, int, str]:
+    """(numeric code, message, actual version or -1, error name) for an AppendError."""
     actual = -1
     if isinstance(error, errors.WrongExpectedVersion) and error.actual_version is not None:
         actual = error.actual_version
-    return status_code(error).value[0], str(error), actual
+    return status_code(error).value[0], str(error), actual, type(error).__name__
 
 
 async def abort(

@@ -12,6 +12,8 @@ Named databases (see docs/ARCHITECTURE.md for the value formats):
 * ``stream_index``: length-prefixed stream id + u64 BE version -> u64 BE position
 * ``subject_index``: length-prefixed subject id + u64 BE position -> empty
 * ``tombstones``: subject id -> Tombstone
+* ``legal_holds``: subject id -> LegalHold
+* ``epochs``: u64 BE shred epoch -> EpochRecord
 * ``idempotency``: idempotency key -> IdempotencyEntry
 * ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
 * ``checkpoints``: consumer group -> u64 BE position
@@ -28,7 +30,7 @@ from typing import cast
 import lmdb
 
 from lethedb_server import codec
-from lethedb_server.codec import LogMeta, RecordBody, StreamInfo, Tombstone
+from lethedb_server.codec import EpochRecord, LegalHold, LogMeta, RecordBody, StreamInfo, Tombstone
 from lethedb_server.lmdbenv import LmdbEnv
 
 LOG_DBS = (
@@ -37,6 +39,8 @@ LOG_DBS = (
     "stream_index",
     "subject_index",
     "tombstones",
+    "legal_holds",
+    "epochs",
     "idempotency",
     "idempotency_expiry",
     "checkpoints",
@@ -61,6 +65,8 @@ class LogStore:
         self.stream_index = db["stream_index"]
         self.subject_index = db["subject_index"]
         self.tombstones = db["tombstones"]
+        self.legal_holds = db["legal_holds"]
+        self.epochs = db["epochs"]
         self.idempotency = db["idempotency"]
         self.idempotency_expiry = db["idempotency_expiry"]
         self.checkpoints = db["checkpoints"]
@@ -181,6 +187,69 @@ class LogStore:
     def is_forgotten(self, subject_id: str) -> bool:
         with self.lmdb.read() as txn:
             return txn.get(subject_id.encode(), db=self.tombstones) is not None
+
+    # -- subjects and erasure ---------------------------------------------------
+
+    def subject_positions(self, subject_id: str, after: int, limit: int) -> list[int]:
+        """Positions of the subject's events after *after*, in log order."""
+        prefix = codec.subject_prefix(subject_id)
+        positions: list[int] = []
+        with self.lmdb.read() as txn:
+            cursor = txn.cursor(db=self.subject_index)
+            if not cursor.set_range(codec.subject_position_key(subject_id, after + 1)):
+                return positions
+            for key in cursor.iternext(values=False):
+                raw = bytes(key)
+                if not raw.startswith(prefix):
+                    break
+                positions.append(codec.from_u64(raw[-8:]))
+                if len(positions) >= limit:
+                    break
+        return positions
+
+    def read_positions(self, positions: list[int]) -> RawPage:
+        with self.lmdb.read() as txn:
+            return [
+                (p, cast(bytes, txn.get(codec.position_key(p), db=self.events))) for p in positions
+            ]
+
+    def count_subject_events(self, subject_id: str) -> int:
+        count, after = 0, 0
+        while batch := self.subject_positions(subject_id, after, 10_000):
+            count += len(batch)
+            after = batch[-1]
+        return count
+
+    def subject_records(
+        self, txn: lmdb.Transaction, subject_id: str
+    ) -> tuple[Tombstone | None, LegalHold | None]:
+        tomb = txn.get(subject_id.encode(), db=self.tombstones)
+        hold = txn.get(subject_id.encode(), db=self.legal_holds)
+        return (
+            None if tomb is None else codec.decode_tombstone(tomb),
+            None if hold is None else codec.decode_legal_hold(hold),
+        )
+
+    def subject_status(self, subject_id: str) -> tuple[Tombstone | None, LegalHold | None]:
+        with self.lmdb.read() as txn:
+            return self.subject_records(txn, subject_id)
+
+    def all_tombstones(self) -> list[tuple[str, Tombstone]]:
+        with self.lmdb.read() as txn:
+            return [
+                (bytes(k).decode(), codec.decode_tombstone(v))
+                for k, v in txn.cursor(db=self.tombstones)
+            ]
+
+    def epoch(self, epoch: int) -> EpochRecord | None:
+        with self.lmdb.read() as txn:
+            raw = txn.get(codec.u64(epoch), db=self.epochs)
+        return None if raw is None else codec.decode_epoch(raw)
+
+    def pending_forgets(self) -> int:
+        """Tombstones whose shred epoch has not run yet."""
+        epoch = self.meta.shred_epoch
+        return sum(1 for _, t in self.all_tombstones() if t.shred_epoch > epoch)
 
 
 def _pairs(

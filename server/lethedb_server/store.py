@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
+from lethedb_server.model import SubjectReceipt
 from lethedb_server.reader import EventReader
 from lethedb_server.storage import LogStore
 from lethedb_server.writer import Writer, WriterLimits
@@ -85,9 +87,37 @@ class Store:
         except BaseException:
             lock.close()
             raise
+        try:
+            shredder = Shredder(data_dir, log_store, keys, provider)
+            shredder.recover()
+            if shredder.reapply_tombstones():
+                shredder.run()
+        except BaseException:
+            log_store.close()
+            keys.close()
+            lock.close()
+            raise
         writer = Writer(log_store, keys, opts.writer)
+        writer.shredder = shredder.run
         writer.start()
         return cls(data_dir, lock, provider, log_store, keys, writer)
+
+    def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
+        """Copy the log (and, if asked, the key store) compacted into *destination*.
+
+        Returns (log bytes, key-store bytes, last position in the copy). The
+        master keyring is never part of a backup.
+        """
+        destination.mkdir(parents=True, exist_ok=True)
+        if any(destination.iterdir()):
+            raise ValueError(f"{destination} is not empty")
+        head = self.log.head
+        log_bytes = self.log.lmdb.copy_to(destination / "log")
+        key_bytes = self.keys.lmdb.copy_to(destination / "keys") if include_keys else 0
+        return log_bytes, key_bytes, head
+
+    def receipt(self, subject_id: str) -> SubjectReceipt:
+        return subject_receipt(self.log, self.keys, subject_id)
 
     def close(self) -> None:
         """Finish queued writes, then close LMDB and release the lock."""

@@ -22,30 +22,58 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import lmdb
+import msgspec
 
 from lethedb_server import codec
-from lethedb_server.codec import AppendResult, IdempotencyEntry, LogMeta, RecordBody
+from lethedb_server.codec import (
+    AppendResult,
+    IdempotencyEntry,
+    LegalHold,
+    LogMeta,
+    RecordBody,
+    Tombstone,
+)
 from lethedb_server.crypto import event_aad, new_nonce
 from lethedb_server.errors import (
     IdempotencyConflict,
+    LegalHoldActive,
     LetheError,
     ShuttingDown,
     StorageFull,
     SubjectForgotten,
     WrongExpectedVersion,
 )
+from lethedb_server.faults import fault_point
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import is_disk_full
-from lethedb_server.model import STORE_SUBJECT, AppendCommand, ExpectedState
+from lethedb_server.model import (
+    ERASURE_EVENT_TYPE,
+    ERASURE_STREAM,
+    STORE_SUBJECT,
+    AppendCommand,
+    Command,
+    ExpectedState,
+    ForgetCommand,
+    LegalHoldCommand,
+    ProposedEvent,
+    ShredCommand,
+    ShredResult,
+    SubjectReceipt,
+    SubjectState,
+)
 from lethedb_server.storage import LogStore
 
 log = logging.getLogger(__name__)
 
 HeadListener = Callable[[int], None]
+#: Runs a shred epoch (see lethedb_server.erasure); called in the writer thread.
+Shredder = Callable[[], ShredResult]
+Result = AppendResult | SubjectReceipt | ShredResult
 _STOP: Final = object()
+_ERASURE_CONTENT_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -59,8 +87,16 @@ class WriterLimits:
 
 @dataclass
 class _Pending:
-    command: AppendCommand
-    future: Future[AppendResult]
+    command: Command
+    future: Future[Any]
+
+
+@dataclass
+class _BatchState:
+    """What applying a batch changes besides the transaction: undone on failure."""
+
+    meta: LogMeta
+    forgotten: dict[str, Tombstone]
 
 
 class Writer:
@@ -82,6 +118,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="lethedb-writer", daemon=True)
         self._accepting = True
         self._last_sweep = 0.0
+        self.shredder: Shredder | None = None
         self.batches = 0
         self.commands = 0
 
@@ -94,8 +131,9 @@ class Writer:
         """Call *listener(head)* from the writer thread after every commit."""
         self._listeners.append(listener)
 
-    def submit(self, command: AppendCommand) -> Future[AppendResult]:
-        future: Future[AppendResult] = Future()
+    def submit(self, command: Command) -> Future[Any]:
+        """Queue *command*; the future resolves after the commit that holds it."""
+        future: Future[Any] = Future()
         if not self._accepting:
             future.set_exception(ShuttingDown())
             return future
@@ -104,6 +142,11 @@ class Writer:
 
     def append(self, command: AppendCommand, timeout: float | None = None) -> AppendResult:
         """Submit and wait: for in-process callers (tests, benchmarks, tools)."""
+        result: AppendResult = self.submit(command).result(timeout)
+        return result
+
+    def execute(self, command: Command, timeout: float | None = None) -> Any:
+        """Submit any command and wait for its result."""
         return self.submit(command).result(timeout)
 
     def stop(self) -> None:
@@ -130,7 +173,7 @@ class Writer:
             if first is _STOP:
                 break
             batch, stopping = self._collect(first)
-            self._write_batch(batch)
+            self._process(batch)
             if time.monotonic() - self._last_sweep > self.limits.sweep_interval_s:
                 self._sweep_idempotency()
         # Drain what raced with stop(): it was queued before _accepting fell.
@@ -140,11 +183,14 @@ class Writer:
             except queue.Empty:
                 break
             if isinstance(item, _Pending):
-                self._write_batch([item])
+                self._process([item])
 
     def _collect(self, first: object) -> tuple[list[_Pending], bool]:
+        """Everything queued, up to the limits; a shred command is taken alone."""
         assert isinstance(first, _Pending)
         batch = [first]
+        if isinstance(first.command, ShredCommand):
+            return batch, False
         size = first.command.size()
         while len(batch) < self.limits.max_batch_commands and size < self.limits.max_batch_bytes:
             try:
@@ -154,9 +200,39 @@ class Writer:
             if item is _STOP:
                 return batch, True
             assert isinstance(item, _Pending)
+            if isinstance(item.command, ShredCommand):
+                self._process(batch)
+                return [item], False
             batch.append(item)
             size += item.command.size()
         return batch, False
+
+    def _process(self, batch: list[_Pending]) -> None:
+        """Run a batch (or a lone shred); never let an error kill the writer thread."""
+        try:
+            if len(batch) == 1 and isinstance(batch[0].command, ShredCommand):
+                self._shred(batch[0])
+            else:
+                self._write_batch(batch)
+        except Exception as exc:
+            log.exception("writer failed on a batch of %d commands", len(batch))
+            self._fail_all(
+                [p for p in batch if not p.future.done()],
+                LetheError(f"internal error; nothing of this batch was written: {exc}"),
+            )
+
+    def _shred(self, pending: _Pending) -> None:
+        if not pending.future.set_running_or_notify_cancel():
+            return
+        if self.shredder is None:
+            pending.future.set_exception(LetheError("shredding is not configured"))
+            return
+        try:
+            result = self.shredder()
+        except LetheError as exc:
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(result)
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if p.future.set_running_or_notify_cancel()]
@@ -164,7 +240,7 @@ class Writer:
             return
         while True:
             try:
-                outcomes, meta = self._try_batch(live)
+                outcomes, state = self._try_batch(live)
                 break
             except lmdb.MapFullError:
                 try:
@@ -173,6 +249,9 @@ class Writer:
                     self._fail_all(live, exc)
                     return
                 log.info("log map grown to %d bytes", self.log.lmdb.map_size())
+            except StorageFull as exc:  # the key store reached its map ceiling
+                self._fail_all(live, exc)
+                return
             except lmdb.Error as exc:
                 error: LetheError = (
                     StorageFull(f"the disk holding the data directory is full: {exc}")
@@ -182,35 +261,56 @@ class Writer:
                 log.error("batch of %d commands failed: %s", len(live), exc)
                 self._fail_all(live, error)
                 return
-        self.log.meta = meta
+        self.log.meta = state.meta
         self.batches += 1
         self.commands += len(live)
+        self._erase_keys(state.forgotten)
         for pending, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
         for listener in self._listeners:
-            listener(meta.last_position)
+            listener(state.meta.last_position)
+
+    def _erase_keys(self, forgotten: dict[str, Tombstone]) -> None:
+        """Step two of a forget, after its tombstone committed: delete the keys.
+
+        If this fails the tombstone still stands; start-up re-applies every
+        tombstone to the key store, and the subject is already refused and
+        redacted in memory.
+        """
+        if not forgotten:
+            return
+        fault_point("forget.tombstone_committed")
+        try:
+            deleted = self.keys.forget(forgotten)
+        except lmdb.Error as exc:
+            log.error("deleting keys of %d forgotten subjects failed: %s", len(forgotten), exc)
+            return
+        log.info("forgot %d subjects; %d wrapped keys deleted", len(forgotten), deleted)
+        fault_point("forget.keys_deleted")
 
     @staticmethod
     def _fail_all(batch: list[_Pending], error: LetheError) -> None:
         for pending in batch:
             pending.future.set_exception(error)
 
-    def _try_batch(self, batch: list[_Pending]) -> tuple[list[AppendResult | LetheError], LogMeta]:
+    def _try_batch(self, batch: list[_Pending]) -> tuple[list[Result | LetheError], _BatchState]:
         """Apply the batch in one transaction and commit it; raise LMDB errors as-is."""
-        meta = self.log.meta
+        state = _BatchState(self.log.meta, {})
         txn = self.log.lmdb.begin_write()
         try:
             self.keys.reserve(self._key_demand(txn, batch))
-            outcomes: list[AppendResult | LetheError] = []
+            outcomes: list[Result | LetheError] = []
             for pending in batch:
                 child = self.log.lmdb.env.begin(write=True, parent=txn)
+                saved = state.meta
                 try:
-                    result, meta = self._apply(child, pending.command, meta)
+                    result = self._apply(child, pending.command, state)
                 except LetheError as exc:
                     child.abort()
+                    state.meta = saved
                     outcomes.append(exc)
                 except BaseException:
                     child.abort()
@@ -218,26 +318,80 @@ class Writer:
                 else:
                     child.commit()
                     outcomes.append(result)
-            if meta is not self.log.meta:
-                self.log.put_meta(txn, meta)
+            if state.meta is not self.log.meta:
+                self.log.put_meta(txn, state.meta)
             txn.commit()
         except BaseException:
             txn.abort()
             raise
-        return outcomes, meta
+        return outcomes, state
 
     def _key_demand(self, txn: lmdb.Transaction, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
         demand: dict[str, int] = {}
         for pending in batch:
-            for event in pending.command.events:
-                subject = event.subject_id or STORE_SUBJECT
-                demand[subject] = demand.get(subject, 0) + 1
-        return {s: n for s, n in demand.items() if self.log.tombstone(txn, s) is None}
+            command = pending.command
+            if isinstance(command, AppendCommand):
+                for event in command.events:
+                    subject = event.subject_id or STORE_SUBJECT
+                    demand[subject] = demand.get(subject, 0) + 1
+            elif isinstance(command, ForgetCommand):
+                demand[STORE_SUBJECT] = demand.get(STORE_SUBJECT, 0) + 1
+        return {s: n for s, n in demand.items() if not self._is_forgotten(txn, s)}
+
+    def _is_forgotten(self, txn: lmdb.Transaction, subject_id: str) -> bool:
+        return self.keys.is_forgotten(subject_id) or self.log.tombstone(txn, subject_id) is not None
+
+    def _apply(self, txn: lmdb.Transaction, command: Command, state: _BatchState) -> Result:
+        if isinstance(command, AppendCommand):
+            result, state.meta = self._apply_append(txn, command, state.meta)
+            return result
+        if isinstance(command, ForgetCommand):
+            return self._apply_forget(txn, command, state)
+        if isinstance(command, LegalHoldCommand):
+            return self._apply_legal_hold(txn, command)
+        raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+
+    # -- erasure ------------------------------------------------------------------
+
+    def _apply_forget(
+        self, txn: lmdb.Transaction, command: ForgetCommand, state: _BatchState
+    ) -> SubjectReceipt:
+        """Step one of a forget: the erasure event and the tombstone, in one commit."""
+        subject = command.subject_id
+        tombstone, hold = self.log.subject_records(txn, subject)
+        now = self.clock()
+        if tombstone is None:
+            if hold is not None and hold.active(now):
+                raise LegalHoldActive(subject, hold.reason, hold.until)
+            data = msgspec.json.encode(
+                {"subject_id": subject, "reason": command.reason, "forgotten_by": command.by_role}
+            )
+            erasure = AppendCommand(
+                ERASURE_STREAM,
+                (ProposedEvent(b"", ERASURE_EVENT_TYPE, "", _ERASURE_CONTENT_TYPE, data, b""),),
+            )
+            result, state.meta = self._apply_append(txn, erasure, state.meta)
+            tombstone = Tombstone(
+                result.first_position, now, command.reason, state.meta.shred_epoch + 1
+            )
+            txn.put(subject.encode(), codec.encode(tombstone), db=self.log.tombstones)
+            state.forgotten[subject] = tombstone
+        return _pending_receipt(subject, tombstone, hold)
+
+    def _apply_legal_hold(self, txn: lmdb.Transaction, command: LegalHoldCommand) -> SubjectReceipt:
+        key = command.subject_id.encode()
+        if command.release:
+            txn.delete(key, db=self.log.legal_holds)
+        else:
+            hold = LegalHold(command.reason, self.clock(), command.until)
+            txn.put(key, codec.encode(hold), db=self.log.legal_holds)
+        tombstone, hold_now = self.log.subject_records(txn, command.subject_id)
+        return _pending_receipt(command.subject_id, tombstone, hold_now)
 
     # -- one append -------------------------------------------------------------
 
-    def _apply(
+    def _apply_append(
         self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta
     ) -> tuple[AppendResult, LogMeta]:
         now = self.clock()
@@ -248,7 +402,7 @@ class Writer:
             if previous is not None:
                 return previous, meta
         for event in command.events:
-            if event.subject_id and self.log.tombstone(txn, event.subject_id) is not None:
+            if event.subject_id and self._is_forgotten(txn, event.subject_id):
                 raise SubjectForgotten(event.subject_id)
         info = self.log.stream_info(txn, command.stream_id)
         self._check_expected(command, None if info is None else info.last_version)
@@ -367,3 +521,24 @@ class Writer:
         if removed:
             log.debug("expired %d idempotency keys", removed)
         return removed
+
+
+def _pending_receipt(
+    subject_id: str, tombstone: Tombstone | None, hold: LegalHold | None = None
+) -> SubjectReceipt:
+    """A receipt from what a write transaction can see (no counts, no epoch times)."""
+    base = SubjectReceipt(subject_id, SubjectState.ACTIVE)
+    if tombstone is not None:
+        base = SubjectReceipt(
+            subject_id,
+            SubjectState.FORGOTTEN_PENDING_SHRED,
+            tombstone_position=tombstone.position,
+            forgotten_at=tombstone.forgotten_at,
+            reason=tombstone.reason,
+            shred_epoch=tombstone.shred_epoch,
+        )
+    if hold is None:
+        return base
+    return msgspec.structs.replace(
+        base, hold_reason=hold.reason, hold_set_at=hold.set_at, hold_until=hold.until, on_hold=True
+    )

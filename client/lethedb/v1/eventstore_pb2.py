@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blethedb/v1/eventstore.proto\x12\nlethedb.v1\"\x7f\n\rProposedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x0c\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08metadata\x18\x06 \x01(\x0c\"\xb3\x01\n\rAppendRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.lethedb.v1.ProposedEvent\x12\x31\n\x0e\x65xpected_state\x18\x03 \x01(\x0e\x32\x19.lethedb.v1.ExpectedState\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x97\x01\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x15\n\rfirst_version\x18\x03 \x01(\x04\x12\x14\n\x0clast_version\x18\x04 \x01(\x04\x12\x13\n\x0brecorded_at\x18\x05 \x01(\x06\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x06 \x01(\x08\"t\n\x14\x41ppendStreamResponse\x12(\n\x02ok\x18\x01 \x01(\x0b\x32\x1a.lethedb.v1.AppendResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.lethedb.v1.AppendErrorH\x00\x42\x08\n\x06result\"D\n\x0b\x41ppendError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63tual_version\x18\x03 \x01(\x12\"\xe3\x01\n\rRecordedEvent\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x16\n\x0estream_version\x18\x03 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\x0c\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x12\n\nsubject_id\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x13\n\x0brecorded_at\x18\x08 \x01(\x06\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\x12\x10\n\x08metadata\x18\n \x01(\x0c\x12\x10\n\x08redacted\x18\x0b \x01(\x08\"x\n\x11ReadStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x19\n\x0c\x66rom_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tbackwards\x18\x03 \x01(\x08\x12\x11\n\tmax_count\x18\x04 \x01(\x04\x42\x0f\n\r_from_version\"r\n\x0eReadAllRequest\x12\x17\n\rfrom_position\x18\x01 \x01(\x04H\x00\x12\x18\n\x0e\x61\x66ter_position\x18\x02 \x01(\x04H\x00\x12\x11\n\tbackwards\x18\x03 \x01(\x08\x12\x11\n\tmax_count\x18\x04 \x01(\x04\x42\x07\n\x05start\"9\n\x0cReadResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.lethedb.v1.RecordedEvent*i\n\rExpectedState\x12\x10\n\x0c\x45XPECTED_ANY\x10\x00\x12\x16\n\x12\x45XPECTED_NO_STREAM\x10\x01\x12\x1a\n\x16\x45XPECTED_STREAM_EXISTS\x10\x02\x12\x12\n\x0e\x45XPECTED_EXACT\x10\x03\x32\xaa\x02\n\nEventStore\x12?\n\x06\x41ppend\x12\x19.lethedb.v1.AppendRequest\x1a\x1a.lethedb.v1.AppendResponse\x12O\n\x0c\x41ppendStream\x12\x19.lethedb.v1.AppendRequest\x1a .lethedb.v1.AppendStreamResponse(\x01\x30\x01\x12G\n\nReadStream\x12\x1d.lethedb.v1.ReadStreamRequest\x1a\x18.lethedb.v1.ReadResponse0\x01\x12\x41\n\x07ReadAll\x12\x1a.lethedb.v1.ReadAllRequest\x1a\x18.lethedb.v1.ReadResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blethedb/v1/eventstore.proto\x12\nlethedb.v1\"\x7f\n\rProposedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x0c\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08metadata\x18\x06 \x01(\x0c\"\xb3\x01\n\rAppendRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.lethedb.v1.ProposedEvent\x12\x31\n\x0e\x65xpected_state\x18\x03 \x01(\x0e\x32\x19.lethedb.v1.ExpectedState\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"\x97\x01\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_position\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x15\n\rfirst_version\x18\x03 \x01(\x04\x12\x14\n\x0clast_version\x18\x04 \x01(\x04\x12\x13\n\x0brecorded_at\x18\x05 \x01(\x06\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x06 \x01(\x08\"t\n\x14\x41ppendStreamResponse\x12(\n\x02ok\x18\x01 \x01(\x0b\x32\x1a.lethedb.v1.AppendResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.lethedb.v1.AppendErrorH\x00\x42\x08\n\x06result\"S\n\x0b\x41ppendError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63tual_version\x18\x03 \x01(\x12\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xe3\x01\n\rRecordedEvent\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x16\n\x0estream_version\x18\x03 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\x0c\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x12\n\nsubject_id\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x13\n\x0brecorded_at\x18\x08 \x01(\x06\x12\x0c\n\x04\x64\x61ta\x18\t \x01(\x0c\x12\x10\n\x08metadata\x18\n \x01(\x0c\x12\x10\n\x08redacted\x18\x0b \x01(\x08\"x\n\x11ReadStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x19\n\x0c\x66rom_version\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tbackwards\x18\x03 \x01(\x08\x12\x11\n\tmax_count\x18\x04 \x01(\x04\x42\x0f\n\r_from_version\"r\n\x0eReadAllRequest\x12\x17\n\rfrom_position\x18\x01 \x01(\x04H\x00\x12\x18\n\x0e\x61\x66ter_position\x18\x02 \x01(\x04H\x00\x12\x11\n\tbackwards\x18\x03 \x01(\x08\x12\x11\n\tmax_count\x18\x04 \x01(\x04\x42\x07\n\x05start\"9\n\x0cReadResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.lethedb.v1.RecordedEvent\":\n\x14\x46orgetSubjectRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x11GetSubjectRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\"*\n\x14\x45xportSubjectRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\":\n\tLegalHold\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06set_at\x18\x02 \x01(\x06\x12\r\n\x05until\x18\x03 \x01(\x06\"\xf9\x01\n\x0eSubjectReceipt\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.lethedb.v1.SubjectState\x12\x1a\n\x12tombstone_position\x18\x03 \x01(\x04\x12\x14\n\x0c\x66orgotten_at\x18\x04 \x01(\x06\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bshred_epoch\x18\x06 \x01(\x04\x12\x13\n\x0bshredded_at\x18\x07 \x01(\x06\x12\x13\n\x0b\x65vent_count\x18\x08 \x01(\x04\x12)\n\nlegal_hold\x18\t \x01(\x0b\x32\x15.lethedb.v1.LegalHold*i\n\rExpectedState\x12\x10\n\x0c\x45XPECTED_ANY\x10\x00\x12\x16\n\x12\x45XPECTED_NO_STREAM\x10\x01\x12\x1a\n\x16\x45XPECTED_STREAM_EXISTS\x10\x02\x12\x12\n\x0e\x45XPECTED_EXACT\x10\x03*|\n\x0cSubjectState\x12\x1d\n\x19SUBJECT_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSUBJECT_ACTIVE\x10\x01\x12#\n\x1fSUBJECT_FORGOTTEN_PENDING_SHRED\x10\x02\x12\x14\n\x10SUBJECT_SHREDDED\x10\x03\x32\x91\x04\n\nEventStore\x12?\n\x06\x41ppend\x12\x19.lethedb.v1.AppendRequest\x1a\x1a.lethedb.v1.AppendResponse\x12O\n\x0c\x41ppendStream\x12\x19.lethedb.v1.AppendRequest\x1a .lethedb.v1.AppendStreamResponse(\x01\x30\x01\x12G\n\nReadStream\x12\x1d.lethedb.v1.ReadStreamRequest\x1a\x18.lethedb.v1.ReadResponse0\x01\x12\x41\n\x07ReadAll\x12\x1a.lethedb.v1.ReadAllRequest\x1a\x18.lethedb.v1.ReadResponse0\x01\x12M\n\rForgetSubject\x12 .lethedb.v1.ForgetSubjectRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12G\n\nGetSubject\x12\x1d.lethedb.v1.GetSubjectRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12M\n\rExportSubject\x12 .lethedb.v1.ExportSubjectRequest\x1a\x18.lethedb.v1.ReadResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lethedb.v1.eventstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPECTEDSTATE']._serialized_start=1223
-  _globals['_EXPECTEDSTATE']._serialized_end=1328
+  _globals['_EXPECTEDSTATE']._serialized_start=1695
+  _globals['_EXPECTEDSTATE']._serialized_end=1800
+  _globals['_SUBJECTSTATE']._serialized_start=1802
+  _globals['_SUBJECTSTATE']._serialized_end=1926
   _globals['_PROPOSEDEVENT']._serialized_start=43
   _globals['_PROPOSEDEVENT']._serialized_end=170
   _globals['_APPENDREQUEST']._serialized_start=173
@@ -42,15 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPENDSTREAMRESPONSE']._serialized_start=508
   _globals['_APPENDSTREAMRESPONSE']._serialized_end=624
   _globals['_APPENDERROR']._serialized_start=626
-  _globals['_APPENDERROR']._serialized_end=694
-  _globals['_RECORDEDEVENT']._serialized_start=697
-  _globals['_RECORDEDEVENT']._serialized_end=924
-  _globals['_READSTREAMREQUEST']._serialized_start=926
-  _globals['_READSTREAMREQUEST']._serialized_end=1046
-  _globals['_READALLREQUEST']._serialized_start=1048
-  _globals['_READALLREQUEST']._serialized_end=1162
-  _globals['_READRESPONSE']._serialized_start=1164
-  _globals['_READRESPONSE']._serialized_end=1221
-  _globals['_EVENTSTORE']._serialized_start=1331
-  _globals['_EVENTSTORE']._serialized_end=1629
+  _globals['_APPENDERROR']._serialized_end=709
+  _globals['_RECORDEDEVENT']._serialized_start=712
+  _globals['_RECORDEDEVENT']._serialized_end=939
+  _globals['_READSTREAMREQUEST']._serialized_start=941
+  _globals['_READSTREAMREQUEST']._serialized_end=1061
+  _globals['_READALLREQUEST']._serialized_start=1063
+  _globals['_READALLREQUEST']._serialized_end=1177
+  _globals['_READRESPONSE']._serialized_start=1179
+  _globals['_READRESPONSE']._serialized_end=1236
+  _globals['_FORGETSUBJECTREQUEST']._serialized_start=1238
+  _globals['_FORGETSUBJECTREQUEST']._serialized_end=1296
+  _globals['_GETSUBJECTREQUEST']._serialized_start=1298
+  _globals['_GETSUBJECTREQUEST']._serialized_end=1337
+  _globals['_EXPORTSUBJECTREQUEST']._serialized_start=1339
+  _globals['_EXPORTSUBJECTREQUEST']._serialized_end=1381
+  _globals['_LEGALHOLD']._serialized_start=1383
+  _globals['_LEGALHOLD']._serialized_end=1441
+  _globals['_SUBJECTRECEIPT']._serialized_start=1444
+  _globals['_SUBJECTRECEIPT']._serialized_end=1693
+  _globals['_EVENTSTORE']._serialized_start=1929
+  _globals['_EVENTSTORE']._serialized_end=2458
 # @@protoc_insertion_point(module_scope)

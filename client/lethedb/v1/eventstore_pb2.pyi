@@ -53,6 +53,39 @@ EXPECTED_EXACT: ExpectedState.ValueType  # 3
 """The stream's last version must equal `expected_version`."""
 Global___ExpectedState: _TypeAlias = ExpectedState  # noqa: Y015
 
+class _SubjectState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SubjectStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubjectState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUBJECT_STATE_UNSPECIFIED: _SubjectState.ValueType  # 0
+    SUBJECT_ACTIVE: _SubjectState.ValueType  # 1
+    """Not forgotten: the subject's events are readable."""
+    SUBJECT_FORGOTTEN_PENDING_SHRED: _SubjectState.ValueType  # 2
+    """Tombstoned and its keys deleted; stale copies of its keys are destroyed
+    by the next shred epoch.
+    """
+    SUBJECT_SHREDDED: _SubjectState.ValueType  # 3
+    """A shred epoch has run since the forget: no key that could decrypt the
+    subject's events exists any more.
+    """
+
+class SubjectState(_SubjectState, metaclass=_SubjectStateEnumTypeWrapper): ...
+
+SUBJECT_STATE_UNSPECIFIED: SubjectState.ValueType  # 0
+SUBJECT_ACTIVE: SubjectState.ValueType  # 1
+"""Not forgotten: the subject's events are readable."""
+SUBJECT_FORGOTTEN_PENDING_SHRED: SubjectState.ValueType  # 2
+"""Tombstoned and its keys deleted; stale copies of its keys are destroyed
+by the next shred epoch.
+"""
+SUBJECT_SHREDDED: SubjectState.ValueType  # 3
+"""A shred epoch has run since the forget: no key that could decrypt the
+subject's events exists any more.
+"""
+Global___SubjectState: _TypeAlias = SubjectState  # noqa: Y015
+
 @_typing.final
 class ProposedEvent(_message.Message):
     """An event as proposed by a client."""
@@ -211,6 +244,7 @@ class AppendError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     ACTUAL_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value (the numeric gRPC status code)."""
     message: _builtins.str
@@ -218,16 +252,19 @@ class AppendError(_message.Message):
     """For wrong-expected-version errors: the stream's actual last version, or
     -1 when the stream does not exist.
     """
+    error: _builtins.str
+    """The server's error name, as in the `lethedb-error` trailer of a unary call."""
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         actual_version: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_version", b"actual_version", "code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actual_version", b"actual_version", "code", b"code", "error", b"error", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,3 +412,143 @@ class ReadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadResponse: _TypeAlias = ReadResponse  # noqa: Y015
+
+@_typing.final
+class ForgetSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    reason: _builtins.str
+    """A short reason code (for example "gdpr-art17-request"); stored in clear in
+    the tombstone and the erasure event, so it must not hold personal data.
+    """
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetSubjectRequest: _TypeAlias = ForgetSubjectRequest  # noqa: Y015
+
+@_typing.final
+class GetSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSubjectRequest: _TypeAlias = GetSubjectRequest  # noqa: Y015
+
+@_typing.final
+class ExportSubjectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportSubjectRequest: _TypeAlias = ExportSubjectRequest  # noqa: Y015
+
+@_typing.final
+class LegalHold(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    SET_AT_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    set_at: _builtins.int
+    until: _builtins.int
+    """Nanoseconds since the Unix epoch; 0 means until released."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        set_at: _builtins.int = ...,
+        until: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "set_at", b"set_at", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LegalHold: _TypeAlias = LegalHold  # noqa: Y015
+
+@_typing.final
+class SubjectReceipt(_message.Message):
+    """The erasure receipt: what the store knows of a subject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TOMBSTONE_POSITION_FIELD_NUMBER: _builtins.int
+    FORGOTTEN_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SHRED_EPOCH_FIELD_NUMBER: _builtins.int
+    SHREDDED_AT_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    LEGAL_HOLD_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    state: Global___SubjectState.ValueType
+    tombstone_position: _builtins.int
+    """Position of the $subject.forgotten event (0 while active)."""
+    forgotten_at: _builtins.int
+    reason: _builtins.str
+    shred_epoch: _builtins.int
+    """The shred epoch that destroyed (or will destroy) the subject's keys."""
+    shredded_at: _builtins.int
+    event_count: _builtins.int
+    """Events of the subject in the log."""
+    @_builtins.property
+    def legal_hold(self) -> Global___LegalHold:
+        """Set while a legal hold blocks forgetting the subject."""
+
+    def __init__(
+        self,
+        *,
+        subject_id: _builtins.str = ...,
+        state: Global___SubjectState.ValueType = ...,
+        tombstone_position: _builtins.int = ...,
+        forgotten_at: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        shred_epoch: _builtins.int = ...,
+        shredded_at: _builtins.int = ...,
+        event_count: _builtins.int = ...,
+        legal_hold: Global___LegalHold | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["legal_hold", b"legal_hold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forgotten_at", b"forgotten_at", "legal_hold", b"legal_hold", "reason", b"reason", "shred_epoch", b"shred_epoch", "shredded_at", b"shredded_at", "state", b"state", "subject_id", b"subject_id", "tombstone_position", b"tombstone_position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubjectReceipt: _TypeAlias = SubjectReceipt  # noqa: Y015

@@ -54,6 +54,21 @@ class EventStoreStub:
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.SerializeToString,
                 response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.ForgetSubject = channel.unary_unary(
+                '/lethedb.v1.EventStore/ForgetSubject',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ForgetSubjectRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.FromString,
+                _registered_method=True)
+        self.GetSubject = channel.unary_unary(
+                '/lethedb.v1.EventStore/GetSubject',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.GetSubjectRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.FromString,
+                _registered_method=True)
+        self.ExportSubject = channel.unary_stream(
+                '/lethedb.v1.EventStore/ExportSubject',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ExportSubjectRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
+                _registered_method=True)
 
 
 class EventStoreServicer:
@@ -86,6 +101,28 @@ class EventStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetSubject(self, request, context):
+        """Forget a data subject (GDPR right to erasure): tombstone, erasure event
+        in stream $erasures, keys destroyed. Idempotent; admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSubject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSubject(self, request, context):
+        """Every event of the subject across all streams, decrypted (right of
+        access and portability); admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +144,21 @@ def add_EventStoreServicer_to_server(servicer, server):
             'ReadAll': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadAll,
                     request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.SerializeToString,
+            ),
+            'ForgetSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetSubject,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ForgetSubjectRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.SerializeToString,
+            ),
+            'GetSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubject,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.GetSubjectRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.SerializeToString,
+            ),
+            'ExportSubject': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSubject,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ExportSubjectRequest.FromString,
                     response_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.SerializeToString,
             ),
     }
@@ -217,6 +269,87 @@ class EventStore:
             target,
             '/lethedb.v1.EventStore/ReadAll',
             lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/ForgetSubject',
+            lethedb_dot_v1_dot_eventstore__pb2.ForgetSubjectRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/GetSubject',
+            lethedb_dot_v1_dot_eventstore__pb2.GetSubjectRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.SubjectReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lethedb.v1.EventStore/ExportSubject',
+            lethedb_dot_v1_dot_eventstore__pb2.ExportSubjectRequest.SerializeToString,
             lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,100 @@
+"""``lethedb.v1.Admin``: shred epochs, legal holds and backups.
+
+Everything that changes state goes through the writer, so its order against
+appends and forgets is well defined (a legal hold set before a forget in the
+queue blocks that forget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from lethedb.v1 import admin_pb2 as apb
+from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server import messages
+from lethedb_server.erasure import KEY_BACKUP_WARNING
+from lethedb_server.errors import ValidationError
+from lethedb_server.model import LegalHoldCommand, ShredCommand, ShredResult
+from lethedb_server.rpc import Context, register, unary
+from lethedb_server.store import Store
+from lethedb_server.validation import Validator, check_name
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "lethedb.v1.Admin"
+
+
+class AdminService:
+    def __init__(self, store: Store, validator: Validator) -> None:
+        self.store = store
+        self.validator = validator
+
+    async def shred(self) -> ShredResult:
+        result: ShredResult = await asyncio.wrap_future(self.store.writer.submit(ShredCommand()))
+        return result
+
+    @unary
+    async def Shred(self, request: apb.ShredRequest, context: Context) -> apb.ShredResponse:  # noqa: N802
+        return messages.shred_response(await self.shred())
+
+    @unary
+    async def SetLegalHold(  # noqa: N802
+        self, request: apb.SetLegalHoldRequest, context: Context
+    ) -> pb.SubjectReceipt:
+        self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        check_name(request.reason, "reason", 256)
+        command = LegalHoldCommand(request.subject_id, request.reason, request.until)
+        return await self._hold(command)
+
+    @unary
+    async def ReleaseLegalHold(  # noqa: N802
+        self, request: apb.ReleaseLegalHoldRequest, context: Context
+    ) -> pb.SubjectReceipt:
+        self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        return await self._hold(LegalHoldCommand(request.subject_id, release=True))
+
+    async def _hold(self, command: LegalHoldCommand) -> pb.SubjectReceipt:
+        await asyncio.wrap_future(self.store.writer.submit(command))
+        receipt = await asyncio.to_thread(self.store.receipt, command.subject_id)
+        return messages.subject_receipt(receipt)
+
+    @unary
+    async def Backup(self, request: apb.BackupRequest, context: Context) -> apb.BackupResponse:  # noqa: N802
+        if not request.destination:
+            raise ValidationError("destination is empty; name a directory on the server")
+        destination = Path(request.destination)
+        try:
+            log_bytes, key_bytes, head = await asyncio.to_thread(
+                self.store.backup, destination, request.include_keys
+            )
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"backup to {destination} failed: {exc}") from exc
+        if request.include_keys:
+            log.warning("backup to %s: %s", destination, KEY_BACKUP_WARNING)
+        return apb.BackupResponse(
+            destination=str(destination),
+            last_position=head,
+            log_bytes=log_bytes,
+            key_bytes=key_bytes,
+        )
+
+
+def add_admin(server: grpc.aio.Server, service: AdminService) -> None:
+    register(
+        server,
+        SERVICE_NAME,
+        {
+            "Shred": ("unary", service.Shred, apb.ShredRequest, apb.ShredResponse),
+            "SetLegalHold": (
+                "unary", service.SetLegalHold, apb.SetLegalHoldRequest, pb.SubjectReceipt
+            ),
+            "ReleaseLegalHold": (
+                "unary", service.ReleaseLegalHold, apb.ReleaseLegalHoldRequest, pb.SubjectReceipt
+            ),
+            "Backup": ("unary", service.Backup, apb.BackupRequest, apb.BackupResponse),
+        },
+    )  # fmt: skip
