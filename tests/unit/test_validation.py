@@ -1,0 +1,259 @@
+"""Every client-supplied field is checked before it reaches the writer.
+
+A refusal names the field, the limit and what was found. Clear fields are
+stored unencrypted, so they are bounded, printable and kept out of the ``$``
+namespace the server reserves for itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from lethedb_server.errors import ValidationError
+from lethedb_server.model import AppendCommand, ProposedEvent
+from lethedb_server.validation import Limits, Validator, human_size
+
+MiB = 1 << 20
+UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+SUBJECT = "3f1e2d4c-5b6a-4798-8a1b-2c3d4e5f6a7b"
+
+
+def event(**changes: Any) -> ProposedEvent:
+    good = ProposedEvent(
+        event_id=bytes(range(16)),
+        event_type="OrderPlaced",
+        subject_id=SUBJECT,
+        content_type="application/json",
+        data=b'{"total": 42}',
+        metadata=b"",
+    )
+    return msgspec.structs.replace(good, **changes)
+
+
+def append(*events: ProposedEvent, **changes: Any) -> AppendCommand:
+    good = AppendCommand(stream_id="order-1", events=events or (event(),), idempotency_key="k-1")
+    return msgspec.structs.replace(good, **changes)
+
+
+@pytest.mark.parametrize(
+    ("command", "limits", "message"),
+    [
+        pytest.param(
+            append(stream_id=""), Limits(), "stream_id is empty; it is required", id="empty-stream"
+        ),
+        pytest.param(
+            append(stream_id="s" * 257),
+            Limits(),
+            "stream_id is 257 bytes; the limit is 256 bytes",
+            id="stream-too-long",
+        ),
+        pytest.param(
+            append(stream_id="é" * 129),
+            Limits(),
+            "stream_id is 258 bytes; the limit is 256 bytes",
+            id="stream-too-long-in-utf8-bytes",
+        ),
+        pytest.param(
+            append(stream_id="$erasures"),
+            Limits(),
+            "stream_id '$erasures' starts with '$', which is reserved for the server",
+            id="stream-reserved-prefix",
+        ),
+        pytest.param(
+            append(stream_id="order\x001"),
+            Limits(),
+            "stream_id contains the control character U+0000 at offset 5",
+            id="stream-nul",
+        ),
+        pytest.param(
+            append(stream_id="order\n1"),
+            Limits(),
+            "stream_id contains the control character U+000A at offset 5",
+            id="stream-newline",
+        ),
+        pytest.param(
+            append(stream_id="order\u20281"),
+            Limits(),
+            "stream_id contains the control character U+2028 at offset 5",
+            id="stream-line-separator",
+        ),
+        pytest.param(
+            append(stream_id="order\x851"),
+            Limits(),
+            "stream_id contains the control character U+0085 at offset 5",
+            id="stream-c1-control",
+        ),
+        pytest.param(
+            append(stream_id=" order-1"),
+            Limits(),
+            "stream_id ' order-1' has leading or trailing white space",
+            id="stream-leading-space",
+        ),
+        pytest.param(
+            AppendCommand("order-1", ()),
+            Limits(),
+            "events is empty; an append needs at least one event",
+            id="no-events",
+        ),
+        pytest.param(
+            append(event(), event(), event()),
+            Limits(max_events_per_append=2),
+            "events has 3 events; the limit is 2 per append",
+            id="too-many-events",
+        ),
+        pytest.param(
+            append(idempotency_key="k" * 129),
+            Limits(),
+            "idempotency_key is 129 bytes; the limit is 128 bytes",
+            id="idempotency-key-too-long",
+        ),
+        pytest.param(
+            append(idempotency_key="k\t1"),
+            Limits(),
+            "idempotency_key contains the control character U+0009 at offset 1",
+            id="idempotency-key-tab",
+        ),
+        pytest.param(
+            append(event(event_id=b"12345")),
+            Limits(),
+            "events[0].event_id is 5 bytes; it must be a UUID's 16 bytes or empty",
+            id="event-id-short",
+        ),
+        pytest.param(
+            append(event(), event(event_id=bytes(17))),
+            Limits(),
+            "events[1].event_id is 17 bytes; it must be a UUID's 16 bytes or empty",
+            id="event-id-long-in-second-event",
+        ),
+        pytest.param(
+            append(event(event_type="")),
+            Limits(),
+            "events[0].event_type is empty; it is required",
+            id="event-type-empty",
+        ),
+        pytest.param(
+            append(event(event_type="$subject.forgotten")),
+            Limits(),
+            "events[0].event_type '$subject.forgotten' starts with '$'",
+            id="event-type-reserved",
+        ),
+        pytest.param(
+            append(event(event_type="t" * 257)),
+            Limits(),
+            "events[0].event_type is 257 bytes; the limit is 256 bytes",
+            id="event-type-too-long",
+        ),
+        pytest.param(
+            append(event(subject_id="$store")),
+            Limits(),
+            "events[0].subject_id '$store' starts with '$'",
+            id="subject-reserved",
+        ),
+        pytest.param(
+            append(event(subject_id="s" * 129)),
+            Limits(),
+            "events[0].subject_id is 129 bytes; the limit is 128 bytes",
+            id="subject-too-long",
+        ),
+        pytest.param(
+            append(event(subject_id="alice@example.com")),
+            Limits(subject_id_pattern=UUID_PATTERN),
+            "events[0].subject_id 'alice@example.com' does not match the required pattern",
+            id="subject-pattern-mismatch",
+        ),
+        pytest.param(
+            append(event(subject_id=SUBJECT + "0")),
+            Limits(subject_id_pattern=UUID_PATTERN),
+            "events[0].subject_id",
+            id="subject-pattern-must-match-in-full",
+        ),
+        pytest.param(
+            append(event(content_type="text/plain\r\n")),
+            Limits(),
+            "events[0].content_type contains the control character U+000D at offset 10",
+            id="content-type-control",
+        ),
+        pytest.param(
+            append(event(data=bytes(2 * MiB))),
+            Limits(),
+            "events[0].data is 2 MiB; the limit is 1 MiB per event",
+            id="data-over-limit",
+        ),
+        pytest.param(
+            append(event(), event(data=bytes(MiB), metadata=bytes(MiB // 2))),
+            Limits(),
+            "events[1].data and metadata is 1.5 MiB; the limit is 1 MiB per event",
+            id="data-and-metadata-over-limit",
+        ),
+        pytest.param(
+            append(*[event(data=bytes(MiB // 2)) for _ in range(3)]),
+            Limits(max_append_bytes=MiB),
+            "the append carries 1.5 MiB of data and metadata; the limit is 1 MiB",
+            id="append-over-limit",
+        ),
+    ],
+)
+def test_bad_field_is_refused_with_a_message_naming_it(
+    command: AppendCommand, limits: Limits, message: str
+):
+    with pytest.raises(ValidationError) as refused:
+        Validator(limits).check_append(command)
+
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("command", "limits"),
+    [
+        pytest.param(append(), Limits(), id="typical"),
+        pytest.param(append(event(event_id=b"")), Limits(), id="event-id-left-to-the-server"),
+        pytest.param(append(event(subject_id="")), Limits(), id="subject-less-event"),
+        pytest.param(append(idempotency_key=""), Limits(), id="no-idempotency-key"),
+        pytest.param(append(event(content_type="")), Limits(), id="no-content-type"),
+        pytest.param(append(stream_id="s" * 256), Limits(), id="stream-id-at-the-limit"),
+        pytest.param(append(stream_id="ünïcødé-stream"), Limits(), id="non-ascii-stream-id"),
+        pytest.param(append(stream_id="a$b"), Limits(), id="dollar-inside-a-name"),
+        pytest.param(append(event(data=bytes(MiB))), Limits(), id="data-at-the-limit"),
+        pytest.param(
+            append(*[event() for _ in range(3)]),
+            Limits(max_events_per_append=3),
+            id="events-at-the-limit",
+        ),
+        pytest.param(
+            append(event(subject_id=SUBJECT)),
+            Limits(subject_id_pattern=UUID_PATTERN),
+            id="subject-matching-the-pattern",
+        ),
+        pytest.param(
+            append(event(subject_id="")),
+            Limits(subject_id_pattern=UUID_PATTERN),
+            id="subject-less-event-under-a-pattern",
+        ),
+    ],
+)
+def test_good_command_passes(command: AppendCommand, limits: Limits):
+    Validator(limits).check_append(command)
+
+
+def test_default_validator_uses_the_default_limits():
+    assert Validator().limits == Limits()
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (0, "0 bytes"),
+        (1023, "1023 bytes"),
+        (1024, "1 KiB"),
+        (1536, "1.5 KiB"),
+        (MiB, "1 MiB"),
+        (int(2.1 * MiB), "2.1 MiB"),
+        (16 * MiB, "16 MiB"),
+        (3 << 30, "3 GiB"),
+    ],
+)
+def test_sizes_in_messages_are_human_readable(size: int, text: str):
+    assert human_size(size) == text
