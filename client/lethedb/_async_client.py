@@ -8,38 +8,55 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, cast
+from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
 
 from lethedb._base import (
+    BACKUP_NOT_RETRIED,
     AllReadCursor,
     AppendPipeline,
     BaseClient,
+    ExportCursor,
     ReadCursor,
     StreamReadCursor,
     build_append_request,
+    build_backup_request,
+    build_export_subject_request,
+    build_forget_subject_request,
+    build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
+    build_release_legal_hold_request,
+    build_set_legal_hold_request,
     to_append_result,
+    to_backup_result,
+    to_shred_result,
+    to_subject_receipt,
 )
 from lethedb._exceptions import LetheError
-from lethedb._models import ANY, Append, AppendResult, Event, ExpectedVersion, RecordedEvent
+from lethedb._models import (
+    ANY,
+    Append,
+    AppendResult,
+    BackupResult,
+    Event,
+    ExpectedVersion,
+    RecordedEvent,
+    ShredResult,
+    SubjectReceipt,
+)
+from lethedb.v1 import admin_pb2 as apb
+from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb.v1 import eventstore_pb2_grpc
 
-__all__ = ["AsyncClient"]
+__all__ = ["AsyncAdminClient", "AsyncClient"]
 
-
-class _EventStoreStub(Protocol):
-    """The typed face of the generated (untyped) stub on an aio channel."""
-
-    Append: grpc.aio.UnaryUnaryMultiCallable[pb.AppendRequest, pb.AppendResponse]
-    AppendStream: grpc.aio.StreamStreamMultiCallable[pb.AppendRequest, pb.AppendStreamResponse]
-    ReadStream: grpc.aio.UnaryStreamMultiCallable[pb.ReadStreamRequest, pb.ReadResponse]
-    ReadAll: grpc.aio.UnaryStreamMultiCallable[pb.ReadAllRequest, pb.ReadResponse]
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 class AsyncClient(BaseClient):
@@ -74,9 +91,13 @@ class AsyncClient(BaseClient):
             self._channel = grpc.aio.secure_channel(
                 target, channel_credentials, options=self._channel_options
             )
-        # The generated gRPC module has no type stubs; the Protocol above is its typed face.
-        stub = eventstore_pb2_grpc.EventStoreStub(self._channel)  # type: ignore[no-untyped-call]
-        self._stub = cast(_EventStoreStub, stub)
+        self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
+        self._admin = AsyncAdminClient(self)
+
+    @property
+    def admin(self) -> AsyncAdminClient:
+        """Operator calls (shred epochs, legal holds, backups) on this client's channel."""
+        return self._admin
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
@@ -105,14 +126,7 @@ class AsyncClient(BaseClient):
         """Append events to one stream, atomically; see :meth:`lethedb.Client.append`."""
         request = build_append_request(stream_id, events, expected_version, idempotency_key)
         deadline = self._timeout_for(timeout)
-        retrying = self._retry_policy.start()
-        while True:
-            try:
-                response = await self._stub.Append(request, timeout=deadline)
-            except grpc.RpcError as exc:
-                await asyncio.sleep(retrying.delay_or_raise(exc))
-            else:
-                return to_append_result(response)
+        return to_append_result(await self._unary(self._stub.Append, request, deadline))
 
     async def append_many(
         self, items: Iterable[Append], *, timeout: float | None = None
@@ -163,6 +177,46 @@ class AsyncClient(BaseClient):
         cursor = AllReadCursor(build_read_all_request(after, from_position, backwards, max_count))
         return self._read(self._stub.ReadAll, cursor, self._timeout_for(timeout))
 
+    async def forget_subject(
+        self, subject_id: str, *, reason: str = "unspecified", timeout: float | None = None
+    ) -> SubjectReceipt:
+        """Forget a data subject (right to erasure); see :meth:`lethedb.Client.forget_subject`."""
+        request = build_forget_subject_request(subject_id, reason)
+        deadline = self._timeout_for(timeout)
+        return to_subject_receipt(await self._unary(self._stub.ForgetSubject, request, deadline))
+
+    async def get_subject(self, subject_id: str, *, timeout: float | None = None) -> SubjectReceipt:
+        """What the store knows of a subject; see :meth:`lethedb.Client.get_subject`."""
+        request = build_get_subject_request(subject_id)
+        deadline = self._timeout_for(timeout)
+        return to_subject_receipt(await self._unary(self._stub.GetSubject, request, deadline))
+
+    def export_subject(
+        self, subject_id: str, *, timeout: float | None = None
+    ) -> AsyncIterator[RecordedEvent]:
+        """Iterate (``async for``) over a subject's events.
+
+        See :meth:`lethedb.Client.export_subject`; retried only until the first event arrives.
+        """
+        cursor = ExportCursor(build_export_subject_request(subject_id))
+        return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+
+    async def _unary(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
+        request: _Request,
+        deadline: float,
+        *,
+        no_retry: str | None = None,
+    ) -> _Response:
+        """One unary call, resending the same request on retryable failures."""
+        retrying = self._retry_policy.start(no_retry=no_retry)
+        while True:
+            try:
+                return await method(request, timeout=deadline)
+            except grpc.RpcError as exc:
+                await asyncio.sleep(retrying.delay_or_raise(exc))
+
     async def _read(
         self,
         method: grpc.aio.UnaryStreamMultiCallable[Any, pb.ReadResponse],
@@ -183,3 +237,61 @@ class AsyncClient(BaseClient):
                 # Also runs when the caller stops early and the generator is
                 # closed: free the server's read instead of waiting for the deadline.
                 call.cancel()
+
+
+class AsyncAdminClient:
+    """Operator calls of ``lethedb.v1.Admin``; get one from :attr:`AsyncClient.admin`.
+
+    The asyncio twin of :class:`lethedb._client.AdminClient`: same channel,
+    timeout and retry policy as its client, same calls, awaited.
+    """
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._stub = admin_pb2_grpc.AdminStub(client._channel)
+
+    async def shred(self, *, timeout: float | None = None) -> ShredResult:
+        """Run a shred epoch now; see :meth:`lethedb._client.AdminClient.shred`."""
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(self._stub.Shred, apb.ShredRequest(), deadline)
+        return to_shred_result(response)
+
+    async def set_legal_hold(
+        self,
+        subject_id: str,
+        reason: str,
+        *,
+        until: datetime | int | None = None,
+        timeout: float | None = None,
+    ) -> SubjectReceipt:
+        """Block forgetting a subject; see :meth:`lethedb._client.AdminClient.set_legal_hold`."""
+        request = build_set_legal_hold_request(subject_id, reason, until)
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(self._stub.SetLegalHold, request, deadline)
+        return to_subject_receipt(response)
+
+    async def release_legal_hold(
+        self, subject_id: str, *, timeout: float | None = None
+    ) -> SubjectReceipt:
+        """Release a subject's legal hold."""
+        request = build_release_legal_hold_request(subject_id)
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(self._stub.ReleaseLegalHold, request, deadline)
+        return to_subject_receipt(response)
+
+    async def backup(
+        self, destination: str, *, include_keys: bool = False, timeout: float | None = None
+    ) -> BackupResult:
+        """Write a backup on the server's machine; never retried.
+
+        See :meth:`lethedb._client.AdminClient.backup`.
+        """
+        request = build_backup_request(destination, include_keys)
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(
+            self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
+        )
+        return to_backup_result(response)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client._target!r})"

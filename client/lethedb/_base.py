@@ -2,9 +2,10 @@
 
 Request building (events to protobuf, expected versions, idempotency keys,
 erasure and admin requests), client-side validation, response conversion,
-the retry policy, read-resume and pipelined-append bookkeeping all live here, so the two clients differ only
-in how they wait: ``time.sleep`` against ``asyncio.sleep``, ``for`` against
-``async for``. Nothing here opens a channel, sleeps or blocks.
+the retry policy, read-resume and pipelined-append bookkeeping all live here,
+so the two clients differ only in how they wait: ``time.sleep`` against
+``asyncio.sleep``, ``for`` against ``async for``. Nothing here opens a
+channel, sleeps or blocks.
 
 Retries resend the *same* request message: event ids and the idempotency key
 are fixed when the request is built, so the server can recognise a retry of a

@@ -267,6 +267,11 @@ def _receipt_json(receipt: lethedb.SubjectReceipt) -> dict[str, Any]:
     return doc
 
 
+def _utc(moment: datetime) -> datetime:
+    """Times given without a zone are taken as UTC, the zone of every stored time."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
 
@@ -329,7 +334,7 @@ def _legal_hold(args: argparse.Namespace) -> int:
         else:
             if not args.reason:
                 raise SystemExit("lethedb: --reason is required to set a legal hold")
-            until = datetime.fromisoformat(args.until) if args.until else None
+            until = _utc(datetime.fromisoformat(args.until)) if args.until else None
             receipt = db.admin.set_legal_hold(args.subject_id, args.reason, until=until)
     print(json.dumps(_receipt_json(receipt), indent=2))
     return 0

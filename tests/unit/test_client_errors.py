@@ -200,6 +200,42 @@ class TestInStreamAppendErrors:
         error = error_from_append_error(pb.AppendError(code=999, message="m"))
         assert type(error) is lethedb.ServerError
 
+    @pytest.mark.parametrize(
+        ("name", "expected"),
+        [
+            ("SubjectForgotten", lethedb.SubjectForgotten),
+            ("IdempotencyConflict", lethedb.IdempotencyConflict),
+            ("LegalHoldActive", lethedb.LegalHoldActive),
+            ("DataDirLocked", lethedb.ServerError),
+        ],
+    )
+    def test_the_server_error_name_picks_the_exception_as_for_a_call(self, name, expected):
+        error = error_from_append_error(
+            pb.AppendError(
+                code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="m", error=name
+            )
+        )
+        assert type(error) is expected
+        assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+
+    def test_without_an_error_name_failed_precondition_is_a_server_error(self):
+        error = error_from_append_error(
+            pb.AppendError(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="m")
+        )
+        assert type(error) is lethedb.ServerError
+
+    def test_a_named_wrong_version_error_still_carries_actual_version(self):
+        error = error_from_append_error(
+            pb.AppendError(
+                code=grpc.StatusCode.ABORTED.value[0],
+                message="m",
+                actual_version=4,
+                error="WrongExpectedVersion",
+            )
+        )
+        assert isinstance(error, lethedb.WrongExpectedVersion)
+        assert error.actual_version == 4
+
 
 class TestValidationBeforeIO:
     """Obvious mistakes fail at the call, before a connection is even attempted."""

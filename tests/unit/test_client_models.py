@@ -66,6 +66,11 @@ def test_public_api_is_exactly_the_documented_names():
         "Unauthenticated",
         "PermissionDenied",
         "ServerError",
+        "SubjectReceipt",
+        "SubjectState",
+        "LegalHold",
+        "ShredResult",
+        "BackupResult",
     }
     for name in lethedb.__all__:
         assert getattr(lethedb, name) is not None
