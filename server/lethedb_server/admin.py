@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,14 +20,16 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages
 from lethedb_server.erasure import KEY_BACKUP_WARNING
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import LegalHoldCommand, ShredCommand, ShredResult
-from lethedb_server.rpc import Context, register, unary
+from lethedb_server.model import LegalHoldCommand, RotateCommand, ShredCommand, ShredResult
+from lethedb_server.rpc import Context, register, server_streaming, unary
 from lethedb_server.store import Store
 from lethedb_server.validation import Validator, check_name
+from lethedb_server.verify import Verifier
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "lethedb.v1.Admin"
+VERIFY_PROGRESS_S = 0.5
 
 
 class AdminService:
@@ -82,6 +86,42 @@ class AdminService:
             key_bytes=key_bytes,
         )
 
+    @unary
+    async def Stats(self, request: apb.StatsRequest, context: Context) -> apb.StatsResponse:  # noqa: N802
+        return messages.stats_response(await asyncio.to_thread(self.store.stats))
+
+    @server_streaming
+    async def Verify(  # noqa: N802
+        self, request: apb.VerifyRequest, context: Context
+    ) -> AsyncIterator[apb.VerifyProgress]:
+        """Walk the whole log, reporting progress about twice a second."""
+        verifier = Verifier(self.store.log, self.store.reader)
+        last_report = time.monotonic()
+        while await asyncio.to_thread(verifier.step):
+            if time.monotonic() - last_report >= VERIFY_PROGRESS_S:
+                last_report = time.monotonic()
+                yield messages.verify_progress(verifier, done=False)
+        verifier.finish()
+        if not verifier.ok:
+            log.error(
+                "verify: position %d is bad: %s", verifier.first_bad_position, verifier.problem
+            )
+        yield messages.verify_progress(verifier, done=True)
+
+    @unary
+    async def RotateMasterKey(  # noqa: N802
+        self, request: apb.RotateMasterKeyRequest, context: Context
+    ) -> apb.RotateMasterKeyResponse:
+        result = await asyncio.wrap_future(self.store.writer.submit(RotateCommand()))
+        log.info(
+            "master key rotated to version %d; %d keys re-wrapped",
+            result.master_version,
+            result.rewrapped_keys,
+        )
+        return apb.RotateMasterKeyResponse(
+            master_version=result.master_version, rewrapped_keys=result.rewrapped_keys
+        )
+
 
 def add_admin(server: grpc.aio.Server, service: AdminService) -> None:
     register(
@@ -96,5 +136,11 @@ def add_admin(server: grpc.aio.Server, service: AdminService) -> None:
                 "unary", service.ReleaseLegalHold, apb.ReleaseLegalHoldRequest, pb.SubjectReceipt
             ),
             "Backup": ("unary", service.Backup, apb.BackupRequest, apb.BackupResponse),
+            "Stats": ("unary", service.Stats, apb.StatsRequest, apb.StatsResponse),
+            "Verify": ("server_streaming", service.Verify, apb.VerifyRequest, apb.VerifyProgress),
+            "RotateMasterKey": (
+                "unary", service.RotateMasterKey, apb.RotateMasterKeyRequest,
+                apb.RotateMasterKeyResponse,
+            ),
         },
     )  # fmt: skip

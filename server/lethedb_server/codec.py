@@ -74,6 +74,8 @@ class IdempotencyEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     digest: bytes
     result: AppendResult
     created_at: int
+    #: Every stream's result of a multi-stream commit (empty for an append).
+    commit: tuple[AppendResult, ...] = ()
 
 
 class Tombstone(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -136,7 +138,7 @@ decode_legal_hold = _hold_decoder.decode
 decode_epoch = _epoch_decoder.decode
 
 
-def chain_hash(previous: bytes, body: bytes) -> bytes:
+def chain_hash(previous: bytes, body: bytes | memoryview) -> bytes:
     """BLAKE2b-256 over the previous hash and the encoded body."""
     h = hashlib.blake2b(previous, digest_size=HASH_SIZE)
     h.update(body)

@@ -389,6 +389,32 @@ class KeyStore:
                 rewrapped = provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
                 txn.put(raw_key, codec.encode(rewrapped), db=target.dbs["deks"], append=True)
 
+    def rotate(self) -> tuple[int, int]:
+        """Re-wrap every live DEK under a new master key version, in place.
+
+        Older master versions are kept, so a crash half-way leaves every key
+        readable (some wrapped by the old version, some by the new); destroying
+        old versions is a shred epoch's job. Returns (new version, keys re-wrapped).
+        """
+        master_version = self.provider.create_version()
+        deks = self.lmdb.dbs["deks"]
+        with self.lmdb.read() as source:
+            entries = [(bytes(k), bytes(v)) for k, v in source.cursor(db=deks)]
+        for start in range(0, len(entries), 10_000):
+            with self.lmdb.begin_write() as txn:
+                for raw_key, value in entries[start : start + 10_000]:
+                    subject_id = _subject_of(raw_key)
+                    version = codec.dek_version_from_key(raw_key)
+                    wrapped = _wrapped_decoder.decode(value)
+                    dek = self.provider.unwrap(
+                        wrapped, wrap_aad(subject_id, version, wrapped.master_version)
+                    )
+                    rewrapped = self.provider.wrap(
+                        dek, functools.partial(wrap_aad, subject_id, version)
+                    )
+                    txn.put(raw_key, codec.encode(rewrapped), db=deks)
+        return master_version, len(entries)
+
     def swap_file(self, new_data_file: Path, old_copy: Path) -> None:
         """Atomically make *new_data_file* this key store's ``data.mdb``.
 

@@ -14,12 +14,16 @@ from lethedb_server.codec import AppendResult
 from lethedb_server.errors import ValidationError
 from lethedb_server.model import (
     AppendCommand,
+    CommitCommand,
+    CommitResult,
     ExpectedState,
     ProposedEvent,
     ShredResult,
     StoredEvent,
     SubjectReceipt,
 )
+from lethedb_server.store import StoreStats
+from lethedb_server.verify import Verifier
 
 #: Target size of one streamed read message. A single event larger than this
 #: still travels alone in its own message.
@@ -28,10 +32,11 @@ READ_MESSAGE_BYTES = 1 << 20
 _EXPECTED_STATES = {state.value: state for state in ExpectedState}
 
 
-def append_command(request: pb.AppendRequest) -> AppendCommand:
+def append_command(request: pb.AppendRequest | pb.StreamAppend) -> AppendCommand:
     state = _EXPECTED_STATES.get(request.expected_state)
     if state is None:
         raise ValidationError(f"expected_state is {request.expected_state}, which is not defined")
+    key = request.idempotency_key if isinstance(request, pb.AppendRequest) else ""
     return AppendCommand(
         stream_id=request.stream_id,
         events=tuple(
@@ -42,7 +47,19 @@ def append_command(request: pb.AppendRequest) -> AppendCommand:
         ),
         expected_state=state,
         expected_version=request.expected_version,
-        idempotency_key=request.idempotency_key,
+        idempotency_key=key,
+    )
+
+
+def commit_command(request: pb.CommitRequest) -> CommitCommand:
+    return CommitCommand(
+        tuple(append_command(part) for part in request.appends), request.idempotency_key
+    )
+
+
+def commit_response(result: CommitResult) -> pb.CommitResponse:
+    return pb.CommitResponse(
+        results=[append_response(r) for r in result.results], deduplicated=result.deduplicated
     )
 
 
@@ -114,4 +131,31 @@ def shred_response(result: ShredResult) -> admin_pb2.ShredResponse:
         live_keys=result.live_keys,
         shredded_subjects=result.shredded_subjects,
         completed_at=result.completed_at,
+    )
+
+
+def stats_response(stats: StoreStats) -> admin_pb2.StatsResponse:
+    return admin_pb2.StatsResponse(
+        last_position=stats.last_position,
+        streams=stats.streams,
+        subjects=stats.subjects,
+        forgotten_subjects=stats.forgotten_subjects,
+        pending_shred=stats.pending_shred,
+        shred_epoch=stats.shred_epoch,
+        master_version=stats.master_version,
+        log_file_bytes=stats.log_file_bytes,
+        log_map_bytes=stats.log_map_bytes,
+        key_file_bytes=stats.key_file_bytes,
+        store_id=stats.store_id,
+    )
+
+
+def verify_progress(verifier: Verifier, *, done: bool) -> admin_pb2.VerifyProgress:
+    return admin_pb2.VerifyProgress(
+        checked=verifier.checked,
+        last_position=verifier.head,
+        done=done,
+        first_bad_position=verifier.first_bad_position,
+        problem=verifier.problem,
+        redacted=verifier.redacted,
     )

@@ -12,6 +12,8 @@ import hashlib
 
 import msgspec
 
+from lethedb_server.codec import AppendResult
+
 #: Subject id under which subject-less events are encrypted. Client ids may
 #: not start with ``$``, so it can never collide with a real subject.
 STORE_SUBJECT = "$store"
@@ -90,6 +92,27 @@ ERASURE_STREAM = "$erasures"
 ERASURE_EVENT_TYPE = "$subject.forgotten"
 
 
+class CommitCommand(msgspec.Struct, frozen=True):
+    """Appends to several streams, all or nothing, under one idempotency key."""
+
+    appends: tuple[AppendCommand, ...]
+    idempotency_key: str = ""
+
+    def size(self) -> int:
+        return sum(a.size() for a in self.appends)
+
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(b"commit", digest_size=32)
+        for part in self.appends:
+            h.update(part.digest())
+        return h.digest()
+
+
+class CommitResult(msgspec.Struct, frozen=True):
+    results: tuple[AppendResult, ...]
+    deduplicated: bool = False
+
+
 class ForgetCommand(msgspec.Struct, frozen=True):
     subject_id: str
     reason: str
@@ -116,6 +139,18 @@ class ShredCommand(msgspec.Struct, frozen=True):
 
     def size(self) -> int:
         return 0
+
+
+class RotateCommand(msgspec.Struct, frozen=True):
+    """Re-wrap live keys under a new master key version; alone, never in a batch."""
+
+    def size(self) -> int:
+        return 0
+
+
+class RotateResult(msgspec.Struct, frozen=True):
+    master_version: int
+    rewrapped_keys: int
 
 
 class SubjectState(enum.IntEnum):
@@ -149,4 +184,8 @@ class ShredResult(msgspec.Struct, frozen=True):
     completed_at: int
 
 
-Command = AppendCommand | ForgetCommand | LegalHoldCommand | ShredCommand
+Command = (
+    AppendCommand | CommitCommand | ForgetCommand | LegalHoldCommand | ShredCommand | RotateCommand
+)
+#: Commands the writer runs alone, between batches.
+MAINTENANCE = (ShredCommand, RotateCommand)

@@ -47,6 +47,13 @@ class EventStoreService:
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:  # noqa: N802
         return await self._append(request)
 
+    @unary
+    async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
+        command = messages.commit_command(request)
+        self.validator.check_commit(command)
+        result = await asyncio.wrap_future(self.store.writer.submit(command))
+        return messages.commit_response(result)
+
     async def AppendStream(  # noqa: N802
         self, requests: AsyncIterator[pb.AppendRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.AppendStreamResponse]:
@@ -186,6 +193,7 @@ def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None
         SERVICE_NAME,
         {
             "Append": ("unary", service.Append, pb.AppendRequest, pb.AppendResponse),
+            "Commit": ("unary", service.Commit, pb.CommitRequest, pb.CommitResponse),
             "AppendStream": (
                 "stream_stream",
                 service.AppendStream,

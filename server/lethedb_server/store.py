@@ -18,7 +18,7 @@ from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
-from lethedb_server.model import SubjectReceipt
+from lethedb_server.model import RotateCommand, RotateResult, ShredCommand, SubjectReceipt
 from lethedb_server.reader import EventReader
 from lethedb_server.storage import LogStore
 from lethedb_server.writer import Writer, WriterLimits
@@ -98,7 +98,8 @@ class Store:
             lock.close()
             raise
         writer = Writer(log_store, keys, opts.writer)
-        writer.shredder = shredder.run
+        writer.maintenance[ShredCommand] = shredder.run
+        writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
         writer.start()
         return cls(data_dir, lock, provider, log_store, keys, writer)
 
@@ -116,6 +117,27 @@ class Store:
         key_bytes = self.keys.lmdb.copy_to(destination / "keys") if include_keys else 0
         return log_bytes, key_bytes, head
 
+    def stats(self) -> StoreStats:
+        """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
+        with self.log.lmdb.read() as txn:
+            streams = int(txn.stat(self.log.streams)["entries"])
+            forgotten = int(txn.stat(self.log.tombstones)["entries"])
+        with self.keys.lmdb.read() as txn:
+            subjects = int(txn.stat(self.keys.lmdb.dbs["dek_state"])["entries"])
+        return StoreStats(
+            last_position=self.log.head,
+            streams=streams,
+            subjects=subjects,
+            forgotten_subjects=forgotten,
+            pending_shred=self.log.pending_forgets(),
+            shred_epoch=self.log.meta.shred_epoch,
+            master_version=self.provider.current_version(),
+            log_file_bytes=_file_size(self.log.lmdb.path / "data.mdb"),
+            log_map_bytes=self.log.lmdb.map_size(),
+            key_file_bytes=_file_size(self.keys.lmdb.path / "data.mdb"),
+            store_id=self.log.store_id,
+        )
+
     def receipt(self, subject_id: str) -> SubjectReceipt:
         return subject_receipt(self.log, self.keys, subject_id)
 
@@ -131,6 +153,28 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    last_position: int
+    streams: int
+    subjects: int
+    forgotten_subjects: int
+    pending_shred: int
+    shred_epoch: int
+    master_version: int
+    log_file_bytes: int
+    log_map_bytes: int
+    key_file_bytes: int
+    store_id: bytes
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _take_lock(path: Path) -> IO[bytes]:

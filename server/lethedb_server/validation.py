@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, ProposedEvent
+from lethedb_server.model import AppendCommand, CommitCommand, ProposedEvent
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 EVENT_ID_SIZE = 16
@@ -107,6 +107,41 @@ class Validator:
             raise ValidationError(
                 f"the append carries {human_size(total)} of data and metadata; "
                 f"the limit is {human_size(limits.max_append_bytes)}"
+            )
+
+    def check_commit(self, command: CommitCommand) -> None:
+        """A multi-stream commit: each part like an append, limits over the whole."""
+        if not command.appends:
+            raise ValidationError("appends is empty; a commit needs at least one stream")
+        check_name(
+            command.idempotency_key,
+            "idempotency_key",
+            self.limits.max_idempotency_key_bytes,
+            required=False,
+        )
+        seen: set[str] = set()
+        for index, part in enumerate(command.appends):
+            try:
+                self.check_append(part)
+            except ValidationError as exc:
+                raise ValidationError(f"appends[{index}].{exc}") from None
+            if part.stream_id in seen:
+                raise ValidationError(
+                    f"appends[{index}].stream_id {part.stream_id!r} appears twice; "
+                    "put all of a stream's events in one part"
+                )
+            seen.add(part.stream_id)
+        events = sum(len(p.events) for p in command.appends)
+        if events > self.limits.max_events_per_append:
+            raise ValidationError(
+                f"the commit has {events} events; the limit is "
+                f"{self.limits.max_events_per_append} per commit"
+            )
+        size = sum(len(e.data) + len(e.metadata) for p in command.appends for e in p.events)
+        if size > self.limits.max_append_bytes:
+            raise ValidationError(
+                f"the commit carries {human_size(size)} of data and metadata; "
+                f"the limit is {human_size(self.limits.max_append_bytes)}"
             )
 
     def _check_event(self, event: ProposedEvent, where: str) -> int:

@@ -52,15 +52,16 @@ from lethedb_server.lmdbenv import is_disk_full
 from lethedb_server.model import (
     ERASURE_EVENT_TYPE,
     ERASURE_STREAM,
+    MAINTENANCE,
     STORE_SUBJECT,
     AppendCommand,
     Command,
+    CommitCommand,
+    CommitResult,
     ExpectedState,
     ForgetCommand,
     LegalHoldCommand,
     ProposedEvent,
-    ShredCommand,
-    ShredResult,
     SubjectReceipt,
     SubjectState,
 )
@@ -69,9 +70,10 @@ from lethedb_server.storage import LogStore
 log = logging.getLogger(__name__)
 
 HeadListener = Callable[[int], None]
-#: Runs a shred epoch (see lethedb_server.erasure); called in the writer thread.
-Shredder = Callable[[], ShredResult]
-Result = AppendResult | SubjectReceipt | ShredResult
+#: Runs one maintenance command (a shred epoch, a master key rotation) in the
+#: writer thread, between batches, so it is ordered against every write.
+MaintenanceTask = Callable[[], Any]
+Result = AppendResult | CommitResult | SubjectReceipt
 _STOP: Final = object()
 _ERASURE_CONTENT_TYPE = "application/json"
 
@@ -118,7 +120,7 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="lethedb-writer", daemon=True)
         self._accepting = True
         self._last_sweep = 0.0
-        self.shredder: Shredder | None = None
+        self.maintenance: dict[type[Command], MaintenanceTask] = {}
         self.batches = 0
         self.commands = 0
 
@@ -186,10 +188,10 @@ class Writer:
                 self._process([item])
 
     def _collect(self, first: object) -> tuple[list[_Pending], bool]:
-        """Everything queued, up to the limits; a shred command is taken alone."""
+        """Everything queued, up to the limits; a maintenance command is taken alone."""
         assert isinstance(first, _Pending)
         batch = [first]
-        if isinstance(first.command, ShredCommand):
+        if isinstance(first.command, MAINTENANCE):
             return batch, False
         size = first.command.size()
         while len(batch) < self.limits.max_batch_commands and size < self.limits.max_batch_bytes:
@@ -200,7 +202,7 @@ class Writer:
             if item is _STOP:
                 return batch, True
             assert isinstance(item, _Pending)
-            if isinstance(item.command, ShredCommand):
+            if isinstance(item.command, MAINTENANCE):
                 self._process(batch)
                 return [item], False
             batch.append(item)
@@ -208,10 +210,10 @@ class Writer:
         return batch, False
 
     def _process(self, batch: list[_Pending]) -> None:
-        """Run a batch (or a lone shred); never let an error kill the writer thread."""
+        """Run a batch (or a lone maintenance command); never let an error kill the thread."""
         try:
-            if len(batch) == 1 and isinstance(batch[0].command, ShredCommand):
-                self._shred(batch[0])
+            if len(batch) == 1 and isinstance(batch[0].command, MAINTENANCE):
+                self._maintain(batch[0])
             else:
                 self._write_batch(batch)
         except Exception as exc:
@@ -221,14 +223,16 @@ class Writer:
                 LetheError(f"internal error; nothing of this batch was written: {exc}"),
             )
 
-    def _shred(self, pending: _Pending) -> None:
+    def _maintain(self, pending: _Pending) -> None:
         if not pending.future.set_running_or_notify_cancel():
             return
-        if self.shredder is None:
-            pending.future.set_exception(LetheError("shredding is not configured"))
+        task = self.maintenance.get(type(pending.command))
+        if task is None:
+            name = type(pending.command).__name__
+            pending.future.set_exception(LetheError(f"{name} is not configured on this store"))
             return
         try:
-            result = self.shredder()
+            result = task()
         except LetheError as exc:
             pending.future.set_exception(exc)
         else:
@@ -331,11 +335,18 @@ class Writer:
         demand: dict[str, int] = {}
         for pending in batch:
             command = pending.command
-            if isinstance(command, AppendCommand):
-                for event in command.events:
+            appends = (
+                command.appends
+                if isinstance(command, CommitCommand)
+                else (command,)
+                if isinstance(command, AppendCommand)
+                else ()
+            )
+            for append in appends:
+                for event in append.events:
                     subject = event.subject_id or STORE_SUBJECT
                     demand[subject] = demand.get(subject, 0) + 1
-            elif isinstance(command, ForgetCommand):
+            if isinstance(command, ForgetCommand):
                 demand[STORE_SUBJECT] = demand.get(STORE_SUBJECT, 0) + 1
         return {s: n for s, n in demand.items() if not self._is_forgotten(txn, s)}
 
@@ -346,11 +357,34 @@ class Writer:
         if isinstance(command, AppendCommand):
             result, state.meta = self._apply_append(txn, command, state.meta)
             return result
+        if isinstance(command, CommitCommand):
+            return self._apply_commit(txn, command, state)
         if isinstance(command, ForgetCommand):
             return self._apply_forget(txn, command, state)
         if isinstance(command, LegalHoldCommand):
             return self._apply_legal_hold(txn, command)
         raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+
+    def _apply_commit(
+        self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
+    ) -> CommitResult:
+        """Every stream's append or none: a failing part aborts the nested transaction."""
+        now = self.clock()
+        digest = b""
+        if command.idempotency_key:
+            digest = command.digest()
+            entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
+            if entry is not None:
+                return CommitResult(entry.commit, deduplicated=True)
+        meta = state.meta
+        results = []
+        for part in command.appends:
+            result, meta = self._apply_append(txn, part, meta)
+            results.append(result)
+        state.meta = meta
+        if command.idempotency_key:
+            self._remember(txn, command.idempotency_key, digest, results[0], now, tuple(results))
+        return CommitResult(tuple(results))
 
     # -- erasure ------------------------------------------------------------------
 
@@ -467,9 +501,10 @@ class Writer:
 
     # -- idempotency --------------------------------------------------------------
 
-    def _idempotent_result(
+    def _idempotency_entry(
         self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
-    ) -> AppendResult | None:
+    ) -> IdempotencyEntry | None:
+        """The live entry stored under *key*; raise if it belongs to another request."""
         raw = txn.get(key.encode(), db=self.log.idempotency)
         if raw is None:
             return None
@@ -478,6 +513,14 @@ class Writer:
             return None  # expired: the sweeper has not reached it yet
         if entry.digest != digest:
             raise IdempotencyConflict(key)
+        return entry
+
+    def _idempotent_result(
+        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
+    ) -> AppendResult | None:
+        entry = self._idempotency_entry(txn, key, digest, now)
+        if entry is None:
+            return None
         r = entry.result
         return AppendResult(
             r.first_position, r.last_position, r.first_version, r.last_version,
@@ -485,7 +528,13 @@ class Writer:
         )  # fmt: skip
 
     def _remember(
-        self, txn: lmdb.Transaction, key: str, digest: bytes, result: AppendResult, now: int
+        self,
+        txn: lmdb.Transaction,
+        key: str,
+        digest: bytes,
+        result: AppendResult,
+        now: int,
+        commit: tuple[AppendResult, ...] = (),
     ) -> None:
         raw_key = key.encode()
         old = txn.get(raw_key, db=self.log.idempotency)
@@ -494,9 +543,8 @@ class Writer:
                 codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
                 db=self.log.idempotency_expiry,
             )
-        txn.put(
-            raw_key, codec.encode(IdempotencyEntry(digest, result, now)), db=self.log.idempotency
-        )
+        entry = IdempotencyEntry(digest, result, now, commit)
+        txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
         txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
 
     def _sweep_idempotency(self) -> int:

@@ -166,3 +166,162 @@ class BackupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BackupResponse: _TypeAlias = BackupResponse  # noqa: Y015
+
+@_typing.final
+class StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsRequest: _TypeAlias = StatsRequest  # noqa: Y015
+
+@_typing.final
+class StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_POSITION_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    SUBJECTS_FIELD_NUMBER: _builtins.int
+    FORGOTTEN_SUBJECTS_FIELD_NUMBER: _builtins.int
+    PENDING_SHRED_FIELD_NUMBER: _builtins.int
+    SHRED_EPOCH_FIELD_NUMBER: _builtins.int
+    MASTER_VERSION_FIELD_NUMBER: _builtins.int
+    LOG_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    LOG_MAP_BYTES_FIELD_NUMBER: _builtins.int
+    KEY_FILE_BYTES_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    last_position: _builtins.int
+    """Last committed global position."""
+    streams: _builtins.int
+    subjects: _builtins.int
+    """Subjects holding at least one data key (live subjects)."""
+    forgotten_subjects: _builtins.int
+    pending_shred: _builtins.int
+    """Forgotten subjects whose shred epoch has not run yet."""
+    shred_epoch: _builtins.int
+    master_version: _builtins.int
+    log_file_bytes: _builtins.int
+    log_map_bytes: _builtins.int
+    key_file_bytes: _builtins.int
+    store_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        last_position: _builtins.int = ...,
+        streams: _builtins.int = ...,
+        subjects: _builtins.int = ...,
+        forgotten_subjects: _builtins.int = ...,
+        pending_shred: _builtins.int = ...,
+        shred_epoch: _builtins.int = ...,
+        master_version: _builtins.int = ...,
+        log_file_bytes: _builtins.int = ...,
+        log_map_bytes: _builtins.int = ...,
+        key_file_bytes: _builtins.int = ...,
+        store_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten_subjects", b"forgotten_subjects", "key_file_bytes", b"key_file_bytes", "last_position", b"last_position", "log_file_bytes", b"log_file_bytes", "log_map_bytes", b"log_map_bytes", "master_version", b"master_version", "pending_shred", b"pending_shred", "shred_epoch", b"shred_epoch", "store_id", b"store_id", "streams", b"streams", "subjects", b"subjects"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyProgress(_message.Message):
+    """Progress messages while the walk runs, then one with `done` set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKED_FIELD_NUMBER: _builtins.int
+    LAST_POSITION_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    FIRST_BAD_POSITION_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    REDACTED_FIELD_NUMBER: _builtins.int
+    checked: _builtins.int
+    last_position: _builtins.int
+    done: _builtins.bool
+    first_bad_position: _builtins.int
+    """Set on the final message when the walk found a bad record: the first
+    position whose chain hash or authentication tag does not verify.
+    """
+    problem: _builtins.str
+    redacted: _builtins.int
+    """Events of forgotten subjects: chained, but their tag cannot be checked."""
+    def __init__(
+        self,
+        *,
+        checked: _builtins.int = ...,
+        last_position: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        first_bad_position: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        redacted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "done", b"done", "first_bad_position", b"first_bad_position", "last_position", b"last_position", "problem", b"problem", "redacted", b"redacted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyProgress: _TypeAlias = VerifyProgress  # noqa: Y015
+
+@_typing.final
+class RotateMasterKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateMasterKeyRequest: _TypeAlias = RotateMasterKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateMasterKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_VERSION_FIELD_NUMBER: _builtins.int
+    REWRAPPED_KEYS_FIELD_NUMBER: _builtins.int
+    master_version: _builtins.int
+    rewrapped_keys: _builtins.int
+    def __init__(
+        self,
+        *,
+        master_version: _builtins.int = ...,
+        rewrapped_keys: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_version", b"master_version", "rewrapped_keys", b"rewrapped_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateMasterKeyResponse: _TypeAlias = RotateMasterKeyResponse  # noqa: Y015

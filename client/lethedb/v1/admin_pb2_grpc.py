@@ -55,6 +55,21 @@ class AdminStub:
                 request_serializer=lethedb_dot_v1_dot_admin__pb2.BackupRequest.SerializeToString,
                 response_deserializer=lethedb_dot_v1_dot_admin__pb2.BackupResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/lethedb.v1.Admin/Stats',
+                request_serializer=lethedb_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_admin__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_stream(
+                '/lethedb.v1.Admin/Verify',
+                request_serializer=lethedb_dot_v1_dot_admin__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_admin__pb2.VerifyProgress.FromString,
+                _registered_method=True)
+        self.RotateMasterKey = channel.unary_unary(
+                '/lethedb.v1.Admin/RotateMasterKey',
+                request_serializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -86,6 +101,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Walk the hash chain and every record's authentication tag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateMasterKey(self, request, context):
+        """Re-wrap every live data key under a new master key version; older
+        versions are kept (a shred epoch is what destroys them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +144,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=lethedb_dot_v1_dot_admin__pb2.BackupRequest.FromString,
                     response_serializer=lethedb_dot_v1_dot_admin__pb2.BackupResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=lethedb_dot_v1_dot_admin__pb2.StatsRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_admin__pb2.StatsResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_stream_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=lethedb_dot_v1_dot_admin__pb2.VerifyRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_admin__pb2.VerifyProgress.SerializeToString,
+            ),
+            'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateMasterKey,
+                    request_deserializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +269,87 @@ class Admin:
             '/lethedb.v1.Admin/Backup',
             lethedb_dot_v1_dot_admin__pb2.BackupRequest.SerializeToString,
             lethedb_dot_v1_dot_admin__pb2.BackupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.Admin/Stats',
+            lethedb_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
+            lethedb_dot_v1_dot_admin__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lethedb.v1.Admin/Verify',
+            lethedb_dot_v1_dot_admin__pb2.VerifyRequest.SerializeToString,
+            lethedb_dot_v1_dot_admin__pb2.VerifyProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateMasterKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.Admin/RotateMasterKey',
+            lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.SerializeToString,
+            lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,13 @@ class AdminStub:
     SetLegalHold: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetLegalHoldRequest, _eventstore_pb2.SubjectReceipt]
     ReleaseLegalHold: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReleaseLegalHoldRequest, _eventstore_pb2.SubjectReceipt]
     Backup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupResponse]
+    Stats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]
+    Verify: _grpc.UnaryStreamMultiCallable[_admin_pb2.VerifyRequest, _admin_pb2.VerifyProgress]
+    """Walk the hash chain and every record's authentication tag."""
+    RotateMasterKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateMasterKeyRequest, _admin_pb2.RotateMasterKeyResponse]
+    """Re-wrap every live data key under a new master key version; older
+    versions are kept (a shred epoch is what destroys them).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -50,6 +57,13 @@ class AdminAsyncStub(AdminStub):
     SetLegalHold: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetLegalHoldRequest, _eventstore_pb2.SubjectReceipt]  # type: ignore[assignment]
     ReleaseLegalHold: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReleaseLegalHoldRequest, _eventstore_pb2.SubjectReceipt]  # type: ignore[assignment]
     Backup: _aio.UnaryUnaryMultiCallable[_admin_pb2.BackupRequest, _admin_pb2.BackupResponse]  # type: ignore[assignment]
+    Stats: _aio.UnaryUnaryMultiCallable[_admin_pb2.StatsRequest, _admin_pb2.StatsResponse]  # type: ignore[assignment]
+    Verify: _aio.UnaryStreamMultiCallable[_admin_pb2.VerifyRequest, _admin_pb2.VerifyProgress]  # type: ignore[assignment]
+    """Walk the hash chain and every record's authentication tag."""
+    RotateMasterKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateMasterKeyRequest, _admin_pb2.RotateMasterKeyResponse]  # type: ignore[assignment]
+    """Re-wrap every live data key under a new master key version; older
+    versions are kept (a shred epoch is what destroys them).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -82,5 +96,30 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.BackupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.BackupResponse, _abc.Awaitable[_admin_pb2.BackupResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _admin_pb2.StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.StatsResponse, _abc.Awaitable[_admin_pb2.StatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _admin_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.VerifyProgress], _abc.AsyncIterator[_admin_pb2.VerifyProgress]]:
+        """Walk the hash chain and every record's authentication tag."""
+
+    @_abc_1.abstractmethod
+    def RotateMasterKey(
+        self,
+        request: _admin_pb2.RotateMasterKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateMasterKeyResponse, _abc.Awaitable[_admin_pb2.RotateMasterKeyResponse]]:
+        """Re-wrap every live data key under a new master key version; older
+        versions are kept (a shred epoch is what destroys them).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

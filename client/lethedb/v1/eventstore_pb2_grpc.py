@@ -44,6 +44,11 @@ class EventStoreStub:
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.SerializeToString,
                 response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/lethedb.v1.EventStore/Commit',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.CommitRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.CommitResponse.FromString,
+                _registered_method=True)
         self.ReadStream = channel.unary_stream(
                 '/lethedb.v1.EventStore/ReadStream',
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadStreamRequest.SerializeToString,
@@ -84,6 +89,14 @@ class EventStoreServicer:
     def AppendStream(self, request_iterator, context):
         """Many appends pipelined on one call, each committed and acknowledged
         separately, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Append to several streams atomically (for example: claim a unique
+        username stream and write the user stream together).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +148,11 @@ def add_EventStoreServicer_to_server(servicer, server):
                     servicer.AppendStream,
                     request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.FromString,
                     response_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.CommitRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.CommitResponse.SerializeToString,
             ),
             'ReadStream': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadStream,
@@ -216,6 +234,33 @@ class EventStore:
             '/lethedb.v1.EventStore/AppendStream',
             lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.SerializeToString,
             lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/Commit',
+            lethedb_dot_v1_dot_eventstore__pb2.CommitRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,10 @@ class EventStoreStub:
     """Many appends pipelined on one call, each committed and acknowledged
     separately, in order.
     """
+    Commit: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.CommitRequest, _eventstore_pb2.CommitResponse]
+    """Append to several streams atomically (for example: claim a unique
+    username stream and write the user stream together).
+    """
     ReadStream: _grpc.UnaryStreamMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadResponse]
     ReadAll: _grpc.UnaryStreamMultiCallable[_eventstore_pb2.ReadAllRequest, _eventstore_pb2.ReadResponse]
     ForgetSubject: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.ForgetSubjectRequest, _eventstore_pb2.SubjectReceipt]
@@ -63,6 +67,10 @@ class EventStoreAsyncStub(EventStoreStub):
     AppendStream: _aio.StreamStreamMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendStreamResponse]  # type: ignore[assignment]
     """Many appends pipelined on one call, each committed and acknowledged
     separately, in order.
+    """
+    Commit: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.CommitRequest, _eventstore_pb2.CommitResponse]  # type: ignore[assignment]
+    """Append to several streams atomically (for example: claim a unique
+    username stream and write the user stream together).
     """
     ReadStream: _aio.UnaryStreamMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadResponse]  # type: ignore[assignment]
     ReadAll: _aio.UnaryStreamMultiCallable[_eventstore_pb2.ReadAllRequest, _eventstore_pb2.ReadResponse]  # type: ignore[assignment]
@@ -93,6 +101,16 @@ class EventStoreServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_eventstore_pb2.AppendStreamResponse], _abc.AsyncIterator[_eventstore_pb2.AppendStreamResponse]]:
         """Many appends pipelined on one call, each committed and acknowledged
         separately, in order.
+        """
+
+    @_abc_1.abstractmethod
+    def Commit(
+        self,
+        request: _eventstore_pb2.CommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eventstore_pb2.CommitResponse, _abc.Awaitable[_eventstore_pb2.CommitResponse]]:
+        """Append to several streams atomically (for example: claim a unique
+        username stream and write the user stream together).
         """
 
     @_abc_1.abstractmethod
