@@ -17,6 +17,7 @@ field, the limit and what was found, and never contain event data or keys.
     ├── DataLoss                 a record fails its integrity checks
     ├── DataDirLocked            another process holds the data directory
     ├── DataDirDamaged           the files on disk are unusable as they are
+    ├── ForkedProcess            a forked child tried to write through its parent's store
     └── ShuttingDown             the server is draining and takes no new work
 """
 
@@ -95,4 +96,13 @@ class LegalHoldActive(LetheError):
         super().__init__(
             f"subject {subject_id!r} is under legal hold ({reason!r}, {when}); "
             "release the hold before forgetting the subject"
+        )
+
+
+class ForkedProcess(LetheError):
+    def __init__(self, owner_pid: int) -> None:
+        super().__init__(
+            f"this store was opened by process {owner_pid}; a forked child cannot write "
+            "through it (LMDB environments must not cross fork()); open the store in the "
+            "child instead"
         )

@@ -240,10 +240,12 @@ def check_data_file(path: Path) -> None:
         )
     page_size = _page_size(head)
     best: tuple[int, int] | None = None  # (txnid, last_pgno)
+    damaged: list[int] = []
     for index in (0, 1):
         meta = head[index * page_size : (index + 1) * page_size]
         magic = struct.unpack_from("<I", meta, _PAGE_HEADER)[0]
         if magic != _MDB_MAGIC:
+            damaged.append(index)
             continue
         last_pgno, txnid = struct.unpack_from("<QQ", meta, _LAST_PG_OFFSET)
         if best is None or txnid > best[0]:
@@ -251,6 +253,15 @@ def check_data_file(path: Path) -> None:
     if best is None:
         raise DataDirDamaged(
             f"{path} has no valid LMDB meta page (both are damaged); restore it from a backup"
+        )
+    if damaged:
+        # LMDB writes both meta pages when it creates a file, so a bad one is
+        # damage, not youth. LMDB would silently fall back to the other, older
+        # state; an event store must not quietly lose committed transactions.
+        raise DataDirDamaged(
+            f"{path}: LMDB meta page {damaged[0]} is damaged (the other is intact); "
+            "refusing to open a directory that may have lost committed data; "
+            "restore it from a backup"
         )
     needed = (best[1] + 1) * page_size
     if size < needed:

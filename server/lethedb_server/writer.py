@@ -15,6 +15,7 @@ chain hash) ahead of what is on disk.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -38,6 +39,7 @@ from lethedb_server.codec import (
 )
 from lethedb_server.crypto import event_aad, new_nonce
 from lethedb_server.errors import (
+    ForkedProcess,
     IdempotencyConflict,
     LegalHoldActive,
     LetheError,
@@ -121,6 +123,8 @@ class Writer:
         self._accepting = True
         self._last_sweep = 0.0
         self.maintenance: dict[type[Command], MaintenanceTask] = {}
+        self._last_now = 0
+        self._pid = os.getpid()
         self.batches = 0
         self.commands = 0
 
@@ -135,6 +139,10 @@ class Writer:
 
     def submit(self, command: Command) -> Future[Any]:
         """Queue *command*; the future resolves after the commit that holds it."""
+        if os.getpid() != self._pid:
+            # The writer thread does not survive fork(), and LMDB environments
+            # must not be used across it: a child would wait forever or corrupt.
+            raise ForkedProcess(self._pid)
         future: Future[Any] = Future()
         if not self._accepting:
             future.set_exception(ShuttingDown())
@@ -161,6 +169,16 @@ class Writer:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def _now(self) -> int:
+        """Wall-clock time that never goes backwards within this process.
+
+        Positions and versions never depend on time; this only keeps
+        ``recorded_at`` non-decreasing in log order when the clock is set back.
+        """
+        now = max(self.clock(), self._last_now)
+        self._last_now = now
+        return now
 
     # -- the loop -----------------------------------------------------------------
 
@@ -369,7 +387,7 @@ class Writer:
         self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
     ) -> CommitResult:
         """Every stream's append or none: a failing part aborts the nested transaction."""
-        now = self.clock()
+        now = self._now()
         digest = b""
         if command.idempotency_key:
             digest = command.digest()
@@ -394,7 +412,7 @@ class Writer:
         """Step one of a forget: the erasure event and the tombstone, in one commit."""
         subject = command.subject_id
         tombstone, hold = self.log.subject_records(txn, subject)
-        now = self.clock()
+        now = self._now()
         if tombstone is None:
             if hold is not None and hold.active(now):
                 raise LegalHoldActive(subject, hold.reason, hold.until)
@@ -418,7 +436,7 @@ class Writer:
         if command.release:
             txn.delete(key, db=self.log.legal_holds)
         else:
-            hold = LegalHold(command.reason, self.clock(), command.until)
+            hold = LegalHold(command.reason, self._now(), command.until)
             txn.put(key, codec.encode(hold), db=self.log.legal_holds)
         tombstone, hold_now = self.log.subject_records(txn, command.subject_id)
         return _pending_receipt(command.subject_id, tombstone, hold_now)
@@ -428,7 +446,7 @@ class Writer:
     def _apply_append(
         self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta
     ) -> tuple[AppendResult, LogMeta]:
-        now = self.clock()
+        now = self._now()
         digest = b""
         if command.idempotency_key:
             digest = command.digest()
@@ -550,7 +568,7 @@ class Writer:
     def _sweep_idempotency(self) -> int:
         """Delete idempotency entries older than the window, a bounded chunk at a time."""
         self._last_sweep = time.monotonic()
-        cutoff = codec.u64(max(0, self.clock() - self.limits.idempotency_window_ns))
+        cutoff = codec.u64(max(0, self._now() - self.limits.idempotency_window_ns))
         removed = 0
         try:
             with self.log.lmdb.begin_write() as txn:

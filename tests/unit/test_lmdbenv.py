@@ -100,6 +100,16 @@ def test_data_file_with_both_meta_pages_zeroed_is_refused(env_dir: Path):
         check_data_file(path)
 
 
+@pytest.mark.parametrize("page", [0, 1])
+def test_data_file_with_one_meta_page_zeroed_is_refused(env_dir: Path, page: int):
+    """LMDB would fall back to the other, older meta page and lose a commit quietly."""
+    path = data_file(env_dir)
+    zero(path, page * PAGE, PAGE)
+
+    with pytest.raises(DataDirDamaged, match=f"meta page {page} is damaged"):
+        check_data_file(path)
+
+
 def test_damaged_environment_is_refused_before_lmdb_maps_it(env_dir: Path):
     path = data_file(env_dir)
     with path.open("r+b") as f:
