@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from lethedb_server.errors import ValidationError
 from lethedb_server.keys import DEFAULT_MAX_USES
 from lethedb_server.store import StoreOptions
+from lethedb_server.subscriptions import SubscriptionLimits
 from lethedb_server.validation import Limits
 from lethedb_server.writer import WriterLimits
 
@@ -46,6 +48,23 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     ready_file: str = ""
+    # security and operations (docs/CONFIGURATION.md, "Security")
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tokens_file: str = ""
+    insecure: bool = False
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1)] = 256
+    max_streams_per_connection: Annotated[int, msgspec.Meta(ge=0)] = 128
+    max_inflight_appends: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    keepalive_time_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    keepalive_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
+    keepalive_min_ping_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    keepalive_permit_without_calls: bool = True
+    max_ping_strikes: Annotated[int, msgspec.Meta(ge=0)] = 2
+    max_subscribers: int = 10_000
+    subscription_heartbeat_s: float = 5.0
 
     @property
     def data_dir(self) -> Path:
@@ -64,7 +83,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 max_batch_commands=self.batch_max_commands,
                 max_batch_bytes=self.batch_max_bytes,
                 idempotency_window_ns=int(self.idempotency_window_s * 1e9),
+                max_inflight_appends=self.max_inflight_appends,
             ),
+        )
+
+    def subscription_limits(self) -> SubscriptionLimits:
+        return SubscriptionLimits(
+            max_subscribers=self.max_subscribers,
+            heartbeat_interval_s=self.subscription_heartbeat_s,
         )
 
     def limits(self) -> Limits:
@@ -95,6 +121,28 @@ HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
     "ready_file": "file to write the bound address to once serving (for supervisors)",
+    "tls_cert": "PEM certificate chain of the server; with tls_key, enables TLS",
+    "tls_key": "PEM private key of tls_cert (unencrypted; keep it mode 0600)",
+    "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",
+    "tokens_file": "JSON file of bearer-token hashes and roles; enables authentication",
+    "insecure": "allow a non-loopback listen address without TLS and tokens (logged loudly)",
+    "metrics_port": "port of the Prometheus /metrics endpoint on the listen host (0: off)",
+    "max_concurrent_streams": "HTTP/2 streams per connection; more wait at the client",
+    "max_streams_per_connection": (
+        "streaming calls in progress per connection; more get RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_inflight_appends": (
+        "appends and commits in flight per server; more get RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "keepalive_time_s": "seconds between the server's keepalive pings on a connection",
+    "keepalive_timeout_s": "seconds to wait for a keepalive ping's answer before closing",
+    "keepalive_min_ping_interval_s": (
+        "shortest interval between a client's pings without data; faster ones are strikes"
+    ),
+    "keepalive_permit_without_calls": "accept client keepalive pings on connections without calls",
+    "max_ping_strikes": "ping strikes before the connection is closed (GOAWAY); 0: unlimited",
+    "max_subscribers": "most concurrent Subscribe calls; more are refused (RESOURCE_EXHAUSTED)",
+    "subscription_heartbeat_s": "seconds of silence before an idle subscription gets a heartbeat",
 }
 
 
@@ -126,11 +174,27 @@ def load(
         raise ValidationError(f"configuration: {exc}") from exc
 
 
+#: Options whose values are secrets, printed masked. Every secret LetheDB
+#: uses today is given as the path of a file (tls_key, tokens_file, keyring):
+#: the path is printed, the file is never read for printing.
+SECRET_OPTIONS: frozenset[str] = frozenset()
+_TOKEN_LIKE = re.compile(r"lethedb_[A-Za-z0-9_-]{20,}")
+MASK = "***"
+
+
+def switches() -> frozenset[str]:
+    """Options that are booleans (given as a bare flag: ``--insecure``)."""
+    defaults = Config()
+    return frozenset(n for n in field_names() if isinstance(getattr(defaults, n), bool))
+
+
 def render(config: Config) -> str:
-    """The effective configuration as TOML (no secrets exist yet to mask)."""
+    """The effective configuration as TOML, secrets (and anything token-like) masked."""
     lines = []
     for name in field_names():
         value = getattr(config, name)
+        if name in SECRET_OPTIONS or (isinstance(value, str) and _TOKEN_LIKE.search(value)):
+            value = MASK
         text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
         lines.append(f"{name} = {text}")
     return "\n".join(lines) + "\n"

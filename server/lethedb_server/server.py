@@ -20,11 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from lethedb_server import auth, limits, tls
+from lethedb_server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
 from lethedb_server.errors import LetheError
+from lethedb_server.metrics import Metrics, MetricsServer, metrics_host
 from lethedb_server.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.store import Store
+from lethedb_server.subscriptions import SubscriptionEngine
+from lethedb_server.tokens import TokenStore
 from lethedb_server.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -36,17 +41,20 @@ def harden_process() -> None:
 
 
 def build_server(
-    config: Config, store: Store
+    config: Config,
+    store: Store,
+    access: auth.AccessInterceptor | None = None,
+    subscriptions: SubscriptionEngine | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, AdminService]:
+    """The server with every service; *access* checks every call (auth.py, limits.py)."""
     server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        options=limits.server_options(config),
+        interceptors=None if access is None else [access],
     )
     validator = Validator(config.limits())
-    add_event_store(server, EventStoreService(store, validator))
+    if subscriptions is None:
+        subscriptions = SubscriptionEngine(store, config.subscription_limits())
+    add_event_store(server, EventStoreService(store, validator, subscriptions))
     admin = AdminService(store, validator)
     add_admin(server, admin)
     health = HealthServicer()
@@ -54,6 +62,7 @@ def build_server(
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -77,15 +86,45 @@ async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -
 
 async def serve(config: Config) -> None:
     harden_process()
+    # Security settings are checked before the data directory is opened: a
+    # misconfigured server must not start, let alone start open.
+    tls_files = tls.TlsFiles.from_options(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tokens = TokenStore.open(Path(config.tokens_file)) if config.tokens_file else None
+    auth.check_exposure(
+        config.listen,
+        tls=tls_files is not None,
+        tokens=tokens is not None,
+        insecure=config.insecure,
+    )
+    certificates = tls.CertificateReloader(tls_files) if tls_files is not None else None
     store = Store.open(config.data_dir, config.store_options())
+    metrics_server: MetricsServer | None = None
     try:
-        server, health, admin = build_server(config, store)
-        port = server.add_insecure_port(config.listen)
+        metrics = Metrics(store) if config.metrics_port else None
+        store.writer.observer = metrics
+        access = auth.AccessInterceptor(
+            tokens,
+            max_streams_per_connection=config.max_streams_per_connection,
+            observer=metrics,
+        )
+        subscriptions = SubscriptionEngine(store, config.subscription_limits())
+        server, health, admin = build_server(config, store, access, subscriptions)
+        if certificates is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, certificates.credentials())
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
         host = config.listen.rsplit(":", 1)[0]
         address = f"{host}:{port}"
         await server.start()
+        if metrics is not None:
+            metrics_server = metrics.serve(metrics_host(config.listen), config.metrics_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_server.host,
+                     metrics_server.port)  # fmt: skip
+        auth.log_startup(tokens)
+        log.info("transport: %s", "plaintext" if certificates is None else certificates.describe())
+        _reload_on_sighup(tokens, certificates)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -110,8 +149,11 @@ async def serve(config: Config) -> None:
             timer.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
         await health.enter_graceful_shutdown()
+        subscriptions.shutdown()  # they never finish by themselves: end them first
         await server.stop(config.shutdown_grace_s)
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         store.close()
         log.info("stopped; all acknowledged appends are on disk")
 
@@ -120,6 +162,21 @@ def _write_ready_file(path: Path, address: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(address + "\n")
     os.replace(tmp, path)
+
+
+def _reload_on_sighup(
+    tokens: TokenStore | None, certificates: tls.CertificateReloader | None
+) -> None:
+    """SIGHUP re-reads the tokens file now and the TLS files before the next handshake."""
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading tokens and TLS certificates")
+        if tokens is not None:
+            tokens.reload(force=True)
+        if certificates is not None:
+            certificates.request_reload()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
 async def _wait_for_signal() -> None:

@@ -18,9 +18,17 @@ STARTUP_TIMEOUT = 30.0
 class ServerProcess:
     """Starts ``lethedb serve`` on a data directory and knows its address."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """*credentials*: how to reach a TLS server for the start-up health check."""
         self.data_dir = data_dir
         self.extra_args = extra_args
+        self.credentials = credentials
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
@@ -54,8 +62,14 @@ class ServerProcess:
         self._wait_serving()
         return self
 
+    def channel(self) -> grpc.Channel:
+        """A channel to the server, secured like the start-up health check."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, self.credentials)
+
     def _wait_serving(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=STARTUP_TIMEOUT, wait_for_ready=True
             )

@@ -1,0 +1,101 @@
+"""Resource limits of the gRPC server: what one client may hold, and how it is told.
+
+Every limit here protects the server from one client (buggy or hostile) and
+refuses the excess with a status that says which limit was hit, so that the
+server stays healthy for everybody else:
+
+* **message size** (``max_message_bytes``): gRPC itself refuses a larger
+  message with RESOURCE_EXHAUSTED before any handler sees it;
+* **HTTP/2 streams per connection** (``max_concurrent_streams``): advertised
+  in the connection's SETTINGS frame, so a client that opens more calls waits
+  for a free stream on its own side (flow control, no memory on the server);
+* **streaming calls per connection** (``max_streams_per_connection``): reads,
+  exports, subscriptions and append streams are long-lived, so they are
+  counted by :class:`ConnectionStreams` and the one too many is refused with
+  RESOURCE_EXHAUSTED (it is meant to be lower than the HTTP/2 limit, which
+  would otherwise make the client wait instead of hearing why). A connection
+  is known by its peer address; over a unix socket all clients share one;
+* **appends in flight** (``max_inflight_appends``): counted by the writer, the
+  excess refused with :class:`~lethedb_server.errors.Overloaded`;
+* **keepalive and ping abuse**: the server pings idle connections to find
+  dead peers, and answers a client that pings more often than
+  ``keepalive_min_ping_interval_s`` without sending data with strikes, then
+  GOAWAY (ENHANCE_YOUR_CALM) after ``max_ping_strikes``.
+
+This module must never block or do I/O: it runs on the event loop, per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lethedb_server.config import Config
+
+Release = Callable[[], None]
+
+
+def server_options(config: Config) -> list[tuple[str, Any]]:
+    """The channel arguments of the gRPC server, from the configuration."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(config.keepalive_min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", config.max_ping_strikes),
+        # The server's own keepalive pings must continue on an idle connection
+        # (a subscriber waiting for events), or dead peers would go unnoticed.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class ConnectionStreams:
+    """Streaming calls in progress per connection (the peer address names it).
+
+    Used from the event loop only, so it needs no lock. ``limit`` 0 means
+    no limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, peer: str) -> Release | None:
+        """Count one more call on *peer*'s connection; None when it has no room left."""
+        count = self._open.get(peer, 0)
+        if self.limit and count >= self.limit:
+            return None
+        self._open[peer] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._open[peer] - 1
+            if left:
+                self._open[peer] = left
+            else:
+                del self._open[peer]
+
+        return release
+
+    def refusal(self, peer: str) -> str:
+        return (
+            f"this connection already has {self._open.get(peer, 0)} streaming calls in "
+            f"progress; the limit is {self.limit} (max_streams_per_connection): finish or "
+            "cancel one, or open another connection"
+        )
+
+    def open_calls(self, peer: str) -> int:
+        return self._open.get(peer, 0)
