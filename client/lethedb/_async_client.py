@@ -7,7 +7,7 @@ building, retry decisions and resume bookkeeping come from :mod:`lethedb._base`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -23,8 +23,10 @@ from lethedb._base import (
     ExportCursor,
     ReadCursor,
     StreamReadCursor,
+    VerifyWalk,
     build_append_request,
     build_backup_request,
+    build_commit_request,
     build_export_subject_request,
     build_forget_subject_request,
     build_get_subject_request,
@@ -34,20 +36,28 @@ from lethedb._base import (
     build_set_legal_hold_request,
     to_append_result,
     to_backup_result,
+    to_commit_result,
+    to_rotate_result,
     to_shred_result,
+    to_store_stats,
     to_subject_receipt,
 )
+from lethedb._connection import PemSource
 from lethedb._exceptions import LetheError
 from lethedb._models import (
     ANY,
     Append,
     AppendResult,
     BackupResult,
+    CommitResult,
     Event,
     ExpectedVersion,
     RecordedEvent,
+    RotateResult,
     ShredResult,
+    StoreStats,
     SubjectReceipt,
+    VerifyProgress,
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
@@ -62,7 +72,9 @@ _Response = TypeVar("_Response")
 class AsyncClient(BaseClient):
     """An asyncio LetheDB client; create and use it inside the one event loop it serves.
 
-    Deadlines, retries and idempotency work exactly as in :class:`lethedb.Client`.
+    Deadlines, retries, idempotency and the connection arguments (connection
+    strings, ``tls``, ``ca``, ``client_cert``, ``client_key``, ``token``) work
+    exactly as in :class:`lethedb.Client`.
     """
 
     def __init__(
@@ -75,6 +87,11 @@ class AsyncClient(BaseClient):
         max_backoff: float = 2.0,
         channel_options: Sequence[tuple[str, Any]] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        tls: bool | None = None,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -84,19 +101,24 @@ class AsyncClient(BaseClient):
             max_backoff=max_backoff,
             channel_options=channel_options,
             channel_credentials=channel_credentials,
+            tls=tls,
+            ca=ca,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
         )
-        if channel_credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
+        if self._channel_credentials is None:
+            self._channel = grpc.aio.insecure_channel(self._target, options=self._channel_options)
         else:
             self._channel = grpc.aio.secure_channel(
-                target, channel_credentials, options=self._channel_options
+                self._target, self._channel_credentials, options=self._channel_options
             )
         self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
         self._admin = AsyncAdminClient(self)
 
     @property
     def admin(self) -> AsyncAdminClient:
-        """Operator calls (shred epochs, legal holds, backups) on this client's channel."""
+        """Operator calls (shred epochs, legal holds, backups, stats, verify, key rotation)."""
         return self._admin
 
     async def close(self) -> None:
@@ -148,6 +170,19 @@ class AsyncClient(BaseClient):
             finally:
                 call.cancel()
         return pipeline.results()
+
+    async def commit(
+        self,
+        appends: Sequence[Append],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> CommitResult:
+        """Append to several streams atomically; see :meth:`lethedb.Client.commit`."""
+        request = build_commit_request(appends, idempotency_key)
+        deadline = self._timeout_for(timeout)
+        response = await self._unary(self._stub.Commit, request, deadline)
+        return to_commit_result(response, len(request.appends))
 
     def read_stream(
         self,
@@ -292,6 +327,48 @@ class AsyncAdminClient:
             self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
         )
         return to_backup_result(response)
+
+    async def stats(self, *, timeout: float | None = None) -> StoreStats:
+        """Counts and sizes of the store; see :meth:`lethedb._client.AdminClient.stats`."""
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(self._stub.Stats, apb.StatsRequest(), deadline)
+        return to_store_stats(response)
+
+    async def verify(
+        self,
+        *,
+        progress: Callable[[VerifyProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> VerifyProgress:
+        """Walk the log on the server; see :meth:`lethedb._client.AdminClient.verify`.
+
+        ``progress`` is a plain function, called in the event loop: keep it quick.
+        """
+        walk = VerifyWalk(progress)
+        deadline = self._client._timeout_for(timeout)
+        retrying = self._client._retry_policy.start()
+        while True:
+            call = self._stub.Verify(apb.VerifyRequest(), timeout=deadline)
+            try:
+                async for message in call:
+                    if walk.track(message):
+                        break
+                return walk.finished()
+            except grpc.RpcError as exc:
+                await asyncio.sleep(walk.retry_delay(exc, retrying))
+            finally:
+                call.cancel()
+
+    async def rotate_master_key(self, *, timeout: float | None = None) -> RotateResult:
+        """Re-wrap live keys under a new master key version.
+
+        See :meth:`lethedb._client.AdminClient.rotate_master_key`.
+        """
+        deadline = self._client._timeout_for(timeout)
+        response = await self._client._unary(
+            self._stub.RotateMasterKey, apb.RotateMasterKeyRequest(), deadline
+        )
+        return to_rotate_result(response)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._client._target!r})"

@@ -25,6 +25,8 @@ from typing import Any, Final, TypeAlias
 import grpc
 import msgspec
 
+from lethedb._connection import PemSource
+from lethedb._connection import resolve as resolve_connection
 from lethedb._exceptions import (
     DeadlineExceeded,
     LetheError,
@@ -38,14 +40,18 @@ from lethedb._models import (
     Append,
     AppendResult,
     BackupResult,
+    CommitResult,
     Event,
     ExpectedVersion,
     LegalHold,
     RecordedEvent,
+    RotateResult,
     ShredResult,
+    StoreStats,
     StreamState,
     SubjectReceipt,
     SubjectState,
+    VerifyProgress,
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
@@ -84,17 +90,30 @@ class BaseClient:
         max_backoff: float,
         channel_options: Sequence[tuple[str, Any]] | None,
         channel_credentials: grpc.ChannelCredentials | None,
+        tls: bool | None = None,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
-        if not isinstance(target, str) or not target:
-            raise ValidationError(f"target is {target!r}; it must be a host:port string")
+        # Connection strings, TLS files and tokens: see lethedb._connection.
+        connection = resolve_connection(
+            target,
+            tls=tls,
+            ca=ca,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
+            channel_credentials=channel_credentials,
+        )
         _check_positive("timeout", timeout)
-        self._target = target
+        self._target = connection.target
         self._timeout = float(timeout)
         self._retry_policy = RetryPolicy(
             max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff
         )
-        self._channel_options = tuple(channel_options or ())
-        self._channel_credentials = channel_credentials
+        self._channel_options = tuple(channel_options or ()) + connection.options()
+        self._channel_credentials = connection.credentials(channel_credentials)
 
     def _timeout_for(self, timeout: float | None) -> float:
         """The per-attempt deadline: a retry gets a fresh one, as a new attempt needs it."""
@@ -338,6 +357,85 @@ def error_from_append_error(error: pb.AppendError) -> LetheError:
         error_name=error.error or None,
         actual_version=error.actual_version,
     )
+
+
+def build_commit_request(
+    appends: Sequence[Append], idempotency_key: str | None
+) -> pb.CommitRequest:
+    """Check and encode a multi-stream commit: one part per stream, one key for the whole.
+
+    Each part is checked and encoded exactly as an append would be (errors
+    name it: ``appends[1].events[0].event_type is empty``), and event ids are
+    drawn by the same rule: by the SDK when it also generates the key, by the
+    server when the caller supplies one (see :func:`build_append_request`).
+    A part may not carry an idempotency key of its own: the commit is one
+    request and is deduplicated as a whole.
+    """
+    if not isinstance(appends, Sequence) or isinstance(appends, str | bytes):
+        raise ValidationError(
+            f"appends is {_type_name(appends)}; expected a sequence of lethedb.Append"
+        )
+    if not appends:
+        raise ValidationError("appends is empty; a commit needs at least one Append")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not idempotency_key
+    ):
+        raise ValidationError(
+            f"idempotency_key is {idempotency_key!r}; "
+            "it must be a non-empty str, or None to have one generated"
+        )
+    draw_event_ids = idempotency_key is None
+    parts: list[pb.StreamAppend] = []
+    seen: set[str] = set()
+    for index, item in enumerate(appends):
+        where = f"appends[{index}]."
+        if not isinstance(item, Append):
+            raise ValidationError(
+                f"appends[{index}] is {_type_name(item)}; expected lethedb.Append"
+            )
+        if item.idempotency_key is not None:
+            raise ValidationError(
+                f"{where}idempotency_key is {item.idempotency_key!r}; a commit is deduplicated "
+                "as a whole: leave the parts' keys None and pass idempotency_key to commit"
+            )
+        # A part is encoded as an append; the key given here only decides
+        # whether event ids are drawn now, and is not sent.
+        single = build_append_request(
+            item.stream_id,
+            item.events,
+            item.expected_version,
+            None if draw_event_ids else idempotency_key,
+            where=where,
+        )
+        if single.stream_id in seen:
+            raise ValidationError(
+                f"{where}stream_id {single.stream_id!r} appears twice; "
+                "put all of a stream's events in one Append"
+            )
+        seen.add(single.stream_id)
+        parts.append(
+            pb.StreamAppend(
+                stream_id=single.stream_id,
+                events=single.events,
+                expected_state=single.expected_state,
+                expected_version=single.expected_version,
+            )
+        )
+    return pb.CommitRequest(appends=parts, idempotency_key=idempotency_key or uuid.uuid4().hex)
+
+
+def to_commit_result(response: pb.CommitResponse, parts: int) -> CommitResult:
+    """One result per part, in order; a replayed commit marks every part deduplicated."""
+    if len(response.results) != parts:
+        raise ServerError(
+            f"the server answered a commit of {parts} part(s) with {len(response.results)} "
+            "result(s); it may or may not have been written (retrying with the same "
+            "idempotency key is safe)"
+        )
+    results = tuple(to_append_result(r) for r in response.results)
+    if response.deduplicated:
+        results = tuple(msgspec.structs.replace(r, deduplicated=True) for r in results)
+    return CommitResult(results=results, deduplicated=response.deduplicated)
 
 
 class AppendPipeline:
@@ -722,6 +820,94 @@ def to_backup_result(response: apb.BackupResponse) -> BackupResult:
     )
 
 
+def to_store_stats(response: apb.StatsResponse) -> StoreStats:
+    return StoreStats(
+        last_position=response.last_position,
+        streams=response.streams,
+        subjects=response.subjects,
+        forgotten_subjects=response.forgotten_subjects,
+        pending_shred=response.pending_shred,
+        shred_epoch=response.shred_epoch,
+        master_version=response.master_version,
+        log_file_bytes=response.log_file_bytes,
+        log_map_bytes=response.log_map_bytes,
+        key_file_bytes=response.key_file_bytes,
+        store_id=response.store_id,
+    )
+
+
+def to_verify_progress(message: apb.VerifyProgress) -> VerifyProgress:
+    """Position 0 never holds a record, so on the wire it means "nothing bad found"."""
+    return VerifyProgress(
+        checked=message.checked,
+        last_position=message.last_position,
+        done=message.done,
+        first_bad_position=message.first_bad_position or None,
+        problem=message.problem,
+        redacted=message.redacted,
+    )
+
+
+def to_rotate_result(response: apb.RotateMasterKeyResponse) -> RotateResult:
+    return RotateResult(
+        master_version=response.master_version, rewrapped_keys=response.rewrapped_keys
+    )
+
+
+class VerifyWalk:
+    """Bookkeeping for ``verify``: report each message, keep the final one.
+
+    ``VerifyRequest`` has no start position, so a walk that broke cannot go
+    on where it stopped, and a new call would report progress from zero
+    again. Like an export, it is therefore retried only until its first
+    message arrives; a later failure is raised, with a note saying so.
+    """
+
+    def __init__(self, progress: Callable[[VerifyProgress], None] | None) -> None:
+        if progress is not None and not callable(progress):
+            raise ValidationError(
+                f"progress is {_type_name(progress)}; expected a callable or None"
+            )
+        self._progress = progress
+        self._received = 0
+        self.result: VerifyProgress | None = None
+
+    def track(self, message: apb.VerifyProgress) -> bool:
+        """Report one message; return whether it was the final one."""
+        update = to_verify_progress(message)
+        self._received += 1
+        if update.done:
+            self.result = update
+        if self._progress is not None:
+            self._progress(update)
+        return update.done
+
+    def retry_delay(self, exc: grpc.RpcError, retrying: Retrying) -> float:
+        """Wait before calling again; raises the mapped error once a message has arrived."""
+        error = error_from_rpc_error(exc)
+        if self._received:
+            if RetryPolicy.is_retryable(error):
+                error.add_note(
+                    f"lethedb: not retried: the verification broke after {self._received} "
+                    "progress message(s) and cannot resume where it stopped; "
+                    "call verify again to start over"
+                )
+            raise error from exc
+        delay = retrying.next_delay(error)
+        if delay is None:
+            raise error from exc
+        return delay
+
+    def finished(self) -> VerifyProgress:
+        """The final message; the server closing the call without one broke the contract."""
+        if self.result is None:
+            raise ServerError(
+                f"the server ended the verify stream after {self._received} progress "
+                "message(s) without a final one"
+            )
+        return self.result
+
+
 # --- checks --------------------------------------------------------------------------
 
 
@@ -770,4 +956,4 @@ def _type_name(value: object) -> str:
     if value is None:
         return "None"
     name = type(value).__name__
-    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+    return f"an {name}" if name[0].lower() in "aeiou" else f"a {name}"

@@ -8,7 +8,7 @@ with the asyncio client.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -23,8 +23,10 @@ from lethedb._base import (
     ExportCursor,
     ReadCursor,
     StreamReadCursor,
+    VerifyWalk,
     build_append_request,
     build_backup_request,
+    build_commit_request,
     build_export_subject_request,
     build_forget_subject_request,
     build_get_subject_request,
@@ -34,20 +36,28 @@ from lethedb._base import (
     build_set_legal_hold_request,
     to_append_result,
     to_backup_result,
+    to_commit_result,
+    to_rotate_result,
     to_shred_result,
+    to_store_stats,
     to_subject_receipt,
 )
+from lethedb._connection import PemSource
 from lethedb._exceptions import LetheError
 from lethedb._models import (
     ANY,
     Append,
     AppendResult,
     BackupResult,
+    CommitResult,
     Event,
     ExpectedVersion,
     RecordedEvent,
+    RotateResult,
     ShredResult,
+    StoreStats,
     SubjectReceipt,
+    VerifyProgress,
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
@@ -66,6 +76,12 @@ class Client(BaseClient):
     on UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff, resending
     the identical request, so a retried append is deduplicated by the server
     rather than written twice.
+
+    ``target`` is ``host:port`` or a connection string
+    (``lethedb://host:port?tls=true&ca=/path/ca.pem``); ``tls``, ``ca``,
+    ``client_cert``, ``client_key`` (paths or PEM bytes) and ``token`` (a
+    bearer token, sent only over TLS or to loopback) can also be given as
+    arguments. See :mod:`lethedb._connection`.
     """
 
     def __init__(
@@ -78,6 +94,11 @@ class Client(BaseClient):
         max_backoff: float = 2.0,
         channel_options: Sequence[tuple[str, Any]] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        tls: bool | None = None,
+        ca: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -87,19 +108,24 @@ class Client(BaseClient):
             max_backoff=max_backoff,
             channel_options=channel_options,
             channel_credentials=channel_credentials,
+            tls=tls,
+            ca=ca,
+            client_cert=client_cert,
+            client_key=client_key,
+            token=token,
         )
-        if channel_credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._channel_options)
+        if self._channel_credentials is None:
+            self._channel = grpc.insecure_channel(self._target, options=self._channel_options)
         else:
             self._channel = grpc.secure_channel(
-                target, channel_credentials, options=self._channel_options
+                self._target, self._channel_credentials, options=self._channel_options
             )
         self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
         self._admin = AdminClient(self)
 
     @property
     def admin(self) -> AdminClient:
-        """Operator calls (shred epochs, legal holds, backups) on this client's channel."""
+        """Operator calls (shred epochs, legal holds, backups, stats, verify, key rotation)."""
         return self._admin
 
     def close(self) -> None:
@@ -164,6 +190,38 @@ class Client(BaseClient):
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
         return pipeline.results()
+
+    def commit(
+        self,
+        appends: Sequence[Append],
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> CommitResult:
+        """Append to several streams in one transaction: all or nothing.
+
+        Each :class:`Append` names a stream, its events and its own expected
+        version; its ``idempotency_key`` must be left ``None``, as one key
+        covers the whole commit. If any part fails (a wrong expected version,
+        a forgotten subject, invalid input), nothing of the commit is written
+        and that error is raised. The parts' events take contiguous positions,
+        in the order given. Without an ``idempotency_key`` one is generated,
+        so the SDK's own retries are never written twice; pass your own to make
+        your own retries safe: the server answers them with the first result,
+        marked ``deduplicated``. Example: claim a unique username and create
+        the user together::
+
+            db.commit([
+                Append(f"username-{name}", Event("UsernameClaimed", {"user": user_id}),
+                       expected_version=NO_STREAM),
+                Append(f"user-{user_id}", Event("UserRegistered", {...}, subject_id=user_id),
+                       expected_version=NO_STREAM),
+            ])
+        """
+        request = build_commit_request(appends, idempotency_key)
+        deadline = self._timeout_for(timeout)
+        response = self._unary(self._stub.Commit, request, deadline)
+        return to_commit_result(response, len(request.appends))
 
     def read_stream(
         self,
@@ -349,6 +407,56 @@ class AdminClient:
             self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
         )
         return to_backup_result(response)
+
+    def stats(self, *, timeout: float | None = None) -> StoreStats:
+        """Counts and sizes of the store: positions, streams, subjects, erasures, files."""
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(self._stub.Stats, apb.StatsRequest(), deadline)
+        return to_store_stats(response)
+
+    def verify(
+        self,
+        *,
+        progress: Callable[[VerifyProgress], None] | None = None,
+        timeout: float | None = None,
+    ) -> VerifyProgress:
+        """Walk the whole log on the server, checking its hash chain and every record's tag.
+
+        ``progress`` is called with each message of the walk, about twice a
+        second, the final one included; the final one (``done``) is returned.
+        A bad record does not raise: check ``result.ok``, and
+        ``result.first_bad_position`` and ``result.problem`` say which record
+        and what is wrong. The call is retried only until the first message
+        arrives, since a walk cannot resume. ``timeout`` bounds the whole
+        walk, so give a large store a large one.
+        """
+        walk = VerifyWalk(progress)
+        deadline = self._client._timeout_for(timeout)
+        retrying = self._client._retry_policy.start()
+        while True:
+            call = self._stub.Verify(apb.VerifyRequest(), timeout=deadline)
+            try:
+                for message in call:
+                    if walk.track(message):
+                        break
+                return walk.finished()
+            except grpc.RpcError as exc:
+                time.sleep(walk.retry_delay(exc, retrying))
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]
+
+    def rotate_master_key(self, *, timeout: float | None = None) -> RotateResult:
+        """Re-wrap every live data key under a new master key version.
+
+        Older versions are kept (every key stays readable if the rotation is
+        interrupted); the next shred epoch destroys them. Retrying is safe: a
+        repeat rotates once more.
+        """
+        deadline = self._client._timeout_for(timeout)
+        response = self._client._unary(
+            self._stub.RotateMasterKey, apb.RotateMasterKeyRequest(), deadline
+        )
+        return to_rotate_result(response)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._client._target!r})"

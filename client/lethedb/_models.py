@@ -25,14 +25,18 @@ __all__ = [
     "Append",
     "AppendResult",
     "BackupResult",
+    "CommitResult",
     "Event",
     "ExpectedVersion",
     "LegalHold",
     "RecordedEvent",
+    "RotateResult",
     "ShredResult",
+    "StoreStats",
     "StreamState",
     "SubjectReceipt",
     "SubjectState",
+    "VerifyProgress",
 ]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -174,12 +178,29 @@ class AppendResult(msgspec.Struct, frozen=True):
 
 
 class Append(msgspec.Struct, frozen=True):
-    """One append of a pipelined ``append_many`` call; the arguments of ``append``."""
+    """One append of a pipelined ``append_many`` call, or one stream's part of a ``commit``.
+
+    Its fields are the arguments of ``append``. A commit part leaves
+    ``idempotency_key`` ``None``: the commit has one key for all its parts.
+    """
 
     stream_id: str
     events: Event | Sequence[Event]
     expected_version: ExpectedVersion = ANY
     idempotency_key: str | None = None
+
+
+class CommitResult(msgspec.Struct, frozen=True):
+    """Where an acknowledged multi-stream commit landed: one result per part, in order.
+
+    The parts' events take contiguous log positions, in the order the parts
+    were given. ``deduplicated`` is true when this is the stored result of an
+    earlier commit with the same idempotency key (then every part's result
+    says so too): nothing new was written.
+    """
+
+    results: tuple[AppendResult, ...]
+    deduplicated: bool
 
 
 class SubjectState(enum.Enum):
@@ -260,6 +281,65 @@ class BackupResult(msgspec.Struct, frozen=True):
     last_position: int
     log_bytes: int
     key_bytes: int
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    """Counts and sizes of a store, for operators.
+
+    ``subjects`` counts subjects holding at least one data key (live ones),
+    ``forgotten_subjects`` every tombstoned subject and ``pending_shred`` those
+    whose keys the next shred epoch has still to destroy. ``master_version``
+    is the current master key version. Sizes are in bytes: the log file, the
+    log's LMDB map (its current ceiling) and the key-store file.
+    """
+
+    last_position: int
+    streams: int
+    subjects: int
+    forgotten_subjects: int
+    pending_shred: int
+    shred_epoch: int
+    master_version: int
+    log_file_bytes: int
+    log_map_bytes: int
+    key_file_bytes: int
+    store_id: bytes
+
+
+class VerifyProgress(msgspec.Struct, frozen=True):
+    """Where a verification walk stands; the last one (``done``) is its result.
+
+    ``checked`` records have been verified so far, of ``last_position``: the
+    head when the walk began (records appended since are not part of this
+    walk). As positions start at 1 and have no gaps, ``checked`` is also the
+    position the walk has reached. ``redacted`` counts the checked events of
+    forgotten subjects: their chain links verify, their authentication tags
+    cannot be checked any more, as their keys are gone. When the walk found a
+    bad record, ``first_bad_position`` is its position and ``problem`` says
+    what is wrong; otherwise they are ``None`` and empty.
+    """
+
+    checked: int
+    last_position: int
+    done: bool
+    first_bad_position: int | None = None
+    problem: str = ""
+    redacted: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Nothing bad found (so far, until ``done``)."""
+        return self.first_bad_position is None and not self.problem
+
+
+class RotateResult(msgspec.Struct, frozen=True):
+    """A master key rotation: the new current version and the data keys re-wrapped under it.
+
+    Older master versions still exist until the next shred epoch destroys them.
+    """
+
+    master_version: int
+    rewrapped_keys: int
 
 
 def _describe(value: Any) -> str:

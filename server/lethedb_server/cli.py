@@ -2,7 +2,9 @@
 
 ``serve`` takes every option as a flag, a ``LETHEDB_*`` variable or a key of
 the TOML file given with ``--config``. ``append`` and ``read`` are thin
-wrappers over the SDK for quick use; they print JSON lines.
+wrappers over the SDK for quick use; they print JSON lines. ``verify`` walks
+the log over ``--server``, or offline over ``--data`` while no server runs,
+and exits 1 when a record is bad.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lethedb_server import config as config_module
-from lethedb_server import logs
+from lethedb_server import logs, tokens
 from lethedb_server.errors import LetheError
 
 if TYPE_CHECKING:
@@ -32,18 +35,36 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )
+    switches = config_module.switches()
     for name in config_module.field_names():
+        # A boolean option works as a bare flag (--insecure) or with a value.
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if name in switches else {}
         p.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             default=None,
             help=f"{config_module.HELP[name]} (env {config_module.ENV_PREFIX}{name.upper()})",
+            **switch,
         )
+
+
+DEFAULT_SERVER = "localhost:50051"
+
+
+class _Unset(str):
+    """A default told apart from the same value given on the command line."""
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--server", default="localhost:50051", help="address of the server (default %(default)s)"
+        "--server",
+        default=DEFAULT_SERVER,
+        help="host:port or lethedb://host:port?tls=true&ca=PATH (default %(default)s)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("LETHEDB_TOKEN") or None,
+        help="bearer token (default: env LETHEDB_TOKEN; prefer the variable to the flag)",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
 
@@ -54,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    tokens.add_token_parser(sub)
 
     append = sub.add_parser("append", help="append one event to a stream")
     append.add_argument("stream_id")
@@ -109,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _client_args(backup)
 
+    stats = sub.add_parser("stats", help="counts and sizes of the store")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _client_args(stats)
+
+    verify = sub.add_parser(
+        "verify", help="check the hash chain and every record's authentication tag"
+    )
+    verify.add_argument(
+        "--data", type=Path, default=None, help="check a data directory offline (server stopped)"
+    )
+    verify.add_argument(
+        "--keyring", type=Path, default=None, help="with --data; default: <data>/master.keyring"
+    )
+    _client_args(verify)
+    # The walk is one call: its deadline must fit a whole store, not a page.
+    verify.set_defaults(server=_Unset(DEFAULT_SERVER), timeout=86400.0)
+
+    rotate = sub.add_parser(
+        "rotate-master-key", help="re-wrap live data keys under a new master key version"
+    )
+    _client_args(rotate)
+
     audit = sub.add_parser(
         "audit-erasure", help="prove from the files that forgotten subjects are erased"
     )
@@ -131,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shred": _shred,
         "legal-hold": _legal_hold,
         "backup": _backup,
+        "stats": _stats,
+        "verify": _verify,
+        "rotate-master-key": _rotate_master_key,
         "audit-erasure": _audit,
+        "token": tokens.run_token_command,
     }
     try:
         return commands[args.command](args)
@@ -235,7 +283,7 @@ def _client(args: argparse.Namespace) -> Iterator[lethedb.Client]:
     import lethedb
 
     try:
-        with lethedb.Client(args.server, timeout=args.timeout) as db:
+        with lethedb.Client(args.server, timeout=args.timeout, token=args.token) as db:
             yield db
     except lethedb.LetheError as exc:
         print(f"lethedb: {exc}", file=sys.stderr)
@@ -351,6 +399,110 @@ def _backup(args: argparse.Namespace) -> int:
         f"backed up the log up to position {result.last_position} to {result.destination} "
         f"({result.log_bytes} bytes"
         + (f", key store {result.key_bytes} bytes)" if args.include_keys else ", no keys)")
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from lethedb_server.validation import human_size
+
+    with _client(args) as db:
+        stats = db.admin.stats()
+    if args.json:
+        doc: dict[str, Any] = {name: getattr(stats, name) for name in stats.__struct_fields__}
+        doc["store_id"] = stats.store_id.hex()
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = [
+        ("last position", f"{stats.last_position:,}"),
+        ("streams", f"{stats.streams:,}"),
+        ("subjects (live)", f"{stats.subjects:,}"),
+        ("forgotten subjects", f"{stats.forgotten_subjects:,}"),
+        ("  pending shred", f"{stats.pending_shred:,}"),
+        ("shred epoch", str(stats.shred_epoch)),
+        ("master key version", str(stats.master_version)),
+        ("log file", human_size(stats.log_file_bytes)),
+        ("log map size", human_size(stats.log_map_bytes)),
+        ("key store file", human_size(stats.key_file_bytes)),
+        ("store id", stats.store_id.hex()),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Walk the log over --server, or offline over --data; exit 1 when a record is bad."""
+    from lethedb_server.progress import ProgressBar
+
+    if args.data is not None and not isinstance(args.server, _Unset):
+        raise SystemExit("lethedb: give --server or --data, not both")
+    if args.keyring is not None and args.data is None:
+        raise SystemExit("lethedb: --keyring goes with --data (a server has its own keyring)")
+    if args.data is not None:
+        return _verify_offline(args)
+    with _client(args) as db, ProgressBar("verify") as bar:
+        result = db.admin.verify(
+            progress=lambda p: bar.update(p.checked, p.last_position), timeout=args.timeout
+        )
+    return _verify_outcome(
+        result.checked, result.redacted, result.first_bad_position, result.problem
+    )
+
+
+def _verify_offline(args: argparse.Namespace) -> int:
+    from lethedb_server.errors import DataDirLocked
+    from lethedb_server.progress import ProgressBar
+    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.verify import Verifier
+
+    data: Path = args.data
+    if not (data / "log").is_dir():
+        print(f"lethedb: {data} is not a LetheDB data directory (it has no log/)", file=sys.stderr)
+        return 2
+    # Opening the store must never create a keyring: a fresh one would make
+    # every record look damaged, and a later start could pick it up.
+    keyring: Path = args.keyring or data / "master.keyring"
+    if not keyring.is_file():
+        print(
+            f"lethedb: no master keyring at {keyring}; give its path with --keyring",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        store = Store.open(data, StoreOptions(keyring_path=keyring))
+    except DataDirLocked as exc:
+        print(
+            f"lethedb: {exc}.\nA running server holds {data}: verify through it instead, "
+            "with lethedb verify --server ADDRESS",
+            file=sys.stderr,
+        )
+        return 2
+    with store, ProgressBar("verify") as bar:
+        verifier = Verifier(store.log, store.reader)
+        while verifier.step():
+            bar.update(verifier.checked, verifier.head)
+        bar.update(verifier.checked, verifier.head)
+        verifier.finish()
+    bad = verifier.first_bad_position if not verifier.ok else None
+    return _verify_outcome(verifier.checked, verifier.redacted, bad, verifier.problem)
+
+
+def _verify_outcome(checked: int, redacted: int, bad: int | None, problem: str) -> int:
+    if bad is None and not problem:
+        print(f"OK: {checked} events verified ({redacted} redacted), chain head matches")
+        return 0
+    print(f"FAILED at position {bad if bad is not None else '?'}: {problem}")
+    return 1
+
+
+def _rotate_master_key(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        result = db.admin.rotate_master_key()
+    print(
+        f"master key version {result.master_version} is current: {result.rewrapped_keys} "
+        "live keys re-wrapped; older versions are kept until the next shred epoch"
     )
     return 0
 

@@ -18,6 +18,11 @@ field, the limit and what was found, and never contain event data or keys.
     ├── DataDirLocked            another process holds the data directory
     ├── DataDirDamaged           the files on disk are unusable as they are
     ├── ForkedProcess            a forked child tried to write through its parent's store
+    ├── TooManySubscribers       the server's subscription limit is reached
+    ├── PositionBeyondHead       a subscription starts after a position the log never had
+    ├── NotGroupMember           a checkpoint commit from outside a group's live members
+    ├── SubscriptionReplaced     a newer subscription took over the same group member
+    ├── Overloaded               a server limit on work in flight is reached; retry later
     └── ShuttingDown             the server is draining and takes no new work
 """
 
@@ -106,3 +111,45 @@ class ForkedProcess(LetheError):
             "through it (LMDB environments must not cross fork()); open the store in the "
             "child instead"
         )
+
+
+class TooManySubscribers(LetheError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"the server already serves {limit} subscriptions, its limit (max_subscribers); "
+            "close unused subscriptions, retry later, or raise the limit"
+        )
+
+
+class PositionBeyondHead(LetheError):
+    """A subscription would start after the head: its checkpoint is not from this log.
+
+    Following it would skip the positions up to the checkpoint once the log
+    reaches them, silently; a log restored from an older backup is the usual
+    cause.
+    """
+
+    def __init__(self, what: str, position: int, head: int) -> None:
+        self.position = position
+        self.head = head
+        super().__init__(
+            f"{what} {position} is beyond the head of the log ({head}); the checkpoint "
+            "belongs to another store or to a newer copy of this one"
+        )
+
+
+class NotGroupMember(LetheError):
+    """A checkpoint commit that the group's live membership does not allow."""
+
+
+class SubscriptionReplaced(LetheError):
+    def __init__(self, group: str, member_id: str) -> None:
+        super().__init__(
+            f"member {member_id!r} of group {group!r} subscribed again on another call; "
+            "this call is replaced"
+        )
+
+
+class Overloaded(LetheError):
+    """A limit on work in flight is reached; nothing was done, a later retry may succeed."""

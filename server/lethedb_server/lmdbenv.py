@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -207,10 +208,36 @@ def overwrite_and_remove(path: Path, chunk: int = 1 << 20) -> None:
     fsync_dir(path.parent)
 
 
-def is_disk_full(exc: lmdb.Error) -> bool:
-    """LMDB reports ENOSPC/EDQUOT/EFBIG as plain errors with the errno's text."""
+#: Free bytes below which a file system counts as full when LMDB reports a short write.
+_NEARLY_FULL = 1 << 20
+
+
+def is_disk_full(exc: lmdb.Error, *directories: Path) -> bool:
+    """Whether an LMDB error means the disk holding *directories* is full.
+
+    LMDB reports ENOSPC/EDQUOT/EFBIG as plain errors with the errno's text.
+    A write that fits only in part (the usual first failure on a filling
+    disk, or at RLIMIT_FSIZE) is a *short write*, which LMDB reports as EIO
+    ("short write, filesystem full?"); it counts as a full disk when an
+    environment's file system has (almost) no space left or its data file
+    has reached this process's file-size limit.
+    """
     text = str(exc)
-    return any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+    if any(os.strerror(code) in text for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)):
+        return True
+    return os.strerror(errno.EIO) in text and any(_out_of_space(d) for d in directories)
+
+
+def _out_of_space(directory: Path) -> bool:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    if fs.f_bavail * fs.f_frsize < _NEARLY_FULL:
+        return True
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = _current_file_size(directory / "data.mdb")
+    return limit != resource.RLIM_INFINITY and size + _NEARLY_FULL > limit
 
 
 def _current_file_size(path: Path) -> int:

@@ -23,6 +23,16 @@ from lethedb_server.model import (
     SubjectReceipt,
 )
 from lethedb_server.store import StoreStats
+from lethedb_server.subscriptions import (
+    CaughtUp,
+    Checkpoint,
+    CheckpointResult,
+    EventFilter,
+    Events,
+    Heartbeat,
+    SubscriptionMessage,
+    SubscriptionSpec,
+)
 from lethedb_server.verify import Verifier
 
 #: Target size of one streamed read message. A single event larger than this
@@ -159,3 +169,87 @@ def verify_progress(verifier: Verifier, *, done: bool) -> admin_pb2.VerifyProgre
         problem=verifier.problem,
         redacted=verifier.redacted,
     )
+
+
+# -- subscriptions -----------------------------------------------------------------
+
+
+def subscription_spec(request: pb.SubscribeRequest) -> SubscriptionSpec:
+    start = request.WhichOneof("start")
+    if start == "from_start" and not request.from_start:
+        raise ValidationError("from_start is false; set it to true or leave the start unset")
+    if start == "from_end" and not request.from_end:
+        raise ValidationError("from_end is false; set it to true or leave the start unset")
+    selector = None
+    if request.HasField("filter"):
+        f = request.filter
+        selector = EventFilter(
+            stream_prefixes=tuple(f.stream_prefixes),
+            event_types=frozenset(f.event_types),
+            subject_id=f.subject_id,
+            include_erasures=f.include_erasures,
+        )
+    return SubscriptionSpec(
+        after=request.after_position if start == "after_position" else 0,
+        from_end=start == "from_end",
+        filter=selector,
+        group=request.group,
+        member_id=request.member_id,
+    )
+
+
+def subscribe_responses(
+    item: SubscriptionMessage, max_events: int
+) -> Iterator[pb.SubscribeResponse]:
+    """One engine message as protobuf; a page of events becomes one or more batches.
+
+    A batch holds at most *max_events* events and about READ_MESSAGE_BYTES;
+    events are added in place (``add``) rather than built and copied in.
+    """
+    if isinstance(item, Events):
+        response = pb.SubscribeResponse()
+        batch = response.events.events
+        size = 0
+        for event in item.events:
+            batch.add(
+                position=event.position,
+                stream_id=event.stream_id,
+                stream_version=event.stream_version,
+                event_id=event.event_id,
+                event_type=event.event_type,
+                subject_id=event.subject_id,
+                content_type=event.content_type,
+                recorded_at=event.recorded_at,
+                data=event.data,
+                metadata=event.metadata,
+                redacted=event.redacted,
+            )
+            size += len(event.data) + len(event.metadata) + 96
+            if len(batch) >= max_events or size >= READ_MESSAGE_BYTES:
+                yield response
+                response = pb.SubscribeResponse()
+                batch = response.events.events
+                size = 0
+        if len(batch):
+            yield response
+    elif isinstance(item, CaughtUp):
+        yield pb.SubscribeResponse(caught_up=pb.CaughtUp(position=item.position))
+    elif isinstance(item, Checkpoint):
+        yield pb.SubscribeResponse(checkpoint=pb.Checkpoint(position=item.position))
+    elif isinstance(item, Heartbeat):
+        yield pb.SubscribeResponse(heartbeat=pb.Heartbeat(head=item.head))
+    else:
+        yield pb.SubscribeResponse(
+            assignment=pb.GroupAssignment(
+                group=item.group,
+                member_id=item.member_id,
+                generation=item.generation,
+                members=item.members,
+                member_index=item.member_index,
+                restart_after=item.restart_after,
+            )
+        )
+
+
+def commit_checkpoint_response(result: CheckpointResult) -> pb.CommitCheckpointResponse:
+    return pb.CommitCheckpointResponse(position=result.position, accepted=result.accepted)

@@ -113,6 +113,16 @@ class CommitResult(msgspec.Struct, frozen=True):
     deduplicated: bool = False
 
 
+class CheckpointCommand(msgspec.Struct, frozen=True):
+    """Store a consumer group's checkpoint; through the writer so the log env has one writer."""
+
+    group: str
+    position: int
+
+    def size(self) -> int:
+        return 64
+
+
 class ForgetCommand(msgspec.Struct, frozen=True):
     subject_id: str
     reason: str
@@ -185,7 +195,13 @@ class ShredResult(msgspec.Struct, frozen=True):
 
 
 Command = (
-    AppendCommand | CommitCommand | ForgetCommand | LegalHoldCommand | ShredCommand | RotateCommand
+    AppendCommand
+    | CommitCommand
+    | ForgetCommand
+    | LegalHoldCommand
+    | CheckpointCommand
+    | ShredCommand
+    | RotateCommand
 )
 #: Commands the writer runs alone, between batches.
 MAINTENANCE = (ShredCommand, RotateCommand)

@@ -68,11 +68,20 @@ def server_streaming(
 ) -> Callable[[Any, Any, Context], AsyncIterator[Any]]:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+        messages: AsyncIterator[Any] | None = None
         try:
-            async for message in handler(self, decoded(request), context):
+            messages = handler(self, decoded(request), context)
+            async for message in messages:
                 yield message
         except LetheError as exc:
             await status.abort(context, exc)
+        finally:
+            # Close the handler's generator now (a cancelled call ends here),
+            # not whenever it is collected: its finally blocks release what the
+            # call holds, such as a subscription slot or a group membership.
+            close = getattr(messages, "aclose", None)
+            if close is not None:
+                await close()
 
     return wrapper
 

@@ -8,19 +8,22 @@ become statuses in :mod:`lethedb_server.rpc` and :mod:`lethedb_server.status`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages, status
+from lethedb_server.auth import caller_role
 from lethedb_server.errors import LetheError
 from lethedb_server.model import ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
 from lethedb_server.rpc import Context, Undecodable, decoded, register, server_streaming, unary
 from lethedb_server.store import Store
-from lethedb_server.validation import Validator, check_name
+from lethedb_server.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
+from lethedb_server.validation import MAX_GROUP_BYTES, Validator, check_name
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,16 @@ STREAM_IN_FLIGHT = 256
 class EventStoreService:
     """``lethedb.v1.EventStore``."""
 
-    def __init__(self, store: Store, validator: Validator) -> None:
+    def __init__(
+        self,
+        store: Store,
+        validator: Validator,
+        subscriptions: SubscriptionEngine | None = None,
+    ) -> None:
         self.store = store
         self.validator = validator
+        self.subscriptions = subscriptions or SubscriptionEngine(store)
+        self._last_page: tuple[list[StoredEvent], int, list[pb.SubscribeResponse]] | None = None
 
     async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
         command = messages.append_command(decoded(request))
@@ -110,7 +120,8 @@ class EventStoreService:
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
         reason = request.reason or "unspecified"
         check_name(reason, "reason", 128)
-        command = ForgetCommand(request.subject_id, reason, by_role="admin")
+        # The caller's role from the access interceptor ("admin" when auth is off).
+        command = ForgetCommand(request.subject_id, reason, by_role=caller_role())
         await asyncio.wrap_future(self.store.writer.submit(command))
         return await self._receipt(request.subject_id)
 
@@ -158,6 +169,60 @@ class EventStoreService:
         async for message in _paged(page, start, backwards, request.max_count, _next_position):
             yield message
 
+    @server_streaming
+    async def Subscribe(  # noqa: N802
+        self, request: pb.SubscribeRequest, context: Context
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        """Relay the engine's loop; each yield waits for the transport (flow control)."""
+        spec = messages.subscription_spec(request)
+        self.validator.check_subscription(spec)
+        max_events = request.max_events_per_message or DEFAULT_PAGE
+        subscription = await self.subscriptions.open(spec)
+        try:
+            async with contextlib.aclosing(subscription.messages()) as items:
+                async for item in items:
+                    for message in self._responses(item, max_events):
+                        yield message
+        finally:
+            subscription.close()
+
+    def _responses(
+        self, item: SubscriptionMessage, max_events: int
+    ) -> Iterable[pb.SubscribeResponse]:
+        """Protobuf for one engine message; a page shared by live subscribers is built once.
+
+        Live subscribers woken by the same commit get the same page object
+        from the engine, so the last page's messages are kept and reused (they
+        are only serialized, never changed, by gRPC).
+        """
+        if not isinstance(item, Events):
+            return messages.subscribe_responses(item, max_events)
+        last = self._last_page
+        if last is not None and last[0] is item.events and last[1] == max_events:
+            return last[2]
+        responses = list(messages.subscribe_responses(item, max_events))
+        self._last_page = (item.events, max_events, responses)
+        return responses
+
+    @unary
+    async def CommitCheckpoint(  # noqa: N802
+        self, request: pb.CommitCheckpointRequest, context: Context
+    ) -> pb.CommitCheckpointResponse:
+        check_name(request.group, "group", MAX_GROUP_BYTES)
+        check_name(request.member_id, "member_id", MAX_GROUP_BYTES, required=False)
+        result = await self.subscriptions.commit_checkpoint(
+            request.group, request.position, request.member_id, request.generation
+        )
+        return messages.commit_checkpoint_response(result)
+
+    @unary
+    async def GetCheckpoint(  # noqa: N802
+        self, request: pb.GetCheckpointRequest, context: Context
+    ) -> pb.GetCheckpointResponse:
+        check_name(request.group, "group", MAX_GROUP_BYTES)
+        position = await self.subscriptions.get_checkpoint(request.group)
+        return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
+
 
 def _next_version(event: StoredEvent, backwards: bool) -> int:
     return event.stream_version - 1 if backwards else event.stream_version + 1
@@ -176,7 +241,8 @@ async def _paged(
 ) -> AsyncIterator[pb.ReadResponse]:
     """Read page after page off the event loop until the end or *max_count*."""
     remaining = max_count or _END
-    while remaining > 0 and start >= 0:
+    # after_position = 2**64 - 1 starts past the last u64 key: there is nothing there.
+    while remaining > 0 and 0 <= start <= _END:
         limit = min(DEFAULT_PAGE, remaining)
         events = await asyncio.to_thread(read_page, start, limit)
         for message in messages.read_responses(events):
@@ -207,6 +273,24 @@ def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None
                 pb.ReadResponse,
             ),
             "ReadAll": ("server_streaming", service.ReadAll, pb.ReadAllRequest, pb.ReadResponse),
+            "Subscribe": (
+                "server_streaming",
+                service.Subscribe,
+                pb.SubscribeRequest,
+                pb.SubscribeResponse,
+            ),
+            "CommitCheckpoint": (
+                "unary",
+                service.CommitCheckpoint,
+                pb.CommitCheckpointRequest,
+                pb.CommitCheckpointResponse,
+            ),
+            "GetCheckpoint": (
+                "unary",
+                service.GetCheckpoint,
+                pb.GetCheckpointRequest,
+                pb.GetCheckpointResponse,
+            ),
             "ForgetSubject": (
                 "unary",
                 service.ForgetSubject,

@@ -31,6 +31,11 @@ _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
     errors.DataDirLocked: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DataDirDamaged: grpc.StatusCode.DATA_LOSS,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooManySubscribers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PositionBeyondHead: grpc.StatusCode.OUT_OF_RANGE,
+    errors.NotGroupMember: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SubscriptionReplaced: grpc.StatusCode.ABORTED,
 }
 
 

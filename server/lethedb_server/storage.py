@@ -114,6 +114,9 @@ class LogStore:
         raw = txn.get(subject_id.encode(), db=self.tombstones)
         return None if raw is None else codec.decode_tombstone(raw)
 
+    def put_checkpoint(self, txn: lmdb.Transaction, group: str, position: int) -> None:
+        txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
+
     def put_event(
         self, txn: lmdb.Transaction, position: int, value: bytes, body: RecordBody
     ) -> None:
@@ -183,6 +186,12 @@ class LogStore:
         with self.lmdb.read() as txn:
             info = self.stream_info(txn, stream_id)
         return None if info is None else info.last_version
+
+    def checkpoint(self, group: str) -> int | None:
+        """A consumer group's stored checkpoint, or None if it never stored one."""
+        with self.lmdb.read() as txn:
+            raw = txn.get(group.encode(), db=self.checkpoints)
+        return None if raw is None else codec.from_u64(raw)
 
     def is_forgotten(self, subject_id: str) -> bool:
         with self.lmdb.read() as txn:

@@ -18,7 +18,13 @@ from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
-from lethedb_server.model import RotateCommand, RotateResult, ShredCommand, SubjectReceipt
+from lethedb_server.model import (
+    STORE_SUBJECT,
+    RotateCommand,
+    RotateResult,
+    ShredCommand,
+    SubjectReceipt,
+)
 from lethedb_server.reader import EventReader
 from lethedb_server.storage import LogStore
 from lethedb_server.writer import Writer, WriterLimits
@@ -123,7 +129,10 @@ class Store:
             streams = int(txn.stat(self.log.streams)["entries"])
             forgotten = int(txn.stat(self.log.tombstones)["entries"])
         with self.keys.lmdb.read() as txn:
-            subjects = int(txn.stat(self.keys.lmdb.dbs["dek_state"])["entries"])
+            state = self.keys.lmdb.dbs["dek_state"]
+            subjects = int(txn.stat(state)["entries"])
+            # The store key of subject-less events is not a data subject.
+            subjects -= txn.get(STORE_SUBJECT.encode(), db=state) is not None
         return StoreStats(
             last_position=self.log.head,
             streams=streams,

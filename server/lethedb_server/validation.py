@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
 from lethedb_server.model import AppendCommand, CommitCommand, ProposedEvent
+from lethedb_server.subscriptions import SubscriptionSpec
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 EVENT_ID_SIZE = 16
@@ -63,6 +64,25 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
         )
     if value != value.strip():
         raise ValidationError(f"{field} {value[:40]!r} has leading or trailing white space")
+
+
+#: Most stream prefixes (and, separately, event types) in one subscription filter.
+MAX_FILTER_TERMS = 100
+MAX_GROUP_BYTES = 128
+
+
+def _check_filter_term(value: str, field: str, max_bytes: int) -> None:
+    if not value:
+        raise ValidationError(f"{field} is empty; leave the list empty to match everything")
+    size = len(value.encode())
+    if size > max_bytes:
+        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+    match = _CONTROL.search(value)
+    if match:
+        raise ValidationError(
+            f"{field} contains the control character U+{ord(match.group()):04X} "
+            f"at offset {match.start()}"
+        )
 
 
 class Validator:
@@ -143,6 +163,33 @@ class Validator:
                 f"the commit carries {human_size(size)} of data and metadata; "
                 f"the limit is {human_size(self.limits.max_append_bytes)}"
             )
+
+    def check_subscription(self, spec: SubscriptionSpec) -> None:
+        """Group, member and filter of a Subscribe request.
+
+        Filter terms may name the server's own ``$`` streams and types (a
+        projection may follow ``$erasures``), so they are checked for size
+        and control characters only.
+        """
+        check_name(spec.group, "group", MAX_GROUP_BYTES, required=False)
+        if spec.member_id and not spec.group:
+            raise ValidationError("member_id is set but group is empty; a member needs a group")
+        check_name(spec.member_id, "member_id", MAX_GROUP_BYTES, required=False)
+        selector = spec.filter
+        if selector is None:
+            return
+        terms = (
+            ("filter.stream_prefixes", selector.stream_prefixes, self.limits.max_stream_id_bytes),
+            ("filter.event_types", sorted(selector.event_types), self.limits.max_event_type_bytes),
+        )
+        for field, values, max_bytes in terms:
+            if len(values) > MAX_FILTER_TERMS:
+                raise ValidationError(
+                    f"{field} has {len(values)} entries; the limit is {MAX_FILTER_TERMS}"
+                )
+            for index, value in enumerate(values):
+                _check_filter_term(value, f"{field}[{index}]", max_bytes)
+        self.check_subject_id(selector.subject_id, "filter.subject_id", required=False)
 
     def _check_event(self, event: ProposedEvent, where: str) -> int:
         limits = self.limits

@@ -20,10 +20,10 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
 import lmdb
 import msgspec
@@ -43,6 +43,7 @@ from lethedb_server.errors import (
     IdempotencyConflict,
     LegalHoldActive,
     LetheError,
+    Overloaded,
     ShuttingDown,
     StorageFull,
     SubjectForgotten,
@@ -57,6 +58,7 @@ from lethedb_server.model import (
     MAINTENANCE,
     STORE_SUBJECT,
     AppendCommand,
+    CheckpointCommand,
     Command,
     CommitCommand,
     CommitResult,
@@ -75,7 +77,8 @@ HeadListener = Callable[[int], None]
 #: Runs one maintenance command (a shred epoch, a master key rotation) in the
 #: writer thread, between batches, so it is ordered against every write.
 MaintenanceTask = Callable[[], Any]
-Result = AppendResult | CommitResult | SubjectReceipt
+#: A CheckpointCommand's result is the position it stored.
+Result = AppendResult | CommitResult | SubjectReceipt | int
 _STOP: Final = object()
 _ERASURE_CONTENT_TYPE = "application/json"
 
@@ -87,12 +90,38 @@ class WriterLimits:
     idempotency_window_ns: int = 24 * 3600 * 10**9
     sweep_interval_s: float = 60.0
     sweep_chunk: int = 10_000
+    #: Appends and commits queued or being written at once; beyond it submit
+    #: refuses them with Overloaded (0: no limit). Forgets, legal holds and
+    #: maintenance are never refused: operators must get through an overload.
+    max_inflight_appends: int = 0
+
+
+class WriterObserver(Protocol):
+    """What the writer reports as it works (the metrics implement it).
+
+    Called from the writer thread (``refused`` from the submitting thread):
+    it must be quick and must not raise. The writer knows nothing of what is
+    done with it; without an observer (``Writer.observer`` None) it reports
+    nothing and pays nothing.
+    """
+
+    def batch_committed(
+        self,
+        outcomes: Sequence[tuple[Command, Result | LetheError, float]],
+        commit_seconds: float,
+    ) -> None:
+        """A batch committed: each command, its outcome and the seconds from
+        submit to answer; and how long the LMDB commit (with fsync) took."""
+
+    def refused(self, command: Command, error: LetheError) -> None:
+        """A command was refused at submit (too many in flight, shutting down)."""
 
 
 @dataclass
 class _Pending:
     command: Command
     future: Future[Any]
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -101,6 +130,7 @@ class _BatchState:
 
     meta: LogMeta
     forgotten: dict[str, Tombstone]
+    commit_seconds: float = 0.0
 
 
 class Writer:
@@ -127,6 +157,9 @@ class Writer:
         self._pid = os.getpid()
         self.batches = 0
         self.commands = 0
+        self.observer: WriterObserver | None = None
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------
 
@@ -145,10 +178,32 @@ class Writer:
             raise ForkedProcess(self._pid)
         future: Future[Any] = Future()
         if not self._accepting:
-            future.set_exception(ShuttingDown())
-            return future
+            return self._refuse(command, future, ShuttingDown())
+        if self.limits.max_inflight_appends and isinstance(command, AppendCommand | CommitCommand):
+            with self._inflight_lock:
+                if self._inflight >= self.limits.max_inflight_appends:
+                    return self._refuse(command, future, self._overloaded())
+                self._inflight += 1
+            future.add_done_callback(self._release_inflight)
         self._queue.put(_Pending(command, future))
         return future
+
+    def _refuse(self, command: Command, future: Future[Any], error: LetheError) -> Future[Any]:
+        future.set_exception(error)
+        if self.observer is not None:
+            self.observer.refused(command, error)
+        return future
+
+    def _overloaded(self) -> Overloaded:
+        limit = self.limits.max_inflight_appends
+        return Overloaded(
+            f"the server already has {limit} appends in flight, its limit "
+            "(max_inflight_appends); nothing was written, retry with backoff"
+        )
+
+    def _release_inflight(self, _: Future[Any]) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def append(self, command: AppendCommand, timeout: float | None = None) -> AppendResult:
         """Submit and wait: for in-process callers (tests, benchmarks, tools)."""
@@ -277,7 +332,7 @@ class Writer:
             except lmdb.Error as exc:
                 error: LetheError = (
                     StorageFull(f"the disk holding the data directory is full: {exc}")
-                    if is_disk_full(exc)
+                    if is_disk_full(exc, self.log.lmdb.path, self.keys.lmdb.path)
                     else LetheError(f"storage error; nothing of this batch was written: {exc}")
                 )
                 log.error("batch of %d commands failed: %s", len(live), exc)
@@ -292,6 +347,12 @@ class Writer:
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
+        if self.observer is not None:
+            now = time.monotonic()
+            self.observer.batch_committed(
+                [(p.command, o, now - p.submitted) for p, o in zip(live, outcomes, strict=True)],
+                state.commit_seconds,
+            )
         for listener in self._listeners:
             listener(state.meta.last_position)
 
@@ -342,7 +403,9 @@ class Writer:
                     outcomes.append(result)
             if state.meta is not self.log.meta:
                 self.log.put_meta(txn, state.meta)
+            started = time.perf_counter()
             txn.commit()
+            state.commit_seconds = time.perf_counter() - started
         except BaseException:
             txn.abort()
             raise
@@ -381,6 +444,9 @@ class Writer:
             return self._apply_forget(txn, command, state)
         if isinstance(command, LegalHoldCommand):
             return self._apply_legal_hold(txn, command)
+        if isinstance(command, CheckpointCommand):
+            self.log.put_checkpoint(txn, command.group, command.position)
+            return command.position
         raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
 
     def _apply_commit(
@@ -393,11 +459,14 @@ class Writer:
             digest = command.digest()
             entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
             if entry is not None:
-                return CommitResult(entry.commit, deduplicated=True)
+                replayed = tuple(
+                    msgspec.structs.replace(r, deduplicated=True) for r in entry.commit
+                )
+                return CommitResult(replayed, deduplicated=True)
         meta = state.meta
         results = []
         for part in command.appends:
-            result, meta = self._apply_append(txn, part, meta)
+            result, meta = self._apply_append(txn, part, meta, now)
             results.append(result)
         state.meta = meta
         if command.idempotency_key:
@@ -444,9 +513,10 @@ class Writer:
     # -- one append -------------------------------------------------------------
 
     def _apply_append(
-        self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta
+        self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta, now: int = 0
     ) -> tuple[AppendResult, LogMeta]:
-        now = self._now()
+        """Append one stream's events; *now* lets a commit give all its parts one time."""
+        now = now or self._now()
         digest = b""
         if command.idempotency_key:
             digest = command.digest()

@@ -71,6 +71,10 @@ def test_public_api_is_exactly_the_documented_names():
         "LegalHold",
         "ShredResult",
         "BackupResult",
+        "CommitResult",
+        "StoreStats",
+        "VerifyProgress",
+        "RotateResult",
     }
     for name in lethedb.__all__:
         assert getattr(lethedb, name) is not None

@@ -635,3 +635,405 @@ class SubjectReceipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubjectReceipt: _TypeAlias = SubjectReceipt  # noqa: Y015
+
+@_typing.final
+class SubscriptionFilter(_message.Message):
+    """-- Subscriptions -----------------------------------------------------------
+
+    A subscription reads the log by position, first catching up and then
+    following new appends, in one server-side loop: there is no hand-over
+    between the two, so an unfiltered subscriber sees every position exactly
+    once, in order. Events of forgotten subjects arrive redacted, never
+    skipped. A subscriber that stops reading is held back by gRPC flow control.
+
+    Which events a subscription delivers. Every condition that is set must
+    hold (an empty list or string sets no condition).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_PREFIXES_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_ERASURES_FIELD_NUMBER: _builtins.int
+    subject_id: _builtins.str
+    """The event belongs to this data subject."""
+    include_erasures: _builtins.bool
+    """Also deliver every erasure event ($subject.forgotten in $erasures)
+    whatever the conditions above, so a filtered projection can still
+    delete what it derived from a forgotten subject.
+    """
+    @_builtins.property
+    def stream_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The stream id starts with one of these prefixes."""
+
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The event type is one of these."""
+
+    def __init__(
+        self,
+        *,
+        stream_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        subject_id: _builtins.str = ...,
+        include_erasures: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_types", b"event_types", "include_erasures", b"include_erasures", "stream_prefixes", b"stream_prefixes", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriptionFilter: _TypeAlias = SubscriptionFilter  # noqa: Y015
+
+@_typing.final
+class SubscribeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    FROM_START_FIELD_NUMBER: _builtins.int
+    FROM_END_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    after_position: _builtins.int
+    """Deliver the events after this position (0: every event). A position
+    beyond the head is refused with OUT_OF_RANGE: the subscriber's
+    checkpoint belongs to another store or to a newer copy of this one.
+    """
+    from_start: _builtins.bool
+    """Deliver every event. Must be true when set."""
+    from_end: _builtins.bool
+    """Deliver only events appended after the subscription started. Must be
+    true when set.
+    """
+    group: _builtins.str
+    """Join this consumer group: its members share the events (each subject
+    to one member) and the group's checkpoint is kept by the server.
+    """
+    member_id: _builtins.str
+    """The member's id within the group (opaque, no personal data). Empty: the
+    server assigns one and reports it in the first GroupAssignment. A second
+    subscription with the same group and member id replaces the first, which
+    ends with ABORTED.
+    """
+    max_events_per_message: _builtins.int
+    """Most events in one EventBatch message; 0: the server's default (512)."""
+    @_builtins.property
+    def filter(self) -> Global___SubscriptionFilter:
+        """Unset: every event."""
+
+    def __init__(
+        self,
+        *,
+        after_position: _builtins.int = ...,
+        from_start: _builtins.bool = ...,
+        from_end: _builtins.bool = ...,
+        filter: Global___SubscriptionFilter | None = ...,
+        group: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        max_events_per_message: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "filter", b"filter", "from_end", b"from_end", "from_start", b"from_start", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "filter", b"filter", "from_end", b"from_end", "from_start", b"from_start", "group", b"group", "max_events_per_message", b"max_events_per_message", "member_id", b"member_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["after_position", "from_start", "from_end"]  # noqa: Y015
+    _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_start) -> _WhichOneofReturnType_start | None: ...
+
+Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> Global___EventBatch:
+        """The next events in log order (only those the filter and, for a group,
+        the member's partitions select).
+        """
+
+    @_builtins.property
+    def caught_up(self) -> Global___CaughtUp:
+        """Sent once per session (and once per group assignment) when the
+        subscription first reaches the head.
+        """
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """Progress over events the filter skipped."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Nothing else was sent for a few seconds: the call is alive."""
+
+    @_builtins.property
+    def assignment(self) -> Global___GroupAssignment:
+        """Consumer groups only: this member's share of the events, sent first
+        and again at every rebalance.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: Global___EventBatch | None = ...,
+        caught_up: Global___CaughtUp | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        assignment: Global___GroupAssignment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "caught_up", b"caught_up", "checkpoint", b"checkpoint", "events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "caught_up", b"caught_up", "checkpoint", b"checkpoint", "events", b"events", "heartbeat", b"heartbeat", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["events", "caught_up", "checkpoint", "heartbeat", "assignment"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
+
+@_typing.final
+class EventBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RecordedEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
+class CaughtUp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The head when the subscription reached it: every event up to it has
+    been delivered or skipped by the filter.
+    """
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaughtUp: _TypeAlias = CaughtUp  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """Every event up to `position` has been delivered or skipped by the filter:
+    resuming with after_position = position loses nothing. Sent after a page
+    (up to 512 events) once 1,000 skipped events are unreported, and at the
+    latest one second after a skip.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    head: _builtins.int
+    """The server's last committed position, for lag monitoring."""
+    def __init__(
+        self,
+        *,
+        head: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class GroupAssignment(_message.Message):
+    """A consumer group member's share of the log. Members are the group's live
+    subscriptions on this server, sorted by id; an event belongs to
+    members[partition(key) % len(members)], where key is the event's subject
+    id or, for an event without one, its stream id, and partition(key) is the
+    first 8 bytes of BLAKE2b(key, digest_size=8), big-endian. Erasure events go
+    to every member. At every join or leave the generation grows and every
+    member restarts after the group's checkpoint (`restart_after`) with the
+    new share: events after the checkpoint may be delivered again (at least
+    once across a rebalance), none is lost. Within one assignment positions
+    strictly increase.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MEMBER_INDEX_FIELD_NUMBER: _builtins.int
+    RESTART_AFTER_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    member_id: _builtins.str
+    generation: _builtins.int
+    member_index: _builtins.int
+    restart_after: _builtins.int
+    """Delivery continues with the events after this position."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        member_index: _builtins.int = ...,
+        restart_after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "member_id", b"member_id", "member_index", b"member_index", "members", b"members", "restart_after", b"restart_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupAssignment: _TypeAlias = GroupAssignment  # noqa: Y015
+
+@_typing.final
+class CommitCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    position: _builtins.int
+    """A member reports that it has handled every event (and checkpoint) it
+    received up to this position; the group's stored checkpoint becomes the
+    lowest position reported by its live members. Without member_id the
+    position is stored as the group's checkpoint as given (also backwards,
+    to replay), which is refused while the group has live members.
+    """
+    member_id: _builtins.str
+    generation: _builtins.int
+    """The generation of the member's current GroupAssignment. A commit for an
+    older generation is not applied (accepted = false): the events it covers
+    were handed out again at the rebalance.
+    """
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        position: _builtins.int = ...,
+        member_id: _builtins.str = ...,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "group", b"group", "member_id", b"member_id", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitCheckpointRequest: _TypeAlias = CommitCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class CommitCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The group's checkpoint as stored (durably) after this call."""
+    accepted: _builtins.bool
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        accepted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitCheckpointResponse: _TypeAlias = CommitCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class GetCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointRequest: _TypeAlias = GetCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class GetCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """False when the group has never stored a checkpoint."""
+    position: _builtins.int
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointResponse: _TypeAlias = GetCheckpointResponse  # noqa: Y015

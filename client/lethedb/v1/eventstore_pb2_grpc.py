@@ -59,6 +59,21 @@ class EventStoreStub:
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.SerializeToString,
                 response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/lethedb.v1.EventStore/Subscribe',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.CommitCheckpoint = channel.unary_unary(
+                '/lethedb.v1.EventStore/CommitCheckpoint',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/lethedb.v1.EventStore/GetCheckpoint',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
         self.ForgetSubject = channel.unary_unary(
                 '/lethedb.v1.EventStore/ForgetSubject',
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.ForgetSubjectRequest.SerializeToString,
@@ -114,6 +129,27 @@ class EventStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Follow the log: catch up from a position, then receive new events as
+        they commit, in one stream with no gap and no duplicate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitCheckpoint(self, request, context):
+        """Store a consumer group's progress (durably, through the writer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ForgetSubject(self, request, context):
         """Forget a data subject (GDPR right to erasure): tombstone, erasure event
         in stream $erasures, keys destroyed. Idempotent; admin only.
@@ -163,6 +199,21 @@ def add_EventStoreServicer_to_server(servicer, server):
                     servicer.ReadAll,
                     request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.FromString,
                     response_serializer=lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.SubscribeRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'CommitCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitCheckpoint,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointResponse.SerializeToString,
             ),
             'ForgetSubject': grpc.unary_unary_rpc_method_handler(
                     servicer.ForgetSubject,
@@ -315,6 +366,87 @@ class EventStore:
             '/lethedb.v1.EventStore/ReadAll',
             lethedb_dot_v1_dot_eventstore__pb2.ReadAllRequest.SerializeToString,
             lethedb_dot_v1_dot_eventstore__pb2.ReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lethedb.v1.EventStore/Subscribe',
+            lethedb_dot_v1_dot_eventstore__pb2.SubscribeRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/CommitCheckpoint',
+            lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.CommitCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/GetCheckpoint',
+            lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.GetCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

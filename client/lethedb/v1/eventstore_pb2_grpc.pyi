@@ -49,6 +49,13 @@ class EventStoreStub:
     """
     ReadStream: _grpc.UnaryStreamMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadResponse]
     ReadAll: _grpc.UnaryStreamMultiCallable[_eventstore_pb2.ReadAllRequest, _eventstore_pb2.ReadResponse]
+    Subscribe: _grpc.UnaryStreamMultiCallable[_eventstore_pb2.SubscribeRequest, _eventstore_pb2.SubscribeResponse]
+    """Follow the log: catch up from a position, then receive new events as
+    they commit, in one stream with no gap and no duplicate.
+    """
+    CommitCheckpoint: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.CommitCheckpointRequest, _eventstore_pb2.CommitCheckpointResponse]
+    """Store a consumer group's progress (durably, through the writer)."""
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.GetCheckpointRequest, _eventstore_pb2.GetCheckpointResponse]
     ForgetSubject: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.ForgetSubjectRequest, _eventstore_pb2.SubjectReceipt]
     """Forget a data subject (GDPR right to erasure): tombstone, erasure event
     in stream $erasures, keys destroyed. Idempotent; admin only.
@@ -74,6 +81,13 @@ class EventStoreAsyncStub(EventStoreStub):
     """
     ReadStream: _aio.UnaryStreamMultiCallable[_eventstore_pb2.ReadStreamRequest, _eventstore_pb2.ReadResponse]  # type: ignore[assignment]
     ReadAll: _aio.UnaryStreamMultiCallable[_eventstore_pb2.ReadAllRequest, _eventstore_pb2.ReadResponse]  # type: ignore[assignment]
+    Subscribe: _aio.UnaryStreamMultiCallable[_eventstore_pb2.SubscribeRequest, _eventstore_pb2.SubscribeResponse]  # type: ignore[assignment]
+    """Follow the log: catch up from a position, then receive new events as
+    they commit, in one stream with no gap and no duplicate.
+    """
+    CommitCheckpoint: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.CommitCheckpointRequest, _eventstore_pb2.CommitCheckpointResponse]  # type: ignore[assignment]
+    """Store a consumer group's progress (durably, through the writer)."""
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.GetCheckpointRequest, _eventstore_pb2.GetCheckpointResponse]  # type: ignore[assignment]
     ForgetSubject: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.ForgetSubjectRequest, _eventstore_pb2.SubjectReceipt]  # type: ignore[assignment]
     """Forget a data subject (GDPR right to erasure): tombstone, erasure event
     in stream $erasures, keys destroyed. Idempotent; admin only.
@@ -126,6 +140,31 @@ class EventStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _eventstore_pb2.ReadAllRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_eventstore_pb2.ReadResponse], _abc.AsyncIterator[_eventstore_pb2.ReadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Subscribe(
+        self,
+        request: _eventstore_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_eventstore_pb2.SubscribeResponse], _abc.AsyncIterator[_eventstore_pb2.SubscribeResponse]]:
+        """Follow the log: catch up from a position, then receive new events as
+        they commit, in one stream with no gap and no duplicate.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitCheckpoint(
+        self,
+        request: _eventstore_pb2.CommitCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eventstore_pb2.CommitCheckpointResponse, _abc.Awaitable[_eventstore_pb2.CommitCheckpointResponse]]:
+        """Store a consumer group's progress (durably, through the writer)."""
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _eventstore_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eventstore_pb2.GetCheckpointResponse, _abc.Awaitable[_eventstore_pb2.GetCheckpointResponse]]: ...
 
     @_abc_1.abstractmethod
     def ForgetSubject(
