@@ -6,7 +6,10 @@ one protobuf object per event, no intermediate dicts.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+
+import msgspec
 
 from lethedb.v1 import admin_pb2
 from lethedb.v1 import eventstore_pb2 as pb
@@ -74,17 +77,11 @@ def commit_response(result: CommitResult) -> pb.CommitResponse:
 
 
 def append_response(result: AppendResult) -> pb.AppendResponse:
-    return pb.AppendResponse(
-        first_position=result.first_position,
-        last_position=result.last_position,
-        first_version=result.first_version,
-        last_version=result.last_version,
-        recorded_at=result.recorded_at,
-        deduplicated=result.deduplicated,
-    )
+    return pb.AppendResponse(**msgspec.structs.asdict(result))
 
 
 def recorded_event(event: StoredEvent) -> pb.RecordedEvent:
+    # Spelled out rather than built from a dict: this runs once per event read.
     return pb.RecordedEvent(
         position=event.position,
         stream_id=event.stream_id,
@@ -135,29 +132,11 @@ def subject_receipt(receipt: SubjectReceipt) -> pb.SubjectReceipt:
 
 
 def shred_response(result: ShredResult) -> admin_pb2.ShredResponse:
-    return admin_pb2.ShredResponse(
-        epoch=result.epoch,
-        master_version=result.master_version,
-        live_keys=result.live_keys,
-        shredded_subjects=result.shredded_subjects,
-        completed_at=result.completed_at,
-    )
+    return admin_pb2.ShredResponse(**msgspec.structs.asdict(result))
 
 
 def stats_response(stats: StoreStats) -> admin_pb2.StatsResponse:
-    return admin_pb2.StatsResponse(
-        last_position=stats.last_position,
-        streams=stats.streams,
-        subjects=stats.subjects,
-        forgotten_subjects=stats.forgotten_subjects,
-        pending_shred=stats.pending_shred,
-        shred_epoch=stats.shred_epoch,
-        master_version=stats.master_version,
-        log_file_bytes=stats.log_file_bytes,
-        log_map_bytes=stats.log_map_bytes,
-        key_file_bytes=stats.key_file_bytes,
-        store_id=stats.store_id,
-    )
+    return admin_pb2.StatsResponse(**dataclasses.asdict(stats))
 
 
 def verify_progress(verifier: Verifier, *, done: bool) -> admin_pb2.VerifyProgress:
