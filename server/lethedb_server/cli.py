@@ -153,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _client_args(rotate)
 
+    project = sub.add_parser(
+        "project",
+        help="run a projection daemon: follow the log into a derived store",
+        description="Import PROJECTION (module:Class, a lethedb.projections.Projection), "
+        "and keep it up to date with the log until SIGTERM or SIGINT, which finish the "
+        "current batch and exit 0. The working directory is importable.",
+    )
+    project.add_argument("projection", help="module:Class, e.g. myapp.projections:Users")
+    project.add_argument(
+        "--db", default=None, help="passed to the class (SQLiteProjection: the database file)"
+    )
+    project.add_argument("--group", default=None, help="consumer group on the server")
+    project.add_argument(
+        "--member-id", default=None, help="member id in the group (default: projection)"
+    )
+    project.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="drop the projection's state and replay the log from position 0, with progress",
+    )
+    project.add_argument(
+        "--until-caught-up", action="store_true", help="exit once the head of the log is reached"
+    )
+    _client_args(project)
+
     audit = sub.add_parser(
         "audit-erasure", help="prove from the files that forgotten subjects are erased"
     )
@@ -179,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify": _verify,
         "rotate-master-key": _rotate_master_key,
         "audit-erasure": _audit,
+        "project": _project,
         "token": tokens.run_token_command,
     }
     try:
@@ -505,6 +531,73 @@ def _rotate_master_key(args: argparse.Namespace) -> int:
         "live keys re-wrapped; older versions are kept until the next shred epoch"
     )
     return 0
+
+
+def _project(args: argparse.Namespace) -> int:
+    """Run a projection until SIGTERM/SIGINT (exit 0) or an error (exit 1)."""
+    import signal
+
+    import lethedb
+    from lethedb.projections import Projection, ProjectionRunner
+    from lethedb_server.progress import ProgressBar
+
+    logs.configure("info", "text")
+    cls = _import_projection(args.projection)
+    try:
+        projection = cls(args.db) if args.db is not None else cls()
+    except TypeError as exc:
+        raise SystemExit(f"lethedb: cannot create {args.projection}: {exc}") from None
+    assert isinstance(projection, Projection)
+    bar = ProgressBar("rebuild") if args.rebuild else None
+
+    def progress(position: int, head: int) -> None:
+        if bar is not None:
+            bar.update(position, head)
+
+    with _client(args) as db:
+        try:
+            runner = ProjectionRunner(
+                projection,
+                db,
+                group=args.group,
+                member_id=args.member_id,
+                until_caught_up=args.until_caught_up,
+                progress=progress,
+            )
+        except lethedb.LetheError as exc:
+            print(f"lethedb: {exc}", file=sys.stderr)
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: runner.stop())
+        try:
+            position = runner.run(rebuild=args.rebuild)
+        finally:
+            if bar is not None:
+                bar.close()
+    print(f"lethedb: {args.projection} stopped at position {position}", file=sys.stderr)
+    return 0
+
+
+def _import_projection(spec: str) -> type[Any]:
+    import importlib
+
+    from lethedb.projections import Projection
+
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise SystemExit(f"lethedb: projection is {spec!r}; expected module:Class")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the application's own modules
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"lethedb: cannot import {module_name}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, Projection):
+        raise SystemExit(
+            f"lethedb: {spec} is not a projection class (a lethedb.projections.Projection)"
+        )
+    return cls
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -55,8 +55,14 @@ def event_aad(
     subject_id: str,
     event_id: bytes,
     dek_version: int,
+    content_type: str,
+    recorded_at: int,
 ) -> bytes:
-    """Associated data of an event ciphertext: every field that names its slot."""
+    """Associated data of an event ciphertext: every clear field of its record.
+
+    Binding all of them means a read never returns an altered clear field: a
+    flipped byte anywhere in the record fails the tag, not just in the slot.
+    """
     return _encode(
         (
             b"lethedb.event.v1",
@@ -68,6 +74,8 @@ def event_aad(
             subject_id,
             event_id,
             dek_version,
+            content_type,
+            recorded_at,
         )
     )
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import lmdb
 
-from lethedb_server.errors import DataDirDamaged, StorageFull
+from lethedb_server.errors import DataDirDamaged, DataLoss, StorageFull
 
 _MDB_MAGIC = 0xBEEFC0DE
 _META_LAYOUT = struct.Struct("<IIQQ")  # magic, version, address, mapsize
@@ -135,7 +135,13 @@ class LmdbEnv:
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction; never hold it across a wait."""
         with self._gate.shared(), self.env.begin(buffers=False) as txn:
-            yield txn
+            try:
+                yield txn
+            except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+                # A damaged page of LMDB's own structure (it has no checksums).
+                raise DataLoss(
+                    f"{self.path}/data.mdb is damaged ({exc}); restore it from a backup"
+                ) from exc
 
     def begin_write(self) -> lmdb.Transaction:
         """Only the writer thread (or start-up code before it runs) calls this."""

@@ -63,8 +63,8 @@ class EventReader:
                 "and the subject was never forgotten"
             )
         aad = event_aad(
-            self.log.store_id, position, body.stream_id, body.stream_version,
-            body.event_type, body.subject_id, body.event_id, body.dek_version,
+            self.log.store_id, position, body.stream_id, body.stream_version, body.event_type,
+            body.subject_id, body.event_id, body.dek_version, body.content_type, body.recorded_at,
         )  # fmt: skip
         try:
             payload = codec.decode_payload(aead.decrypt(body.nonce, body.ciphertext, aad))

@@ -539,8 +539,8 @@ class Writer:
             event_id = event.event_id or uuid.uuid4().bytes
             nonce = new_nonce()
             aad = event_aad(
-                meta.store_id, position, command.stream_id, version,
-                event.event_type, event.subject_id, event_id, dek_version,
+                meta.store_id, position, command.stream_id, version, event.event_type,
+                event.subject_id, event_id, dek_version, event.content_type, now,
             )  # fmt: skip
             body = RecordBody(
                 format=codec.RECORD_FORMAT,
