@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest

@@ -26,14 +26,17 @@ from lethedb._base import (
     VerifyWalk,
     build_append_request,
     build_backup_request,
+    build_checkpoint_request,
     build_commit_request,
     build_export_subject_request,
     build_forget_subject_request,
+    build_get_checkpoint_request,
     build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
     build_release_legal_hold_request,
     build_set_legal_hold_request,
+    build_subscribe_request,
     to_append_result,
     to_backup_result,
     to_commit_result,
@@ -57,8 +60,10 @@ from lethedb._models import (
     ShredResult,
     StoreStats,
     SubjectReceipt,
+    SubscriptionFilter,
     VerifyProgress,
 )
+from lethedb._subscriptions import AsyncSubscription
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
@@ -235,6 +240,50 @@ class AsyncClient(BaseClient):
         """
         cursor = ExportCursor(build_export_subject_request(subject_id))
         return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+
+    def subscribe(
+        self,
+        *,
+        after: int | None = None,
+        from_start: bool = False,
+        from_end: bool = False,
+        filter: SubscriptionFilter | None = None,
+        group: str | None = None,
+        member_id: str | None = None,
+        reconnect: bool = True,
+        batch_size: int | None = None,
+    ) -> AsyncSubscription:
+        """Follow the log (``async for``); see :meth:`lethedb.Client.subscribe`."""
+        request = build_subscribe_request(
+            after=after,
+            from_start=from_start,
+            from_end=from_end,
+            filter=filter,
+            group=group,
+            member_id=member_id,
+            batch_size=batch_size,
+        )
+        return AsyncSubscription(self, request, self._retry_policy, reconnect)
+
+    async def get_checkpoint(self, group: str, *, timeout: float | None = None) -> int | None:
+        """A consumer group's stored checkpoint, or None when it never stored one."""
+        request = build_get_checkpoint_request(group)
+        deadline = self._timeout_for(timeout)
+        response = await self._unary(self._stub.GetCheckpoint, request, deadline)
+        return response.position if response.found else None
+
+    async def set_checkpoint(
+        self, group: str, position: int, *, timeout: float | None = None
+    ) -> None:
+        """Set a consumer group's stored checkpoint, also backwards (to replay).
+
+        Only while the group has no live member on the server (NotGroupMember
+        otherwise): members move the checkpoint with ``subscription.commit()``.
+        PositionBeyondHead when ``position`` is beyond the head of the log.
+        """
+        request = build_checkpoint_request(group, position)
+        deadline = self._timeout_for(timeout)
+        await self._unary(self._stub.CommitCheckpoint, request, deadline)
 
     async def _unary(
         self,

@@ -26,14 +26,17 @@ from lethedb._base import (
     VerifyWalk,
     build_append_request,
     build_backup_request,
+    build_checkpoint_request,
     build_commit_request,
     build_export_subject_request,
     build_forget_subject_request,
+    build_get_checkpoint_request,
     build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
     build_release_legal_hold_request,
     build_set_legal_hold_request,
+    build_subscribe_request,
     to_append_result,
     to_backup_result,
     to_commit_result,
@@ -57,8 +60,10 @@ from lethedb._models import (
     ShredResult,
     StoreStats,
     SubjectReceipt,
+    SubscriptionFilter,
     VerifyProgress,
 )
+from lethedb._subscriptions import Subscription
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
@@ -300,6 +305,82 @@ class Client(BaseClient):
         """
         cursor = ExportCursor(build_export_subject_request(subject_id))
         return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+
+    def subscribe(
+        self,
+        *,
+        after: int | None = None,
+        from_start: bool = False,
+        from_end: bool = False,
+        filter: SubscriptionFilter | None = None,
+        group: str | None = None,
+        member_id: str | None = None,
+        reconnect: bool = True,
+        batch_size: int | None = None,
+    ) -> Subscription:
+        """Follow the log: catch up, then receive new events as they are committed.
+
+        Start strictly ``after`` a position (a saved checkpoint), ``from_start``
+        (the default) or ``from_end`` (only events committed from now on). An
+        unfiltered subscription delivers every position exactly once, in order,
+        including redacted events of forgotten subjects and the
+        ``$subject.forgotten`` events that tell a projection to delete what it
+        derived. ``filter`` selects events on the server (see
+        :class:`SubscriptionFilter`); skipped stretches arrive as
+        :class:`Checkpoint` items. ``batch_size`` caps the events per message.
+
+        With ``reconnect`` (the default) a lost connection (UNAVAILABLE) is
+        re-established with backoff, for as long as it takes, and delivery
+        resumes after the last position received: a server restart causes
+        no gap and no duplicate. Other errors end the iteration with their
+        exception. Arguments are checked now; the call starts on the first
+        ``next()``. See :class:`lethedb.Subscription`.
+
+        **Consumer groups.** With ``group`` the subscription joins that group:
+        its members share the events, every event of one subject to the same
+        member, in order; erasure events go to every member. ``member_id``
+        names this member (default: the server assigns one, kept across
+        reconnects). The server keeps the group's checkpoint: call
+        ``subscription.commit()`` after handling events, and a member (or a
+        restarted group) starts after the lowest position all live members
+        committed; the start given here counts only for a group that has no
+        checkpoint yet. Delivery is **at least once across a rebalance**: when a
+        member joins or leaves (or reconnects), every member restarts after the
+        group's checkpoint with its new share, so events after it may be
+        delivered again, to the same member or another; within one assignment
+        positions strictly increase. Handlers must therefore be idempotent, or
+        store the positions they applied with their effects (the projection
+        runtime in :mod:`lethedb.projections` does). The current assignment is
+        ``subscription.assignment``.
+        """
+        request = build_subscribe_request(
+            after=after,
+            from_start=from_start,
+            from_end=from_end,
+            filter=filter,
+            group=group,
+            member_id=member_id,
+            batch_size=batch_size,
+        )
+        return Subscription(self, request, self._retry_policy, reconnect)
+
+    def get_checkpoint(self, group: str, *, timeout: float | None = None) -> int | None:
+        """A consumer group's stored checkpoint, or None when it never stored one."""
+        request = build_get_checkpoint_request(group)
+        deadline = self._timeout_for(timeout)
+        response = self._unary(self._stub.GetCheckpoint, request, deadline)
+        return response.position if response.found else None
+
+    def set_checkpoint(self, group: str, position: int, *, timeout: float | None = None) -> None:
+        """Set a consumer group's stored checkpoint, also backwards (to replay).
+
+        Only while the group has no live member on the server (NotGroupMember
+        otherwise): members move the checkpoint with ``subscription.commit()``.
+        PositionBeyondHead when ``position`` is beyond the head of the log.
+        """
+        request = build_checkpoint_request(group, position)
+        deadline = self._timeout_for(timeout)
+        self._unary(self._stub.CommitCheckpoint, request, deadline)
 
     def _unary(
         self,

@@ -21,6 +21,10 @@ sensible type. Nothing else in the SDK decides which exception a status becomes.
     ├── DeadlineExceeded         the call's deadline passed (after every retry)
     ├── Unauthenticated          the call carried no valid credentials
     ├── PermissionDenied         the credentials lack the role the call needs
+    ├── TooManySubscribers       the server serves its maximum of subscriptions
+    ├── PositionBeyondHead       a subscription's start (or checkpoint) is beyond the log's head
+    ├── NotGroupMember           a group checkpoint commit the group's membership does not allow
+    ├── SubscriptionReplaced     another subscription took over this group member's id
     └── ServerError              anything else the server reported
 
 This module must not import the generated protobuf modules: it knows statuses,
@@ -40,11 +44,15 @@ __all__ = [
     "IdempotencyConflict",
     "LegalHoldActive",
     "LetheError",
+    "NotGroupMember",
     "PermissionDenied",
+    "PositionBeyondHead",
     "ServerError",
     "StorageFull",
     "StreamNotFound",
     "SubjectForgotten",
+    "SubscriptionReplaced",
+    "TooManySubscribers",
     "Unauthenticated",
     "Unavailable",
     "ValidationError",
@@ -141,6 +149,32 @@ class PermissionDenied(LetheError):
     """The call's credentials do not hold the role the operation needs."""
 
 
+class TooManySubscribers(LetheError):
+    """The server already serves its maximum of subscriptions (``max_subscribers``)."""
+
+
+class PositionBeyondHead(LetheError):
+    """A subscription would start beyond the head of the log.
+
+    The position (a consumer's saved checkpoint, or a group's stored one)
+    belongs to another store or to a newer copy of this one, for example a log
+    restored from an older backup. Following it would silently skip events
+    once the log reaches it, so the server refuses; rebuild the consumer.
+    """
+
+
+class NotGroupMember(LetheError):
+    """A group checkpoint commit that the group's live membership does not allow.
+
+    A member's commit after it left the group (its share has moved to the
+    live members), or a commit without a member while the group has live members.
+    """
+
+
+class SubscriptionReplaced(LetheError):
+    """A newer subscription with the same group and member id took over this one."""
+
+
 class ServerError(LetheError):
     """The server reported an error the SDK has no more specific type for."""
 
@@ -160,6 +194,10 @@ _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "DataDirDamaged": DataLoss,
     "DataDirLocked": ServerError,
     "ShuttingDown": Unavailable,
+    "TooManySubscribers": TooManySubscribers,
+    "PositionBeyondHead": PositionBeyondHead,
+    "NotGroupMember": NotGroupMember,
+    "SubscriptionReplaced": SubscriptionReplaced,
 }
 
 # FAILED_PRECONDITION is deliberately absent: it means several different
@@ -171,6 +209,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[LetheError]]] = {
     grpc.StatusCode.NOT_FOUND: StreamNotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: StorageFull,
     grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.OUT_OF_RANGE: PositionBeyondHead,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,

@@ -25,9 +25,12 @@ __all__ = [
     "Append",
     "AppendResult",
     "BackupResult",
+    "CaughtUp",
+    "Checkpoint",
     "CommitResult",
     "Event",
     "ExpectedVersion",
+    "GroupAssignment",
     "LegalHold",
     "RecordedEvent",
     "RotateResult",
@@ -36,6 +39,7 @@ __all__ = [
     "StreamState",
     "SubjectReceipt",
     "SubjectState",
+    "SubscriptionFilter",
     "VerifyProgress",
 ]
 
@@ -201,6 +205,61 @@ class CommitResult(msgspec.Struct, frozen=True):
 
     results: tuple[AppendResult, ...]
     deduplicated: bool
+
+
+class SubscriptionFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Which events a subscription delivers, decided on the server before decryption.
+
+    Every condition that is set must hold: the stream id starts with one of
+    ``stream_prefixes``, the event type is one of ``event_types``, the event
+    belongs to ``subject_id``. An empty tuple or string sets no condition.
+    With ``include_erasures`` every erasure event (``$subject.forgotten`` in
+    stream ``$erasures``) is delivered whatever the other conditions say, so a
+    filtered projection can still delete what it derived from a forgotten
+    subject. Skipped events are reported as :class:`Checkpoint` messages.
+    """
+
+    stream_prefixes: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+    subject_id: str = ""
+    include_erasures: bool = False
+
+
+class Checkpoint(msgspec.Struct, frozen=True):
+    """Progress over events a filter skipped: everything up to ``position`` was delivered
+    or filtered out, so resuming after it loses nothing. Save it as a consumer's progress."""
+
+    position: int
+
+
+class CaughtUp(msgspec.Struct, frozen=True):
+    """The subscription reached the head of the log at ``position`` (everything up to it
+    was delivered or filtered out); new events follow as they are committed.
+
+    Sent once per connection (and, for a group, once per assignment); with
+    ``from_end`` the first one tells where the subscription started.
+    """
+
+    position: int
+
+
+class GroupAssignment(msgspec.Struct, frozen=True):
+    """A consumer group member's share of the log, valid until the next rebalance.
+
+    ``members`` are the group's live members on the server, sorted; this
+    member is ``members[member_index]`` and receives the events whose subject
+    (or, without one, stream) partitions to it, plus every erasure event.
+    Delivery under this assignment continues after ``restart_after``, the
+    group's checkpoint: at a rebalance events after it may be delivered again
+    (at least once across a rebalance), none is lost.
+    """
+
+    group: str
+    member_id: str
+    generation: int
+    members: tuple[str, ...]
+    member_index: int
+    restart_after: int
 
 
 class SubjectState(enum.Enum):

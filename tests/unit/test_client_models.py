@@ -75,6 +75,16 @@ def test_public_api_is_exactly_the_documented_names():
         "StoreStats",
         "VerifyProgress",
         "RotateResult",
+        "Subscription",
+        "AsyncSubscription",
+        "SubscriptionFilter",
+        "Checkpoint",
+        "CaughtUp",
+        "GroupAssignment",
+        "TooManySubscribers",
+        "PositionBeyondHead",
+        "NotGroupMember",
+        "SubscriptionReplaced",
     }
     for name in lethedb.__all__:
         assert getattr(lethedb, name) is not None
