@@ -38,7 +38,7 @@ class AdminService:
         self.validator = validator
 
     async def shred(self) -> ShredResult:
-        result: ShredResult = await asyncio.wrap_future(self.store.writer.submit(ShredCommand()))
+        result: ShredResult = await self.store.writer.submit_async(ShredCommand())
         return result
 
     @unary
@@ -62,7 +62,7 @@ class AdminService:
         return await self._hold(LegalHoldCommand(request.subject_id, release=True))
 
     async def _hold(self, command: LegalHoldCommand) -> pb.SubjectReceipt:
-        await asyncio.wrap_future(self.store.writer.submit(command))
+        await self.store.writer.submit_async(command)
         receipt = await asyncio.to_thread(self.store.receipt, command.subject_id)
         return messages.subject_receipt(receipt)
 
@@ -112,7 +112,7 @@ class AdminService:
     async def RotateMasterKey(  # noqa: N802
         self, request: apb.RotateMasterKeyRequest, context: Context
     ) -> apb.RotateMasterKeyResponse:
-        result = await asyncio.wrap_future(self.store.writer.submit(RotateCommand()))
+        result = await self.store.writer.submit_async(RotateCommand())
         log.info(
             "master key rotated to version %d; %d keys re-wrapped",
             result.master_version,

@@ -50,7 +50,7 @@ class EventStoreService:
     async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
         command = messages.append_command(decoded(request))
         self.validator.check_append(command)
-        result = await asyncio.wrap_future(self.store.writer.submit(command))
+        result = await self.store.writer.submit_async(command)
         return messages.append_response(result)
 
     @unary
@@ -61,7 +61,7 @@ class EventStoreService:
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
         command = messages.commit_command(request)
         self.validator.check_commit(command)
-        result = await asyncio.wrap_future(self.store.writer.submit(command))
+        result = await self.store.writer.submit_async(command)
         return messages.commit_response(result)
 
     async def AppendStream(  # noqa: N802
@@ -122,7 +122,7 @@ class EventStoreService:
         check_name(reason, "reason", 128)
         # The caller's role from the access interceptor ("admin" when auth is off).
         command = ForgetCommand(request.subject_id, reason, by_role=caller_role())
-        await asyncio.wrap_future(self.store.writer.submit(command))
+        await self.store.writer.submit_async(command)
         return await self._receipt(request.subject_id)
 
     @unary

@@ -598,7 +598,7 @@ class SubscriptionEngine:
         return CheckpointResult(group.durable or 0, accepted=True)
 
     async def _store_checkpoint(self, group: str, position: int) -> None:
-        await asyncio.wrap_future(self.store.writer.submit(CheckpointCommand(group, position)))
+        await self.store.writer.submit_async(CheckpointCommand(group, position))
 
     async def get_checkpoint(self, group: str) -> int | None:
         return await asyncio.to_thread(self.store.log.checkpoint, group)

@@ -14,6 +14,7 @@ chain hash) ahead of what is on disk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -117,11 +118,38 @@ class WriterObserver(Protocol):
         """A command was refused at submit (too many in flight, shutting down)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
+    """A queued command and whoever waits for it: a thread or an event loop.
+
+    Event-loop waiters are settled in one ``call_soon_threadsafe`` per loop
+    per batch (see :meth:`Writer._settle`), not one wake-up per command: on
+    the append hot path that per-command cost is what the loop thread pays.
+    """
+
     command: Command
-    future: Future[Any]
+    future: Future[Any] | None = None
+    waiter: asyncio.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
     submitted: float = field(default_factory=time.monotonic)
+    settled: bool = False
+
+    def start(self) -> bool:
+        """False when the waiter gave up before the writer got to the command."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return True  # an async waiter's cancellation is checked when settling
+
+
+def _settle_waiters(items: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    """Runs on the waiters' event loop: hand each its result or error."""
+    for waiter, outcome in items:
+        if waiter.done():
+            continue
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
 
 
 @dataclass
@@ -172,27 +200,70 @@ class Writer:
 
     def submit(self, command: Command) -> Future[Any]:
         """Queue *command*; the future resolves after the commit that holds it."""
+        future: Future[Any] = Future()
+        error = self._admit(command)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            self._queue.put(_Pending(command, future=future))
+        return future
+
+    def submit_async(self, command: Command) -> asyncio.Future[Any]:
+        """Queue *command* for a caller on the running event loop; await the result."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        error = self._admit(command)
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            self._queue.put(_Pending(command, waiter=waiter, loop=loop))
+        return waiter
+
+    def _admit(self, command: Command) -> LetheError | None:
+        """Take *command* into flight, or say why it is refused (nothing written)."""
         if os.getpid() != self._pid:
             # The writer thread does not survive fork(), and LMDB environments
             # must not be used across it: a child would wait forever or corrupt.
             raise ForkedProcess(self._pid)
-        future: Future[Any] = Future()
+        error: LetheError | None = None
         if not self._accepting:
-            return self._refuse(command, future, ShuttingDown())
-        if self.limits.max_inflight_appends and isinstance(command, AppendCommand | CommitCommand):
+            error = ShuttingDown()
+        elif self.limits.max_inflight_appends and _counts_in_flight(command):
             with self._inflight_lock:
                 if self._inflight >= self.limits.max_inflight_appends:
-                    return self._refuse(command, future, self._overloaded())
-                self._inflight += 1
-            future.add_done_callback(self._release_inflight)
-        self._queue.put(_Pending(command, future))
-        return future
-
-    def _refuse(self, command: Command, future: Future[Any], error: LetheError) -> Future[Any]:
-        future.set_exception(error)
-        if self.observer is not None:
+                    error = self._overloaded()
+                else:
+                    self._inflight += 1
+        if error is not None and self.observer is not None:
             self.observer.refused(command, error)
-        return future
+        return error
+
+    def _settle(self, settled: list[tuple[_Pending, Any]]) -> None:
+        """Resolve futures now and wake each waiting event loop once."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        bounded = self.limits.max_inflight_appends > 0
+        released = 0
+        for pending, outcome in settled:
+            if pending.settled:
+                continue
+            pending.settled = True
+            if bounded and _counts_in_flight(pending.command):
+                released += 1
+            if pending.future is not None:
+                if isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+            elif pending.waiter is not None and pending.loop is not None:
+                by_loop.setdefault(pending.loop, []).append((pending.waiter, outcome))
+        if released:
+            with self._inflight_lock:
+                self._inflight -= released
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_waiters, items)
+            except RuntimeError:  # the loop closed: nobody is waiting any more
+                log.debug("dropped %d results for a closed event loop", len(items))
 
     def _overloaded(self) -> Overloaded:
         limit = self.limits.max_inflight_appends
@@ -200,10 +271,6 @@ class Writer:
             f"the server already has {limit} appends in flight, its limit "
             "(max_inflight_appends); nothing was written, retry with backoff"
         )
-
-    def _release_inflight(self, _: Future[Any]) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
 
     def append(self, command: AppendCommand, timeout: float | None = None) -> AppendResult:
         """Submit and wait: for in-process callers (tests, benchmarks, tools)."""
@@ -292,27 +359,26 @@ class Writer:
         except Exception as exc:
             log.exception("writer failed on a batch of %d commands", len(batch))
             self._fail_all(
-                [p for p in batch if not p.future.done()],
-                LetheError(f"internal error; nothing of this batch was written: {exc}"),
+                batch, LetheError(f"internal error; nothing of this batch was written: {exc}")
             )
 
     def _maintain(self, pending: _Pending) -> None:
-        if not pending.future.set_running_or_notify_cancel():
+        if not pending.start():
             return
         task = self.maintenance.get(type(pending.command))
         if task is None:
             name = type(pending.command).__name__
-            pending.future.set_exception(LetheError(f"{name} is not configured on this store"))
+            self._settle([(pending, LetheError(f"{name} is not configured on this store"))])
             return
         try:
             result = task()
         except LetheError as exc:
-            pending.future.set_exception(exc)
+            self._settle([(pending, exc)])
         else:
-            pending.future.set_result(result)
+            self._settle([(pending, result)])
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        live = [p for p in batch if p.start()]
         if not live:
             return
         while True:
@@ -342,11 +408,7 @@ class Writer:
         self.batches += 1
         self.commands += len(live)
         self._erase_keys(state.forgotten)
-        for pending, outcome in zip(live, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+        self._settle(list(zip(live, outcomes, strict=True)))
         if self.observer is not None:
             now = time.monotonic()
             self.observer.batch_committed(
@@ -374,10 +436,8 @@ class Writer:
         log.info("forgot %d subjects; %d wrapped keys deleted", len(forgotten), deleted)
         fault_point("forget.keys_deleted")
 
-    @staticmethod
-    def _fail_all(batch: list[_Pending], error: LetheError) -> None:
-        for pending in batch:
-            pending.future.set_exception(error)
+    def _fail_all(self, batch: list[_Pending], error: LetheError) -> None:
+        self._settle([(pending, error) for pending in batch])
 
     def _try_batch(self, batch: list[_Pending]) -> tuple[list[Result | LetheError], _BatchState]:
         """Apply the batch in one transaction and commit it; raise LMDB errors as-is."""
@@ -657,6 +717,11 @@ class Writer:
         if removed:
             log.debug("expired %d idempotency keys", removed)
         return removed
+
+
+def _counts_in_flight(command: Command) -> bool:
+    """Appends and commits are bounded by max_inflight_appends; erasure never is."""
+    return isinstance(command, AppendCommand | CommitCommand)
 
 
 def _pending_receipt(
