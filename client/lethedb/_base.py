@@ -31,6 +31,7 @@ from lethedb._connection import resolve as resolve_connection
 from lethedb._exceptions import (
     DeadlineExceeded,
     LetheError,
+    Overloaded,
     ServerError,
     Unavailable,
     ValidationError,
@@ -172,7 +173,7 @@ class RetryPolicy:
 
     @staticmethod
     def is_retryable(error: LetheError) -> bool:
-        return isinstance(error, Unavailable | DeadlineExceeded)
+        return isinstance(error, Unavailable | DeadlineExceeded | Overloaded)
 
     def delays(self) -> Iterator[float]:
         """The waits before retry 1, 2, ... max_retries."""

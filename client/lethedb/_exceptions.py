@@ -16,6 +16,7 @@ sensible type. Nothing else in the SDK decides which exception a status becomes.
     ├── IdempotencyConflict      an idempotency key was reused for a different request
     ├── LegalHoldActive          the subject is under legal hold and cannot be forgotten
     ├── StorageFull              the server is out of space or over a limit; nothing written
+    ├── Overloaded               too many appends in flight on the server; nothing written
     ├── DataLoss                 a stored record failed its integrity checks
     ├── Unavailable              the server could not be reached (after every retry)
     ├── DeadlineExceeded         the call's deadline passed (after every retry)
@@ -45,6 +46,7 @@ __all__ = [
     "LegalHoldActive",
     "LetheError",
     "NotGroupMember",
+    "Overloaded",
     "PermissionDenied",
     "PositionBeyondHead",
     "ServerError",
@@ -125,6 +127,15 @@ class StorageFull(LetheError):
     """The server ran out of space or hit a size limit; nothing was written."""
 
 
+class Overloaded(LetheError):
+    """The server already had its maximum of appends in flight; nothing was written.
+
+    Transient by nature, so the SDK retries it with backoff like UNAVAILABLE
+    (with the same idempotency key); it reaches the caller only when every
+    retry met the same answer.
+    """
+
+
 class DataLoss(LetheError):
     """The server found a stored record (or its data directory) damaged."""
 
@@ -190,6 +201,7 @@ _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "IdempotencyConflict": IdempotencyConflict,
     "LegalHoldActive": LegalHoldActive,
     "StorageFull": StorageFull,
+    "Overloaded": Overloaded,
     "DataLoss": DataLoss,
     "DataDirDamaged": DataLoss,
     "DataDirLocked": ServerError,

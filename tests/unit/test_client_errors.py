@@ -54,6 +54,7 @@ def _server_error(code: grpc.StatusCode, name: str, details: str = "msg") -> Fak
         (grpc.StatusCode.FAILED_PRECONDITION, "IdempotencyConflict", lethedb.IdempotencyConflict),
         (grpc.StatusCode.FAILED_PRECONDITION, "LegalHoldActive", lethedb.LegalHoldActive),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "StorageFull", lethedb.StorageFull),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Overloaded", lethedb.Overloaded),
         (grpc.StatusCode.DATA_LOSS, "DataLoss", lethedb.DataLoss),
         (grpc.StatusCode.DATA_LOSS, "DataDirDamaged", lethedb.DataLoss),
         (grpc.StatusCode.UNAVAILABLE, "ShuttingDown", lethedb.Unavailable),

@@ -84,6 +84,7 @@ def test_public_api_is_exactly_the_documented_names():
         "TooManySubscribers",
         "PositionBeyondHead",
         "NotGroupMember",
+        "Overloaded",
         "SubscriptionReplaced",
     }
     for name in lethedb.__all__:

@@ -506,3 +506,12 @@ class TestAppendManyReconnect:
 def test_backoff_never_sleeps_longer_than_max_backoff():
     policy = RetryPolicy(max_retries=20, initial_backoff=0.05, max_backoff=2.0)
     assert max(itertools.islice(policy.delays(), 20)) <= 2.0
+
+
+def test_an_overloaded_server_is_retried_like_an_unavailable_one():
+    """Nothing was written when the server refused for load, so a retry is safe."""
+    from lethedb._base import RetryPolicy
+    from lethedb._exceptions import Overloaded, StorageFull
+
+    assert RetryPolicy.is_retryable(Overloaded("busy"))
+    assert not RetryPolicy.is_retryable(StorageFull("disk full"))
