@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
 import msgspec
@@ -1161,39 +1161,24 @@ def to_subject_receipt(receipt: pb.SubjectReceipt) -> SubjectReceipt:
     )
 
 
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _struct_from(cls: type[_S], message: Any) -> _S:
+    """A result struct from a response message whose fields bear the same names."""
+    return cls(**{name: getattr(message, name) for name in cls.__struct_fields__})
+
+
 def to_shred_result(response: apb.ShredResponse) -> ShredResult:
-    return ShredResult(
-        epoch=response.epoch,
-        master_version=response.master_version,
-        live_keys=response.live_keys,
-        shredded_subjects=response.shredded_subjects,
-        completed_at=response.completed_at,
-    )
+    return _struct_from(ShredResult, response)
 
 
 def to_backup_result(response: apb.BackupResponse) -> BackupResult:
-    return BackupResult(
-        destination=response.destination,
-        last_position=response.last_position,
-        log_bytes=response.log_bytes,
-        key_bytes=response.key_bytes,
-    )
+    return _struct_from(BackupResult, response)
 
 
 def to_store_stats(response: apb.StatsResponse) -> StoreStats:
-    return StoreStats(
-        last_position=response.last_position,
-        streams=response.streams,
-        subjects=response.subjects,
-        forgotten_subjects=response.forgotten_subjects,
-        pending_shred=response.pending_shred,
-        shred_epoch=response.shred_epoch,
-        master_version=response.master_version,
-        log_file_bytes=response.log_file_bytes,
-        log_map_bytes=response.log_map_bytes,
-        key_file_bytes=response.key_file_bytes,
-        store_id=response.store_id,
-    )
+    return _struct_from(StoreStats, response)
 
 
 def to_verify_progress(message: apb.VerifyProgress) -> VerifyProgress:
@@ -1209,9 +1194,7 @@ def to_verify_progress(message: apb.VerifyProgress) -> VerifyProgress:
 
 
 def to_rotate_result(response: apb.RotateMasterKeyResponse) -> RotateResult:
-    return RotateResult(
-        master_version=response.master_version, rewrapped_keys=response.rewrapped_keys
-    )
+    return _struct_from(RotateResult, response)
 
 
 class VerifyWalk:

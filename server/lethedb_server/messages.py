@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import msgspec
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from lethedb.v1 import admin_pb2
 from lethedb.v1 import eventstore_pb2 as pb
@@ -80,9 +81,12 @@ def append_response(result: AppendResult) -> pb.AppendResponse:
     return pb.AppendResponse(**msgspec.structs.asdict(result))
 
 
-def recorded_event(event: StoredEvent) -> pb.RecordedEvent:
-    # Spelled out rather than built from a dict: this runs once per event read.
-    return pb.RecordedEvent(
+def add_event(batch: RepeatedCompositeFieldContainer[pb.RecordedEvent], event: StoredEvent) -> None:
+    """Append *event* to a repeated field in place: no message built and copied in.
+
+    Spelled out rather than built from a dict: this runs once per event read.
+    """
+    batch.add(
         position=event.position,
         stream_id=event.stream_id,
         stream_version=event.stream_version,
@@ -99,16 +103,16 @@ def recorded_event(event: StoredEvent) -> pb.RecordedEvent:
 
 def read_responses(events: Sequence[StoredEvent]) -> Iterator[pb.ReadResponse]:
     """Pack events into messages of about READ_MESSAGE_BYTES each."""
-    batch: list[pb.RecordedEvent] = []
+    response = pb.ReadResponse()
     size = 0
     for event in events:
-        batch.append(recorded_event(event))
+        add_event(response.events, event)
         size += len(event.data) + len(event.metadata) + 96
         if size >= READ_MESSAGE_BYTES:
-            yield pb.ReadResponse(events=batch)
-            batch, size = [], 0
-    if batch:
-        yield pb.ReadResponse(events=batch)
+            yield response
+            response, size = pb.ReadResponse(), 0
+    if len(response.events):
+        yield response
 
 
 def subject_receipt(receipt: SubjectReceipt) -> pb.SubjectReceipt:
@@ -190,19 +194,7 @@ def subscribe_responses(
         batch = response.events.events
         size = 0
         for event in item.events:
-            batch.add(
-                position=event.position,
-                stream_id=event.stream_id,
-                stream_version=event.stream_version,
-                event_id=event.event_id,
-                event_type=event.event_type,
-                subject_id=event.subject_id,
-                content_type=event.content_type,
-                recorded_at=event.recorded_at,
-                data=event.data,
-                metadata=event.metadata,
-                redacted=event.redacted,
-            )
+            add_event(batch, event)
             size += len(event.data) + len(event.metadata) + 96
             if len(batch) >= max_events or size >= READ_MESSAGE_BYTES:
                 yield response
