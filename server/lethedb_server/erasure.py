@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
 import msgspec
 
 from lethedb_server import codec
@@ -120,9 +121,12 @@ class Shredder:
         record = EpochRecord(now, master_version, live, shredded)
         meta = self.log.meta
         new_meta = LogMeta(meta.format, meta.store_id, meta.last_position, meta.chain_head, epoch)
-        with self.log.lmdb.begin_write() as txn:
+
+        def record_epoch(txn: lmdb.Transaction) -> None:
             txn.put(codec.u64(epoch), codec.encode(record), db=self.log.epochs)
             self.log.put_meta(txn, new_meta)
+
+        self.log.lmdb.write(record_epoch)
         self.log.meta = new_meta
         fault_point("shred.recorded")
         (self.data_dir / JOURNAL).unlink(missing_ok=True)

@@ -312,9 +312,11 @@ class KeyStore:
         self._forgotten.update(tombstones)
         for subject_id in tombstones:
             self.evict(subject_id)
-        deleted = 0
         deks, state, forgotten = (self.lmdb.dbs[n] for n in ("deks", "dek_state", "forgotten"))
-        with self.lmdb.begin_write() as txn:
+
+        def delete(txn: lmdb.Transaction) -> int:
+            # LMDB copies every page it changes, so even deleting needs map room.
+            deleted = 0
             for subject_id, tombstone in tombstones.items():
                 prefix = codec.dek_key(subject_id, 0)[:-4]
                 cursor = txn.cursor(db=deks)
@@ -323,7 +325,9 @@ class KeyStore:
                     deleted += 1
                 txn.delete(subject_id.encode(), db=state)
                 txn.put(subject_id.encode(), codec.encode(tombstone), db=forgotten)
-        return deleted
+            return deleted
+
+        return self.lmdb.write(delete)
 
     def dek_entries(self) -> int:
         with self.lmdb.read() as txn:
@@ -364,11 +368,14 @@ class KeyStore:
             for start in range(0, len(chunk), 10_000):
                 self._rewrap_into(target, chunk[start : start + 10_000], master_version)
                 written += len(chunk[start : start + 10_000])
-            with target.begin_write() as txn:
+
+            def put_rest(txn: lmdb.Transaction) -> None:
                 for k, v in state:
                     txn.put(k, v, db=target.dbs["dek_state"])
                 for k, v in forgotten:
                     txn.put(k, v, db=target.dbs["forgotten"])
+
+            target.write(put_rest)
         finally:
             target.close()
         return written
@@ -376,18 +383,24 @@ class KeyStore:
     def _rewrap_into(
         self, target: LmdbEnv, chunk: list[tuple[bytes, bytes, str]], master_version: int
     ) -> None:
-        provider = self.provider
-        with target.begin_write() as txn:
-            for raw_key, value, subject_id in chunk:
-                version = codec.dek_version_from_key(raw_key)
-                wrapped = _wrapped_decoder.decode(value)
-                dek = provider.unwrap(
-                    wrapped, wrap_aad(subject_id, version, wrapped.master_version)
-                )
-                if provider.current_version() != master_version:
+        def put(txn: lmdb.Transaction) -> None:
+            for raw_key, value, _ in chunk:
+                if self.provider.current_version() != master_version:
                     raise RuntimeError("the master key version changed during a shred epoch")
-                rewrapped = provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
-                txn.put(raw_key, codec.encode(rewrapped), db=target.dbs["deks"], append=True)
+                txn.put(
+                    raw_key, self._rewrapped(raw_key, value), db=target.dbs["deks"], append=True
+                )
+
+        target.write(put)
+
+    def _rewrapped(self, raw_key: bytes, value: bytes) -> bytes:
+        """A stored DEK entry unwrapped and wrapped again under the current master version."""
+        subject_id = _subject_of(raw_key)
+        version = codec.dek_version_from_key(raw_key)
+        wrapped = _wrapped_decoder.decode(value)
+        dek = self.provider.unwrap(wrapped, wrap_aad(subject_id, version, wrapped.master_version))
+        rewrapped = self.provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
+        return codec.encode(rewrapped)
 
     def rotate(self) -> tuple[int, int]:
         """Re-wrap every live DEK under a new master key version, in place.
@@ -401,18 +414,13 @@ class KeyStore:
         with self.lmdb.read() as source:
             entries = [(bytes(k), bytes(v)) for k, v in source.cursor(db=deks)]
         for start in range(0, len(entries), 10_000):
-            with self.lmdb.begin_write() as txn:
-                for raw_key, value in entries[start : start + 10_000]:
-                    subject_id = _subject_of(raw_key)
-                    version = codec.dek_version_from_key(raw_key)
-                    wrapped = _wrapped_decoder.decode(value)
-                    dek = self.provider.unwrap(
-                        wrapped, wrap_aad(subject_id, version, wrapped.master_version)
-                    )
-                    rewrapped = self.provider.wrap(
-                        dek, functools.partial(wrap_aad, subject_id, version)
-                    )
-                    txn.put(raw_key, codec.encode(rewrapped), db=deks)
+            chunk = entries[start : start + 10_000]
+
+            def put(txn: lmdb.Transaction, chunk: list[tuple[bytes, bytes]] = chunk) -> None:
+                for raw_key, value in chunk:
+                    txn.put(raw_key, self._rewrapped(raw_key, value), db=deks)
+
+            self.lmdb.write(put)
         return master_version, len(entries)
 
     def swap_file(self, new_data_file: Path, old_copy: Path) -> None:

@@ -18,14 +18,16 @@ import os
 import resource
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
 from lethedb_server.errors import DataDirDamaged, DataLoss, StorageFull
+
+T = TypeVar("T")
 
 _MDB_MAGIC = 0xBEEFC0DE
 _META_LAYOUT = struct.Struct("<IIQQ")  # magic, version, address, mapsize
@@ -157,6 +159,20 @@ class LmdbEnv:
             )
         with self._gate.exclusive():
             self.env.set_mapsize(min(current * 2, self.max_map_size))
+
+    def write(self, apply: Callable[[lmdb.Transaction], T]) -> T:
+        """Run *apply* in a write transaction and commit, growing the map when full.
+
+        *apply* may run more than once (after a MapFullError nothing of the
+        failed attempt is kept), so it must only write through the transaction.
+        Only the writer thread (or start-up code) may call this.
+        """
+        while True:
+            try:
+                with self.begin_write() as txn:
+                    return apply(txn)
+            except lmdb.MapFullError:
+                self.grow()
 
     def copy_to(self, destination: Path) -> int:
         """A consistent, compacted copy of the environment; returns its size in bytes.

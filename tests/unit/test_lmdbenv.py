@@ -147,3 +147,26 @@ def test_grow_doubles_the_map_up_to_its_ceiling(tmp_path: Path):
         assert env.map_size() == 4 << 20
     finally:
         env.close()
+
+
+def test_a_write_that_fills_the_map_grows_it_and_is_retried_whole(tmp_path: Path):
+    """Every key-store and epoch write goes through LmdbEnv.write: a forget that
+    meets a full map (LMDB copies the pages it changes, so even deleting needs
+    room) must grow the map and succeed, not fail and leave keys behind."""
+    env = LmdbEnv(tmp_path / "env", ("things",), map_size=64 * 1024, max_map_size=1 << 30)
+    attempts = []
+
+    def fill(txn) -> int:
+        attempts.append(1)
+        for i in range(2000):
+            txn.put(f"key-{i:05d}".encode(), b"v" * 200, db=env.dbs["things"])
+        return 2000
+
+    try:
+        assert env.write(fill) == 2000
+        assert len(attempts) > 1  # the first attempts hit MapFullError and were retried
+        assert env.map_size() > 64 * 1024
+        with env.read() as txn:
+            assert txn.stat(env.dbs["things"])["entries"] == 2000
+    finally:
+        env.close()
