@@ -5,8 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test check lint typecheck pytest proto bench-micro bench clean
+.PHONY: run test check lint typecheck pytest proto bench-micro bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,16 @@ bench-micro: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.e2e
+bench-subscribe: $(STAMP) ; $(BIN)/python -m benchmarks.subscribe $(if $(QUICK),--quick,)
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+## LetheDB against Redis Streams, PostgreSQL and NATS JetStream (~25 min; as root it
+## apt-get installs the missing servers). QUICK=1 for the few-minute version.
+bench-peers: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.peers $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,332 @@
+"""Process and measurement machinery shared by the end-to-end and peer benchmarks.
+
+Both :mod:`benchmarks.e2e` and :mod:`benchmarks.peers` use these: CPU use read
+from ``/proc``, waiting for the machine to go quiet between cases, a pool of
+spawned load processes that speak the ready/go/result protocol of
+:mod:`benchmarks.loadgen`, ``lethedb serve`` as a subprocess on a free port,
+and the environment table of a report. Nothing here knows a workload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import multiprocessing
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen import Result, worker_main
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- measuring CPU from /proc ------------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, its live children and its reaped children.
+
+    For PostgreSQL: the postmaster, its backends, and (through the kernel's
+    cutime/cstime) every backend or worker that has exited since it started,
+    so a backend ending inside the window does not take its time with it.
+    """
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    total = sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already inside user time
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, sample_s: float = 0.5) -> float:
+    """Wait until the machine is nearly idle between cases; return the seconds waited.
+
+    On a shared machine other jobs (a test run, a build) steal CPU from the
+    server and the load; a case started under them measures them. Gives up
+    after *max_wait_s* and runs anyway: the report's *Other CPU* column shows it.
+    """
+    waited = 0.0
+    while waited < max_wait_s:
+        busy0, _ = machine_cpu_s()
+        time.sleep(sample_s)
+        busy1, _ = machine_cpu_s()
+        if (busy1 - busy0) / sample_s < threshold:
+            break
+        waited += sample_s
+    return waited
+
+
+def sleep_until(deadline_ns: int) -> None:
+    delay = (deadline_ns - time.monotonic_ns()) / 1e9
+    if delay > 0:
+        time.sleep(delay)
+
+
+# -- worker processes -----------------------------------------------------------------
+
+
+class Workers:
+    """A pool of spawned load processes, reused across cases."""
+
+    def __init__(self, count: int, target: Callable[[Connection], None] = worker_main) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        for _ in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(target=target, args=(child,), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(("exit", None))
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+
+    def run(
+        self,
+        specs: Sequence[Any],
+        duration_s: float,
+        server_pid: int | None,
+        server_cpu: Callable[[int], float] = lambda pid: process_cpu_s(pid),
+    ) -> tuple[list[Result], dict[str, float | None]]:
+        """Run one case on the first ``len(specs)`` workers; see loadgen's protocol.
+
+        *specs* are :class:`~benchmarks.loadgen.Spec` for loadgen's workers, or
+        whatever the pool's *target* understands. *server_cpu* reads the
+        server's CPU seconds from its pid (:func:`tree_cpu_s` for a server
+        made of several processes).
+        """
+        conns = self._conns[: len(specs)]
+        for conn, spec in zip(conns, specs, strict=True):
+            conn.send(("run", spec))
+        timeout = specs[0].warmup_s + 300
+        for conn in conns:
+            _expect(conn, "ready", timeout)
+        start = time.monotonic_ns() + 100_000_000
+        end = start + int(duration_s * 1e9)
+        for conn in conns:
+            conn.send(("go", (start, end)))
+        sleep_until(start)
+        server0 = server_cpu(server_pid) if server_pid else None
+        busy0, total0 = machine_cpu_s()
+        sleep_until(end)
+        server1 = server_cpu(server_pid) if server_pid else None
+        busy1, total1 = machine_cpu_s()
+        results = [_expect(conn, "result", duration_s + 120) for conn in conns]
+        usage: dict[str, float | None] = {
+            "server_cpu_s": None if server0 is None or server1 is None else server1 - server0,
+            "machine_busy": (busy1 - busy0) / duration_s if total1 > total0 else None,
+        }
+        return results, usage
+
+    def call(self, job: Any, timeout: float = 3600.0, worker: int = 0) -> Any:
+        """Run a one-shot job (answered with ``result`` directly, no ready/go) on one worker."""
+        conn = self._conns[worker]
+        conn.send(("run", job))
+        return _expect(conn, "result", timeout)
+
+
+def _expect(conn: Connection, what: str, timeout: float) -> Any:
+    if not conn.poll(timeout):
+        raise RuntimeError(f"a load worker sent no {what!r} within {timeout:.0f}s")
+    tag, payload = conn.recv()
+    if tag == "failed":
+        raise RuntimeError(f"a load worker failed: {payload}")
+    if tag != what:
+        raise RuntimeError(f"a load worker sent {tag!r} where {what!r} was expected")
+    return payload
+
+
+# -- the server under test ---------------------------------------------------------------
+
+
+class Server:
+    """``lethedb serve`` as a subprocess, on a free port, in its own data directory."""
+
+    def __init__(self, data_dir: Path, log_path: Path, extra_args: Sequence[str] = ()) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 60.0) -> None:
+        ready = self.data_dir.parent / "server.ready"
+        ready.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "lethedb_server.cli",
+                    "serve",
+                    "--data",
+                    str(self.data_dir),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--ready-file",
+                    str(ready),
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the server was not ready within {timeout:.0f}s:\n{self.tail()}"
+                )
+            time.sleep(0.05)
+        self.address = ready.read_text().strip()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def head(self) -> int:
+        """The last global position, read back over gRPC."""
+        import grpc
+
+        from lethedb.v1 import eventstore_pb2 as pb
+        from lethedb.v1 import eventstore_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stub = eventstore_pb2_grpc.EventStoreStub(channel)
+            for response in stub.ReadAll(pb.ReadAllRequest(backwards=True, max_count=1)):
+                return int(response.events[0].position) if response.events else 0
+        return 0
+
+
+def environment(tmp_root: Path) -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    commit = "unknown"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    return {
+        "CPUs (nproc)": f"{len(os.sched_getaffinity(0))} of {os.cpu_count()}",
+        "CPU model": model,
+        "Kernel": f"{platform.system()} {platform.release()}",
+        "Data directory filesystem": filesystem_of(tmp_root),
+        "Python": platform.python_version(),
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "lmdb (py-lmdb)": version("lmdb"),
+        "cryptography": version("cryptography"),
+        "msgspec": version("msgspec"),
+        "LetheDB commit": commit,
+    }
+
+
+def filesystem_of(path: Path) -> str:
+    best, fstype, device = "", "unknown", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mount, kind = line.split()[:3]
+            resolved = str(path.resolve())
+            if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(
+                mount
+            ) > len(best):
+                best, fstype, device = mount, kind, dev
+    return f"{fstype} on {device} ({path})"
+
+
+def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+@contextlib.contextmanager
+def temp_root(parent: Path | None, prefix: str = "lethedb-bench-") -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as name:
+        yield Path(name)
