@@ -21,7 +21,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -473,22 +474,7 @@ class Writer:
 
     def _key_demand(self, txn: lmdb.Transaction, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
-        demand: dict[str, int] = {}
-        for pending in batch:
-            command = pending.command
-            appends = (
-                command.appends
-                if isinstance(command, CommitCommand)
-                else (command,)
-                if isinstance(command, AppendCommand)
-                else ()
-            )
-            for append in appends:
-                for event in append.events:
-                    subject = event.subject_id or STORE_SUBJECT
-                    demand[subject] = demand.get(subject, 0) + 1
-            if isinstance(command, ForgetCommand):
-                demand[STORE_SUBJECT] = demand.get(STORE_SUBJECT, 0) + 1
+        demand = Counter(s for pending in batch for s in _sealed_under(pending.command))
         return {s: n for s, n in demand.items() if not self._is_forgotten(txn, s)}
 
     def _is_forgotten(self, txn: lmdb.Transaction, subject_id: str) -> bool:
@@ -717,6 +703,22 @@ class Writer:
         if removed:
             log.debug("expired %d idempotency keys", removed)
         return removed
+
+
+def _sealed_under(command: Command) -> Iterator[str]:
+    """The subject whose key seals each event *command* writes (a forget writes one)."""
+    if isinstance(command, ForgetCommand):
+        yield STORE_SUBJECT  # the erasure event holds no personal data
+        return
+    if isinstance(command, AppendCommand):
+        parts: tuple[AppendCommand, ...] = (command,)
+    elif isinstance(command, CommitCommand):
+        parts = command.appends
+    else:
+        return
+    for part in parts:
+        for event in part.events:
+            yield event.subject_id or STORE_SUBJECT
 
 
 def _counts_in_flight(command: Command) -> bool:
