@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -34,29 +33,11 @@ from lethedb._base import (
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
+from tests.unit.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
 NS = 1_000_000_000
 T0 = 1_700_000_000 * NS
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "", metadata: Any = ()) -> None:
-        super().__init__()
-        self._code, self._details, self._metadata = code, details, metadata
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._metadata
-
-
-def unavailable() -> FakeRpcError:
-    return FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection reset")
 
 
 def legal_hold_active() -> FakeRpcError:
@@ -258,32 +239,6 @@ class TestResults:
 
 
 # --- calls ---------------------------------------------------------------------------
-
-
-class SyncCall:
-    def __init__(self, outcomes: list[Any]) -> None:
-        self._outcomes = outcomes
-        self.cancelled = False
-
-    def __iter__(self) -> Iterator[Any]:
-        for outcome in self._outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-            yield outcome
-
-    def cancel(self) -> bool:
-        self.cancelled = True
-        return True
-
-
-class AsyncCall(SyncCall):
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[Any]:
-        for outcome in self:
-            await asyncio.sleep(0)
-            yield outcome
 
 
 class ScriptedStub:

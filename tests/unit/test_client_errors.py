@@ -14,30 +14,7 @@ import lethedb
 from lethedb._base import error_from_append_error
 from lethedb._exceptions import error_from_rpc_error
 from lethedb.v1 import eventstore_pb2 as pb
-
-
-class FakeRpcError(grpc.RpcError):
-    """A failed call as grpc's sync API raises it: code, details, trailing metadata."""
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str = "",
-        metadata: tuple[tuple[str, str | bytes], ...] = (),
-    ) -> None:
-        super().__init__()
-        self._code = code
-        self._details = details
-        self._metadata = metadata
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return self._metadata
+from tests.unit.grpc_fakes import FakeRpcError
 
 
 def _server_error(code: grpc.StatusCode, name: str, details: str = "msg") -> FakeRpcError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,27 +19,9 @@ import lethedb
 from lethedb import NO_STREAM, Append, Event
 from lethedb._base import RetryPolicy
 from lethedb.v1 import eventstore_pb2 as pb
+from tests.unit.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "", metadata: Any = ()) -> None:
-        super().__init__()
-        self._code, self._details, self._metadata = code, details, metadata
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._metadata
-
-
-def unavailable() -> FakeRpcError:
-    return FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection reset")
 
 
 def deadline() -> FakeRpcError:
@@ -113,34 +95,6 @@ def _beyond(position: int, bound: int, backwards: bool, inclusive: bool) -> bool
     if inclusive and position == bound:
         return True
     return position < bound if backwards else position > bound
-
-
-class SyncCall:
-    """A server-streaming or bidi call: yields messages, raises the scripted error."""
-
-    def __init__(self, outcomes: Iterator[Any]) -> None:
-        self._outcomes = outcomes
-        self.cancelled = False
-
-    def __iter__(self) -> Iterator[Any]:
-        for outcome in self._outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-            yield outcome
-
-    def cancel(self) -> bool:
-        self.cancelled = True
-        return True
-
-
-class AsyncCall(SyncCall):
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._aiter()
-
-    async def _aiter(self) -> AsyncIterator[Any]:
-        for outcome in self:
-            await asyncio.sleep(0)
-            yield outcome
 
 
 class FakeStub:

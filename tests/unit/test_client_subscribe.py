@@ -19,28 +19,9 @@ from lethedb import CaughtUp, Checkpoint, RecordedEvent, SubscriptionFilter
 from lethedb._base import RetryPolicy, SubscriptionCursor, build_subscribe_request
 from lethedb._exceptions import error_from_rpc_error
 from lethedb.v1 import eventstore_pb2 as pb
+from tests.unit.grpc_fakes import FakeRpcError, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "", name: str | None = None) -> None:
-        super().__init__()
-        self._code, self._details = code, details
-        self._metadata = (("lethedb-error", name),) if name else ()
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._metadata
-
-
-def unavailable() -> FakeRpcError:
-    return FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
 
 
 def events(*positions: int) -> pb.SubscribeResponse:
@@ -209,7 +190,7 @@ def test_the_filter_goes_on_the_wire_as_given():
     ],
 )
 def test_the_subscription_errors_of_the_server_are_typed(code, name, expected):
-    assert type(error_from_rpc_error(FakeRpcError(code, "x", name))) is expected
+    assert type(error_from_rpc_error(FakeRpcError(code, "x", name=name))) is expected
 
 
 # -- resuming --------------------------------------------------------------------------
@@ -258,7 +239,7 @@ def test_only_connection_loss_is_reconnected():
     c = cursor()
     assert c.retry_delay(unavailable()) > 0
     with pytest.raises(lethedb.SubscriptionReplaced):
-        c.retry_delay(FakeRpcError(grpc.StatusCode.ABORTED, "x", "SubscriptionReplaced"))
+        c.retry_delay(FakeRpcError(grpc.StatusCode.ABORTED, "x", name="SubscriptionReplaced"))
     with pytest.raises(lethedb.PermissionDenied):
         c.retry_delay(FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "no"))
 
@@ -337,7 +318,9 @@ def test_batches_group_events_and_include_assignments():
 
 
 def test_a_non_retryable_error_ends_the_iteration_with_its_type():
-    stub = Stub([events(1), FakeRpcError(grpc.StatusCode.ABORTED, "x", "SubscriptionReplaced")])
+    stub = Stub(
+        [events(1), FakeRpcError(grpc.StatusCode.ABORTED, "x", name="SubscriptionReplaced")]
+    )
     subscription = client_with(stub).subscribe(group="g", member_id="m")
     assert isinstance(next(subscription), RecordedEvent)
     with pytest.raises(lethedb.SubscriptionReplaced):
