@@ -35,9 +35,9 @@ import msgspec
 from lethedb_server import codec
 from lethedb_server.codec import EpochRecord, LogMeta, Tombstone
 from lethedb_server.faults import fault_point
+from lethedb_server.files import fsync_dir, overwrite_and_remove, write_atomically
 from lethedb_server.keyring import KeyProvider
 from lethedb_server.keys import KeyStore
-from lethedb_server.lmdbenv import fsync_dir, overwrite_and_remove
 from lethedb_server.model import ShredResult, SubjectReceipt, SubjectState
 from lethedb_server.storage import LogStore
 
@@ -134,14 +134,7 @@ class Shredder:
         return ShredResult(epoch, master_version, live, shredded, now)
 
     def _journal(self, entry: _Journal) -> None:
-        path = self.data_dir / JOURNAL
-        tmp = path.with_name(JOURNAL + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(msgspec.json.encode(entry))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.data_dir)
+        write_atomically(self.data_dir / JOURNAL, msgspec.json.encode(entry))
 
     # -- start-up -----------------------------------------------------------------
 

@@ -13,7 +13,6 @@ either the old or the new keyring, never a torn one.
 from __future__ import annotations
 
 import base64
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import msgspec
 
 from lethedb_server.crypto import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
 from lethedb_server.errors import DataDirDamaged, LetheError
-from lethedb_server.lmdbenv import fsync_dir
+from lethedb_server.files import write_atomically
 
 KEYRING_FORMAT = 1
 
@@ -90,7 +89,7 @@ class FileKeyring(KeyProvider):
         created = not path.exists()
         if created:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, _dump({1: new_key()}, current=1))
+            write_atomically(path, _dump({1: new_key()}, current=1))
         return cls(path), created
 
     def _load(self) -> None:
@@ -142,7 +141,7 @@ class FileKeyring(KeyProvider):
         with self._lock:
             version = max(self._raw) + 1
             raw = {**self._raw, version: new_key()}
-            _write_atomically(self.path, _dump(raw, current=version))
+            write_atomically(self.path, _dump(raw, current=version))
             self._raw = raw
             self._keys[version] = AESGCM(raw[version])
             self._current = version
@@ -155,7 +154,7 @@ class FileKeyring(KeyProvider):
             if version not in self._raw:
                 return
             raw = {v: k for v, k in self._raw.items() if v != version}
-            _write_atomically(self.path, _dump(raw, current=self._current))
+            write_atomically(self.path, _dump(raw, current=self._current))
             self._raw = raw
             self._keys.pop(version, None)
 
@@ -167,16 +166,3 @@ def _dump(raw: dict[int, bytes], current: int) -> bytes:
         keys={str(v): base64.b64encode(k).decode() for v, k in sorted(raw.items())},
     )
     return msgspec.json.format(msgspec.json.encode(doc))
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Replace *path* with *content*: never torn, never world-readable, durable on return."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from lethedb_server.errors import DataDirDamaged, DataLoss, StorageFull
+from lethedb_server.files import fsync_dir
 
 T = TypeVar("T")
 
@@ -196,38 +197,6 @@ class LmdbEnv:
 
     def close(self) -> None:
         self.env.close()
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in *directory* durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def overwrite_and_remove(path: Path, chunk: int = 1 << 20) -> None:
-    """Overwrite a file's bytes with zeros, fsync, then unlink it.
-
-    On a journaling or copy-on-write file system the old blocks may survive
-    elsewhere; what this guarantees is that the file's own extent no longer
-    holds them, and the erasure guarantee never rests on it alone: every key
-    copy it held is wrapped by a master key version destroyed afterwards.
-    """
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    zeros = bytes(chunk)
-    with path.open("r+b") as f:
-        written = 0
-        while written < size:
-            written += f.write(zeros[: min(chunk, size - written)])
-        f.flush()
-        os.fsync(f.fileno())
-    path.unlink()
-    fsync_dir(path.parent)
 
 
 #: Free bytes below which a file system counts as full when LMDB reports a short write.

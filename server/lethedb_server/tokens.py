@@ -50,6 +50,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from lethedb_server.errors import ValidationError
+from lethedb_server.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -226,20 +227,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _write_tokens_file(path: Path, parsed: TokensFile) -> None:
     """Replace the file atomically, mode 0600, durable before returning."""
-    text = msgspec.json.format(msgspec.json.encode(parsed), indent=2) + b"\n"
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, msgspec.json.format(msgspec.json.encode(parsed), indent=2) + b"\n")
 
 
 def _existing(path: Path) -> TokensFile:
