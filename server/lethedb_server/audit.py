@@ -27,9 +27,10 @@ from typing import Any
 import lmdb
 
 from lethedb_server import codec
-from lethedb_server.codec import EpochRecord, Tombstone
+from lethedb_server.codec import EpochRecord, LogMeta, Tombstone
 from lethedb_server.crypto import InvalidTag, wrap_aad
 from lethedb_server.keyring import FileKeyring, MasterKeyUnavailable, WrappedKey
+from lethedb_server.storage import indexed_subject_positions, tail_subject_positions
 
 #: A wrapped DEK as msgpack: bin8 of the 12-byte nonce, then bin8 of the
 #: 48-byte ciphertext (32-byte key + 16-byte tag).
@@ -142,7 +143,7 @@ def audit_erasure(
                 audit.checks.append(
                     _old_masters_destroyed(keyring, tombstone, meta.shred_epoch, epochs)
                 )
-                versions = _dek_versions(log_env, log_txn, subject_id)
+                versions = _dek_versions(log_env, log_txn, meta, subject_id)
                 audit.checks.append(
                     _no_unwrappable_window(keyring, subject_id, versions, key_files)
                 )
@@ -210,21 +211,25 @@ def _old_masters_destroyed(
     )
 
 
-def _dek_versions(env: lmdb.Environment, txn: lmdb.Transaction, subject_id: str) -> set[int]:
-    """DEK versions the subject's events were encrypted under (at least version 1)."""
+def _dek_versions(
+    env: lmdb.Environment, txn: lmdb.Transaction, meta: LogMeta, subject_id: str
+) -> set[int]:
+    """DEK versions the subject's events were encrypted under (at least version 1).
+
+    *meta* must come from *txn*: the subject index is complete only through
+    ``meta.subject_indexed``, and the events after it are scanned.
+    """
     index = env.open_db(b"subject_index", txn=txn)
     events = env.open_db(b"events", txn=txn)
-    prefix = codec.subject_prefix(subject_id)
+    everything = 2**63
+    positions = indexed_subject_positions(
+        txn, index, subject_id, 0, meta.subject_indexed, everything
+    ) + tail_subject_positions(txn, events, subject_id, meta.subject_indexed, everything)
     versions = {1}
-    cursor = txn.cursor(db=index)
-    if cursor.set_range(prefix):
-        for key in cursor.iternext(values=False):
-            raw = bytes(key)
-            if not raw.startswith(prefix):
-                break
-            value = txn.get(raw[-8:], db=events)
-            if value is not None:
-                versions.add(codec.decode_record(value).dek_version)
+    for position in positions:
+        value = txn.get(codec.position_key(position), db=events)
+        if value is not None:
+            versions.add(codec.decode_record(value).dek_version)
     return versions
 
 

@@ -107,6 +107,12 @@ class EpochRecord(msgspec.Struct, array_like=True, frozen=True, gc=False):
     shredded_subjects: int
 
 
+#: ``LogMeta.subject_indexed`` as decoded from a log written before the field
+#: existed. Such a log indexed every event as it was appended, so its index is
+#: complete through the head; :func:`decode_meta` resolves the sentinel.
+INDEXED_THROUGH_HEAD: Final = -1
+
+
 class LogMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """The ``meta`` value under ``b"log"``: identity and head of the log."""
 
@@ -115,6 +121,25 @@ class LogMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     last_position: int
     chain_head: bytes
     shred_epoch: int
+    #: The position through which ``subject_index`` is complete. The writer
+    #: merges the events after it in chunks; readers scan them (see storage).
+    subject_indexed: int = INDEXED_THROUGH_HEAD
+
+
+class RecordSubject(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The leading fields of a :class:`RecordBody`, through its subject id.
+
+    Decoding a record as this struct skips the nonce and ciphertext without
+    building them: it is how the subject index is merged and how its
+    unindexed tail is scanned.
+    """
+
+    format: int
+    stream_id: str
+    stream_version: int
+    event_id: bytes
+    event_type: str
+    subject_id: str
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -126,6 +151,7 @@ _stream_decoder = msgspec.msgpack.Decoder(StreamInfo)
 _idem_decoder = msgspec.msgpack.Decoder(IdempotencyEntry)
 _tombstone_decoder = msgspec.msgpack.Decoder(Tombstone)
 _meta_decoder = msgspec.msgpack.Decoder(LogMeta)
+_subject_decoder = msgspec.msgpack.Decoder(RecordSubject)
 _hold_decoder = msgspec.msgpack.Decoder(LegalHold)
 _epoch_decoder = msgspec.msgpack.Decoder(EpochRecord)
 
@@ -133,9 +159,16 @@ decode_payload = _payload_decoder.decode
 decode_stream = _stream_decoder.decode
 decode_idempotency = _idem_decoder.decode
 decode_tombstone = _tombstone_decoder.decode
-decode_meta = _meta_decoder.decode
 decode_legal_hold = _hold_decoder.decode
 decode_epoch = _epoch_decoder.decode
+
+
+def decode_meta(raw: bytes | memoryview) -> LogMeta:
+    """The log meta, with an old log's missing ``subject_indexed`` resolved to its head."""
+    meta = _meta_decoder.decode(raw)
+    if meta.subject_indexed == INDEXED_THROUGH_HEAD:
+        meta = msgspec.structs.replace(meta, subject_indexed=meta.last_position)
+    return meta
 
 
 def chain_hash(previous: bytes, body: bytes | memoryview) -> bytes:
@@ -160,6 +193,12 @@ def split_record(value: bytes | memoryview) -> tuple[memoryview, bytes]:
 
 def decode_record(value: bytes | memoryview) -> RecordBody:
     return _body_decoder.decode(memoryview(value)[:-HASH_SIZE])
+
+
+def record_subject(value: bytes | memoryview) -> str:
+    """The subject id of a stored event value, without decoding its ciphertext."""
+    # Slicing bytes (a copy) measured twice as fast here as a memoryview slice.
+    return _subject_decoder.decode(value[:-HASH_SIZE]).subject_id
 
 
 def position_key(position: int) -> bytes:

@@ -33,7 +33,7 @@ import lmdb
 import msgspec
 
 from lethedb_server import codec
-from lethedb_server.codec import EpochRecord, LogMeta, Tombstone
+from lethedb_server.codec import EpochRecord, Tombstone
 from lethedb_server.faults import fault_point
 from lethedb_server.files import fsync_dir, overwrite_and_remove, write_atomically
 from lethedb_server.keyring import KeyProvider
@@ -120,7 +120,7 @@ class Shredder:
         now = self.clock()
         record = EpochRecord(now, master_version, live, shredded)
         meta = self.log.meta
-        new_meta = LogMeta(meta.format, meta.store_id, meta.last_position, meta.chain_head, epoch)
+        new_meta = msgspec.structs.replace(meta, shred_epoch=epoch)
 
         def record_epoch(txn: lmdb.Transaction) -> None:
             txn.put(codec.u64(epoch), codec.encode(record), db=self.log.epochs)

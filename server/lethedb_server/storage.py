@@ -11,6 +11,7 @@ Named databases (see docs/ARCHITECTURE.md for the value formats):
 * ``streams``: stream id -> StreamInfo
 * ``stream_index``: length-prefixed stream id + u64 BE version -> u64 BE position
 * ``subject_index``: length-prefixed subject id + u64 BE position -> empty
+  (complete through ``LogMeta.subject_indexed``; see below)
 * ``tombstones``: subject id -> Tombstone
 * ``legal_holds``: subject id -> LegalHold
 * ``epochs``: u64 BE shred epoch -> EpochRecord
@@ -18,6 +19,18 @@ Named databases (see docs/ARCHITECTURE.md for the value formats):
 * ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
 * ``checkpoints``: consumer group -> u64 BE position
 * ``meta``: ``log`` -> LogMeta
+
+The subject index is completed in chunks, not with each event. An append
+touches the end of the ``events`` tree, but its events' subject index keys
+land on as many different leaf pages as it has subjects, and every dirty page
+is copied, written and fsynced: inserting per event cost as much as the rest
+of the append together. So an append writes no index entry; the writer later
+merges the unindexed tail (``LogMeta.subject_indexed``, head] in one sorted
+pass per chunk (:meth:`LogStore.merge_subject_index`), in one transaction that
+also advances ``subject_indexed``, so a crash leaves either the whole chunk or
+none of it. Whoever reads the index must combine it with a scan of the tail,
+in the same read transaction, reading the meta inside it
+(:meth:`LogStore.subject_positions`; ``audit._dek_versions`` does the same).
 """
 
 from __future__ import annotations
@@ -25,12 +38,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import lmdb
+import msgspec
 
 from lethedb_server import codec
-from lethedb_server.codec import EpochRecord, LegalHold, LogMeta, RecordBody, StreamInfo, Tombstone
+from lethedb_server.codec import EpochRecord, LegalHold, LogMeta, StreamInfo, Tombstone
+from lethedb_server.errors import DataLoss
 from lethedb_server.lmdbenv import LmdbEnv
 
 LOG_DBS = (
@@ -87,6 +102,7 @@ class LogStore:
             last_position=0,
             chain_head=codec.GENESIS_HASH,
             shred_epoch=0,
+            subject_indexed=0,
         )
         with self.lmdb.begin_write() as txn:
             txn.put(_META_KEY, codec.encode(meta), db=self.meta_db)
@@ -118,17 +134,52 @@ class LogStore:
         txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
 
     def put_event(
-        self, txn: lmdb.Transaction, position: int, value: bytes, body: RecordBody
+        self, txn: lmdb.Transaction, position: int, value: bytes, stream_version_key: bytes
     ) -> None:
+        """Put a sealed event and its ``stream_index`` entry (the caller builds the key once
+        per stream prefix). No ``subject_index`` entry: :meth:`merge_subject_index` adds
+        it later, in bulk."""
         key = codec.position_key(position)
         # append=True: positions only grow, so LMDB can skip the tree search.
         txn.put(key, value, db=self.events, append=True)
-        txn.put(
-            codec.stream_version_key(body.stream_id, body.stream_version),
-            key,
-            db=self.stream_index,
-        )
-        txn.put(codec.subject_position_key(body.subject_id, position), b"", db=self.subject_index)
+        txn.put(stream_version_key, key, db=self.stream_index)
+
+    def merge_subject_index(self, txn: lmdb.Transaction, meta: LogMeta, limit: int) -> LogMeta:
+        """Index up to *limit* events after ``meta.subject_indexed``; return the new meta.
+
+        The keys are sorted before they are put, so each subject's leaf page is
+        dirtied once per chunk rather than once per event. The new meta is put
+        in *txn*: the entries and the advanced ``subject_indexed`` commit
+        together or not at all.
+        """
+        start = meta.subject_indexed + 1
+        end = min(meta.last_position, meta.subject_indexed + limit)
+        if end < start:
+            return meta
+        keys: list[bytes] = []
+        prefixes: dict[str, bytes] = {}  # a chunk names each subject many times
+        position = start
+        cursor = txn.cursor(db=self.events)
+        if cursor.set_key(codec.position_key(start)):
+            for key, value in _pairs(cursor.iternext()):
+                position_key = codec.position_key(position)
+                if key != position_key:
+                    break
+                subject = _subject_of(position, value)
+                prefix = prefixes.get(subject)
+                if prefix is None:
+                    prefix = prefixes[subject] = codec.subject_prefix(subject)
+                keys.append(prefix + position_key)
+                if position == end:
+                    break
+                position += 1
+        if len(keys) != end - start + 1:
+            raise DataLoss(f"events {start}..{end} are not all in the log; run `lethedb verify`")
+        keys.sort()
+        txn.cursor(db=self.subject_index).putmulti([(k, b"") for k in keys])
+        merged = msgspec.structs.replace(meta, subject_indexed=end)
+        self.put_meta(txn, merged)
+        return merged
 
     # -- reads ------------------------------------------------------------------
 
@@ -200,21 +251,26 @@ class LogStore:
     # -- subjects and erasure ---------------------------------------------------
 
     def subject_positions(self, subject_id: str, after: int, limit: int) -> list[int]:
-        """Positions of the subject's events after *after*, in log order."""
-        prefix = codec.subject_prefix(subject_id)
-        positions: list[int] = []
+        """Positions of the subject's events after *after*, in log order.
+
+        The index answers through ``subject_indexed``; the unindexed tail after
+        it is scanned. The meta is read in the same transaction as both, so a
+        merge committing meanwhile can neither hide an event nor show it twice.
+        """
         with self.lmdb.read() as txn:
-            cursor = txn.cursor(db=self.subject_index)
-            if not cursor.set_range(codec.subject_position_key(subject_id, after + 1)):
-                return positions
-            for key in cursor.iternext(values=False):
-                raw = bytes(key)
-                if not raw.startswith(prefix):
-                    break
-                positions.append(codec.from_u64(raw[-8:]))
-                if len(positions) >= limit:
-                    break
+            indexed = self.subject_indexed(txn)
+            positions = indexed_subject_positions(
+                txn, self.subject_index, subject_id, after, indexed, limit
+            )
+            if len(positions) < limit:
+                positions += tail_subject_positions(
+                    txn, self.events, subject_id, max(after, indexed), limit - len(positions)
+                )
         return positions
+
+    def subject_indexed(self, txn: lmdb.Transaction) -> int:
+        """The position through which ``subject_index`` is complete, as *txn* sees it."""
+        return codec.decode_meta(cast(bytes, txn.get(_META_KEY, db=self.meta_db))).subject_indexed
 
     def read_positions(self, positions: list[int]) -> RawPage:
         with self.lmdb.read() as txn:
@@ -259,6 +315,61 @@ class LogStore:
         """Tombstones whose shred epoch has not run yet."""
         epoch = self.meta.shred_epoch
         return sum(1 for _, t in self.all_tombstones() if t.shred_epoch > epoch)
+
+
+def indexed_subject_positions(
+    txn: lmdb.Transaction, index: Any, subject_id: str, after: int, indexed: int, limit: int
+) -> list[int]:
+    """Positions in (*after*, *indexed*] that ``subject_index`` lists for the subject.
+
+    Entries past *indexed* cannot exist (a merge commits them together with
+    the meta), but reading stops there anyway: the tail scan covers the rest.
+    """
+    positions: list[int] = []
+    if after >= indexed:
+        return positions
+    prefix = codec.subject_prefix(subject_id)
+    last = codec.subject_position_key(subject_id, indexed)
+    cursor = txn.cursor(db=index)
+    if not cursor.set_range(codec.subject_position_key(subject_id, after + 1)):
+        return positions
+    for key in cursor.iternext(values=False):
+        raw = bytes(key)
+        if not raw.startswith(prefix) or raw > last:
+            break
+        positions.append(codec.from_u64(raw[-8:]))
+        if len(positions) >= limit:
+            break
+    return positions
+
+
+def tail_subject_positions(
+    txn: lmdb.Transaction, events: Any, subject_id: str, after: int, limit: int
+) -> list[int]:
+    """Positions after *after* whose record names the subject, by scanning ``events``.
+
+    Used only for the unindexed tail, which the writer keeps short. A record
+    is decoded only when the subject id's msgpack bytes occur in it at all.
+    """
+    positions: list[int] = []
+    needle = codec.encode(subject_id)
+    cursor = txn.cursor(db=events)
+    if not cursor.set_range(codec.position_key(after + 1)):
+        return positions
+    for key, value in _pairs(cursor.iternext()):
+        if needle in value and _subject_of(codec.position_from_key(key), value) == subject_id:
+            positions.append(codec.position_from_key(key))
+            if len(positions) >= limit:
+                break
+    return positions
+
+
+def _subject_of(position: int, value: bytes) -> str:
+    """The record's subject id; a record that cannot be decoded is DataLoss, never skipped."""
+    try:
+        return codec.record_subject(value)
+    except msgspec.DecodeError as exc:
+        raise DataLoss(f"the record at position {position} cannot be decoded: {exc}") from exc
 
 
 def _pairs(

@@ -20,7 +20,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -39,7 +38,7 @@ from lethedb_server.codec import (
     RecordBody,
     Tombstone,
 )
-from lethedb_server.crypto import event_aad, new_nonce
+from lethedb_server.crypto import event_aad, new_nonces
 from lethedb_server.errors import (
     ForkedProcess,
     IdempotencyConflict,
@@ -83,6 +82,8 @@ MaintenanceTask = Callable[[], Any]
 Result = AppendResult | CommitResult | SubjectReceipt | int
 _STOP: Final = object()
 _ERASURE_CONTENT_TYPE = "application/json"
+#: Seconds between attempts after a subject index merge failed.
+_MERGE_RETRY_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ class WriterLimits:
     #: refuses them with Overloaded (0: no limit). Forgets, legal holds and
     #: maintenance are never refused: operators must get through an overload.
     max_inflight_appends: int = 0
+    #: The subject index is merged once this many events are unindexed, at
+    #: most this many per merge transaction (each merge stalls appends).
+    index_chunk: int = 8192
+    #: ... and once the writer has had nothing to do for this long.
+    index_idle_s: float = 0.05
 
 
 class WriterObserver(Protocol):
@@ -189,6 +195,7 @@ class Writer:
         self.observer: WriterObserver | None = None
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        self._merge_retry_at = 0.0
 
     # -- public API -------------------------------------------------------------
 
@@ -308,16 +315,24 @@ class Writer:
     def _run(self) -> None:
         stopping = False
         while not stopping:
+            unindexed = self._unindexed()
+            idle = self.limits.index_idle_s if unindexed else self.limits.sweep_interval_s
             try:
-                first = self._queue.get(timeout=self.limits.sweep_interval_s)
+                first = self._queue.get(timeout=idle)
             except queue.Empty:
-                self._sweep_idempotency()
+                if unindexed:  # at rest: complete the index, so readers scan no tail
+                    self._merge_subject_index(self.limits.index_chunk)
+                if not unindexed or self._sweep_due():
+                    self._sweep_idempotency()
                 continue
             if first is _STOP:
                 break
             batch, stopping = self._collect(first)
             self._process(batch)
-            if time.monotonic() - self._last_sweep > self.limits.sweep_interval_s:
+            while self._unindexed() >= self.limits.index_chunk:
+                if not self._merge_subject_index(self.limits.index_chunk):
+                    break
+            if self._sweep_due():
                 self._sweep_idempotency()
         # Drain what raced with stop(): it was queued before _accepting fell.
         while True:
@@ -327,6 +342,45 @@ class Writer:
                 break
             if isinstance(item, _Pending):
                 self._process([item])
+        # A store closed cleanly is fully indexed.
+        while self._unindexed() and self._merge_subject_index(self.limits.index_chunk):
+            pass
+
+    def _sweep_due(self) -> bool:
+        return time.monotonic() - self._last_sweep > self.limits.sweep_interval_s
+
+    def _unindexed(self) -> int:
+        """Events after the position through which the subject index is complete."""
+        meta = self.log.meta
+        return meta.last_position - meta.subject_indexed
+
+    def _merge_subject_index(self, limit: int) -> bool:
+        """Merge up to *limit* unindexed events into the subject index; False if it failed.
+
+        Runs in its own write transaction between batches. A failure (a full
+        disk, a damaged record) loses nothing: readers scan the tail, and a
+        merge is tried again after a pause, so a lasting failure costs no
+        work per batch.
+        """
+        if time.monotonic() < self._merge_retry_at:
+            return False
+        log_store = self.log
+
+        def merge(txn: lmdb.Transaction) -> LogMeta:
+            merged = log_store.merge_subject_index(txn, log_store.meta, limit)
+            fault_point("index.merge_before_commit")
+            return merged
+
+        try:
+            self.log.meta = self.log.lmdb.write(merge)
+        except (LetheError, lmdb.Error) as exc:
+            log.warning("subject index merge failed; readers scan the tail meanwhile: %s", exc)
+        except Exception:
+            log.exception("subject index merge failed; readers scan the tail meanwhile")
+        else:
+            return True
+        self._merge_retry_at = time.monotonic() + _MERGE_RETRY_S
+        return False
 
     def _collect(self, first: object) -> tuple[list[_Pending], bool]:
         """Everything queued, up to the limits; a maintenance command is taken alone."""
@@ -569,42 +623,40 @@ class Writer:
             previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
             if previous is not None:
                 return previous, meta
-        for event in command.events:
-            if event.subject_id and self._is_forgotten(txn, event.subject_id):
-                raise SubjectForgotten(event.subject_id)
-        info = self.log.stream_info(txn, command.stream_id)
+        events = command.events
+        for subject_id in dict.fromkeys(event.subject_id for event in events):
+            if subject_id and self._is_forgotten(txn, subject_id):
+                raise SubjectForgotten(subject_id)
+        stream_id = command.stream_id
+        info = self.log.stream_info(txn, stream_id)
         self._check_expected(command, None if info is None else info.last_version)
 
         version = 0 if info is None else info.last_version + 1
         position = meta.last_position + 1
         chain = meta.chain_head
         first_position, first_version = position, version
-        for event in command.events:
-            subject = event.subject_id or STORE_SUBJECT
-            dek_version, aead = self.keys.take(subject)
-            event_id = event.event_id or uuid.uuid4().bytes
-            nonce = new_nonce()
+        # Per-event costs are what this loop is about: randomness comes from
+        # one urandom call per append, and names are looked up once.
+        store_id, take, put_event = meta.store_id, self.keys.take, self.log.put_event
+        stream_key = codec.stream_prefix(stream_id)
+        nonces = new_nonces(len(events))
+        new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
+        for i, event in enumerate(events):
+            dek_version, aead = take(event.subject_id or STORE_SUBJECT)
+            event_id = event.event_id or new_ids[i]
+            nonce = nonces[i]
             aad = event_aad(
-                meta.store_id, position, command.stream_id, version, event.event_type,
+                store_id, position, stream_id, version, event.event_type,
                 event.subject_id, event_id, dek_version, event.content_type, now,
             )  # fmt: skip
+            plaintext = codec.encode(codec.Payload(event.data, event.metadata))
             body = RecordBody(
-                format=codec.RECORD_FORMAT,
-                stream_id=command.stream_id,
-                stream_version=version,
-                event_id=event_id,
-                event_type=event.event_type,
-                subject_id=event.subject_id,
-                content_type=event.content_type,
-                recorded_at=now,
-                dek_version=dek_version,
-                nonce=nonce,
-                ciphertext=aead.encrypt(
-                    nonce, codec.encode(codec.Payload(event.data, event.metadata)), aad
-                ),
-            )
+                codec.RECORD_FORMAT, stream_id, version, event_id, event.event_type,
+                event.subject_id, event.content_type, now, dek_version, nonce,
+                aead.encrypt(nonce, plaintext, aad),
+            )  # fmt: skip
             value, chain = codec.seal_record(chain, body)
-            self.log.put_event(txn, position, value, body)
+            put_event(txn, position, value, stream_key + codec.u64(version))
             position += 1
             version += 1
 
@@ -618,7 +670,10 @@ class Writer:
         result = AppendResult(first_position, position - 1, first_version, version - 1, now)
         if command.idempotency_key:
             self._remember(txn, command.idempotency_key, digest, result, now)
-        new_meta = LogMeta(meta.format, meta.store_id, position - 1, chain, meta.shred_epoch)
+        new_meta = LogMeta(
+            meta.format, meta.store_id, position - 1, chain, meta.shred_epoch,
+            meta.subject_indexed,
+        )  # fmt: skip
         return result, new_meta
 
     @staticmethod
@@ -719,6 +774,18 @@ def _sealed_under(command: Command) -> Iterator[str]:
     for part in parts:
         for event in part.events:
             yield event.subject_id or STORE_SUBJECT
+
+
+def _new_event_ids(count: int) -> list[bytes]:
+    """*count* random (version 4) UUIDs as bytes, from one urandom call.
+
+    ``uuid.uuid4().bytes`` costs a system call and a UUID object per event;
+    this sets the same version and variant bits on one block of randomness.
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    return [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
 
 
 def _counts_in_flight(command: Command) -> bool:

@@ -113,7 +113,7 @@ def test_payload_round_trips_through_msgpack(data: bytes, metadata: bytes):
     info=st.builds(codec.StreamInfo, U64, U64, U64),
     tombstone=st.builds(codec.Tombstone, U64, U64, NAMES, U64),
     meta=st.builds(
-        codec.LogMeta, st.just(1), st.binary(min_size=16, max_size=16), U64, HASHES, U64
+        codec.LogMeta, st.just(1), st.binary(min_size=16, max_size=16), U64, HASHES, U64, U64
     ),
 )
 def test_stored_structs_round_trip_through_msgpack(
@@ -122,6 +122,25 @@ def test_stored_structs_round_trip_through_msgpack(
     assert codec.decode_stream(codec.encode(info)) == info
     assert codec.decode_tombstone(codec.encode(tombstone)) == tombstone
     assert codec.decode_meta(codec.encode(meta)) == meta
+
+
+def test_a_log_meta_written_before_subject_indexed_existed_reads_as_fully_indexed():
+    # Such a log indexed every event in its append transaction.
+    old = codec.encode((1, bytes(16), 41, codec.GENESIS_HASH, 2))
+
+    meta = codec.decode_meta(old)
+
+    assert meta.subject_indexed == meta.last_position == 41
+    assert meta.shred_epoch == 2
+
+
+def test_record_subject_reads_the_subject_id_without_the_ciphertext():
+    body = RecordBody(
+        1, "orders-1", 3, bytes(16), "Placed", "subject-7", "t", 5, 1, bytes(12), b"x"
+    )
+    value, _ = codec.seal_record(codec.GENESIS_HASH, body)
+
+    assert codec.record_subject(value) == "subject-7"
 
 
 # -- keys ------------------------------------------------------------------------
