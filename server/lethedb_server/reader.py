@@ -41,39 +41,65 @@ class EventReader:
         positions = self.log.subject_positions(subject_id, after, limit)
         return self.open_page(self.log.read_positions(positions)) if positions else []
 
-    def open_page(self, page: RawPage) -> list[StoredEvent]:
-        return [self.open(position, value) for position, value in page]
-
     def open(self, position: int, value: bytes) -> StoredEvent:
         """Decode and decrypt one stored event."""
-        try:
-            body = codec.decode_record(value)
-        except Exception as exc:  # msgspec raises several types for damaged bytes
-            raise DataLoss(f"the record at position {position} cannot be decoded: {exc}") from exc
-        subject = body.subject_id or STORE_SUBJECT
-        aead = self.keys.cipher(subject, body.dek_version)
-        if aead is None:
-            if body.subject_id and (
-                self.keys.is_forgotten(body.subject_id) or self.log.is_forgotten(body.subject_id)
-            ):
-                return _envelope(position, body, b"", b"", redacted=True)
-            raise DataLoss(
-                f"the key for the event at position {position} is missing "
-                f"(subject {body.subject_id!r}, key version {body.dek_version}) "
-                "and the subject was never forgotten"
-            )
-        aad = event_aad(
-            self.log.store_id, position, body.stream_id, body.stream_version, body.event_type,
-            body.subject_id, body.event_id, body.dek_version, body.content_type, body.recorded_at,
-        )  # fmt: skip
-        try:
-            payload = codec.decode_payload(aead.decrypt(body.nonce, body.ciphertext, aad))
-        except InvalidTag as exc:
-            raise DataLoss(
-                f"the event at position {position} fails its authentication check "
-                "(the record was altered or moved)"
-            ) from exc
-        return _envelope(position, body, payload.data, payload.metadata, redacted=False)
+        return self.open_page([(position, value)])[0]
+
+    def open_page(self, page: RawPage) -> list[StoredEvent]:
+        """Decode and decrypt every event of a page, in order.
+
+        The hot path of reads and subscriptions, hence the loop's shape: names
+        are looked up once per page and each event is built in one call.
+        Every event is still decrypted and its associated data checked.
+        """
+        store_id = self.log.store_id
+        cipher = self.keys.cipher
+        decode_record = codec.decode_record
+        decode_payload = codec.decode_payload
+        events: list[StoredEvent] = []
+        append = events.append
+        for position, value in page:
+            try:
+                body = decode_record(value)
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                raise DataLoss(
+                    f"the record at position {position} cannot be decoded: {exc}"
+                ) from exc
+            subject_id = body.subject_id
+            aead = cipher(subject_id or STORE_SUBJECT, body.dek_version)
+            if aead is None:
+                append(self._redacted(position, body))
+                continue
+            aad = event_aad(
+                store_id, position, body.stream_id, body.stream_version, body.event_type,
+                subject_id, body.event_id, body.dek_version, body.content_type, body.recorded_at,
+            )  # fmt: skip
+            try:
+                payload = decode_payload(aead.decrypt(body.nonce, body.ciphertext, aad))
+            except InvalidTag as exc:
+                raise DataLoss(
+                    f"the event at position {position} fails its authentication check "
+                    "(the record was altered or moved)"
+                ) from exc
+            event = StoredEvent(
+                position, body.stream_id, body.stream_version, body.event_id, body.event_type,
+                subject_id, body.content_type, body.recorded_at, payload.data, payload.metadata,
+                False,
+            )  # fmt: skip
+            append(event)
+        return events
+
+    def _redacted(self, position: int, body: codec.RecordBody) -> StoredEvent:
+        """The envelope of an event whose key is gone, which only a forget may explain."""
+        if body.subject_id and (
+            self.keys.is_forgotten(body.subject_id) or self.log.is_forgotten(body.subject_id)
+        ):
+            return _envelope(position, body, b"", b"", redacted=True)
+        raise DataLoss(
+            f"the key for the event at position {position} is missing "
+            f"(subject {body.subject_id!r}, key version {body.dek_version}) "
+            "and the subject was never forgotten"
+        )
 
 
 def _envelope(
