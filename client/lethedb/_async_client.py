@@ -18,12 +18,17 @@ import grpc.aio
 from lethedb._base import (
     BACKUP_NOT_RETRIED,
     AllReadCursor,
+    AppendCoalescer,
+    AppendOutcome,
     AppendPipeline,
     BaseClient,
     ExportCursor,
+    QueuedAppend,
     ReadCursor,
+    SendAlone,
     StreamReadCursor,
     VerifyWalk,
+    append_retry_delay,
     build_append_request,
     build_backup_request,
     build_checkpoint_request,
@@ -37,6 +42,7 @@ from lethedb._base import (
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     build_subscribe_request,
+    deadline_exceeded,
     to_append_result,
     to_backup_result,
     to_commit_result,
@@ -72,6 +78,13 @@ __all__ = ["AsyncAdminClient", "AsyncClient"]
 
 _Request = TypeVar("_Request")
 _Response = TypeVar("_Response")
+_Outcome = AppendOutcome
+
+
+def _expire(waiter: asyncio.Future[_Outcome]) -> None:
+    """A queued append's own deadline passed: its caller stops waiting, as for a unary call."""
+    if not waiter.done():
+        waiter.set_result(deadline_exceeded())
 
 
 class AsyncClient(BaseClient):
@@ -79,7 +92,8 @@ class AsyncClient(BaseClient):
 
     Deadlines, retries, idempotency and the connection arguments (connection
     strings, ``tls``, ``ca``, ``client_cert``, ``client_key``, ``token``) work
-    exactly as in :class:`lethedb.Client`.
+    exactly as in :class:`lethedb.Client`, and so does ``coalesce_appends``:
+    concurrent :meth:`append` calls (from many tasks) share AppendBatch calls.
     """
 
     def __init__(
@@ -97,6 +111,7 @@ class AsyncClient(BaseClient):
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
         token: str | None = None,
+        coalesce_appends: bool = True,
     ) -> None:
         super().__init__(
             target,
@@ -111,7 +126,12 @@ class AsyncClient(BaseClient):
             client_cert=client_cert,
             client_key=client_key,
             token=token,
+            coalesce_appends=coalesce_appends,
         )
+        self._appends: AppendCoalescer[asyncio.Future[_Outcome]] | None = (
+            AppendCoalescer() if coalesce_appends else None
+        )
+        self._batch_calls: set[asyncio.Task[None]] = set()
         if self._channel_credentials is None:
             self._channel = grpc.aio.insecure_channel(self._target, options=self._channel_options)
         else:
@@ -153,7 +173,82 @@ class AsyncClient(BaseClient):
         """Append events to one stream, atomically; see :meth:`lethedb.Client.append`."""
         request = build_append_request(stream_id, events, expected_version, idempotency_key)
         deadline = self._timeout_for(timeout)
-        return to_append_result(await self._unary(self._stub.Append, request, deadline))
+        if self._appends is None:
+            return to_append_result(await self._unary(self._stub.Append, request, deadline))
+        retrying = self._retry_policy.start()
+        while True:
+            outcome = await self._coalesced_append(self._appends, request, deadline)
+            if isinstance(outcome, pb.AppendResponse):
+                return to_append_result(outcome)
+            await asyncio.sleep(append_retry_delay(retrying, outcome))
+
+    async def _coalesced_append(
+        self,
+        coalescer: AppendCoalescer[asyncio.Future[_Outcome]],
+        request: pb.AppendRequest,
+        deadline: float,
+    ) -> pb.AppendResponse | Exception:
+        """One attempt: a place in the next call, sent this loop turn if a call is free."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Outcome] = loop.create_future()
+        item = QueuedAppend(request, loop.time() + deadline, waiter)
+        if coalescer.queue(item):
+            loop.call_soon(self._flush_appends)
+        timer = loop.call_at(item.deadline, _expire, item.waiter)
+        try:
+            outcome = await item.waiter  # cancelling the caller cancels it: the batch skips it
+        finally:
+            timer.cancel()
+        if isinstance(outcome, SendAlone):
+            return await self._append_call(request, deadline)
+        return outcome
+
+    async def _append_call(
+        self, request: pb.AppendRequest, deadline: float
+    ) -> pb.AppendResponse | Exception:
+        try:
+            return await self._stub.Append(request, timeout=deadline)
+        except Exception as exc:  # the caller maps, retries or raises it
+            return exc
+
+    def _flush_appends(self) -> None:
+        assert self._appends is not None
+        self._send_batches(self._appends.flush())
+
+    def _send_batches(self, batches: list[list[QueuedAppend[asyncio.Future[_Outcome]]]]) -> None:
+        for batch in batches:
+            # A task of its own, so that no caller's cancellation cancels the call.
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._batch_calls.add(task)
+            task.add_done_callback(self._batch_calls.discard)
+
+    async def _send_batch(self, batch: list[QueuedAppend[asyncio.Future[_Outcome]]]) -> None:
+        coalescer = self._appends
+        assert coalescer is not None
+        # Each caller keeps its own deadline (see _expire); the call lasts for the longest.
+        timeout = max(
+            0.001, max(item.deadline for item in batch) - asyncio.get_running_loop().time()
+        )
+        outcomes: list[_Outcome]
+        try:
+            if len(batch) == 1:
+                outcomes = [await self._append_call(batch[0].request, timeout)]
+            else:
+                try:
+                    response = await self._stub.AppendBatch(
+                        coalescer.batch_request(batch), timeout=timeout
+                    )
+                except Exception as exc:  # the callers map, retry or raise it
+                    outcomes = coalescer.failed(batch, exc)
+                else:
+                    outcomes = coalescer.outcomes(batch, response)
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if not item.waiter.done():
+                    item.waiter.set_result(outcome)
+        finally:
+            for item in batch:  # only when this task was cancelled (the loop is ending)
+                item.waiter.cancel()
+            self._send_batches(coalescer.call_done())
 
     async def append_many(
         self, items: Iterable[Append], *, timeout: float | None = None

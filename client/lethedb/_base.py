@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar
 
 import grpc
 import msgspec
@@ -101,6 +102,7 @@ class BaseClient:
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
         token: str | None = None,
+        coalesce_appends: bool = True,
     ) -> None:
         # Connection strings, TLS files and tokens: see lethedb._connection.
         connection = resolve_connection(
@@ -120,6 +122,11 @@ class BaseClient:
         )
         self._channel_options = tuple(channel_options or ()) + connection.options()
         self._channel_credentials = connection.credentials(channel_credentials)
+        if not isinstance(coalesce_appends, bool):
+            raise ValidationError(
+                f"coalesce_appends is {coalesce_appends!r}; expected True or False"
+            )
+        self._coalesce_appends = coalesce_appends
 
     def _timeout_for(self, timeout: float | None) -> float:
         """The per-attempt deadline: a retry gets a fresh one, as a new attempt needs it."""
@@ -499,7 +506,7 @@ class AppendPipeline:
         self._answered_since_attempt = 0
         return [request for _, request in self._pending]
 
-    def acknowledge(self, response: pb.AppendStreamResponse) -> None:
+    def acknowledge(self, response: pb.AppendResult) -> None:
         if not self._pending:
             raise ServerError("the server sent more append responses than there were requests")
         index, _ = self._pending.popleft()
@@ -546,6 +553,209 @@ class AppendPipeline:
             assert result is not None, "append_many finished with an unanswered item"
             results.append(result)
         return results
+
+
+# --- coalesced appends ---------------------------------------------------------------
+
+#: Most appends coalesced into one AppendBatch call: the server's limit.
+MAX_APPENDS_PER_BATCH: Final = 1000
+#: Most request bytes coalesced into one AppendBatch call, well under the
+#: server's message limit (32 MiB by default). A larger append travels alone.
+MAX_BATCH_BYTES: Final = 4 << 20
+#: Append calls one client keeps in flight before further appends wait for the
+#: next batch. With two, appends made while one call waits for its fsync go
+#: out at once and can join the writer's next group commit, instead of waiting
+#: a whole round trip; with closed-loop callers (each awaiting its append
+#: before the next) one and two measured the same (see docs/ARCHITECTURE.md).
+APPEND_CALLS_IN_FLIGHT: Final = 2
+
+
+class SendAlone:
+    """The server does not know AppendBatch (it predates it): send a plain Append."""
+
+    def __repr__(self) -> str:
+        return "SEND_ALONE"
+
+
+SEND_ALONE: Final = SendAlone()
+
+#: What one attempt of a coalesced append comes back with: the server's answer,
+#: the append's own error (a LetheError), the failure of the whole call (a
+#: grpc.RpcError, for the retry policy to map and judge exactly as a unary
+#: Append's; any other exception is raised as the unary call would raise it),
+#: or SEND_ALONE.
+AppendOutcome: TypeAlias = "pb.AppendResponse | Exception | SendAlone"
+
+
+class _Waiter(Protocol):
+    def done(self) -> bool: ...
+
+
+_W = TypeVar("_W", bound=_Waiter)
+
+
+class QueuedAppend(Generic[_W]):
+    """One caller's append waiting for the next batch; ``waiter`` receives its outcome."""
+
+    __slots__ = ("deadline", "request", "size", "waiter")
+
+    def __init__(self, request: pb.AppendRequest, deadline: float, waiter: _W) -> None:
+        self.request = request
+        self.size = request.ByteSize()
+        #: When the caller stops waiting, on the waiting client's clock.
+        self.deadline = deadline
+        self.waiter = waiter
+
+
+class AppendCoalescer(Generic[_W]):
+    """Smart batching of one client's concurrent appends: fewer calls, no added delay.
+
+    While fewer than ``calls_in_flight`` append calls are in flight, an append
+    is sent at once as a plain unary Append, so a lone caller waits for
+    nothing. Otherwise it is queued, and each call that completes sends
+    everything queued (up to MAX_APPENDS_PER_BATCH appends and MAX_BATCH_BYTES)
+    as one AppendBatch call. Under load, the calls per second stay bounded by
+    the round trip while the appends per call grow with the concurrency.
+
+    Every append stays its caller's own: its own result or error, its own
+    deadline (a caller that stops waiting is dropped from the queue, or its
+    answer ignored), its own retries. A failed batch call hands the failure to
+    each caller, whose retry policy judges it as for a unary Append; a retry
+    resends the same request, idempotency key included, so an append the
+    failed call did commit is answered from the server's idempotency store.
+
+    No I/O here: the clients send the calls and settle the waiters. Thread-safe,
+    as the blocking client uses it from its callers' threads and from gRPC's
+    callback threads.
+    """
+
+    def __init__(self, calls_in_flight: int = APPEND_CALLS_IN_FLIGHT) -> None:
+        self._lock = threading.Lock()
+        self._queue: deque[QueuedAppend[_W]] = deque()
+        self._in_flight = 0
+        self._calls_in_flight = calls_in_flight
+        self._flush_due = False
+        #: False once the server answered UNIMPLEMENTED: appends go one per call.
+        self.batching = True
+
+    def send_or_queue(self, queued: Callable[[], QueuedAppend[_W]]) -> QueuedAppend[_W] | None:
+        """None: send the append now, then report :meth:`call_done`. Else its queue entry.
+
+        For threads, which have no common turn to wait for (the blocking client).
+        """
+        with self._lock:
+            if self._in_flight < self._calls_in_flight and not self._queue:
+                self._in_flight += 1
+                return None
+            item = queued()
+            self._queue.append(item)
+            return item
+
+    def queue(self, item: QueuedAppend[_W]) -> bool:
+        """Queue an append; True: the caller must call :meth:`flush` later in this loop turn.
+
+        For an event loop (the asyncio client): a flush run with ``call_soon``
+        sends, after the tasks that are ready now have run, everything they
+        queued meanwhile. That adds no wait, and the appends of tasks woken
+        together (by the answer of the previous call) leave together instead
+        of the first one alone and the rest in the next call.
+        """
+        with self._lock:
+            self._queue.append(item)
+            if self._flush_due or self._in_flight >= self._calls_in_flight:
+                return False
+            self._flush_due = True
+            return True
+
+    def flush(self) -> list[list[QueuedAppend[_W]]]:
+        """The batches to send now (each a call in flight); see :meth:`queue`."""
+        with self._lock:
+            self._flush_due = False
+            return self._take_batches()
+
+    def call_done(self) -> list[list[QueuedAppend[_W]]]:
+        """An append call completed: the batches to send now (each a call in flight)."""
+        with self._lock:
+            self._in_flight -= 1
+            return self._take_batches()
+
+    def _take_batches(self) -> list[list[QueuedAppend[_W]]]:
+        batches: list[list[QueuedAppend[_W]]] = []
+        while self._queue and self._in_flight < self._calls_in_flight:
+            batch = self._take()
+            if batch:
+                self._in_flight += 1
+                batches.append(batch)
+        return batches
+
+    def _take(self) -> list[QueuedAppend[_W]]:
+        batch: list[QueuedAppend[_W]] = []
+        size = 0
+        most = MAX_APPENDS_PER_BATCH if self.batching else 1
+        queue = self._queue
+        while queue and len(batch) < most:
+            item = queue[0]
+            if item.waiter.done():  # its caller gave up (deadline, cancellation)
+                queue.popleft()
+                continue
+            if batch and size + item.size > MAX_BATCH_BYTES:
+                break
+            queue.popleft()
+            batch.append(item)
+            size += item.size
+        return batch
+
+    @staticmethod
+    def batch_request(batch: Sequence[QueuedAppend[_W]]) -> pb.AppendBatchRequest:
+        return pb.AppendBatchRequest(appends=[item.request for item in batch])
+
+    @staticmethod
+    def outcomes(
+        batch: Sequence[QueuedAppend[_W]], response: pb.AppendBatchResponse
+    ) -> list[AppendOutcome]:
+        """Each append's outcome from the batch's answer: one result per append, in order."""
+        if len(response.results) != len(batch):
+            return [
+                ServerError(
+                    f"the server answered an AppendBatch of {len(batch)} append(s) with "
+                    f"{len(response.results)} result(s); this append may or may not have been "
+                    "written (retrying with the same idempotency key is safe)"
+                )
+                for _ in batch
+            ]
+        return [
+            result.ok
+            if result.WhichOneof("result") == "ok"
+            else error_from_append_error(result.error)
+            for result in response.results
+        ]
+
+    def failed(self, batch: Sequence[QueuedAppend[_W]], exc: Exception) -> list[AppendOutcome]:
+        """The whole AppendBatch call failed: every append gets the failure (or SEND_ALONE)."""
+        code = getattr(exc, "code", None)
+        if (
+            isinstance(exc, grpc.RpcError)
+            and callable(code)
+            and code() == grpc.StatusCode.UNIMPLEMENTED
+        ):
+            self.batching = False
+            return [SEND_ALONE for _ in batch]
+        return [exc for _ in batch]
+
+
+def append_retry_delay(retrying: Retrying, outcome: Exception) -> float:
+    """The wait before retrying a failed append attempt; raises when it is not retried."""
+    if isinstance(outcome, grpc.RpcError):
+        return retrying.delay_or_raise(outcome)
+    delay = retrying.next_delay(outcome) if isinstance(outcome, LetheError) else None
+    if delay is None:
+        raise outcome
+    return delay
+
+
+def deadline_exceeded() -> LetheError:
+    """A queued append's deadline passed on the client: what gRPC would have raised."""
+    return error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
 # --- reads ---------------------------------------------------------------------------

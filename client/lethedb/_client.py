@@ -7,8 +7,11 @@ with the asyncio client.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, InvalidStateError
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -18,12 +21,17 @@ import grpc
 from lethedb._base import (
     BACKUP_NOT_RETRIED,
     AllReadCursor,
+    AppendCoalescer,
+    AppendOutcome,
     AppendPipeline,
     BaseClient,
     ExportCursor,
+    QueuedAppend,
     ReadCursor,
+    SendAlone,
     StreamReadCursor,
     VerifyWalk,
+    append_retry_delay,
     build_append_request,
     build_backup_request,
     build_checkpoint_request,
@@ -37,6 +45,7 @@ from lethedb._base import (
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     build_subscribe_request,
+    deadline_exceeded,
     to_append_result,
     to_backup_result,
     to_commit_result,
@@ -46,7 +55,7 @@ from lethedb._base import (
     to_subject_receipt,
 )
 from lethedb._connection import PemSource
-from lethedb._exceptions import LetheError
+from lethedb._exceptions import LetheError, error_from_status
 from lethedb._models import (
     ANY,
     Append,
@@ -87,6 +96,13 @@ class Client(BaseClient):
     ``client_cert``, ``client_key`` (paths or PEM bytes) and ``token`` (a
     bearer token, sent only over TLS or to loopback) can also be given as
     arguments. See :mod:`lethedb._connection`.
+
+    ``coalesce_appends`` (on by default): :meth:`append` calls made at the same
+    time (from several threads) share calls. While two append calls are in
+    flight, further appends queue, and each call that completes sends the
+    queue as one AppendBatch call; a lone append is sent at once, so nothing
+    waits for a batch to fill. Each append keeps its own result, error,
+    deadline and retries. Turn it off to send every append as its own call.
     """
 
     def __init__(
@@ -104,6 +120,7 @@ class Client(BaseClient):
         client_cert: PemSource | None = None,
         client_key: PemSource | None = None,
         token: str | None = None,
+        coalesce_appends: bool = True,
     ) -> None:
         super().__init__(
             target,
@@ -118,6 +135,10 @@ class Client(BaseClient):
             client_cert=client_cert,
             client_key=client_key,
             token=token,
+            coalesce_appends=coalesce_appends,
+        )
+        self._appends: AppendCoalescer[Future[AppendOutcome]] | None = (
+            AppendCoalescer() if coalesce_appends else None
         )
         if self._channel_credentials is None:
             self._channel = grpc.insecure_channel(self._target, options=self._channel_options)
@@ -163,10 +184,102 @@ class Client(BaseClient):
         retries are never written twice. Pass your own key (and the same events)
         to make your own retries safe too, for example after DeadlineExceeded
         or a process restart: the server answers them with the first result.
+
+        Concurrent appends may share one AppendBatch call (see the class
+        docstring); each still commits, fails and is retried on its own.
         """
         request = build_append_request(stream_id, events, expected_version, idempotency_key)
         deadline = self._timeout_for(timeout)
-        return to_append_result(self._unary(self._stub.Append, request, deadline))
+        if self._appends is None:
+            return to_append_result(self._unary(self._stub.Append, request, deadline))
+        retrying = self._retry_policy.start()
+        while True:
+            outcome = self._coalesced_append(self._appends, request, deadline)
+            if isinstance(outcome, pb.AppendResponse):
+                return to_append_result(outcome)
+            time.sleep(append_retry_delay(retrying, outcome))
+
+    def _coalesced_append(
+        self,
+        coalescer: AppendCoalescer[Future[AppendOutcome]],
+        request: pb.AppendRequest,
+        deadline: float,
+    ) -> pb.AppendResponse | Exception:
+        """One attempt: a unary Append now, or a place in the next AppendBatch."""
+        item = coalescer.send_or_queue(
+            lambda: QueuedAppend(request, time.monotonic() + deadline, Future())
+        )
+        if item is None:
+            try:
+                return self._append_call(request, deadline)
+            finally:
+                self._send_batches(coalescer.call_done())
+        outcome: AppendOutcome
+        try:
+            outcome = item.waiter.result(timeout=item.deadline - time.monotonic())
+        except TimeoutError:
+            # A cancelled waiter is skipped by the batch, or its answer ignored.
+            outcome = deadline_exceeded() if item.waiter.cancel() else item.waiter.result()
+        if isinstance(outcome, SendAlone):
+            return self._append_call(request, deadline)
+        return outcome
+
+    def _append_call(
+        self, request: pb.AppendRequest, deadline: float
+    ) -> pb.AppendResponse | Exception:
+        try:
+            return self._stub.Append(request, timeout=deadline)
+        except Exception as exc:  # the caller maps, retries or raises it
+            return exc
+
+    def _send_batches(self, batches: list[list[QueuedAppend[Future[AppendOutcome]]]]) -> None:
+        """Start each batch's call; its answer is handed out from gRPC's callback thread."""
+        for batch in batches:
+            # Each caller keeps its own deadline; the call lasts for the longest.
+            timeout = max(0.001, max(item.deadline for item in batch) - time.monotonic())
+            call: grpc.Future[Any]
+            try:
+                if len(batch) == 1:
+                    call = self._stub.Append.future(batch[0].request, timeout=timeout)
+                else:
+                    assert self._appends is not None
+                    request = self._appends.batch_request(batch)
+                    call = self._stub.AppendBatch.future(request, timeout=timeout)
+            except Exception as exc:  # not even started (a closed client): hand it out
+                self._settle(batch, [exc for _ in batch])
+                assert self._appends is not None
+                self._send_batches(self._appends.call_done())
+                continue
+            call.add_done_callback(functools.partial(self._batch_done, batch))
+
+    def _batch_done(
+        self, batch: list[QueuedAppend[Future[AppendOutcome]]], call: grpc.Future[Any]
+    ) -> None:
+        coalescer = self._appends
+        assert coalescer is not None
+        outcomes: list[AppendOutcome]
+        try:
+            try:
+                response = call.result()
+            except grpc.RpcError as exc:
+                outcomes = [exc] if len(batch) == 1 else coalescer.failed(batch, exc)
+            except grpc.FutureCancelledError:  # the client was closed
+                closed = "the client was closed"
+                outcomes = [error_from_status(grpc.StatusCode.CANCELLED, closed) for _ in batch]
+            except Exception as exc:
+                outcomes = [exc for _ in batch]
+            else:
+                outcomes = [response] if len(batch) == 1 else coalescer.outcomes(batch, response)
+            self._settle(batch, outcomes)
+        finally:
+            self._send_batches(coalescer.call_done())
+
+    def _settle(
+        self, batch: list[QueuedAppend[Future[AppendOutcome]]], outcomes: list[AppendOutcome]
+    ) -> None:
+        for item, outcome in zip(batch, outcomes, strict=True):
+            with contextlib.suppress(InvalidStateError):  # its caller gave up waiting
+                item.waiter.set_result(outcome)
 
     def append_many(
         self, items: Iterable[Append], *, timeout: float | None = None

@@ -59,6 +59,7 @@ METHOD_ROLES: Final[dict[str, Role]] = {
     "/lethedb.v1.EventStore/GetCheckpoint": "reader",
     "/lethedb.v1.EventStore/Append": "writer",
     "/lethedb.v1.EventStore/AppendStream": "writer",
+    "/lethedb.v1.EventStore/AppendBatch": "writer",
     "/lethedb.v1.EventStore/Commit": "writer",
     "/lethedb.v1.EventStore/ForgetSubject": "admin",
     "/lethedb.v1.EventStore/ExportSubject": "admin",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -23,7 +24,12 @@ from lethedb_server.reader import DEFAULT_PAGE
 from lethedb_server.rpc import Context, Undecodable, decoded, register, server_streaming, unary
 from lethedb_server.store import Store
 from lethedb_server.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
-from lethedb_server.validation import MAX_GROUP_BYTES, Validator, check_name
+from lethedb_server.validation import (
+    MAX_GROUP_BYTES,
+    Validator,
+    check_append_batch,
+    check_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,46 @@ class EventStoreService:
         return await self._append(request)
 
     @unary
+    async def AppendBatch(  # noqa: N802
+        self, request: pb.AppendBatchRequest, context: Context
+    ) -> pb.AppendBatchResponse:
+        """Independent appends in one call: each validated, committed and answered alone.
+
+        Every valid append is queued at the writer before any is awaited, so
+        they share its next group commit; an invalid one takes its slot as an
+        error and is never queued. The answer waits for every append.
+        """
+        check_append_batch(len(request.appends))
+        outcomes: list[asyncio.Future[Any] | LetheError] = []
+        submit = self.store.writer.submit_async
+        for append in request.appends:
+            try:
+                command = messages.append_command(append)
+                self.validator.check_append(command)
+            except LetheError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(submit(command))
+        results: list[pb.AppendResult] = []
+        try:
+            for outcome in outcomes:
+                if not isinstance(outcome, LetheError):
+                    try:
+                        answer = messages.append_response(await outcome)
+                        results.append(pb.AppendResult(ok=answer))
+                        continue
+                    except LetheError as exc:
+                        outcome = exc
+                results.append(_append_error(outcome))
+        finally:
+            # A cancelled call: the writer still commits what it holds, but
+            # nobody is left to read the outcomes (the writer skips done waiters).
+            for outcome in outcomes:
+                if not isinstance(outcome, LetheError):
+                    outcome.cancel()
+        return pb.AppendBatchResponse(results=results)
+
+    @unary
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
         command = messages.commit_command(request)
         self.validator.check_commit(command)
@@ -66,7 +112,7 @@ class EventStoreService:
 
     async def AppendStream(  # noqa: N802
         self, requests: AsyncIterator[pb.AppendRequest | Undecodable], context: Context
-    ) -> AsyncIterator[pb.AppendStreamResponse]:
+    ) -> AsyncIterator[pb.AppendResult]:
         """Pipelined appends: a reader task submits, this generator answers in order."""
         answers: asyncio.Queue[asyncio.Task[pb.AppendResponse] | None] = asyncio.Queue(
             STREAM_IN_FLIGHT
@@ -83,14 +129,9 @@ class EventStoreService:
         try:
             while (task := await answers.get()) is not None:
                 try:
-                    yield pb.AppendStreamResponse(ok=await task)
+                    yield pb.AppendResult(ok=await task)
                 except LetheError as exc:
-                    code, message, actual, name = status.append_error_fields(exc)
-                    yield pb.AppendStreamResponse(
-                        error=pb.AppendError(
-                            code=code, message=message, actual_version=actual, error=name
-                        )
-                    )
+                    yield _append_error(exc)
             await reader
         finally:
             reader.cancel()
@@ -224,6 +265,13 @@ class EventStoreService:
         return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
 
 
+def _append_error(error: LetheError) -> pb.AppendResult:
+    code, message, actual, name = status.append_error_fields(error)
+    return pb.AppendResult(
+        error=pb.AppendError(code=code, message=message, actual_version=actual, error=name)
+    )
+
+
 def _next_version(event: StoredEvent, backwards: bool) -> int:
     return event.stream_version - 1 if backwards else event.stream_version + 1
 
@@ -264,7 +312,13 @@ def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None
                 "stream_stream",
                 service.AppendStream,
                 pb.AppendRequest,
-                pb.AppendStreamResponse,
+                pb.AppendResult,
+            ),
+            "AppendBatch": (
+                "unary",
+                service.AppendBatch,
+                pb.AppendBatchRequest,
+                pb.AppendBatchResponse,
             ),
             "ReadStream": (
                 "server_streaming",

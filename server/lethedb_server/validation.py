@@ -78,6 +78,21 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
 #: Most stream prefixes (and, separately, event types) in one subscription filter.
 MAX_FILTER_TERMS = 100
 MAX_GROUP_BYTES = 128
+#: Most appends in one AppendBatch call. Each append is validated and answered
+#: on its own, so the bound is on per-call work and response size, not on
+#: data: the message-size limit bounds the bytes. The SDK never coalesces more.
+MAX_APPENDS_PER_BATCH = 1000
+
+
+def check_append_batch(count: int) -> None:
+    """An AppendBatch carries 1 to MAX_APPENDS_PER_BATCH appends; else nothing is written."""
+    if count == 0:
+        raise ValidationError("appends is empty; an AppendBatch needs at least one append")
+    if count > MAX_APPENDS_PER_BATCH:
+        raise ValidationError(
+            f"appends has {count} appends; the limit is {MAX_APPENDS_PER_BATCH} per "
+            "AppendBatch: split it into several calls"
+        )
 
 
 def _check_filter_term(value: str, field: str, max_bytes: int) -> None:

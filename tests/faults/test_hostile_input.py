@@ -125,8 +125,11 @@ def _appended_events(method: str, responses: list[bytes]) -> int:
             commit = pb.CommitResponse.FromString(raw)
             results = [] if commit.deduplicated else list(commit.results)
         elif method == "EventStore.AppendStream":
-            answer = pb.AppendStreamResponse.FromString(raw)
+            answer = pb.AppendResult.FromString(raw)
             results = [answer.ok] if answer.HasField("ok") else []
+        elif method == "EventStore.AppendBatch":
+            batch = pb.AppendBatchResponse.FromString(raw)
+            results = [answer.ok for answer in batch.results if answer.HasField("ok")]
         else:
             return 0
         count += sum(r.last_position - r.first_position + 1 for r in results if not r.deduplicated)
@@ -134,16 +137,19 @@ def _appended_events(method: str, responses: list[bytes]) -> int:
 
 
 def _in_band_codes(method: str, responses: list[bytes]) -> list[Code]:
-    """AppendStream reports a failed append inside a response message, not as the status."""
-    if method != "EventStore.AppendStream":
+    """AppendStream and AppendBatch report a failed append inside a response, not as the status."""
+    if method == "EventStore.AppendStream":
+        answers = [pb.AppendResult.FromString(raw) for raw in responses]
+    elif method == "EventStore.AppendBatch":
+        answers = [a for raw in responses for a in pb.AppendBatchResponse.FromString(raw).results]
+    else:
         return []
     by_number = {code.value[0]: code for code in Code}
-    codes = []
-    for raw in responses:
-        answer = pb.AppendStreamResponse.FromString(raw)
-        if answer.HasField("error"):
-            codes.append(by_number.get(answer.error.code, Code.UNKNOWN))
-    return codes
+    return [
+        by_number.get(answer.error.code, Code.UNKNOWN)
+        for answer in answers
+        if answer.HasField("error")
+    ]
 
 
 # -- the server under attack -------------------------------------------------------

@@ -111,7 +111,7 @@ async def _one(stream: str) -> AsyncIterator[pb.AppendRequest]:
 
 async def _stream_once_slot_is_free(
     stub: eventstore_pb2_grpc.EventStoreStub, stream: str
-) -> list[pb.AppendStreamResponse]:
+) -> list[pb.AppendResult]:
     """Open a stream, retrying for a few seconds while freed slots are being released."""
     deadline = asyncio.get_running_loop().time() + 5
     while True:

@@ -10,6 +10,7 @@ handler's own answer does not matter, only that the call reached it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 READER_METHODS = {
     "ReadStream", "ReadAll", "Subscribe", "GetSubject", "CommitCheckpoint", "GetCheckpoint",
 }  # fmt: skip
-WRITER_METHODS = {"Append", "AppendStream", "Commit"}
+WRITER_METHODS = {"Append", "AppendStream", "AppendBatch", "Commit"}
 ADMIN_EVENTSTORE_METHODS = {"ForgetSubject", "ExportSubject"}
 RANK = {"reader": 0, "writer": 1, "admin": 2}
 
@@ -203,6 +204,46 @@ def test_refusals_name_the_role_but_never_echo_the_token(auth_server, tokens):
         with pytest.raises(lethedb.Unauthenticated) as unknown:
             db.get_subject("someone")
         assert "B" * 43 not in str(unknown.value)
+
+
+def test_append_batch_needs_the_writer_role_and_a_reader_token_writes_nothing(auth_server, tokens):
+    reader = tokens["reader"]
+    assert isinstance(reader, str)
+    batch = eventstore_pb2.AppendBatchRequest(
+        appends=[
+            eventstore_pb2.AppendRequest(
+                stream_id="batch-denied", events=[eventstore_pb2.ProposedEvent(event_type="E")]
+            )
+        ]
+        * 2
+    )
+    with grpc.insecure_channel(auth_server.address) as channel:
+        call = channel.unary_unary(
+            "/lethedb.v1.EventStore/AppendBatch",
+            request_serializer=eventstore_pb2.AppendBatchRequest.SerializeToString,
+            response_deserializer=eventstore_pb2.AppendBatchResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as denied:
+            call(batch, metadata=bearer(reader), timeout=5)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "writer role" in denied.value.details()
+
+    async def coalesced_appends() -> list[BaseException | lethedb.AppendResult]:
+        async with lethedb.AsyncClient(auth_server.address, token=reader) as db:
+            return await asyncio.gather(
+                *(db.append("batch-denied", lethedb.Event("E", b"x")) for _ in range(8)),
+                return_exceptions=True,
+            )
+
+    outcomes = asyncio.run(coalesced_appends())
+    assert all(isinstance(o, lethedb.PermissionDenied) for o in outcomes), outcomes
+    admin = tokens["admin"]
+    assert isinstance(admin, str)
+    with (
+        lethedb.Client(auth_server.address, token=admin) as db,
+        pytest.raises(lethedb.StreamNotFound),
+    ):
+        list(db.read_stream("batch-denied"))
 
 
 def test_forget_records_the_role_of_the_caller(auth_server, tokens):

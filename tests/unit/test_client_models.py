@@ -361,8 +361,8 @@ class TestAppendPipelineBuilding:
             ]
         )
         assert [r.stream_id for r in pipeline.requests()] == ["a", "c"]
-        pipeline.acknowledge(pb.AppendStreamResponse(ok=pb.AppendResponse(first_position=1)))
-        pipeline.acknowledge(pb.AppendStreamResponse(ok=pb.AppendResponse(first_position=2)))
+        pipeline.acknowledge(pb.AppendResult(ok=pb.AppendResponse(first_position=1)))
+        pipeline.acknowledge(pb.AppendResult(ok=pb.AppendResponse(first_position=2)))
         results = pipeline.results()
         assert isinstance(results[1], lethedb.ValidationError)
         assert "items[1].expected_version is -1" in str(results[1])

@@ -379,8 +379,8 @@ class TestReadResume:
         assert log.requests[1].max_count == 3
 
 
-def _answer(index: int) -> pb.AppendStreamResponse:
-    return pb.AppendStreamResponse(ok=_ok(index))
+def _answer(index: int) -> pb.AppendResult:
+    return pb.AppendResult(ok=_ok(index))
 
 
 ITEMS = tuple(Append("s", Event("E"), idempotency_key=f"k{i}") for i in range(5))
@@ -407,7 +407,7 @@ class TestAppendManyReconnect:
         assert second == first[1:]
 
     def test_per_item_failures_are_returned_in_their_slot_not_raised(self):
-        refused = pb.AppendStreamResponse(
+        refused = pb.AppendResult(
             error=pb.AppendError(
                 code=grpc.StatusCode.ABORTED.value[0], message="found 19", actual_version=19
             )

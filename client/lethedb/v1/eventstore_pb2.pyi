@@ -204,9 +204,9 @@ class AppendResponse(_message.Message):
 Global___AppendResponse: _TypeAlias = AppendResponse  # noqa: Y015
 
 @_typing.final
-class AppendStreamResponse(_message.Message):
-    """One request of a pipelined append stream. Responses come back in request
-    order, one per request, each after its own commit.
+class AppendResult(_message.Message):
+    """The outcome of one append of an AppendStream call or an AppendBatch call:
+    its result, or its own error. One append failing never fails the others.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -217,8 +217,8 @@ class AppendStreamResponse(_message.Message):
     def ok(self) -> Global___AppendResponse: ...
     @_builtins.property
     def error(self) -> Global___AppendError:
-        """A request that failed: its gRPC status code and message. The stream
-        stays open for the requests after it.
+        """An append that failed: its gRPC status code and message. The call
+        (the stream, or the other appends of the batch) carries on without it.
         """
 
     def __init__(
@@ -235,7 +235,56 @@ class AppendStreamResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___AppendStreamResponse: _TypeAlias = AppendStreamResponse  # noqa: Y015
+Global___AppendResult: _TypeAlias = AppendResult  # noqa: Y015
+
+@_typing.final
+class AppendBatchRequest(_message.Message):
+    """Many independent appends in one message (see EventStore.AppendBatch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPENDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def appends(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendRequest]:
+        """At least one and at most 1,000 appends (the server's
+        MAX_APPENDS_PER_BATCH); the whole message is also bound by the server's
+        maximum message size.
+        """
+
+    def __init__(
+        self,
+        *,
+        appends: _abc.Iterable[Global___AppendRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appends", b"appends"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendBatchRequest: _TypeAlias = AppendBatchRequest  # noqa: Y015
+
+@_typing.final
+class AppendBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppendResult]:
+        """One result per append, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AppendResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendBatchResponse: _TypeAlias = AppendBatchResponse  # noqa: Y015
 
 @_typing.final
 class AppendError(_message.Message):

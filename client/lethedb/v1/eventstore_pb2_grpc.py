@@ -42,7 +42,12 @@ class EventStoreStub:
         self.AppendStream = channel.stream_stream(
                 '/lethedb.v1.EventStore/AppendStream',
                 request_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.SerializeToString,
-                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.FromString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendResult.FromString,
+                _registered_method=True)
+        self.AppendBatch = channel.unary_unary(
+                '/lethedb.v1.EventStore/AppendBatch',
+                request_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendBatchRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendBatchResponse.FromString,
                 _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/lethedb.v1.EventStore/Commit',
@@ -103,7 +108,22 @@ class EventStoreServicer:
 
     def AppendStream(self, request_iterator, context):
         """Many appends pipelined on one call, each committed and acknowledged
-        separately, in order.
+        separately, in order: one response per request, each after its own
+        commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendBatch(self, request, context):
+        """Many independent appends in one unary call, typically concurrent appends
+        that the SDK coalesced. Each append is exactly what an Append call would
+        be: its own expected-version check, its own idempotency key, its own
+        result or error. They are NOT atomic together (a failed append does not
+        undo the others; use Commit for all-or-nothing across streams). All of
+        them may share one durable commit, and the response is sent once every
+        append in it is durable or has failed. An empty batch, or one of more
+        than 1,000 appends, is refused whole with INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,7 +203,12 @@ def add_EventStoreServicer_to_server(servicer, server):
             'AppendStream': grpc.stream_stream_rpc_method_handler(
                     servicer.AppendStream,
                     request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.FromString,
-                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.SerializeToString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendResult.SerializeToString,
+            ),
+            'AppendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendBatch,
+                    request_deserializer=lethedb_dot_v1_dot_eventstore__pb2.AppendBatchRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_eventstore__pb2.AppendBatchResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -284,7 +309,34 @@ class EventStore:
             target,
             '/lethedb.v1.EventStore/AppendStream',
             lethedb_dot_v1_dot_eventstore__pb2.AppendRequest.SerializeToString,
-            lethedb_dot_v1_dot_eventstore__pb2.AppendStreamResponse.FromString,
+            lethedb_dot_v1_dot_eventstore__pb2.AppendResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.EventStore/AppendBatch',
+            lethedb_dot_v1_dot_eventstore__pb2.AppendBatchRequest.SerializeToString,
+            lethedb_dot_v1_dot_eventstore__pb2.AppendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,9 +39,20 @@ class EventStoreStub:
     def __new__(cls, channel: _aio.Channel) -> EventStoreAsyncStub: ...
     Append: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendResponse]
     """Append events to one stream, atomically and contiguously."""
-    AppendStream: _grpc.StreamStreamMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendStreamResponse]
+    AppendStream: _grpc.StreamStreamMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendResult]
     """Many appends pipelined on one call, each committed and acknowledged
-    separately, in order.
+    separately, in order: one response per request, each after its own
+    commit.
+    """
+    AppendBatch: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.AppendBatchRequest, _eventstore_pb2.AppendBatchResponse]
+    """Many independent appends in one unary call, typically concurrent appends
+    that the SDK coalesced. Each append is exactly what an Append call would
+    be: its own expected-version check, its own idempotency key, its own
+    result or error. They are NOT atomic together (a failed append does not
+    undo the others; use Commit for all-or-nothing across streams). All of
+    them may share one durable commit, and the response is sent once every
+    append in it is durable or has failed. An empty batch, or one of more
+    than 1,000 appends, is refused whole with INVALID_ARGUMENT.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_eventstore_pb2.CommitRequest, _eventstore_pb2.CommitResponse]
     """Append to several streams atomically (for example: claim a unique
@@ -71,9 +82,20 @@ class EventStoreAsyncStub(EventStoreStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Append: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendResponse]  # type: ignore[assignment]
     """Append events to one stream, atomically and contiguously."""
-    AppendStream: _aio.StreamStreamMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendStreamResponse]  # type: ignore[assignment]
+    AppendStream: _aio.StreamStreamMultiCallable[_eventstore_pb2.AppendRequest, _eventstore_pb2.AppendResult]  # type: ignore[assignment]
     """Many appends pipelined on one call, each committed and acknowledged
-    separately, in order.
+    separately, in order: one response per request, each after its own
+    commit.
+    """
+    AppendBatch: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.AppendBatchRequest, _eventstore_pb2.AppendBatchResponse]  # type: ignore[assignment]
+    """Many independent appends in one unary call, typically concurrent appends
+    that the SDK coalesced. Each append is exactly what an Append call would
+    be: its own expected-version check, its own idempotency key, its own
+    result or error. They are NOT atomic together (a failed append does not
+    undo the others; use Commit for all-or-nothing across streams). All of
+    them may share one durable commit, and the response is sent once every
+    append in it is durable or has failed. An empty batch, or one of more
+    than 1,000 appends, is refused whole with INVALID_ARGUMENT.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_eventstore_pb2.CommitRequest, _eventstore_pb2.CommitResponse]  # type: ignore[assignment]
     """Append to several streams atomically (for example: claim a unique
@@ -112,9 +134,26 @@ class EventStoreServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_eventstore_pb2.AppendRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_eventstore_pb2.AppendStreamResponse], _abc.AsyncIterator[_eventstore_pb2.AppendStreamResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_eventstore_pb2.AppendResult], _abc.AsyncIterator[_eventstore_pb2.AppendResult]]:
         """Many appends pipelined on one call, each committed and acknowledged
-        separately, in order.
+        separately, in order: one response per request, each after its own
+        commit.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendBatch(
+        self,
+        request: _eventstore_pb2.AppendBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_eventstore_pb2.AppendBatchResponse, _abc.Awaitable[_eventstore_pb2.AppendBatchResponse]]:
+        """Many independent appends in one unary call, typically concurrent appends
+        that the SDK coalesced. Each append is exactly what an Append call would
+        be: its own expected-version check, its own idempotency key, its own
+        result or error. They are NOT atomic together (a failed append does not
+        undo the others; use Commit for all-or-nothing across streams). All of
+        them may share one durable commit, and the response is sent once every
+        append in it is durable or has failed. An empty batch, or one of more
+        than 1,000 appends, is refused whole with INVALID_ARGUMENT.
         """
 
     @_abc_1.abstractmethod
