@@ -16,6 +16,7 @@ twice.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import uuid
@@ -284,11 +285,12 @@ def build_append_request(
             f"{where}idempotency_key is {idempotency_key!r}; "
             "it must be a non-empty str, or None to have one generated"
         )
+    drawn_ids = random_event_ids(len(events)) if draw_event_ids else [b""] * len(events)
     request = pb.AppendRequest(
         stream_id=stream_id,
         events=[
-            proposed_event(event, f"{where}events[{i}]", draw_event_id=draw_event_ids)
-            for i, event in enumerate(events)
+            proposed_event(event, f"{where}events[{i}]", drawn_id=drawn_id)
+            for i, (event, drawn_id) in enumerate(zip(events, drawn_ids, strict=True))
         ],
         idempotency_key=idempotency_key,
     )
@@ -296,10 +298,22 @@ def build_append_request(
     return request
 
 
+def random_event_ids(count: int) -> list[bytes]:
+    """*count* random version-4 UUIDs as bytes, cut from one ``os.urandom`` call.
+
+    ``uuid.uuid4()`` per event costs a system call and a UUID object each,
+    about 2 us: a fifth of the SDK's time to encode a 100-event append.
+    """
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
+    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
+    return [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+
+
 def proposed_event(
-    event: Event, where: str = "event", *, draw_event_id: bool = True
+    event: Event, where: str = "event", *, drawn_id: bytes = b""
 ) -> pb.ProposedEvent:
-    """Encode one event; without an ``event_id``, draw one or leave it to the server."""
+    """Encode one event; without an ``event_id`` it takes *drawn_id* (empty: the server draws)."""
     if not isinstance(event, Event):
         raise ValidationError(f"{where} is {_type_name(event)}; expected lethedb.Event")
     _check_name(f"{where}.event_type", event.event_type)
@@ -308,7 +322,7 @@ def proposed_event(
         if not isinstance(value, str):
             raise ValidationError(f"{where}.{field} is {_type_name(value)}; expected str")
     if event.event_id is None:
-        event_id = uuid.uuid4().bytes if draw_event_id else b""
+        event_id = drawn_id
     elif isinstance(event.event_id, uuid.UUID):
         event_id = event.event_id.bytes
     else:

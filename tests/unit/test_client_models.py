@@ -128,11 +128,10 @@ class TestEventEncoding:
         event_id = uuid.uuid4()
         assert proposed_event(Event("E", event_id=event_id)).event_id == event_id.bytes
 
-    def test_a_missing_event_id_is_drawn_when_encoding(self):
-        first = proposed_event(Event("E")).event_id
-        second = proposed_event(Event("E")).event_id
-        assert len(first) == 16
-        assert first != second
+    def test_a_missing_event_id_takes_the_id_drawn_for_it(self):
+        drawn = bytes(range(16))
+        assert proposed_event(Event("E"), drawn_id=drawn).event_id == drawn
+        assert proposed_event(Event("E")).event_id == b""  # the server draws one
 
     def test_data_that_is_not_json_able_is_refused_naming_the_field(self):
         with pytest.raises(lethedb.ValidationError, match=r"events\[1\]\.data is an object"):
