@@ -39,7 +39,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 #: TCP connection, and "64 channels" would quietly be one.
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 NEVER = 1 << 63
-#: AppendStreamResponse with its `error` field (2) set starts with this tag byte.
+#: An AppendResult with its `error` field (2) set starts with this tag byte.
 _STREAM_ERROR_TAG = b"\x12"
 
 
@@ -47,7 +47,7 @@ _STREAM_ERROR_TAG = b"\x12"
 class Spec:
     """One worker's share of a case."""
 
-    kind: str  # "append", "stream", "health", "inprocess", "fsync"
+    kind: str  # "append", "sdk-append", "stream", "health", "inprocess", "fsync"
     name: str
     warmup_s: float
     clients: int = 1
@@ -190,6 +190,8 @@ def stream_prefix(stream_id: str) -> bytes:
 
 
 async def run_grpc(spec: Spec, conn: Connection) -> Result:
+    if spec.kind == "sdk-append":
+        return await run_sdk(spec, conn)
     import grpc
 
     channels = [
@@ -221,6 +223,85 @@ async def run_grpc(spec: Spec, conn: Connection) -> Result:
     for channel in channels:
         await channel.close()
     return merge(tallies, cpu1 - cpu0)
+
+
+async def run_sdk(spec: Spec, conn: Connection) -> Result:
+    """Appends through the SDK's ``AsyncClient``, one client object per channel.
+
+    Unlike the raw stubs this pays for building every request (an ``Event``
+    per event, a random event id each) and lets the SDK coalesce the appends
+    that its callers have in flight at once (``AppendBatch``), as an
+    application's tasks sharing a client would.
+    """
+    from lethedb import AsyncClient
+
+    clients = [
+        AsyncClient(spec.address, channel_options=CHANNEL_OPTIONS, timeout=120)
+        for _ in range(spec.channels)
+    ]
+    window = Window()
+    tallies = [Tally() for _ in range(spec.clients)]
+    batches = sdk_event_batches(spec, max(16, 4096 // spec.events))
+    tasks = [
+        asyncio.create_task(
+            _sdk_append_client(
+                clients[i % len(clients)],
+                window,
+                tally,
+                f"{spec.name}-s{spec.seed}-c{i}",
+                batches,
+                i,
+            )
+        )
+        for i, tally in enumerate(tallies)
+    ]
+    await asyncio.sleep(spec.warmup_s)
+    await asyncio.to_thread(_await_go, conn, window)
+    await _sleep_async_until(window.start)
+    cpu0 = time.process_time()
+    await _sleep_async_until(window.end)
+    cpu1 = time.process_time()
+    await asyncio.gather(*tasks)
+    for client in clients:
+        await client.close()
+    return merge(tallies, cpu1 - cpu0)
+
+
+def sdk_event_batches(spec: Spec, count: int) -> list[list[Any]]:
+    """*count* lists of *spec.events* SDK ``Event`` objects, the same bytes as the stubs'."""
+    from lethedb import Event
+
+    rng = random.Random(spec.seed)
+    return [
+        [
+            Event(
+                "BenchEvent",
+                rng.randbytes(spec.payload_bytes),
+                subject_id=rng.choice(spec.subjects),
+                content_type="application/octet-stream",
+            )
+            for _ in range(spec.events)
+        ]
+        for _ in range(count)
+    ]
+
+
+async def _sdk_append_client(
+    client: Any, window: Window, tally: Tally, stream_id: str, batches: list[list[Any]], offset: int
+) -> None:
+    now = time.monotonic_ns
+    i = offset * 7
+    while True:
+        events = batches[i % len(batches)]
+        i += 1
+        t0 = now()
+        try:
+            await client.append(stream_id, events)
+        except Exception as exc:
+            tally.fail(exc)
+            return
+        if not tally.done(window, t0, now(), len(events)):
+            return
 
 
 async def _sleep_async_until(deadline_ns: int) -> None:

@@ -13,8 +13,10 @@ In one run, in a temporary data directory, it:
 3. starts ``lethedb serve`` on that data directory and catches one subscriber
    up from position 0 to the head over gRPC, once through the generated stub
    and once through the SDK (``Client.subscribe(from_start=True)``);
-4. measures the maximum append load (the 64-client unary 1-event Append case
-   of :mod:`benchmarks.e2e`), then appends at ``--load`` (50%) of that rate,
+4. measures the maximum append load (64 clients appending one event at a
+   time through the SDK's ``AsyncClient``, which coalesces the appends in
+   flight at once; ``--appender stub`` takes the unary Append case of
+   :mod:`benchmarks.e2e` instead), then appends at ``--load`` (50%) of that rate,
    paced, with the send time in each payload, while one subscriber (and then
    ``--fanout`` subscribers) follow live; latency is the subscriber's receive
    time minus the send time, both ``CLOCK_MONOTONIC`` of this machine.
@@ -37,7 +39,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -388,6 +390,7 @@ class LiveSpec:
     clients: int = 1  # appending clients, or subscribers
     channels: int = 1
     rate: float = 0.0  # appends per second, all clients together
+    appender: str = "sdk"  # "sdk" (AsyncClient, coalescing) or "stub" (unary Append)
     subjects: list[str] = field(default_factory=list)
     payload_bytes: int = workload.PAYLOAD_BYTES
     drain_s: float = 1.0
@@ -446,14 +449,57 @@ async def _window(spec: LiveSpec, conn: Connection, window: Window) -> float:
     return time.process_time() - cpu0
 
 
+#: Sends client *i*'s append number *k*, stamped *t0*; and closes the senders.
+Send = Callable[[int, int, int], Awaitable[object]]
+Close = Callable[[], Awaitable[None]]
+
+
 async def _pace(spec: LiveSpec, conn: Connection) -> Result:
-    """*spec.clients* unary 1-event appenders, together *spec.rate* appends per second.
+    """*spec.clients* 1-event appenders, together *spec.rate* appends per second.
 
     Each client has its own schedule (every ``clients / rate`` seconds,
     staggered by ``1 / rate``) and one append in flight: a client that falls
     behind sends its next append as soon as the last is acknowledged, and the
     report shows the rate actually achieved.
     """
+    opener = _sdk_sender if spec.appender == "sdk" else _stub_sender
+    send, close = await opener(spec)
+    window = Window()
+    tallies = [Tally() for _ in range(spec.clients)]
+    period = int(spec.clients * 1e9 / spec.rate)
+    begin = time.monotonic_ns() + 20_000_000
+    late = [0] * spec.clients
+
+    async def client(i: int, tally: Tally) -> None:
+        due = begin + int(i * 1e9 / spec.rate)
+        k = i
+        now = time.monotonic_ns
+        while True:
+            await _sleep_async_until(due)
+            t0 = now()
+            if t0 - due > LATE_NS:
+                late[i] += 1
+            try:
+                await send(i, k, t0)
+            except Exception as exc:
+                tally.fail(exc)
+                return
+            k += spec.clients
+            if not tally.done(window, t0, now(), 1):
+                return
+            due += period
+
+    tasks = [asyncio.create_task(client(i, t)) for i, t in enumerate(tallies)]
+    cpu_s = await _window(spec, conn, window)
+    await asyncio.gather(*tasks)
+    await close()
+    result = merge(tallies, cpu_s)
+    result.extra["late_sends"] = sum(late)
+    return result
+
+
+async def _stub_sender(spec: LiveSpec) -> tuple[Send, Close]:
+    """Unary ``Append`` calls of pre-serialised requests, the stamp patched in."""
     import grpc
 
     channels = [
@@ -462,44 +508,52 @@ async def _pace(spec: LiveSpec, conn: Connection) -> Result:
     ]
     await asyncio.gather(*(ch.channel_ready() for ch in channels))
     templates = stamped_templates(spec, 256)
-    window = Window()
-    tallies = [Tally() for _ in range(spec.clients)]
-    period = int(spec.clients * 1e9 / spec.rate)
-    begin = time.monotonic_ns() + 20_000_000
-    late = [0] * spec.clients
+    appends = [channel.unary_unary(APPEND) for channel in channels]
+    prefixes = [stream_prefix(f"{spec.name}-c{i}") for i in range(spec.clients)]
 
-    async def client(i: int, tally: Tally) -> None:
-        append = channels[i % len(channels)].unary_unary(APPEND)
-        prefix = stream_prefix(f"{spec.name}-c{i}")
-        due = begin + int(i * 1e9 / spec.rate)
-        k = i
-        now = time.monotonic_ns
-        while True:
-            await _sleep_async_until(due)
-            block, at = templates[k % len(templates)]
-            k += spec.clients
-            t0 = now()
-            if t0 - due > LATE_NS:
-                late[i] += 1
-            try:
-                await append(
-                    prefix + block[:at] + t0.to_bytes(8, "big") + block[at + _STAMP_BYTES :]
-                )
-            except Exception as exc:
-                tally.fail(exc)
-                return
-            if not tally.done(window, t0, now(), 1):
-                return
-            due += period
+    def send(i: int, k: int, t0: int) -> Awaitable[object]:
+        block, at = templates[k % len(templates)]
+        stamped = block[:at] + t0.to_bytes(_STAMP_BYTES, "big") + block[at + _STAMP_BYTES :]
+        return appends[i % len(appends)](prefixes[i] + stamped)
 
-    tasks = [asyncio.create_task(client(i, t)) for i, t in enumerate(tallies)]
-    cpu_s = await _window(spec, conn, window)
-    await asyncio.gather(*tasks)
-    for channel in channels:
-        await channel.close()
-    result = merge(tallies, cpu_s)
-    result.extra["late_sends"] = sum(late)
-    return result
+    async def close() -> None:
+        for channel in channels:
+            await channel.close()
+
+    return send, close
+
+
+async def _sdk_sender(spec: LiveSpec) -> tuple[Send, Close]:
+    """The SDK: an ``AsyncClient`` per channel and an ``Event`` per append.
+
+    Appends that the clients have in flight at once share calls (the SDK's
+    coalescing), as they would in an application.
+    """
+    from lethedb import AsyncClient, Event
+
+    clients = [
+        AsyncClient(spec.address, channel_options=CHANNEL_OPTIONS, timeout=120)
+        for _ in range(spec.channels)
+    ]
+    rng = random.Random(spec.seed)
+    bodies = [
+        (rng.randbytes(spec.payload_bytes - _STAMP_BYTES), rng.choice(spec.subjects))
+        for _ in range(256)
+    ]
+
+    def send(i: int, k: int, t0: int) -> Awaitable[object]:
+        rest, subject = bodies[k % len(bodies)]
+        data = t0.to_bytes(_STAMP_BYTES, "big") + rest
+        event = Event(
+            workload.EVENT_TYPE, data, subject_id=subject, content_type=workload.CONTENT_TYPE
+        )
+        return clients[i % len(clients)].append(f"{spec.name}-c{i}", [event])
+
+    async def close() -> None:
+        for client in clients:
+            await client.close()
+
+    return send, close
 
 
 async def _follow(spec: LiveSpec, conn: Connection) -> Result:
@@ -644,6 +698,7 @@ def run_live(
         rate=case.target_rate,
         subjects=subjects,
         payload_bytes=args.payload_bytes,
+        appender=args.appender,
     )
     follow = LiveSpec(
         "follow",
@@ -928,7 +983,7 @@ def report(
         "",
         "## Live latency, append to subscriber",
         "",
-        "Maximum append load, measured first (the 64-client case of `benchmarks.e2e`):",
+        "Maximum append load, measured first:",
         "",
         *e2e_table([max_load]),
         "",
@@ -963,9 +1018,15 @@ def report(
         ),
         "## Notes",
         "",
-        f"* Max append load: unary `Append` of one event from {args.clients} concurrent "
-        f"clients ({max_load.procs} load process, {args.channels} channels), the e2e "
-        f"benchmark's case, {fmt(max_load.ops_per_s)} appends/s over {max_load.duration_s:g} "
+        f"* Max append load: appends of one event from {args.clients} concurrent clients "
+        f"({max_load.procs} load process, {args.channels} channels) "
+        + (
+            "through the SDK (`AsyncClient.append`, an `Event` per append; appends in flight "
+            "at once share `AppendBatch` calls), "
+            if args.appender == "sdk"
+            else "as unary `Append` calls of the generated stub (the e2e benchmark's case), "
+        )
+        + f"{fmt(max_load.ops_per_s)} appends/s over {max_load.duration_s:g} "
         f"s. The live cases pace the same shape (same clients and channels, one append in "
         f"flight per client) at {args.load:.0%} of it; a client that falls behind its "
         "schedule sends as soon as its previous append is acknowledged (sends more than "
@@ -1046,6 +1107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clients", type=int, default=64, help="concurrent appending clients")
     p.add_argument("--channels", type=int, default=4, help="channels of the appending clients")
+    p.add_argument(
+        "--appender",
+        choices=("sdk", "stub"),
+        default="sdk",
+        help="append through the SDK's AsyncClient, which coalesces concurrent appends "
+        "(default), or through unary Append calls of the generated stub",
+    )
     p.add_argument(
         "--fanout",
         type=int,
@@ -1170,7 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
                 Case(
                     f"append-1x{args.clients}",
                     "Append, 1 event",
-                    "append",
+                    "sdk-append" if args.appender == "sdk" else "append",
                     args.clients,
                     1,
                     procs=1,

@@ -130,6 +130,29 @@ class Report:
             )
         return rows
 
+    def catchup_ceiling(self) -> list[str]:
+        """How far decryption alone, in-process, is from the fastest peer's catch-up."""
+        cases = self.r.reference.get("ref-catchup")
+        if not cases:
+            return []
+        scan = median([c.events_per_s for c in cases])
+        case = f"catchup-{self.s.catchup_events}"
+        lines = [
+            "",
+            f"Reading and decrypting the same log in-process, on one thread with no gRPC and "
+            f"no protobuf, runs at {fmt(scan)} events/s (median; the *Physical reference* "
+            f"below); LetheDB's served catch-up is "
+            f"{fmt(ratio(self.m(case, 'lethedb', 'events_per_s'), scan), 2, 'x')} of that.",
+        ]
+        if "postgres" in self.peers:
+            pg = self.m(case, "postgres", "events_per_s")
+            lines[-1] += (
+                f" PostgreSQL returns its rows in the clear at {fmt(pg)} rows/s, "
+                f"{fmt(ratio(pg, scan), 2, 'x')} the in-process decrypt rate: per-event AES-GCM "
+                "in this process bounds LetheDB's catch-up before any network or client cost."
+            )
+        return lines
+
     def targets(self) -> list[str]:
         catch = f"catchup-{self.s.catchup_events}"
         wanted = [
@@ -200,6 +223,7 @@ class Report:
             "ref-1x1": ("append-1x1", "1-event appends, 1 client"),
             "ref-1x64": ("append-1x64", "1-event appends, 64 clients"),
             "ref-100x1": ("append-100x1", "100-event appends, 1 client"),
+            "ref-catchup": (f"catchup-{self.s.catchup_events}", "catch-up"),
         }
         for key, cases in self.r.reference.items():
             ops = median([c.ops_per_s for c in cases])
@@ -421,10 +445,11 @@ class Report:
             *self.sdk_rows(),
             "",
             "The LetheDB column above goes through the SDK's `AsyncClient` (an `Event` per "
-            "event, a random event id per event, the request built per call). *Raw stubs* "
-            "are the end-to-end tool's load (`benchmarks.e2e`): generated gRPC stubs with "
-            "pre-serialised requests, no response parsing, the same 4 channels. The "
-            "difference is client CPU on a machine where client and server share two cores.",
+            "event, a random event id per event, the request built per call; appends in "
+            "flight at once on one client share an `AppendBatch` call). *Raw stubs* are the "
+            "end-to-end tool's load (`benchmarks.e2e`): generated gRPC stubs with "
+            "pre-serialised requests, one unary `Append` per append, no response parsing, "
+            "the same 4 channels.",
             "",
             "## Live subscribers",
             "",
@@ -450,6 +475,7 @@ class Report:
             "every event), Redis `XRANGE` pages of 1,000 (and, as a second row, a consumer "
             "group: `XREADGROUP` pages of 1,000, each `XACK`ed), PostgreSQL keyset "
             "pagination (1,000 rows per query, binary), NATS a pull consumer.",
+            *self.catchup_ceiling(),
             "",
             "## Scaling with the log's size (LetheDB)",
             "",

@@ -498,6 +498,27 @@ def build_lethe(runner: Runner, data_dir: Path, count: int, distinct: int = 0) -
     return elapsed
 
 
+def scan_lethe(runner: Runner, data_dir: Path, count: int) -> None:
+    """The catch-up's physical reference: read + decrypt in-process, one thread."""
+    for _ in range(runner.s.repeat):
+        job = Job(
+            role="scan",
+            system="lethedb",
+            data_dir=str(data_dir),
+            count=count,
+            payload_bytes=runner.s.payload_bytes,
+        )
+        result: Result = runner.workers.call(job, 3600)
+        case = RefCase(
+            "ref-catchup", "In-process scan + decrypt of the catch-up log", "inprocess", 1, 1
+        )
+        case.duration_s = result.extra["elapsed_s"]
+        case.ops = case.events_done = result.events
+        case.server_cpu_s = result.cpu_s
+        runner.results.reference.setdefault(case.key, []).append(case)
+        print(f"  in-process scan + decrypt: {case.events_per_s:,.0f} events/s", flush=True)
+
+
 def phase_catch_up(runner: Runner, root: Path) -> None:
     s = runner.s
     n = s.catchup_events
@@ -511,6 +532,7 @@ def phase_catch_up(runner: Runner, root: Path) -> None:
             )
             elapsed = build_lethe(runner, root / "lethedb-log" / "data", n)
             runner.results.notes.append(f"Building it took {elapsed:.0f} s.")
+            scan_lethe(runner, root / "lethedb-log" / "data", n)
             start(
                 runner, root, "lethedb", label="lethedb-log", data_dir=root / "lethedb-log" / "data"
             )

@@ -176,6 +176,9 @@ class LetheServer(PeerServer):
         self.settings = [
             "every append acknowledged after its LMDB commit with fsync (sync + metasync: "
             "two fdatasyncs per commit); concurrent appends share commits (group commit)",
+            "the SDK coalesces the appends its callers have in flight at once into "
+            "`AppendBatch` calls (its default; no waiting to fill a batch): each append keeps "
+            "its own expected-version check, result and durable acknowledgement",
             "event data encrypted with AES-256-GCM under a per-subject key (1,000 subjects); "
             "the peers store their payloads in the clear",
             "default server configuration, automatic shred epochs off (`--shred-interval-s 0`)",

@@ -32,7 +32,7 @@ from benchmarks.peers.clients import ADAPTERS, STAMP, RedisAdapter, stamp_of
 class Job:
     """One process's share of a case."""
 
-    role: str  # append | subscribe | catchup | catchup-group | fill | setup | build | forget
+    role: str  # append | subscribe | catchup | catchup-group | fill | setup | build | scan | forget
     system: str = ""
     address: dict[str, Any] = field(default_factory=dict)
     prefix: str = "bench"
@@ -67,6 +67,8 @@ def worker_main(conn: Connection) -> None:
                 result = asyncio.run(timed(job, conn))
             elif job.role == "build":
                 result = build_lethe_log(job)
+            elif job.role == "scan":
+                result = scan_lethe_log(job)
             else:
                 result = asyncio.run(one_shot(job))
         except Exception as exc:  # report, so the orchestrator never hangs on us
@@ -316,6 +318,34 @@ def build_lethe_log(job: Job) -> Result:
     result = Result(ops=chunks, events=head - start, cpu_s=time.process_time() - cpu0)
     result.extra["head"] = head
     result.extra["elapsed_s"] = time.monotonic() - t0
+    return result
+
+
+def scan_lethe_log(job: Job) -> Result:
+    """Read and decrypt the first *job.count* events in-process, in Subscribe's pages.
+
+    The catch-up's physical reference: ``EventReader.read_all`` (one short
+    LMDB read transaction per page, AES-GCM open of every event) on one
+    thread, with no gRPC and no protobuf.
+    """
+    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.subscriptions import SubscriptionLimits
+
+    page_size = SubscriptionLimits().page_size
+    with Store.open(Path(job.data_dir), StoreOptions()) as store:
+        t0, cpu0 = time.monotonic(), time.process_time()
+        start, count = 1, 0
+        while count < job.count:
+            events = store.reader.read_all(
+                start, backwards=False, limit=min(page_size, job.count - count)
+            )
+            if not events or events[0].redacted or len(events[0].data) != job.payload_bytes:
+                raise RuntimeError(f"scan stopped at position {start}: missing or unreadable")
+            count += len(events)
+            start = events[-1].position + 1
+        elapsed = time.monotonic() - t0
+    result = Result(ops=1, events=count, cpu_s=time.process_time() - cpu0)
+    result.extra["elapsed_s"] = elapsed
     return result
 
 
