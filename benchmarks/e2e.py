@@ -39,6 +39,7 @@ from benchmarks.harness import (
     Workers,
     environment,
     fmt,
+    results_stem,
     temp_root,
     wait_for_quiet,
 )
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         suffix = "-quick" if args.quick else ""
-        path = args.output_dir / f"e2e-{started:%Y-%m-%d}{suffix}.md"
+        path = args.output_dir / f"{results_stem(args.output_dir, 'e2e', started, suffix)}.md"
         path.write_text(text)
         print(f"Report written to {path}")
     ok = head - before == acked and code == 0 and not any(c.errors for c in cases + sweep)

@@ -10,6 +10,7 @@ and the environment table of a report. Nothing here knows a workload.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib.metadata
 import multiprocessing
 import os
@@ -27,6 +28,20 @@ from typing import Any
 from benchmarks.loadgen import Result, worker_main
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_stem(output_dir: Path, name: str, started: dt.datetime, suffix: str = "") -> str:
+    """``<name>-<date><suffix>``, or with the start time added when that report exists.
+
+    A second run on the same day must not overwrite the first: earlier
+    reports are what later ones are compared with.
+    """
+    stem = f"{name}-{started:%Y-%m-%d}{suffix}"
+    if (output_dir / f"{stem}.md").exists():
+        stem = f"{name}-{started:%Y-%m-%d-%H%M}{suffix}"
+    return stem
+
+
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

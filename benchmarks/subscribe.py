@@ -57,6 +57,7 @@ from benchmarks.harness import (
     fmt,
     machine_cpu_s,
     process_cpu_s,
+    results_stem,
     temp_root,
     wait_for_quiet,
 )
@@ -1306,7 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         suffix = "-quick" if args.quick else ""
-        path = args.output_dir / f"subscribe-{started:%Y-%m-%d}{suffix}.md"
+        path = args.output_dir / f"{results_stem(args.output_dir, 'subscribe', started, suffix)}.md"
         path.write_text(text)
         print(f"Report written to {path}")
     failed = (

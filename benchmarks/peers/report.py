@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import fmt
+from benchmarks.harness import fmt, results_stem
 from benchmarks.peers.run import FANOUT_DELIVERIES_PER_S, Results, fanout_rate
 
 PEERS = ["redis", "postgres", "nats"]
@@ -576,7 +576,8 @@ def version(dist: str) -> str:
 
 
 def write_report(results: Results, args: argparse.Namespace) -> tuple[str, Path | None]:
-    stem = f"peers-{results.started:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    suffix = "-quick" if args.quick else ""
+    stem = results_stem(args.output_dir, "peers", results.started, suffix)
     report = Report(results, args)
     path = None
     if not args.no_write:
