@@ -279,11 +279,13 @@ class LogStore:
             ]
 
     def count_subject_events(self, subject_id: str) -> int:
-        count, after = 0, 0
-        while batch := self.subject_positions(subject_id, after, 10_000):
+        count, after, page = 0, 0, 10_000
+        while True:
+            batch = self.subject_positions(subject_id, after, page)
             count += len(batch)
+            if len(batch) < page:  # the last page: asking again would rescan the tail
+                return count
             after = batch[-1]
-        return count
 
     def subject_records(
         self, txn: lmdb.Transaction, subject_id: str

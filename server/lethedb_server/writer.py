@@ -328,6 +328,11 @@ class Writer:
             if first is _STOP:
                 break
             batch, stopping = self._collect(first)
+            if any(isinstance(pending.command, ForgetCommand) for pending in batch):
+                # Each forget's receipt counts the subject's events, and a count
+                # scans the unindexed tail, which a stream of forgets only grows:
+                # index it first, so the receipts scan only this batch's events.
+                self._index_whole_tail()
             self._process(batch)
             while self._unindexed() >= self.limits.index_chunk:
                 if not self._merge_subject_index(self.limits.index_chunk):
@@ -342,7 +347,10 @@ class Writer:
                 break
             if isinstance(item, _Pending):
                 self._process([item])
-        # A store closed cleanly is fully indexed.
+        self._index_whole_tail()  # a store closed cleanly is fully indexed
+
+    def _index_whole_tail(self) -> None:
+        """Merge chunk after chunk until the index is complete (or a merge fails)."""
         while self._unindexed() and self._merge_subject_index(self.limits.index_chunk):
             pass
 

@@ -22,7 +22,7 @@ from typing import Any
 import lmdb
 import pytest
 
-from lethedb_server import codec
+from lethedb_server import codec, storage
 from lethedb_server.audit import _dek_versions
 from lethedb_server.faults import ENV_VAR, EXIT_CODE
 from lethedb_server.model import AppendCommand, ForgetCommand, ProposedEvent
@@ -254,3 +254,34 @@ def test_generated_event_ids_are_random_version_4_uuids():
     assert len(set(ids)) == 64
     assert all(uuid.UUID(bytes=i).version == 4 for i in ids)
     assert all(uuid.UUID(bytes=i).variant == uuid.RFC_4122 for i in ids)
+
+
+def test_a_forget_indexes_the_tail_first_so_its_receipt_scans_only_its_own_batch(
+    open_store: StoreFactory,
+):
+    store = open_store(_options(1000))  # never merges on its own here
+    _fill(store)
+    assert store.log.meta.subject_indexed == 0
+
+    store.writer.execute(ForgetCommand(ALICE, "gdpr-art17", "admin"))
+
+    # Everything before the forget's own erasure event is indexed.
+    assert store.log.meta.subject_indexed == len(PATTERN)
+    assert store.receipt(ALICE).event_count == len(_expected(ALICE))
+
+
+def test_counting_a_subject_s_events_scans_the_tail_once(
+    open_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+):
+    store = open_store(_options(1000))
+    _fill(store)
+    scans: list[int] = []
+    real = storage.tail_subject_positions
+
+    def counting(*args: Any) -> list[int]:
+        scans.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(storage, "tail_subject_positions", counting)
+    assert store.log.count_subject_events(ALICE) == len(_expected(ALICE))
+    assert len(scans) == 1
