@@ -113,15 +113,16 @@ def test_a_thousand_live_subscribers_each_receive_every_event_in_bounded_memory(
 #: How long the stalled subscriber does not read, and how long the baseline runs.
 STALL_S = 10.0
 BASELINE_S = 3.0
-#: How much the server's VmRSS may grow while a subscriber with a large
-#: backlog does not read. What it may legitimately hold for the subscriber is
-#: one page of events (512 x 1 KiB, decrypted, and once more as protobuf) and
-#: what the HTTP/2 stream accepted before flow control stopped it (a few MiB;
-#: gRPC grows the window with its bandwidth probe). The rest of the growth is
-#: the appends' own churn and LMDB pages mapped by the writer: we measured
-#: 15-35 MiB in all while 300-400 MiB were appended. Buffering the backlog
-#: (which the test checks is larger than the bound) would exceed it.
-STALLED_RSS_BOUND_KIB = 80 * 1024
+#: How much the server's heap (RssAnon) may grow while a subscriber with a
+#: large backlog does not read. What it may legitimately hold for the
+#: subscriber is one page of events (512 x 1 KiB, decrypted, and once more as
+#: protobuf) and what the HTTP/2 stream accepted before flow control stopped it
+#: (a few MiB; gRPC grows the window with its bandwidth probe); we measured
+#: under 10 MiB while 450 MiB were appended. Buffering the backlog (which the
+#: test checks is larger than the bound) would exceed it. VmRSS is reported
+#: but not bounded: the log is memory-mapped, so the pages the appends write
+#: count in it (up to 390 MiB here) whether or not anyone waits for them.
+STALLED_HEAP_BOUND_KIB = 80 * 1024
 
 
 async def append_for(stub: Stub, stream: str, seconds: float) -> int:
@@ -173,8 +174,8 @@ def test_a_subscriber_that_stops_reading_slows_no_append_and_grows_no_memory(tmp
                     "were appended"
                 )
                 assert stalled_rate >= 0.5 * baseline_rate
-                assert stalled_events > STALLED_RSS_BOUND_KIB, "the backlog must dwarf the bound"
-                assert rss_after - rss_before < STALLED_RSS_BOUND_KIB
+                assert stalled_events > STALLED_HEAP_BOUND_KIB, "the backlog must dwarf the bound"
+                assert heap_after - heap_before < STALLED_HEAP_BOUND_KIB
 
                 # It was only held back: reading again resumes where it stopped.
                 received = Received()
