@@ -67,10 +67,10 @@ from benchmarks.loadgen import (
     Result,
     Tally,
     Window,
-    _await_go,
     _sleep_async_until,
     merge,
     stream_prefix,
+    timed_window,
 )
 
 SUBSCRIBE = "/lethedb.v1.EventStore/Subscribe"
@@ -440,16 +440,6 @@ def stamped_templates(spec: LiveSpec, count: int) -> list[tuple[bytes, int]]:
     return templates
 
 
-async def _window(spec: LiveSpec, conn: Connection, window: Window) -> float:
-    """Warm up, say ready, take the window from the orchestrator; CPU seconds inside it."""
-    await asyncio.sleep(spec.warmup_s)
-    await asyncio.to_thread(_await_go, conn, window)
-    await _sleep_async_until(window.start)
-    cpu0 = time.process_time()
-    await _sleep_async_until(window.end)
-    return time.process_time() - cpu0
-
-
 #: Sends client *i*'s append number *k*, stamped *t0*; and closes the senders.
 Send = Callable[[int, int, int], Awaitable[object]]
 Close = Callable[[], Awaitable[None]]
@@ -491,7 +481,7 @@ async def _pace(spec: LiveSpec, conn: Connection) -> Result:
             due += period
 
     tasks = [asyncio.create_task(client(i, t)) for i, t in enumerate(tallies)]
-    cpu_s = await _window(spec, conn, window)
+    cpu_s = await timed_window(spec.warmup_s, conn, window)
     await asyncio.gather(*tasks)
     await close()
     result = merge(tallies, cpu_s)
@@ -616,7 +606,7 @@ async def _follow(spec: LiveSpec, conn: Connection) -> Result:
 
     tasks = [asyncio.create_task(follow(i, t)) for i, t in enumerate(tallies)]
     await asyncio.gather(*(e.wait() for e in ready))
-    cpu_s = await _window(spec, conn, window)
+    cpu_s = await timed_window(spec.warmup_s, conn, window)
     await asyncio.sleep(spec.drain_s)  # what was sent inside the window arrives
     for call in calls:
         call.cancel()
