@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -23,9 +22,13 @@ from tests.integration.subscribing import Stub, proposed, rss_kib, uid
 
 STALLED = 100
 CHANNELS = 4  # at most 128 streaming calls per connection by default
-ROUNDS = 3
+ROUNDS = 4
 WINDOW_S = 1.5
 #: The issue's bound: appends within 20% of the baseline measured in the same test.
+#: Each side is the best of its rounds. A neighbour on a shared machine can
+#: only slow a window down, never speed it up, so the best window is the
+#: faithful measure of what the server can do; stalled subscribers that cost
+#: the server anything would slow every one of their windows, the best included.
 MIN_RATIO = 0.8
 #: After the stalled subscribers' windows are full, what the server's heap
 #: (anonymous memory) may still grow by while the appends go on: allocator
@@ -112,7 +115,7 @@ def test_a_hundred_stalled_subscribers_hold_back_no_append_and_no_memory(tmp_pat
                         call.cancel()
                     await asyncio.sleep(0.2)
 
-                ratio = statistics.median(stalled_rates) / statistics.median(alone)
+                ratio = max(stalled_rates) / max(alone)
                 print(
                     f"events/s alone {[round(r) for r in alone]}, with {STALLED} stalled "
                     f"subscribers {[round(r) for r in stalled_rates]}: ratio {ratio:.2f}; "
