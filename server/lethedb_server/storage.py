@@ -67,6 +67,41 @@ _META_KEY = b"log"
 RawPage = list[tuple[int, bytes]]
 
 
+class KnownIndexKeys:
+    """The ``subject_index`` keys of a run of recent positions, kept in memory.
+
+    The writer records each event's key as it commits it, so a merge need not
+    read every record back to learn its subject: that read was most of a
+    merge's cost, and a merge stalls appends. The run covers positions
+    ``first`` to ``first + len - 1``. A gap (a restart, or the run reaching
+    *cap* keys while merges fail) starts a new run; positions before it are
+    read back from the log as before.
+    """
+
+    def __init__(self, first: int, cap: int) -> None:
+        self.first = first
+        self._keys: list[bytes] = []
+        self._cap = cap
+
+    def record(self, first: int, keys: list[bytes]) -> None:
+        """Remember *keys*, those of the committed positions from *first* on."""
+        if first != self.first + len(self._keys) or len(self._keys) + len(keys) > self._cap:
+            self.first, self._keys = first, []
+        self._keys.extend(keys)
+
+    def between(self, start: int, end: int) -> list[bytes] | None:
+        """A copy of the keys of positions *start*..*end*, or None unless all are known."""
+        if start < self.first or end >= self.first + len(self._keys):
+            return None
+        return self._keys[start - self.first : end - self.first + 1]
+
+    def merged_through(self, position: int) -> None:
+        """Drop the keys up to *position*, which the index now holds."""
+        if position >= self.first:
+            del self._keys[: position - self.first + 1]
+            self.first = position + 1
+
+
 class LogStore:
     """The event log environment."""
 
@@ -144,18 +179,37 @@ class LogStore:
         txn.put(key, value, db=self.events, append=True)
         txn.put(stream_version_key, key, db=self.stream_index)
 
-    def merge_subject_index(self, txn: lmdb.Transaction, meta: LogMeta, limit: int) -> LogMeta:
+    def merge_subject_index(
+        self,
+        txn: lmdb.Transaction,
+        meta: LogMeta,
+        limit: int,
+        known: KnownIndexKeys | None = None,
+    ) -> LogMeta:
         """Index up to *limit* events after ``meta.subject_indexed``; return the new meta.
 
-        The keys are sorted before they are put, so each subject's leaf page is
-        dirtied once per chunk rather than once per event. The new meta is put
-        in *txn*: the entries and the advanced ``subject_indexed`` commit
-        together or not at all.
+        The keys come from *known* when it covers the chunk (the writer keeps
+        the keys of the events it wrote), else from reading each record's
+        subject back. They are sorted before they are put, so each subject's
+        leaf page is dirtied once per chunk rather than once per event. The
+        new meta is put in *txn*: the entries and the advanced
+        ``subject_indexed`` commit together or not at all.
         """
         start = meta.subject_indexed + 1
         end = min(meta.last_position, meta.subject_indexed + limit)
         if end < start:
             return meta
+        keys = known.between(start, end) if known is not None else None
+        if keys is None:
+            keys = self._read_index_keys(txn, start, end)
+        keys.sort()
+        txn.cursor(db=self.subject_index).putmulti([(k, b"") for k in keys])
+        merged = msgspec.structs.replace(meta, subject_indexed=end)
+        self.put_meta(txn, merged)
+        return merged
+
+    def _read_index_keys(self, txn: lmdb.Transaction, start: int, end: int) -> list[bytes]:
+        """The ``subject_index`` keys of events *start*..*end*, read back from their records."""
         keys: list[bytes] = []
         prefixes: dict[str, bytes] = {}  # a chunk names each subject many times
         position = start
@@ -175,11 +229,7 @@ class LogStore:
                 position += 1
         if len(keys) != end - start + 1:
             raise DataLoss(f"events {start}..{end} are not all in the log; run `lethedb verify`")
-        keys.sort()
-        txn.cursor(db=self.subject_index).putmulti([(k, b"") for k in keys])
-        merged = msgspec.structs.replace(meta, subject_indexed=end)
-        self.put_meta(txn, merged)
-        return merged
+        return keys
 
     # -- reads ------------------------------------------------------------------
 

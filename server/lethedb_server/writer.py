@@ -70,7 +70,7 @@ from lethedb_server.model import (
     SubjectReceipt,
     SubjectState,
 )
-from lethedb_server.storage import LogStore
+from lethedb_server.storage import KnownIndexKeys, LogStore
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ class _BatchState:
     meta: LogMeta
     forgotten: dict[str, Tombstone]
     commit_seconds: float = 0.0
+    #: The ``subject_index`` keys of the events written, in position order.
+    index_keys: list[bytes] = field(default_factory=list)
 
 
 class Writer:
@@ -196,6 +198,9 @@ class Writer:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._merge_retry_at = 0.0
+        self._known_keys = KnownIndexKeys(
+            log_store.meta.last_position + 1, cap=4 * self.limits.index_chunk
+        )
 
     # -- public API -------------------------------------------------------------
 
@@ -375,7 +380,7 @@ class Writer:
         log_store = self.log
 
         def merge(txn: lmdb.Transaction) -> LogMeta:
-            merged = log_store.merge_subject_index(txn, log_store.meta, limit)
+            merged = log_store.merge_subject_index(txn, log_store.meta, limit, self._known_keys)
             fault_point("index.merge_before_commit")
             return merged
 
@@ -386,6 +391,7 @@ class Writer:
         except Exception:
             log.exception("subject index merge failed; readers scan the tail meanwhile")
         else:
+            self._known_keys.merged_through(self.log.meta.subject_indexed)
             return True
         self._merge_retry_at = time.monotonic() + _MERGE_RETRY_S
         return False
@@ -467,6 +473,7 @@ class Writer:
                 log.error("batch of %d commands failed: %s", len(live), exc)
                 self._fail_all(live, error)
                 return
+        self._known_keys.record(self.log.meta.last_position + 1, state.index_keys)
         self.log.meta = state.meta
         self.batches += 1
         self.commands += len(live)
@@ -511,12 +518,13 @@ class Writer:
             outcomes: list[Result | LetheError] = []
             for pending in batch:
                 child = self.log.lmdb.env.begin(write=True, parent=txn)
-                saved = state.meta
+                saved, saved_keys = state.meta, len(state.index_keys)
                 try:
                     result = self._apply(child, pending.command, state)
                 except LetheError as exc:
                     child.abort()
                     state.meta = saved
+                    del state.index_keys[saved_keys:]
                     outcomes.append(exc)
                 except BaseException:
                     child.abort()
@@ -544,7 +552,7 @@ class Writer:
 
     def _apply(self, txn: lmdb.Transaction, command: Command, state: _BatchState) -> Result:
         if isinstance(command, AppendCommand):
-            result, state.meta = self._apply_append(txn, command, state.meta)
+            result, state.meta = self._apply_append(txn, command, state.meta, state.index_keys)
             return result
         if isinstance(command, CommitCommand):
             return self._apply_commit(txn, command, state)
@@ -574,7 +582,7 @@ class Writer:
         meta = state.meta
         results = []
         for part in command.appends:
-            result, meta = self._apply_append(txn, part, meta, now)
+            result, meta = self._apply_append(txn, part, meta, state.index_keys, now)
             results.append(result)
         state.meta = meta
         if command.idempotency_key:
@@ -600,7 +608,7 @@ class Writer:
                 ERASURE_STREAM,
                 (ProposedEvent(b"", ERASURE_EVENT_TYPE, "", _ERASURE_CONTENT_TYPE, data, b""),),
             )
-            result, state.meta = self._apply_append(txn, erasure, state.meta)
+            result, state.meta = self._apply_append(txn, erasure, state.meta, state.index_keys)
             tombstone = Tombstone(
                 result.first_position, now, command.reason, state.meta.shred_epoch + 1
             )
@@ -621,9 +629,17 @@ class Writer:
     # -- one append -------------------------------------------------------------
 
     def _apply_append(
-        self, txn: lmdb.Transaction, command: AppendCommand, meta: LogMeta, now: int = 0
+        self,
+        txn: lmdb.Transaction,
+        command: AppendCommand,
+        meta: LogMeta,
+        index_keys: list[bytes],
+        now: int = 0,
     ) -> tuple[AppendResult, LogMeta]:
-        """Append one stream's events; *now* lets a commit give all its parts one time."""
+        """Append one stream's events, adding their subject index keys to *index_keys*.
+
+        *now* lets a commit give all its parts one time.
+        """
         now = now or self._now()
         digest = b""
         if command.idempotency_key:
@@ -646,6 +662,7 @@ class Writer:
         # Per-event costs are what this loop is about: randomness comes from
         # one urandom call per append, and names are looked up once.
         store_id, take, put_event = meta.store_id, self.keys.take, self.log.put_event
+        index_key, remember_key = codec.subject_position_key, index_keys.append
         stream_key = codec.stream_prefix(stream_id)
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
@@ -665,6 +682,7 @@ class Writer:
             )  # fmt: skip
             value, chain = codec.seal_record(chain, body)
             put_event(txn, position, value, stream_key + codec.u64(version))
+            remember_key(index_key(event.subject_id, position))
             position += 1
             version += 1
 

@@ -25,7 +25,7 @@ import pytest
 from lethedb_server import codec, storage
 from lethedb_server.audit import _dek_versions
 from lethedb_server.faults import ENV_VAR, EXIT_CODE
-from lethedb_server.model import AppendCommand, ForgetCommand, ProposedEvent
+from lethedb_server.model import AppendCommand, ExpectedState, ForgetCommand, ProposedEvent
 from lethedb_server.store import Store, StoreOptions
 from lethedb_server.writer import WriterLimits, _new_event_ids
 from tests.conftest import StoreFactory
@@ -285,3 +285,79 @@ def test_counting_a_subject_s_events_scans_the_tail_once(
     monkeypatch.setattr(storage, "tail_subject_positions", counting)
     assert store.log.count_subject_events(ALICE) == len(_expected(ALICE))
     assert len(scans) == 1
+
+
+def test_merging_what_this_writer_wrote_reads_no_record_back(
+    open_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+):
+    def unreadable(position: int, value: bytes) -> str:
+        raise AssertionError(f"the merge read record {position} back")
+
+    monkeypatch.setattr(storage, "_subject_of", unreadable)
+    store = open_store(_options(4))
+    _fill(store)
+    # A rejected append inside a batch must leave no key behind for its positions.
+    event = ProposedEvent(b"", "Noted", ALICE, "text/plain", b"late", b"")
+    futures = [
+        store.writer.submit(AppendCommand("stream-x", (event,))),
+        store.writer.submit(
+            AppendCommand("stream-0", (event,), expected_state=ExpectedState.NO_STREAM)
+        ),
+        store.writer.submit(AppendCommand("stream-y", (event, event))),
+    ]
+    assert [f.exception(timeout=30) is None for f in futures] == [True, False, True]
+    store.writer.execute(ForgetCommand(BOB, "gdpr-art17", "admin"))  # a subject-less event
+    store.close()  # merges the rest of the tail
+    monkeypatch.undo()
+
+    store = open_store(_options(1000))
+    assert store.log.meta.subject_indexed == store.log.head == len(PATTERN) + 4
+    assert _index_entries(store) == _all_subject_keys(store)
+
+
+def test_a_reopened_writer_reads_back_only_the_tail_it_did_not_write(
+    open_store: StoreFactory, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    env = {**os.environ, ENV_VAR: "index.merge_before_commit"}
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(data_dir)],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert crashed.returncode == EXIT_CODE, crashed.stderr
+    read_back: list[int] = []
+    real = storage._subject_of
+
+    def recording(position: int, value: bytes) -> str:
+        read_back.append(position)
+        return real(position, value)
+
+    monkeypatch.setattr(storage, "_subject_of", recording)
+    store = open_store(_options(4))
+    _fill(store)  # positions 5..14, written by this writer
+    store.close()
+
+    # The crash came at the first merge, leaving events 1..4 only in the log.
+    assert read_back == [1, 2, 3, 4]
+    store = open_store(_options(1000))
+    assert _index_entries(store) == _all_subject_keys(store)
+
+
+def test_known_index_keys_cover_one_run_of_positions_and_start_over_at_a_gap():
+    known = storage.KnownIndexKeys(first=5, cap=4)
+    known.record(5, [b"k5", b"k6"])
+    known.record(7, [b"k7"])
+    assert known.between(5, 7) == [b"k5", b"k6", b"k7"]
+    assert known.between(4, 6) is None  # position 4 is not in the run
+    assert known.between(6, 8) is None  # nor is 8
+
+    known.merged_through(5)
+    assert known.between(6, 7) == [b"k6", b"k7"]
+    known.record(9, [b"k9"])  # 8 is missing: a new run
+    assert known.between(7, 7) is None
+    assert known.between(9, 9) == [b"k9"]
+    known.record(10, [b"k10", b"k11", b"k12", b"k13"])  # over the cap: a new run
+    assert known.between(9, 9) is None
+    assert known.between(10, 13) == [b"k10", b"k11", b"k12", b"k13"]
