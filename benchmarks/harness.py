@@ -323,6 +323,8 @@ def environment(tmp_root: Path) -> dict[str, str]:
 
 
 def filesystem_of(path: Path) -> str:
+    """The type and device of the filesystem holding *path* (the path itself is a
+    throwaway temporary directory, so the report leaves it out)."""
     best, fstype, device = "", "unknown", ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/mounts").read_text().splitlines():
@@ -332,7 +334,7 @@ def filesystem_of(path: Path) -> str:
                 mount
             ) > len(best):
                 best, fstype, device = mount, kind, dev
-    return f"{fstype} on {device} ({path})"
+    return f"{fstype} on {device}"
 
 
 def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
