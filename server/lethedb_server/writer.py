@@ -514,7 +514,7 @@ class Writer:
         state = _BatchState(self.log.meta, {})
         txn = self.log.lmdb.begin_write()
         try:
-            self.keys.reserve(self._key_demand(txn, batch))
+            self.keys.reserve(self._key_demand(batch))
             outcomes: list[Result | LetheError] = []
             for pending in batch:
                 child = self.log.lmdb.env.begin(write=True, parent=txn)
@@ -542,17 +542,25 @@ class Writer:
             raise
         return outcomes, state
 
-    def _key_demand(self, txn: lmdb.Transaction, batch: list[_Pending]) -> dict[str, int]:
+    def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
         demand = Counter(s for pending in batch for s in _sealed_under(pending.command))
-        return {s: n for s, n in demand.items() if not self._is_forgotten(txn, s)}
+        is_forgotten = self.keys.is_forgotten
+        return {s: n for s, n in demand.items() if not is_forgotten(s)}
 
-    def _is_forgotten(self, txn: lmdb.Transaction, subject_id: str) -> bool:
-        return self.keys.is_forgotten(subject_id) or self.log.tombstone(txn, subject_id) is not None
+    def _is_forgotten(self, subject_id: str, batch: _BatchState) -> bool:
+        """Whether *subject_id* has a tombstone, committed or earlier in this batch.
+
+        No LMDB lookup: the writer is the only writer of tombstones, the key
+        store's set holds every committed one (start-up re-applies them all,
+        and each forget adds its subjects right after its commit), and the
+        batch's own forgets are in ``batch.forgotten``.
+        """
+        return self.keys.is_forgotten(subject_id) or subject_id in batch.forgotten
 
     def _apply(self, txn: lmdb.Transaction, command: Command, state: _BatchState) -> Result:
         if isinstance(command, AppendCommand):
-            result, state.meta = self._apply_append(txn, command, state.meta, state.index_keys)
+            result, state.meta = self._apply_append(txn, command, state.meta, state)
             return result
         if isinstance(command, CommitCommand):
             return self._apply_commit(txn, command, state)
@@ -582,7 +590,7 @@ class Writer:
         meta = state.meta
         results = []
         for part in command.appends:
-            result, meta = self._apply_append(txn, part, meta, state.index_keys, now)
+            result, meta = self._apply_append(txn, part, meta, state, now)
             results.append(result)
         state.meta = meta
         if command.idempotency_key:
@@ -608,7 +616,7 @@ class Writer:
                 ERASURE_STREAM,
                 (ProposedEvent(b"", ERASURE_EVENT_TYPE, "", _ERASURE_CONTENT_TYPE, data, b""),),
             )
-            result, state.meta = self._apply_append(txn, erasure, state.meta, state.index_keys)
+            result, state.meta = self._apply_append(txn, erasure, state.meta, state)
             tombstone = Tombstone(
                 result.first_position, now, command.reason, state.meta.shred_epoch + 1
             )
@@ -633,10 +641,10 @@ class Writer:
         txn: lmdb.Transaction,
         command: AppendCommand,
         meta: LogMeta,
-        index_keys: list[bytes],
+        batch: _BatchState,
         now: int = 0,
     ) -> tuple[AppendResult, LogMeta]:
-        """Append one stream's events, adding their subject index keys to *index_keys*.
+        """Append one stream's events after *meta*; their index keys go to *batch*.
 
         *now* lets a commit give all its parts one time.
         """
@@ -649,7 +657,7 @@ class Writer:
                 return previous, meta
         events = command.events
         for subject_id in dict.fromkeys(event.subject_id for event in events):
-            if subject_id and self._is_forgotten(txn, subject_id):
+            if subject_id and self._is_forgotten(subject_id, batch):
                 raise SubjectForgotten(subject_id)
         stream_id = command.stream_id
         info = self.log.stream_info(txn, stream_id)
@@ -662,7 +670,7 @@ class Writer:
         # Per-event costs are what this loop is about: randomness comes from
         # one urandom call per append, and names are looked up once.
         store_id, take, put_event = meta.store_id, self.keys.take, self.log.put_event
-        index_key, remember_key = codec.subject_position_key, index_keys.append
+        index_key, remember_key = codec.subject_position_key, batch.index_keys.append
         stream_key = codec.stream_prefix(stream_id)
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()

@@ -31,7 +31,13 @@ from lethedb_server.errors import (
 )
 from lethedb_server.keyring import FileKeyring
 from lethedb_server.keys import KeyStore
-from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent, StoredEvent
+from lethedb_server.model import (
+    AppendCommand,
+    ExpectedState,
+    ForgetCommand,
+    ProposedEvent,
+    StoredEvent,
+)
 from lethedb_server.reader import EventReader
 from lethedb_server.storage import LogStore
 from lethedb_server.store import Store, StoreOptions
@@ -787,10 +793,11 @@ def test_sweep_of_an_empty_idempotency_table_removes_nothing(
 
 
 def forget(store: Store, subject: str) -> None:
-    """Write a tombstone the way Forget will, without its erasure event."""
+    """Write a tombstone and tell the key store, as Forget does, without its erasure event."""
     tombstone = Tombstone(position=0, forgotten_at=1, reason="test", shred_epoch=0)
     with store.log.lmdb.begin_write() as txn:
         txn.put(subject.encode(), codec.encode(tombstone), db=store.log.tombstones)
+    store.keys.forget({subject: tombstone})
 
 
 def test_append_for_a_forgotten_subject_is_refused_and_writes_nothing(store: Store):
@@ -818,3 +825,20 @@ def test_forgotten_subject_in_a_batch_does_not_affect_other_subjects(store: Stor
     assert isinstance(outcomes[1], SubjectForgotten)
     assert isinstance(outcomes[2], AppendResult)
     assert store.keys.versions_of("erased") == []
+
+
+def test_an_append_after_a_forget_in_the_same_batch_is_refused(store: Store):
+    append(store, "s", event(subject="alice"))
+    with writer_parked(store):
+        batches_before = store.writer.batches
+        futures = [
+            store.writer.submit(ForgetCommand("alice", "gdpr-art17", "admin")),
+            store.writer.submit(command("s", event(b"late", subject="alice"))),
+            store.writer.submit(command("s", event(b"other", subject="bob"))),
+        ]
+    outcomes = [outcome(f) for f in futures]
+
+    assert store.writer.batches == batches_before + 1, "the three commands shared one batch"
+    assert isinstance(outcomes[1], SubjectForgotten)
+    assert isinstance(outcomes[2], AppendResult)
+    assert [e.subject_id for e in read_stream(store, "s")] == ["alice", "bob"]
