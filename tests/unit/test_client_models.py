@@ -224,6 +224,13 @@ class TestClientSideValidation:
         with pytest.raises(lethedb.ValidationError, match=r"events\[1\]\.event_type is empty"):
             build_append_request("s", [Event("A"), Event("")], ANY, None)
 
+    def test_a_refused_event_of_a_pipelined_append_is_named_by_item_and_index(self):
+        events = [Event("A"), Event("B", subject_id=5)]  # type: ignore[arg-type]
+        with pytest.raises(
+            lethedb.ValidationError, match=r"^items\[2\]\.events\[1\]\.subject_id is an int"
+        ):
+            build_append_request("s", events, ANY, None, where="items[2].")
+
     def test_something_other_than_an_event_is_refused(self):
         with pytest.raises(lethedb.ValidationError, match=r"events\[0\] is a dict"):
             build_append_request("s", [{"type": "A"}], ANY, None)
