@@ -10,6 +10,7 @@ reserved for the server's own streams, types and subjects.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
@@ -144,9 +145,7 @@ class Validator:
             limits.max_idempotency_key_bytes,
             required=False,
         )
-        total = 0
-        for index, event in enumerate(command.events):
-            total += self._check_event(event, f"events[{index}]")
+        total = self._check_events(command.events)
         if total > limits.max_append_bytes:
             raise ValidationError(
                 f"the append carries {human_size(total)} of data and metadata; "
@@ -215,26 +214,45 @@ class Validator:
                 _check_filter_term(value, f"{field}[{index}]", max_bytes)
         self.check_subject_id(selector.subject_id, "filter.subject_id", required=False)
 
-    def _check_event(self, event: ProposedEvent, where: str) -> int:
+    def _check_events(self, events: Sequence[ProposedEvent]) -> int:
+        """Check every event of an append; return the bytes of data and metadata.
+
+        The events of an append mostly repeat a few types, content types and
+        subjects, so each distinct name is checked once, and an error names
+        the first event that carries it: per event this leaves a size and a
+        few dictionary lookups.
+        """
         limits = self.limits
-        if event.event_id and len(event.event_id) != EVENT_ID_SIZE:
-            raise ValidationError(
-                f"{where}.event_id is {len(event.event_id)} bytes; it must be a UUID's 16 bytes "
-                "or empty"
+        types: dict[str, int] = {}
+        subjects: dict[str, int] = {}
+        content_types: dict[str, int] = {}
+        total = 0
+        for index, event in enumerate(events):
+            if event.event_id and len(event.event_id) != EVENT_ID_SIZE:
+                raise ValidationError(
+                    f"events[{index}].event_id is {len(event.event_id)} bytes; it must be a "
+                    "UUID's 16 bytes or empty"
+                )
+            types.setdefault(event.event_type, index)
+            subjects.setdefault(event.subject_id, index)
+            content_types.setdefault(event.content_type, index)
+            size = len(event.data) + len(event.metadata)
+            if size > limits.max_event_bytes:
+                part = "data" if not event.metadata else "data and metadata"
+                raise ValidationError(
+                    f"events[{index}].{part} is {human_size(size)}; the limit is "
+                    f"{human_size(limits.max_event_bytes)} per event"
+                )
+            total += size
+        for event_type, index in types.items():
+            check_name(event_type, f"events[{index}].event_type", limits.max_event_type_bytes)
+        for subject_id, index in subjects.items():
+            self.check_subject_id(subject_id, f"events[{index}].subject_id", required=False)
+        for content_type, index in content_types.items():
+            check_name(
+                content_type,
+                f"events[{index}].content_type",
+                limits.max_content_type_bytes,
+                required=False,
             )
-        check_name(event.event_type, f"{where}.event_type", limits.max_event_type_bytes)
-        self.check_subject_id(event.subject_id, f"{where}.subject_id", required=False)
-        check_name(
-            event.content_type,
-            f"{where}.content_type",
-            limits.max_content_type_bytes,
-            required=False,
-        )
-        size = len(event.data) + len(event.metadata)
-        if size > limits.max_event_bytes:
-            part = "data" if not event.metadata else "data and metadata"
-            raise ValidationError(
-                f"{where}.{part} is {human_size(size)}; the limit is "
-                f"{human_size(limits.max_event_bytes)} per event"
-            )
-        return size
+        return total
