@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -279,7 +280,7 @@ def build_append_request(
         raise ValidationError(f"{where}events is empty; an append needs at least one event")
     draw_event_ids = idempotency_key is None
     if idempotency_key is None:
-        idempotency_key = uuid.uuid4().hex
+        idempotency_key = new_idempotency_key()
     elif not isinstance(idempotency_key, str) or not idempotency_key:
         raise ValidationError(
             f"{where}idempotency_key is {idempotency_key!r}; "
@@ -306,6 +307,33 @@ class _EventLabel:
 
     def __str__(self) -> str:
         return f"{self.where}events[{self.index}]"
+
+
+def new_idempotency_key() -> str:
+    """A fresh idempotency key: a version-7 UUID (RFC 9562) as 32 hex digits.
+
+    Its leading 48 bits are the Unix time in milliseconds, so keys sort by
+    creation time. The server indexes keys in a B-tree and LMDB copies and
+    fsyncs every page a commit changes: random keys (version 4) land each on
+    a leaf of their own, time-ordered keys at the tree's right edge, a few
+    pages per commit. In-process 1-event appends with a key each measured
+    about 15,000 instead of 11,700 appends/s for that alone. The other 74
+    bits are random, so keys stay unique across clients.
+    """
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits; 74 are used
+    millis = time.time_ns() // 1_000_000 & _UINT48_MASK
+    value = (
+        millis << 80
+        | 0x7 << 76  # version 7
+        | (rand >> 68) << 64  # rand_a, 12 bits
+        | 0b10 << 62  # RFC 4122 variant
+        | rand & _RAND_B_MASK  # rand_b, 62 bits
+    )
+    return f"{value:032x}"
+
+
+_UINT48_MASK: Final = (1 << 48) - 1
+_RAND_B_MASK: Final = (1 << 62) - 1
 
 
 def random_event_ids(count: int) -> list[bytes]:
@@ -487,7 +515,7 @@ def build_commit_request(
                 expected_version=single.expected_version,
             )
         )
-    return pb.CommitRequest(appends=parts, idempotency_key=idempotency_key or uuid.uuid4().hex)
+    return pb.CommitRequest(appends=parts, idempotency_key=idempotency_key or new_idempotency_key())
 
 
 def to_commit_result(response: pb.CommitResponse, parts: int) -> CommitResult:

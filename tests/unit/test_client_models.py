@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -178,6 +179,17 @@ class TestAppendRequest:
         second = build_append_request("s", Event("E"), ANY, None).idempotency_key
         assert len(first) == 32
         assert first != second
+
+    def test_a_generated_idempotency_key_is_a_time_ordered_version_7_uuid(self):
+        before_ms = time.time_ns() // 1_000_000
+        first = build_append_request("s", Event("E"), ANY, None).idempotency_key
+        time.sleep(0.002)
+        second = build_append_request("s", Event("E"), ANY, None).idempotency_key
+
+        parsed = uuid.UUID(hex=first)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert 0 <= (parsed.int >> 80) - before_ms < 1000  # its leading 48 bits: Unix ms
+        assert first < second  # later keys sort after: the server's index grows at one edge
 
     def test_a_given_idempotency_key_is_kept(self):
         assert build_append_request("s", Event("E"), ANY, "order-42").idempotency_key == "order-42"
