@@ -61,11 +61,29 @@ def tree_cpu_s(pid: int) -> float:
 
     For PostgreSQL: the postmaster, its backends, and (through the kernel's
     cutime/cstime) every backend or worker that has exited since it started,
-    so a backend ending inside the window does not take its time with it.
+    so a backend ending inside the window does not take its time with it. A
+    child reaped while the children are being read would be counted in
+    neither place (reports showed a negative server CPU when the clients
+    disconnected), so the read is repeated until no child was reaped during it.
     """
+    for _ in range(10):
+        before = _own_and_reaped_cpu_s(pid)
+        children = _children_cpu_s(pid)
+        after = _own_and_reaped_cpu_s(pid)
+        if after[1] == before[1]:
+            break
+    return after[0] + after[1] + children
+
+
+def _own_and_reaped_cpu_s(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime) of *pid*, in seconds."""
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    total = sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
+    fields = [int(v) for v in raw[raw.rindex(")") + 2 :].split()[11:15]]
+    return (fields[0] + fields[1]) / CLK_TCK, (fields[2] + fields[3]) / CLK_TCK
+
+
+def _children_cpu_s(pid: int) -> float:
+    total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
