@@ -161,10 +161,6 @@ class LogStore:
         raw = txn.get(stream_id.encode(), db=self.streams)
         return None if raw is None else codec.decode_stream(raw)
 
-    def tombstone(self, txn: lmdb.Transaction, subject_id: str) -> Tombstone | None:
-        raw = txn.get(subject_id.encode(), db=self.tombstones)
-        return None if raw is None else codec.decode_tombstone(raw)
-
     def put_checkpoint(self, txn: lmdb.Transaction, group: str, position: int) -> None:
         txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
 
