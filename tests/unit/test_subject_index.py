@@ -173,9 +173,8 @@ _CRASHING_WRITER = textwrap.dedent(
 )
 
 
-def test_a_crash_inside_a_merge_leaves_the_index_as_it_was_and_nothing_missing(
-    open_store: StoreFactory, data_dir: Path
-):
+def _crash_in_first_merge(data_dir: Path) -> None:
+    """Run ``_CRASHING_WRITER`` on *data_dir*: it dies inside its first merge (events 1..4)."""
     env = {**os.environ, ENV_VAR: "index.merge_before_commit"}
     crashed = subprocess.run(
         [sys.executable, "-c", _CRASHING_WRITER, str(data_dir)],
@@ -185,6 +184,12 @@ def test_a_crash_inside_a_merge_leaves_the_index_as_it_was_and_nothing_missing(
         check=False,
     )
     assert crashed.returncode == EXIT_CODE, crashed.stderr
+
+
+def test_a_crash_inside_a_merge_leaves_the_index_as_it_was_and_nothing_missing(
+    open_store: StoreFactory, data_dir: Path
+):
+    _crash_in_first_merge(data_dir)
 
     store = open_store(_options(1000))
 
@@ -318,15 +323,7 @@ def test_merging_what_this_writer_wrote_reads_no_record_back(
 def test_a_reopened_writer_reads_back_only_the_tail_it_did_not_write(
     open_store: StoreFactory, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    env = {**os.environ, ENV_VAR: "index.merge_before_commit"}
-    crashed = subprocess.run(
-        [sys.executable, "-c", _CRASHING_WRITER, str(data_dir)],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert crashed.returncode == EXIT_CODE, crashed.stderr
+    _crash_in_first_merge(data_dir)
     read_back: list[int] = []
     real = storage._subject_of
 
