@@ -165,15 +165,18 @@ class LogStore:
         txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
 
     def put_event(
-        self, txn: lmdb.Transaction, position: int, value: bytes, stream_version_key: bytes
+        self, txn: lmdb.Transaction, position_key: bytes, value: bytes, stream_version_key: bytes
     ) -> None:
-        """Put a sealed event and its ``stream_index`` entry (the caller builds the key once
-        per stream prefix). No ``subject_index`` entry: :meth:`merge_subject_index` adds
-        it later, in bulk."""
-        key = codec.position_key(position)
+        """Put a sealed event and its ``stream_index`` entry.
+
+        The caller builds the keys (it reuses the position key in the subject
+        index key, and the stream prefix for a whole append). No
+        ``subject_index`` entry: :meth:`merge_subject_index` adds it later, in
+        bulk.
+        """
         # append=True: positions only grow, so LMDB can skip the tree search.
-        txn.put(key, value, db=self.events, append=True)
-        txn.put(stream_version_key, key, db=self.stream_index)
+        txn.put(position_key, value, db=self.events, append=True)
+        txn.put(stream_version_key, position_key, db=self.stream_index)
 
     def merge_subject_index(
         self,

@@ -544,7 +544,9 @@ class Writer:
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
-        demand = Counter(s for pending in batch for s in _sealed_under(pending.command))
+        demand: Counter[str] = Counter()
+        for pending in batch:
+            demand.update(_sealed_under(pending.command))
         is_forgotten = self.keys.is_forgotten
         return {s: n for s, n in demand.items() if not is_forgotten(s)}
 
@@ -668,14 +670,17 @@ class Writer:
         chain = meta.chain_head
         first_position, first_version = position, version
         # Per-event costs are what this loop is about: randomness comes from
-        # one urandom call per append, and names are looked up once.
-        store_id, take, put_event = meta.store_id, self.keys.take, self.log.put_event
-        index_key, remember_key = codec.subject_position_key, batch.index_keys.append
+        # one urandom call per append, keys and key prefixes are looked up
+        # once per subject, and names are bound once.
+        store_id, put_event, u64 = meta.store_id, self.log.put_event, codec.u64
+        remember_key = batch.index_keys.append
         stream_key = codec.stream_prefix(stream_id)
+        index_prefixes = {s: codec.subject_prefix(s) for s in {e.subject_id for e in events}}
+        ciphers = self.keys.take_each([e.subject_id or STORE_SUBJECT for e in events])
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
         for i, event in enumerate(events):
-            dek_version, aead = take(event.subject_id or STORE_SUBJECT)
+            dek_version, aead = ciphers[i]
             event_id = event.event_id or new_ids[i]
             nonce = nonces[i]
             aad = event_aad(
@@ -689,8 +694,9 @@ class Writer:
                 aead.encrypt(nonce, plaintext, aad),
             )  # fmt: skip
             value, chain = codec.seal_record(chain, body)
-            put_event(txn, position, value, stream_key + codec.u64(version))
-            remember_key(index_key(event.subject_id, position))
+            position_key = u64(position)
+            put_event(txn, position_key, value, stream_key + u64(version))
+            remember_key(index_prefixes[event.subject_id] + position_key)
             position += 1
             version += 1
 
@@ -806,8 +812,7 @@ def _sealed_under(command: Command) -> Iterator[str]:
     else:
         return
     for part in parts:
-        for event in part.events:
-            yield event.subject_id or STORE_SUBJECT
+        yield from [event.subject_id or STORE_SUBJECT for event in part.events]
 
 
 def _new_event_ids(count: int) -> list[bytes]:

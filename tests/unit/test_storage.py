@@ -619,6 +619,18 @@ def test_dek_rolls_to_a_new_version_at_its_use_cap_and_old_events_stay_readable(
     assert [e.data for e in read_stream(store, "s")] == [str(i).encode() for i in range(8)]
 
 
+def test_subjects_interleaved_in_one_append_each_roll_their_own_dek_versions(
+    open_store: StoreFactory,
+):
+    store = open_store(StoreOptions(dek_max_uses=2))
+    subjects = ["alice", "bob", "alice", "alice", "bob", "alice", "bob"]
+    append(store, "s", *[event(str(i).encode(), subject=s) for i, s in enumerate(subjects)])
+
+    assert dek_versions_used(store, "alice") == [1, 1, 2, 2]
+    assert dek_versions_used(store, "bob") == [1, 1, 2]
+    assert [e.data for e in read_stream(store, "s")] == [str(i).encode() for i in range(7)]
+
+
 def test_dek_use_cap_holds_across_a_restart(open_store: StoreFactory):
     options = StoreOptions(dek_max_uses=3)
     store = open_store(options)
