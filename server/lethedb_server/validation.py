@@ -117,6 +117,12 @@ class Validator:
         self.limits = limits or Limits()
         pattern = self.limits.subject_id_pattern
         self._subject_re = re.compile(pattern) if pattern else None
+        # Event names found valid before, by kind: a store sees the same few
+        # types and the same subjects again and again, and each check is a
+        # regex search plus an encode. Validity depends only on the value and
+        # the limits, which never change for a Validator, so only the field
+        # label of an error message would differ; bounded by clearing.
+        self._valid: dict[str, set[str]] = {"type": set(), "subject": set(), "content": set()}
 
     def check_stream_id(self, stream_id: str, field: str = "stream_id") -> None:
         check_name(stream_id, field, self.limits.max_stream_id_bytes)
@@ -244,15 +250,35 @@ class Validator:
                     f"{human_size(limits.max_event_bytes)} per event"
                 )
             total += size
+        valid = self._valid
+        known = valid["type"]
         for event_type, index in types.items():
-            check_name(event_type, f"events[{index}].event_type", limits.max_event_type_bytes)
+            if event_type not in known:
+                check_name(event_type, f"events[{index}].event_type", limits.max_event_type_bytes)
+                _remember_valid(known, event_type)
+        known = valid["subject"]
         for subject_id, index in subjects.items():
-            self.check_subject_id(subject_id, f"events[{index}].subject_id", required=False)
+            if subject_id not in known:
+                self.check_subject_id(subject_id, f"events[{index}].subject_id", required=False)
+                _remember_valid(known, subject_id)
+        known = valid["content"]
         for content_type, index in content_types.items():
-            check_name(
-                content_type,
-                f"events[{index}].content_type",
-                limits.max_content_type_bytes,
-                required=False,
-            )
+            if content_type not in known:
+                check_name(
+                    content_type,
+                    f"events[{index}].content_type",
+                    limits.max_content_type_bytes,
+                    required=False,
+                )
+                _remember_valid(known, content_type)
         return total
+
+
+#: Names remembered as valid per kind before the set starts over.
+VALID_NAMES_CACHED = 65_536
+
+
+def _remember_valid(known: set[str], name: str) -> None:
+    if len(known) >= VALID_NAMES_CACHED:
+        known.clear()
+    known.add(name)

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from lethedb_server import validation
 from lethedb_server.errors import ValidationError
 from lethedb_server.model import AppendCommand, ProposedEvent
 from lethedb_server.validation import Limits, Validator, human_size
@@ -257,3 +258,31 @@ def test_default_validator_uses_the_default_limits():
 )
 def test_sizes_in_messages_are_human_readable(size: int, text: str):
     assert human_size(size) == text
+
+
+def test_a_refused_name_is_refused_again_with_the_field_of_the_new_request():
+    validator = Validator(Limits(subject_id_pattern=UUID_PATTERN))
+    bad = event(subject_id="alice@example.com")
+
+    with pytest.raises(ValidationError, match=r"events\[0\]\.subject_id"):
+        validator.check_append(append(bad))
+    with pytest.raises(ValidationError, match=r"events\[1\]\.subject_id"):
+        validator.check_append(append(event(), bad))
+
+
+def test_names_remembered_as_valid_are_still_checked_under_each_validators_limits():
+    lenient = Validator(Limits())
+    strict = Validator(Limits(subject_id_pattern=UUID_PATTERN))
+    lenient.check_append(append(event(subject_id="alice")))
+
+    with pytest.raises(ValidationError, match="does not match the required pattern"):
+        strict.check_append(append(event(subject_id="alice")))
+
+
+def test_the_memory_of_valid_names_is_bounded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(validation, "VALID_NAMES_CACHED", 3)
+    validator = Validator()
+    for i in range(10):
+        validator.check_append(append(event(subject_id=f"subject-{i}")))
+
+    assert all(len(known) <= 3 for known in validator._valid.values())
