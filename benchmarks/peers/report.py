@@ -330,42 +330,85 @@ class Report:
             ax.legend(fontsize=8)
             ax.grid(axis="y", alpha=0.3)
 
+        def measured(cases: list[str], names: list[str], metric: str) -> bool:
+            """Whether a chart has anything to draw: a partial run (--phases) may not."""
+            return any(not nan(self.m(c, n, metric)) for c in cases for n in names)
+
         # Appends
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        bars(
-            ax,
-            [
-                ("append-1x1", "1-event, 1 client"),
-                ("append-1x64", "1-event, 64 clients"),
-                ("append-100x1", "100-event, 1 client"),
-            ],
-            systems,
-            "events_per_s",
-        )
-        ax.set_yscale("log")
-        ax.set_ylabel("durable events/s (log scale)")
-        ax.set_title("Durable appends (median of runs)")
-        self._save(fig, out_dir, stem, "appends", "Durable append throughput, events/s")
+        append_groups = [
+            ("append-1x1", "1-event, 1 client"),
+            ("append-1x64", "1-event, 64 clients"),
+            ("append-100x1", "100-event, 1 client"),
+        ]
+        if measured([c for c, _ in append_groups], systems, "events_per_s"):
+            self._appends_chart(plt, bars, append_groups, systems, out_dir, stem)
 
         # Fan-out latency
         groups = [
             (case, "mixed" if case == "mixed" else case.replace("fanout-", "") + " subs")
             for case, _ in self.follow_cases()
         ]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, metric, name in ((axes[0], "e2e_p50_ms", "p50"), (axes[1], "e2e_p99_ms", "p99")):
-            bars(ax, groups, ["lethedb", *self.peers], metric)
-            ax.set_yscale("log")
-            ax.set_ylabel(f"append -> subscriber receive, {name} ms (log)")
-            ax.set_title(f"End-to-end latency, {name}")
-            ax.tick_params(axis="x", labelsize=8)
-        self._save(fig, out_dir, stem, "fanout", "End-to-end latency of live subscribers")
+        followers = ["lethedb", *self.peers]
+        if measured([c for c, _ in groups], followers, "e2e_p50_ms"):
+            self._fanout_chart(plt, bars, groups, followers, out_dir, stem)
 
         # Catch-up
         case = f"catchup-{self.s.catchup_events}"
         names = ["lethedb", *self.peers]
         if "redis" in self.peers:
             names.insert(names.index("redis") + 1, "redis+group")
+        if measured([case], names, "events_per_s"):
+            self._catchup_chart(plt, case, names, colours, out_dir, stem)
+
+        # Scaling
+        sizes = self.s.scale_events
+        scale_cases = [f"scale-{n}-append-100x1" for n in sizes]
+        if measured(scale_cases, ["lethedb-log"], "events_per_s"):
+            self._scaling_chart(plt, sizes, out_dir, stem)
+
+    def _appends_chart(
+        self,
+        plt: Any,
+        bars: Any,
+        groups: list[tuple[str, str]],
+        systems: list[str],
+        out_dir: Path,
+        stem: str,
+    ) -> None:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        bars(ax, groups, systems, "events_per_s")
+        ax.set_yscale("log")
+        ax.set_ylabel("durable events/s (log scale)")
+        ax.set_title("Durable appends (median of runs)")
+        self._save(fig, out_dir, stem, "appends", "Durable append throughput, events/s")
+
+    def _fanout_chart(
+        self,
+        plt: Any,
+        bars: Any,
+        groups: list[tuple[str, str]],
+        followers: list[str],
+        out_dir: Path,
+        stem: str,
+    ) -> None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, metric, name in ((axes[0], "e2e_p50_ms", "p50"), (axes[1], "e2e_p99_ms", "p99")):
+            bars(ax, groups, followers, metric)
+            ax.set_yscale("log")
+            ax.set_ylabel(f"append -> subscriber receive, {name} ms (log)")
+            ax.set_title(f"End-to-end latency, {name}")
+            ax.tick_params(axis="x", labelsize=8)
+        self._save(fig, out_dir, stem, "fanout", "End-to-end latency of live subscribers")
+
+    def _catchup_chart(
+        self,
+        plt: Any,
+        case: str,
+        names: list[str],
+        colours: dict[str, str],
+        out_dir: Path,
+        stem: str,
+    ) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
         values = [self.m(case, x, "events_per_s") for x in names]
         ax.barh(
@@ -379,8 +422,7 @@ class Report:
         ax.grid(axis="x", alpha=0.3)
         self._save(fig, out_dir, stem, "catchup", "Catch-up read rate")
 
-        # Scaling
-        sizes = self.s.scale_events
+    def _scaling_chart(self, plt: Any, sizes: list[int], out_dir: Path, stem: str) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
         for key, label in (
             ("append-100x1", "100-event appends, 1 client"),
