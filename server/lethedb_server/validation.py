@@ -10,7 +10,7 @@ reserved for the server's own streams, types and subjects.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
@@ -122,7 +122,21 @@ class Validator:
         # regex search plus an encode. Validity depends only on the value and
         # the limits, which never change for a Validator, so only the field
         # label of an error message would differ; bounded by clearing.
-        self._valid: dict[str, set[str]] = {"type": set(), "subject": set(), "content": set()}
+        # Keyed by the event field the names come from.
+        self._valid: dict[str, set[str]] = {
+            "event_type": set(),
+            "subject_id": set(),
+            "content_type": set(),
+        }
+
+    def _check_event_type(self, value: str, field: str) -> None:
+        check_name(value, field, self.limits.max_event_type_bytes)
+
+    def _check_event_subject(self, value: str, field: str) -> None:
+        self.check_subject_id(value, field, required=False)
+
+    def _check_content_type(self, value: str, field: str) -> None:
+        check_name(value, field, self.limits.max_content_type_bytes, required=False)
 
     def check_stream_id(self, stream_id: str, field: str = "stream_id") -> None:
         check_name(stream_id, field, self.limits.max_stream_id_bytes)
@@ -250,27 +264,17 @@ class Validator:
                     f"{human_size(limits.max_event_bytes)} per event"
                 )
             total += size
-        valid = self._valid
-        known = valid["type"]
-        for event_type, index in types.items():
-            if event_type not in known:
-                check_name(event_type, f"events[{index}].event_type", limits.max_event_type_bytes)
-                _remember_valid(known, event_type)
-        known = valid["subject"]
-        for subject_id, index in subjects.items():
-            if subject_id not in known:
-                self.check_subject_id(subject_id, f"events[{index}].subject_id", required=False)
-                _remember_valid(known, subject_id)
-        known = valid["content"]
-        for content_type, index in content_types.items():
-            if content_type not in known:
-                check_name(
-                    content_type,
-                    f"events[{index}].content_type",
-                    limits.max_content_type_bytes,
-                    required=False,
-                )
-                _remember_valid(known, content_type)
+        checks: tuple[tuple[str, dict[str, int], Callable[[str, str], None]], ...] = (
+            ("event_type", types, self._check_event_type),
+            ("subject_id", subjects, self._check_event_subject),
+            ("content_type", content_types, self._check_content_type),
+        )
+        for name, first_index, check in checks:
+            known = self._valid[name]
+            for value, index in first_index.items():
+                if value not in known:
+                    check(value, f"events[{index}].{name}")
+                    _remember_valid(known, value)
         return total
 
 

@@ -544,9 +544,7 @@ class Writer:
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
-        demand: Counter[str] = Counter()
-        for pending in batch:
-            demand.update(_sealed_under(pending.command))
+        demand = Counter(s for pending in batch for s in _sealed_under(pending.command))
         is_forgotten = self.keys.is_forgotten
         return {s: n for s, n in demand.items() if not is_forgotten(s)}
 
@@ -812,7 +810,8 @@ def _sealed_under(command: Command) -> Iterator[str]:
     else:
         return
     for part in parts:
-        yield from [event.subject_id or STORE_SUBJECT for event in part.events]
+        for event in part.events:
+            yield event.subject_id or STORE_SUBJECT
 
 
 def _new_event_ids(count: int) -> list[bytes]:
