@@ -632,11 +632,13 @@ MAX_APPENDS_PER_BATCH: Final = 1000
 #: server's message limit (32 MiB by default). A larger append travels alone.
 MAX_BATCH_BYTES: Final = 4 << 20
 #: Append calls one client keeps in flight before further appends wait for the
-#: next batch. With two, appends made while one call waits for its fsync go
-#: out at once and can join the writer's next group commit, instead of waiting
-#: a whole round trip; with closed-loop callers (each awaiting its append
-#: before the next) one and two measured the same (see docs/ARCHITECTURE.md).
-APPEND_CALLS_IN_FLIGHT: Final = 2
+#: next batch. One: appends made while a call waits for its commit leave
+#: together when it returns. With two, they went out at once as a second,
+#: smaller call that the writer committed as a batch of its own, and every
+#: commit costs the server about the same CPU whatever its size; at half the
+#: maximum load that was a third more server CPU and a 40% higher p99
+#: acknowledgement time, for the same maximum (docs/ARCHITECTURE.md).
+APPEND_CALLS_IN_FLIGHT: Final = 1
 
 
 class SendAlone:

@@ -203,12 +203,10 @@ def _appends(db: lethedb.AsyncClient, *streams: str, **kwargs: Any) -> Awaitable
     return asyncio.gather(*calls, return_exceptions=True)
 
 
-async def _occupy_both_calls(db: lethedb.AsyncClient) -> list[asyncio.Future[Any]]:
-    """Two lone appends in two loop turns: two calls in flight, the client's limit."""
-    busy = []
-    for stream in ("a", "b"):
-        busy.append(asyncio.ensure_future(db.append(stream, Event("E"))))
-        await asyncio.sleep(0.01)
+async def _occupy_the_call(db: lethedb.AsyncClient) -> list[asyncio.Future[Any]]:
+    """A lone append: one call in flight, the client's limit."""
+    busy = [asyncio.ensure_future(db.append("a", Event("E")))]
+    await asyncio.sleep(0.01)
     return busy
 
 
@@ -227,7 +225,7 @@ class TestAsyncCoalescing:
         assert server.methods() == ["AppendBatch"]
         assert [r.first_position for r in results] == [1, 2, 3, 4]
 
-    def test_appends_made_while_calls_are_in_flight_wait_and_then_share_one_call(self):
+    def test_appends_made_while_a_call_is_in_flight_wait_and_then_share_one_call(self):
         server = FakeServer()
         server.gate.clear()
 
@@ -238,14 +236,14 @@ class TestAsyncCoalescing:
             await asyncio.sleep(0.01)
             rest = asyncio.ensure_future(_appends(db, "c", "d", "e"))
             await asyncio.sleep(0.01)
-            assert server.methods() == ["Append", "Append"]  # two in flight: the rest wait
+            assert server.methods() == ["Append"]  # one call in flight: the rest wait
             server.gate.set()
             return [await first, await second, *await rest]
 
         results = _run(server, work)
 
-        assert server.methods() == ["Append", "Append", "AppendBatch"]
-        assert len(server.sent[2][1]) == 3
+        assert server.methods() == ["Append", "AppendBatch"]
+        assert len(server.sent[1][1]) == 4
         assert sorted(r.first_position for r in results) == [1, 2, 3, 4, 5]
 
     def test_an_append_error_fails_only_its_caller_with_the_unary_exception(self):
@@ -300,7 +298,7 @@ class TestAsyncCoalescing:
         server.gate.clear()
 
         async def work(db: lethedb.AsyncClient) -> list[Any]:
-            busy = await _occupy_both_calls(db)
+            busy = await _occupy_the_call(db)
             hasty = asyncio.ensure_future(db.append("c", Event("E"), timeout=0.05))
             patient = asyncio.ensure_future(db.append("d", Event("E")))
             results = await asyncio.gather(hasty, return_exceptions=True)
@@ -318,7 +316,7 @@ class TestAsyncCoalescing:
         server.gate.clear()
 
         async def work(db: lethedb.AsyncClient) -> list[Any]:
-            busy = await _occupy_both_calls(db)
+            busy = await _occupy_the_call(db)
             queued = [asyncio.ensure_future(db.append(s, Event("E"))) for s in ("c", "d", "e")]
             await asyncio.sleep(0.01)
             queued[1].cancel()
@@ -327,9 +325,9 @@ class TestAsyncCoalescing:
 
         outcomes = _run(server, work)
 
-        assert isinstance(outcomes[3], asyncio.CancelledError)
-        assert [isinstance(o, lethedb.AppendResult) for o in outcomes] == [1, 1, 1, 0, 1]
-        assert len(server.sent[2][1]) == 2  # the cancelled append was never sent
+        assert isinstance(outcomes[2], asyncio.CancelledError)
+        assert [isinstance(o, lethedb.AppendResult) for o in outcomes] == [1, 1, 0, 1]
+        assert len(server.sent[1][1]) == 2  # the cancelled append was never sent
 
     def test_a_server_without_append_batch_gets_plain_appends(self):
         server = FakeServer(batch_supported=False)
