@@ -1097,7 +1097,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--load", type=float, default=0.5, help="live append rate, fraction of the max (0.5)"
     )
     p.add_argument("--clients", type=int, default=64, help="concurrent appending clients")
-    p.add_argument("--channels", type=int, default=4, help="channels of the appending clients")
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        help="SDK clients (one channel each) the appending clients share (default 1, as an "
+        "application would: each client coalesces only its own appends)",
+    )
     p.add_argument(
         "--appender",
         choices=("sdk", "stub"),

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import fmt, results_stem
-from benchmarks.peers.run import FANOUT_DELIVERIES_PER_S, Results, fanout_rate
+from benchmarks.peers.clients import LETHE_CHANNELS
+from benchmarks.peers.run import (
+    FANOUT_DELIVERIES_PER_S,
+    RAW_STUB_CHANNELS,
+    Results,
+    fanout_rate,
+)
 
 PEERS = ["redis", "postgres", "nats"]
 
@@ -491,7 +497,8 @@ class Report:
             "flight at once on one client share an `AppendBatch` call). *Raw stubs* are the "
             "end-to-end tool's load (`benchmarks.e2e`): generated gRPC stubs with "
             "pre-serialised requests, one unary `Append` per append, no response parsing, "
-            "the same 4 channels.",
+            f"{RAW_STUB_CHANNELS} channels (unary calls do not coalesce, so more connections "
+            f"serve them better than the SDK's {LETHE_CHANNELS}).",
             "",
             "## Live subscribers",
             "",
@@ -557,8 +564,10 @@ class Report:
             lines.append("")
         lines += [
             "**Clients** (all in spawned load processes, asyncio): LetheDB "
-            f"{version('lethedb')} SDK `AsyncClient` (grpcio {version('grpcio')}), 4 channels "
-            f"for 64 writers, one per 100 subscribers; redis-py {version('redis')} "
+            f"{version('lethedb')} SDK `AsyncClient` (grpcio {version('grpcio')}), "
+            f"{LETHE_CHANNELS} client(s) of one connection each shared by the 64 writers, "
+            "one per 100 subscribers; "
+            f"redis-py {version('redis')} "
             "(`redis.asyncio`, a connection per concurrent writer and per subscriber); "
             f"psycopg {version('psycopg')} (async, a connection per concurrent writer and per "
             f"subscriber); nats-py {version('nats-py')} (one connection for the writers, one "

@@ -39,6 +39,8 @@ from benchmarks.peers.servers import (
 from benchmarks.peers.worker import Job, worker_main
 
 ALL_SYSTEMS = ["lethedb", "redis", "postgres", "nats"]
+#: Channels of the raw-stub reference load: the end-to-end tool's default.
+RAW_STUB_CHANNELS = 4
 PHASES = ["appends", "follow", "catchup", "scaling", "forget"]
 #: Subscribers each see every event: the appender's rate is chosen so that
 #: the load process receives at most this many deliveries per second in all
@@ -255,13 +257,21 @@ class Runner:
     def raw_stub_case(self, case: str, clients: int, events: int) -> Run:
         """LetheDB through pre-serialised raw stubs (loadgen), for the SDK's share."""
         server = self.servers["lethedb"]
-        ref = RefCase(f"raw-{case}", "raw stubs", "append", clients, events, procs=1, channels=4)
+        ref = RefCase(
+            f"raw-{case}",
+            "raw stubs",
+            "append",
+            clients,
+            events,
+            procs=1,
+            channels=RAW_STUB_CHANNELS,
+        )
         settings = RefSettings(
             duration_s=self.s.duration_s,
             warmup_s=self.s.warmup_s,
             clients=clients,
             procs=1,
-            channels=4,
+            channels=RAW_STUB_CHANNELS,
             window=1,
             subjects=self.s.subjects,
             payload_bytes=self.s.payload_bytes,
