@@ -1,8 +1,9 @@
 """Subscriptions: following the log from a position, catch-up and live in one loop.
 
 A subscription is a loop over the log by position. It reads one page (at most
-``page_size`` events, one short LMDB read transaction, in a worker thread),
-hands it to the caller, and reads the next; when it has read everything up to
+``page_size`` events, one short LMDB read transaction, in a worker thread, or
+on the event loop when it is a live tail of a few events), hands it to the
+caller, and reads the next; when it has read everything up to
 the head it waits for the writer's head notification and reads again. There
 is no separate "live" mode fed by the writer, so there is no hand-over between
 catch-up and live where an event could be missed or sent twice: an unfiltered
@@ -77,6 +78,10 @@ class SubscriptionLimits:
     #: this long, so both ends notice a dead connection.
     heartbeat_interval_s: float = 5.0
     max_subscribers: int = 10_000
+    #: A page of at most this many events (a live tail) is read and decrypted on
+    #: the event loop: that costs less than handing it to a worker thread and
+    #: back (0: always in a worker thread).
+    inline_read_events: int = 64
 
 
 # -- what a subscriber asks for -------------------------------------------------
@@ -197,6 +202,7 @@ class _LoopHead:
         self._seen = store.log.head
         self._scheduled = False
         self._reads: dict[tuple[int, int], asyncio.Future[Page]] = {}
+        self._inline_page: tuple[tuple[int, int], Page] | None = None
 
     def publish(self) -> None:
         """Writer thread: schedule one delivery unless one is already pending."""
@@ -221,24 +227,40 @@ class _LoopHead:
         event, self.event = self.event, asyncio.Event()
         event.set()
 
-    async def shared_read(self, start: int, head: int, read: Callable[[], Page]) -> Page:
+    async def shared_read(
+        self, start: int, head: int, read: Callable[[], Page], inline: bool
+    ) -> Page:
         """One page read for every subscription here that asks for the same page at once.
 
         A commit wakes every live subscriber together and they all want the
         page after the same position: without this, a thousand of them would
-        each read and decrypt the same events. Only reads in flight are
+        each read and decrypt the same events. Only reads of this moment are
         shared, keyed by start and head, so a joiner gets what a read of its
         own made at the same head would return (a forget moves the head, so
-        a read from before it is never handed to a reader after it). Nothing
-        is kept once the read is done.
+        a read from before it is never handed to a reader after it): a read
+        in a worker thread while it is in flight, an *inline* read (on this
+        loop) until the loop's next turn, when the subscribers woken with the
+        reader have run. Nothing is kept longer, so no decrypted event
+        outlives its delivery here.
         """
         key = (start, head)
+        if inline:
+            if self._inline_page is not None and self._inline_page[0] == key:
+                return self._inline_page[1]
+            page = read()
+            if self._inline_page is None:
+                self.loop.call_soon(self._drop_inline_page)
+            self._inline_page = (key, page)
+            return page
         future = self._reads.get(key)
         if future is None:
             future = self._reads[key] = asyncio.ensure_future(asyncio.to_thread(read))
             future.add_done_callback(functools.partial(self._read_done, key))
         # Shielded: one cancelled subscriber must not cancel its neighbours' read.
         return await asyncio.shield(future)
+
+    def _drop_inline_page(self) -> None:
+        self._inline_page = None
 
     def _read_done(self, key: tuple[int, int], future: asyncio.Future[Page]) -> None:
         if self._reads.get(key) is future:
@@ -330,11 +352,7 @@ class Subscription:
             waiter = self._head.event  # taken before the head is compared: see module doc
             if log_store.head > self.position:
                 start = self.position + 1
-                if self.spec.filter is None and assignment is None:
-                    read = functools.partial(self._read, start, None)
-                    events, scanned = await self._head.shared_read(start, log_store.head, read)
-                else:
-                    events, scanned = await asyncio.to_thread(self._read, start, assignment)
+                events, scanned = await self._page(start, log_store.head, assignment)
                 if self._replaced or assignment is not self._next_assignment:
                     continue  # the member's share changed while reading: the page is stale
                 if scanned < start:
@@ -379,8 +397,16 @@ class Subscription:
             except TimeoutError:
                 pass
 
+    async def _page(self, start: int, head: int, assignment: Assignment | None) -> Page:
+        """The page from *start*: on the loop if the tail to *head* is short, else in a thread."""
+        read = functools.partial(self._read, start, assignment)
+        inline = head - start < self._engine.limits.inline_read_events
+        if self.spec.filter is None and assignment is None:
+            return await self._head.shared_read(start, head, read, inline)
+        return read() if inline else await asyncio.to_thread(read)
+
     def _read(self, start: int, assignment: Assignment | None) -> Page:
-        """One page from *start* (worker thread): the selected events and the last position read."""
+        """One page from *start*: the selected events and the last position read."""
         engine = self._engine
         limit = engine.limits.page_size
         selector = self.spec.filter

@@ -8,6 +8,7 @@ test's own. No gRPC is involved: the engine must not need it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -239,18 +240,30 @@ def test_redacted_events_keep_their_place_and_the_erasure_event_follows(store: S
     run(scenario())
 
 
-def test_live_subscribers_at_the_same_position_share_one_page_read(store: Store, monkeypatch):
-    reads: list[int] = []
+def _record_reads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Each page read of the store from now on: its start, and whether it ran on this thread."""
+    reads: list[tuple[int, bool]] = []
     original = store.reader.read_all
+    here = threading.get_ident()
 
-    def counting(start: int, **kwargs: Any) -> Any:
-        reads.append(start)
+    def recording(start: int, **kwargs: Any) -> Any:
+        reads.append((start, threading.get_ident() == here))
         return original(start, **kwargs)
 
-    monkeypatch.setattr(store.reader, "read_all", counting)
+    monkeypatch.setattr(store.reader, "read_all", recording)
+    return reads
+
+
+@pytest.mark.parametrize("inline_read_events", [64, 0], ids=["on-the-loop", "in-a-thread"])
+def test_live_subscribers_at_the_same_position_share_one_page_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch, inline_read_events: int
+):
+    reads = _record_reads(store, monkeypatch)
 
     async def scenario() -> None:
-        engine = SubscriptionEngine(store)
+        engine = SubscriptionEngine(
+            store, SubscriptionLimits(inline_read_events=inline_read_events)
+        )
         subscriptions = [await engine.open(SubscriptionSpec()) for _ in range(50)]
         streams = [s.messages() for s in subscriptions]
         for items in streams:
@@ -261,12 +274,60 @@ def test_live_subscribers_at_the_same_position_share_one_page_read(store: Store,
         pages = await asyncio.gather(*waiting)
         assert all([e.position for e in p.events] == [1, 2, 3, 4] for p in pages)
         assert len({id(p.events) for p in pages}) == 1, "one page object for all"
-        assert reads == [1]
+        assert reads == [(1, inline_read_events > 0)]
         for items, s in zip(streams, subscriptions, strict=True):
             await items.aclose()
             s.close()
 
     run(scenario())
+
+
+def test_a_short_live_tail_is_read_on_the_loop_and_a_longer_one_in_a_worker_thread(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    append(store, "s", 10)  # a catch-up of ten events: more than the limit below
+    reads = _record_reads(store, monkeypatch)
+
+    async def scenario() -> None:
+        engine = SubscriptionEngine(store, SubscriptionLimits(inline_read_events=4))
+        subscription = await engine.open(SubscriptionSpec())
+        items = subscription.messages()
+        assert await positions_until(items, 10) == list(range(1, 11))
+        assert (await next_of(items, CaughtUp)).position == 10
+        waiting = asyncio.ensure_future(anext(items))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(append, store, "s", 4)  # a live tail of exactly the limit
+        assert [e.position for e in (await waiting).events] == [11, 12, 13, 14]
+        await items.aclose()
+        subscription.close()
+
+    run(scenario())
+    assert reads == [(1, False), (11, True)]
+
+
+def test_an_inline_page_is_shared_only_until_the_loop_turns(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+):
+    """No decrypted page outlives the turn of the subscribers woken with its reader."""
+    reads = _record_reads(store, monkeypatch)
+
+    async def scenario() -> None:
+        engine = SubscriptionEngine(store)
+        subscription = await engine.open(SubscriptionSpec())
+        loop_head = subscription._head
+        append(store, "s", 2)
+        read = functools.partial(subscription._read, 1, None)
+        first = await loop_head.shared_read(1, 2, read, inline=True)
+        again = await loop_head.shared_read(1, 2, read, inline=True)
+        assert again is first
+        await asyncio.sleep(0)  # the loop's next turn
+        later = await loop_head.shared_read(1, 2, read, inline=True)
+        assert later is not first
+        assert [e.position for e in later[0]] == [1, 2]
+        subscription.close()
+
+    run(scenario())
+    assert [start for start, _ in reads] == [1, 1]
 
 
 def test_the_head_bridge_schedules_one_wake_up_however_many_commits_race(store: Store):
