@@ -3,7 +3,10 @@
 Every environment LetheDB opens goes through :class:`LmdbEnv` so that only the
 safe modes are ever used: sync and metasync on (a commit is durable when it
 returns), no writemap (a full disk with writemap kills the process with
-SIGBUS), no map_async, locking on.
+SIGBUS), no map_async, locking on, and meminit on: LMDB writes whole pages,
+and without meminit the unused part of a fresh page is whatever the process
+heap held before, which can be plaintext personal data or a raw key on its
+way to being encrypted. Nothing of that may ever reach a file.
 
 LMDB may only change its map size while no transaction of this process is
 open. Readers therefore enter through :meth:`LmdbEnv.read`, which holds a
@@ -109,7 +112,7 @@ class LmdbEnv:
             map_async=False,
             lock=True,
             readahead=False,
-            meminit=False,
+            meminit=True,
         )
         self.env.reader_check()
         self.dbs: dict[str, Any] = {

@@ -6,6 +6,7 @@ closed: the log, the key store, their lock files, the keyring and the lock file.
 
 from __future__ import annotations
 
+import ctypes
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lethedb_server import codec
 from lethedb_server.crypto import KEY_SIZE, wrap_aad
 from lethedb_server.errors import WrongExpectedVersion
 from lethedb_server.keyring import FileKeyring, WrappedKey
+from lethedb_server.lmdbenv import LmdbEnv
 from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent
 from lethedb_server.store import Store, StoreOptions
 
@@ -128,3 +130,39 @@ def test_no_file_in_the_data_directory_holds_an_unwrapped_data_key(
         assert files_containing(files, raw) == [], (
             f"the raw DEK of {subject!r} version {version} is on disk"
         )
+
+
+def _leave_on_the_heap(needle: bytes, chunks: int = 64, size: int = 4096) -> None:
+    """Fill and free page-sized heap blocks, as decrypting or encrypting events does.
+
+    The next page-sized ``malloc`` (LMDB's page buffers) gets one of them back
+    with *needle* still in it.
+    """
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    filler = (needle * (size // len(needle) + 1))[:size]
+    blocks = [libc.malloc(size) for _ in range(chunks)]
+    for block in blocks:
+        ctypes.memmove(block, filler, size)
+    for block in blocks:
+        libc.free(block)
+
+
+def test_unused_page_space_never_carries_the_process_heap_to_disk(tmp_path: Path):
+    """LMDB writes whole pages; what a small record leaves unused must be zeros.
+
+    Without meminit, LMDB leaves its page buffers as malloc returned them, and
+    the heap had just held plaintext on its way to encryption.
+    """
+    secret = canary("heap")
+    env = LmdbEnv(tmp_path / "env", ("things",), map_size=1 << 20, max_map_size=1 << 30)
+    try:
+        for i in range(3):
+            _leave_on_the_heap(secret)
+            with env.begin_write() as txn:
+                txn.put(b"k%d" % i, b"v", db=env.dbs["things"])
+    finally:
+        env.close()
+    assert files_containing(files_under(tmp_path), secret) == []
