@@ -34,6 +34,7 @@ from benchmarks.loadgen import Result
 from benchmarks.peers.servers import (
     SYSTEMS,
     PeerServer,
+    ensure_clients,
     ensure_installed,
 )
 from benchmarks.peers.worker import Job, worker_main
@@ -771,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peers.report import write_report
 
     args = parse_args(argv)
-    ensure_installed([s for s in args.systems if s != "lethedb"], install=not args.no_install)
+    peers = [s for s in args.systems if s != "lethedb"]
+    ensure_clients(peers)
+    ensure_installed(peers, install=not args.no_install)
     settings = Settings(
         duration_s=args.duration,
         warmup_s=args.warmup,

@@ -12,6 +12,7 @@ described by :attr:`PeerServer.settings` for the report.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -56,6 +57,28 @@ def missing_systems(systems: list[str]) -> list[str]:
         ):
             missing.append(system)
     return missing
+
+
+#: The standard Python client the tool drives each peer through (the ``bench`` extra).
+CLIENT_MODULES = {"redis": "redis", "postgres": "psycopg", "nats": "nats"}
+
+
+def ensure_clients(systems: list[str]) -> None:
+    """Exit naming the install command before any work if a peer's client is missing.
+
+    Without this, a run spends minutes on the physical reference and only
+    then fails with an ImportError when it reaches the peer.
+    """
+    missing = [
+        CLIENT_MODULES[s]
+        for s in systems
+        if s in CLIENT_MODULES and importlib.util.find_spec(CLIENT_MODULES[s]) is None
+    ]
+    if missing:
+        sys.exit(
+            f"missing Python client(s): {', '.join(missing)}. Install with:\n"
+            "    pip install -e '.[bench]'   (or run `make bench-peers`, which does)"
+        )
 
 
 def ensure_installed(systems: list[str], install: bool) -> None:
