@@ -16,15 +16,24 @@ from typing import Any
 import grpc
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import messages, status
+from lethedb_server import messages, status, wire
 from lethedb_server.auth import caller_role
-from lethedb_server.errors import LetheError
-from lethedb_server.model import ForgetCommand, StoredEvent
+from lethedb_server.errors import LetheError, ValidationError
+from lethedb_server.model import EVENT_OVERHEAD, ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
-from lethedb_server.rpc import Context, Undecodable, decoded, register, server_streaming, unary
+from lethedb_server.rpc import (
+    Context,
+    Precheck,
+    Undecodable,
+    decoded,
+    register,
+    server_streaming,
+    unary,
+)
 from lethedb_server.store import Store
 from lethedb_server.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
 from lethedb_server.validation import (
+    MAX_APPENDS_PER_BATCH,
     MAX_GROUP_BYTES,
     Validator,
     check_append_batch,
@@ -74,6 +83,11 @@ class EventStoreService:
         error and is never queued. The answer waits for every append.
         """
         check_append_batch(len(request.appends))
+        # Refused whole, before any append is converted, when the writer has
+        # no room for all of it (the size is an estimate; each append is still
+        # admitted on its own when submitted).
+        events = sum([len(append.events) for append in request.appends])
+        self.store.writer.check_room(events, request.ByteSize() + events * EVENT_OVERHEAD)
         outcomes: list[asyncio.Future[Any] | LetheError] = []
         submit = self.store.writer.submit_async
         for append in request.appends:
@@ -265,6 +279,38 @@ class EventStoreService:
         return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
 
 
+def request_precheck(validator: Validator, *, nested: bool) -> Precheck:
+    """The per-call limits checked on a request's bytes, before protobuf parses it.
+
+    A message too small to hold more events than the limit (each event takes
+    at least two bytes) is not walked at all, so ordinary appends pay nothing.
+    """
+    limits = validator.limits
+    stop_after = limits.max_request_events
+    # Far more fields than any request within the limits has (per append: its
+    # events and five fields of its own); only repeated or unknown fields
+    # reach it, and walking those further would cost time for nothing.
+    max_fields = 2 * stop_after + 8 * MAX_APPENDS_PER_BATCH + 64
+
+    def check(raw: bytes) -> None:
+        most_events = len(raw) // 2
+        if most_events <= stop_after and (
+            len(raw) + most_events * EVENT_OVERHEAD <= limits.max_request_bytes
+        ):
+            return
+        counted = wire.count_events(
+            raw, nested=nested, stop_after=stop_after, max_fields=max_fields
+        )
+        if counted.stopped and counted.events <= stop_after:
+            raise ValidationError(
+                f"the request has more than {max_fields} protobuf fields in {len(raw)} bytes "
+                "(repeated or unknown fields); a request within the limits has far fewer"
+            )
+        validator.check_request(counted.events, len(raw), exact=not counted.stopped)
+
+    return check
+
+
 def _append_error(error: LetheError) -> pb.AppendResult:
     code, message, actual, name = status.append_error_fields(error)
     return pb.AppendResult(
@@ -302,6 +348,8 @@ async def _paged(
 
 
 def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None:
+    single = request_precheck(service.validator, nested=False)
+    nested = request_precheck(service.validator, nested=True)
     register(
         server,
         SERVICE_NAME,
@@ -358,5 +406,11 @@ def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None
                 pb.ExportSubjectRequest,
                 pb.ReadResponse,
             ),
+        },
+        prechecks={
+            "Append": single,
+            "AppendStream": single,
+            "AppendBatch": nested,
+            "Commit": nested,
         },
     )

@@ -100,3 +100,75 @@ def test_no_limit_when_zero(open_store):
     store = open_store(StoreOptions(writer=WriterLimits(max_inflight_appends=0)))
     futures = [store.writer.submit(append(f"u-{i}")) for i in range(50)]
     assert all(isinstance(f.result(10), AppendResult) for f in futures)
+
+
+def many(stream: str, events: int, data: bytes = b"") -> AppendCommand:
+    return AppendCommand(stream, (ProposedEvent(b"", "T", "", "", data, b""),) * events)
+
+
+@pytest.fixture
+def held(open_store):
+    """Like ``blocked``, with budgets of 1,000 events and 1 MiB in flight."""
+    limits = WriterLimits(max_inflight_events=1000, max_inflight_bytes=1 << 20)
+    store = open_store(StoreOptions(writer=limits))
+    entered, release = threading.Event(), threading.Event()
+    store.writer.maintenance[ShredCommand] = lambda: (entered.set(), release.wait(10))
+    store.writer.submit(ShredCommand())
+    assert entered.wait(10)
+    yield store, release
+    release.set()
+
+
+def test_events_beyond_the_in_flight_budget_are_refused_at_once(held):
+    store, release = held
+    first = store.writer.submit(many("e-1", 600))
+    refused = store.writer.submit(many("e-2", 600))
+    with pytest.raises(Overloaded, match=r"600 events in flight.*limit is 1000 events"):
+        refused.result(0)
+    with pytest.raises(Overloaded, match="max_inflight_events"):
+        store.writer.check_room(401, 0)
+    store.writer.check_room(400, 0)  # fits; nothing reserved
+    fits = store.writer.submit(many("e-3", 400))
+    release.set()
+    assert first.result(10).last_version == 599
+    assert fits.result(10).last_version == 399
+    assert store.log.last_version("e-2") is None
+    # Answered appends give their events back.
+    assert store.writer.append(many("e-4", 1000), timeout=10).last_version == 999
+
+
+def test_bytes_beyond_the_in_flight_budget_are_refused_and_count_every_field(held):
+    store, release = held
+    # No data at all: the names and the per-event overhead are what count.
+    names = AppendCommand(
+        "b-1", (ProposedEvent(b"", "T" * 256, "s" * 128, "c" * 128, b"", b""),) * 900
+    )
+    assert names.size() > 1 << 19
+    first = store.writer.submit(names)
+    refused = store.writer.submit(many("b-2", 10, b"x" * (1 << 19)))
+    with pytest.raises(Overloaded, match=r"limit is 1 MiB \(max_inflight_bytes\)"):
+        refused.result(0)
+    release.set()
+    first.result(10)
+
+
+def test_a_lone_command_over_a_budget_is_admitted(held):
+    """With nothing in flight only the per-request limits bound a command."""
+    store, release = held
+    release.set()
+    assert store.writer.append(many("lone", 1500), timeout=10).last_version == 1499
+
+
+def test_callers_that_gave_up_return_their_budget(held):
+    store, release = held
+    abandoned = store.writer.submit(many("gone", 1000))
+    assert abandoned.cancel()
+    # Until the writer reaches the abandoned append, its events still hold the budget.
+    with pytest.raises(Overloaded):
+        store.writer.submit(many("early", 1)).result(0)
+    release.set()
+    # A forget is never refused, and is queued after it: once answered, the writer passed it.
+    store.writer.execute(ForgetCommand("subject-1", "test", "admin"), timeout=10)
+    assert store.writer.append(many("full", 1000), timeout=10).last_version == 999
+    with store.writer._inflight_lock:
+        assert (store.writer._inflight, store.writer._inflight_events) == (0, 0)
