@@ -70,6 +70,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_bytes
     max_inflight_events: Annotated[int, msgspec.Meta(ge=0)] = WriterLimits.max_inflight_events
     max_inflight_bytes: Annotated[int, msgspec.Meta(ge=0)] = WriterLimits.max_inflight_bytes
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 4096
+    max_connections_per_peer: Annotated[int, msgspec.Meta(ge=0)] = 256
+    handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    connection_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
 
     @property
     def data_dir(self) -> Path:
@@ -159,6 +163,16 @@ HELP: dict[str, str] = {
     ),
     "max_inflight_bytes": (
         "bytes of appends in flight per server; more get RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_connections": "most open connections; more are closed at accept (0: what fds allow)",
+    "max_connections_per_peer": (
+        "most open connections per peer address; the newest beyond it are closed (0: no limit)"
+    ),
+    "handshake_timeout_s": (
+        "seconds a new connection gets to finish its TLS/HTTP/2 handshake before it is closed"
+    ),
+    "connection_idle_timeout_s": (
+        "seconds without calls after which a connection is closed (GOAWAY); 0: never"
     ),
 }
 
