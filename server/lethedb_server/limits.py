@@ -15,8 +15,11 @@ server stays healthy for everybody else:
   RESOURCE_EXHAUSTED (it is meant to be lower than the HTTP/2 limit, which
   would otherwise make the client wait instead of hearing why). A connection
   is known by its peer address; over a unix socket all clients share one;
-* **appends in flight** (``max_inflight_appends``): counted by the writer, the
-  excess refused with :class:`~lethedb_server.errors.Overloaded`;
+* **appends in flight** (``max_inflight_appends``, ``max_inflight_events``,
+  ``max_inflight_bytes``): counted by the writer, the excess refused with
+  :class:`~lethedb_server.errors.Overloaded`; one call's events and bytes
+  (``max_request_events``, ``max_request_bytes``) are checked on the wire
+  before it is parsed (:mod:`lethedb_server.wire`);
 * **keepalive and ping abuse**: the server pings idle connections to find
   dead peers, and answers a client that pings more often than
   ``keepalive_min_ping_interval_s`` without sending data with strikes, then

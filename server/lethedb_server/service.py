@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages, status, wire
@@ -63,10 +64,21 @@ class EventStoreService:
         self._last_page: tuple[list[StoredEvent], int, list[pb.SubscribeResponse]] | None = None
 
     async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
-        command = messages.append_command(decoded(request))
+        request = decoded(request)
+        self._check_room(len(request.events), request)
+        command = messages.append_command(request)
         self.validator.check_append(command)
         result = await self.store.writer.submit_async(command)
         return messages.append_response(result)
+
+    def _check_room(self, events: int, request: Message, appends: int = 1) -> None:
+        """Overloaded now, before any conversion, if the writer has no room for the call.
+
+        The size is an estimate (encoded size plus the per-event overhead);
+        each append is still admitted on its own when it is submitted.
+        """
+        size = request.ByteSize() + events * EVENT_OVERHEAD
+        self.store.writer.check_room(events, size, appends)
 
     @unary
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:  # noqa: N802
@@ -84,10 +96,9 @@ class EventStoreService:
         """
         check_append_batch(len(request.appends))
         # Refused whole, before any append is converted, when the writer has
-        # no room for all of it (the size is an estimate; each append is still
-        # admitted on its own when submitted).
+        # no room for all of it.
         events = sum([len(append.events) for append in request.appends])
-        self.store.writer.check_room(events, request.ByteSize() + events * EVENT_OVERHEAD)
+        self._check_room(events, request, len(request.appends))
         outcomes: list[asyncio.Future[Any] | LetheError] = []
         submit = self.store.writer.submit_async
         for append in request.appends:
@@ -119,6 +130,7 @@ class EventStoreService:
 
     @unary
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
+        self._check_room(sum([len(part.events) for part in request.appends]), request)
         command = messages.commit_command(request)
         self.validator.check_commit(command)
         result = await self.store.writer.submit_async(command)

@@ -243,15 +243,15 @@ class Writer:
             self._queue.put(_Pending(command, waiter=waiter, loop=loop, cost=admitted))
         return waiter
 
-    def check_room(self, events: int, size: int) -> None:
-        """Raise Overloaded if *events* and *size* would not fit in flight now.
+    def check_room(self, events: int, size: int, appends: int = 1) -> None:
+        """Raise Overloaded if *appends* carrying *events* and *size* would not fit in flight now.
 
         A pre-check for a call that submits many appends (AppendBatch): it is
         refused whole, before any of it is converted or queued. Nothing is
         reserved; each append is still admitted by :meth:`submit`.
         """
         with self._inflight_lock:
-            error = self._over_budget(1, events, size)
+            error = self._over_budget(appends, events, size)
         if error is not None:
             raise error
 
@@ -458,7 +458,7 @@ class Writer:
         batch = [first]
         if isinstance(first.command, MAINTENANCE):
             return batch, False
-        size = first.command.size()
+        size = _size(first)
         while len(batch) < self.limits.max_batch_commands and size < self.limits.max_batch_bytes:
             try:
                 item = self._queue.get_nowait()
@@ -471,7 +471,7 @@ class Writer:
                 self._process(batch)
                 return [item], False
             batch.append(item)
-            size += item.command.size()
+            size += _size(item)
         return batch, False
 
     def _process(self, batch: list[_Pending]) -> None:
@@ -888,6 +888,11 @@ def _new_event_ids(count: int) -> list[bytes]:
 def _counts_in_flight(command: Command) -> bool:
     """Appends and commits are bounded by the in-flight limits; erasure never is."""
     return isinstance(command, AppendCommand | CommitCommand)
+
+
+def _size(pending: _Pending) -> int:
+    """A queued command's size, as counted at admission when it was (no second walk)."""
+    return pending.cost[2] if pending.cost is not None else pending.command.size()
 
 
 def _event_count(command: Command) -> int:

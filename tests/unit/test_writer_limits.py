@@ -1,13 +1,18 @@
-"""The writer's in-flight limit and its observer hook, in process."""
+"""The writer's in-flight limits (appends, events, bytes) and its observer hook, in process."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 
+import grpc
+import grpc.aio
 import pytest
 
+from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.codec import AppendResult
+from lethedb_server.config import Config
 from lethedb_server.errors import LetheError, Overloaded, WrongExpectedVersion
 from lethedb_server.model import (
     AppendCommand,
@@ -17,6 +22,7 @@ from lethedb_server.model import (
     ProposedEvent,
     ShredCommand,
 )
+from lethedb_server.server import build_server
 from lethedb_server.store import StoreOptions
 from lethedb_server.writer import WriterLimits
 
@@ -172,3 +178,41 @@ def test_callers_that_gave_up_return_their_budget(held):
     assert store.writer.append(many("full", 1000), timeout=10).last_version == 999
     with store.writer._inflight_lock:
         assert (store.writer._inflight, store.writer._inflight_events) == (0, 0)
+
+
+def test_an_append_batch_that_does_not_fit_in_flight_is_refused_whole(held):
+    """Through a real gRPC server in this process: RESOURCE_EXHAUSTED before any conversion."""
+    store, release = held
+    occupying = store.writer.submit(many("occupying", 600))  # 600 of the 1,000 events
+    event = pb.ProposedEvent(event_type="T")
+    batch = pb.AppendBatchRequest(
+        appends=[pb.AppendRequest(stream_id=f"batch-{i}", events=[event] * 100) for i in range(5)]
+    )
+
+    async def main() -> tuple[grpc.StatusCode, str]:
+        server, _, _ = build_server(Config(), store)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(
+                    "/lethedb.v1.EventStore/AppendBatch",
+                    request_serializer=pb.AppendBatchRequest.SerializeToString,
+                    response_deserializer=pb.AppendBatchResponse.FromString,
+                )
+                try:
+                    await call(batch, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), exc.details() or ""
+                return grpc.StatusCode.OK, ""
+        finally:
+            await server.stop(0)
+
+    code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this call adds 500 events" in details
+    assert "(max_inflight_events)" in details
+    release.set()
+    occupying.result(10)
+    for i in range(5):  # none of the batch was queued
+        assert store.log.last_version(f"batch-{i}") is None
