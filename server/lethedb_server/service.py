@@ -313,6 +313,13 @@ def request_precheck(validator: Validator, *, nested: bool) -> Precheck:
         counted = wire.count_events(
             raw, nested=nested, stop_after=stop_after, max_fields=max_fields
         )
+        if counted.malformed:
+            # Refused as the parser would refuse it; walking on could only
+            # undercount what a more lenient parser then builds.
+            raise ValidationError(
+                f"the request is not a valid protobuf encoding (fault after {counted.fields} "
+                "fields)"
+            )
         if counted.stopped and counted.events <= stop_after:
             raise ValidationError(
                 f"the request has more than {max_fields} protobuf fields in {len(raw)} bytes "

@@ -13,8 +13,8 @@ Shapes (field numbers from ``proto/lethedb/v1/eventstore.proto``):
 * ``AppendBatchRequest`` and ``CommitRequest``: appends are field 1, each an
   ``AppendRequest`` or ``StreamAppend``, whose events are field 2.
 
-This module never raises on malformed bytes: what it cannot walk it leaves to
-the protobuf parser, which refuses it with its own message.
+This module never raises on malformed bytes: it reports them, and the caller
+refuses the request as the protobuf parser would have.
 """
 
 from __future__ import annotations
@@ -22,22 +22,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-_EVENTS_FIELD: Final = 2
-_APPENDS_FIELD: Final = 1
 _LENGTH_DELIMITED: Final = 2
+#: Keys (field number << 3 | wire type) of ``appends = 1`` and ``events = 2``.
+_APPENDS_KEY: Final = 1 << 3 | _LENGTH_DELIMITED
+_EVENTS_KEY: Final = 2 << 3 | _LENGTH_DELIMITED
 
 
 @dataclass(frozen=True, slots=True)
 class WireCount:
-    """What a walk found: events (at least), fields walked, and whether it stopped early."""
+    """What a walk found: events, fields walked, and whether it stopped early.
+
+    ``stopped``: more than the allowed events or fields, *events* is a lower
+    bound. ``malformed``: the bytes are not a protobuf encoding (the parser
+    would refuse them too); *events* is what came before the fault.
+    """
 
     events: int
     fields: int
     stopped: bool
+    malformed: bool = False
 
 
 class _Malformed(Exception):
-    """The bytes are not a protobuf encoding the walk understands."""
+    """The bytes are not a protobuf encoding."""
+
+
+class _Exhausted(Exception):
+    """More fields than the walk may look at."""
 
 
 def _varint(raw: bytes, pos: int) -> tuple[int, int]:
@@ -65,7 +76,33 @@ def _skip(raw: bytes, pos: int, wire_type: int) -> int:
         return pos + length
     if wire_type == 5:
         return pos + 4
-    raise _Malformed  # groups (3, 4) and undefined types: left to the parser
+    raise _Malformed  # an end-group key out of place, or an undefined wire type
+
+
+def _skip_group(raw: bytes, pos: int, number: int, budget: int) -> tuple[int, int]:
+    """The position after a group (wire type 3) and the fields walked in it.
+
+    Proto2 groups are never sent by LetheDB clients, but the parser accepts
+    an unknown one, so the walk must step over it rather than stop counting.
+    """
+    open_groups = [number]
+    walked = 0
+    while open_groups:
+        key, pos = _varint(raw, pos)
+        walked += 1
+        if walked > budget:
+            raise _Exhausted
+        wire_type = key & 7
+        if wire_type == 3:
+            open_groups.append(key >> 3)
+        elif wire_type == 4:
+            if key >> 3 != open_groups.pop():
+                raise _Malformed
+        else:
+            pos = _skip(raw, pos, wire_type)
+        if pos > len(raw):
+            raise _Malformed
+    return pos, walked
 
 
 def count_events(raw: bytes, *, nested: bool, stop_after: int, max_fields: int) -> WireCount:
@@ -74,7 +111,7 @@ def count_events(raw: bytes, *, nested: bool, stop_after: int, max_fields: int) 
 
     *nested*: the request carries appends that carry events (AppendBatch,
     Commit); otherwise it carries events itself (Append, AppendStream).
-    A malformed encoding ends the walk with what was counted so far.
+    A malformed encoding ends the walk (``malformed``).
     """
     events = 0
     fields = 0
@@ -82,23 +119,37 @@ def count_events(raw: bytes, *, nested: bool, stop_after: int, max_fields: int) 
     try:
         while stack:
             pos, end, outer = stack.pop()
+            # The key of the field counted (or descended into) at this level.
+            counted_key = _APPENDS_KEY if outer else _EVENTS_KEY
             while pos < end:
-                key, pos = _varint(raw, pos)
                 fields += 1
                 if fields > max_fields:
                     return WireCount(events, fields, True)
-                number, wire_type = key >> 3, key & 7
-                if wire_type == _LENGTH_DELIMITED:
-                    length, start = _varint(raw, pos)
+                if raw[pos] == counted_key:  # the usual one-byte key
+                    key, pos = counted_key, pos + 1
+                else:  # any other field, or the counted key spelt in more bytes
+                    key, pos = _varint(raw, pos)
+                if key == counted_key:
+                    # One step per event: the length (usually one byte), then past it.
+                    first = raw[pos]
+                    if first < 0x80:
+                        start, length = pos + 1, first
+                    else:
+                        length, start = _varint(raw, pos)
                     pos = start + length
-                    if outer and number == _APPENDS_FIELD:
+                    if outer:
                         stack.append((start, min(pos, end), False))
-                    elif not outer and number == _EVENTS_FIELD:
+                    else:
                         events += 1
                         if events > stop_after:
                             return WireCount(events, fields, True)
+                elif key & 7 == 3:
+                    pos, walked = _skip_group(raw, pos, key >> 3, max_fields - fields)
+                    fields += walked
                 else:
-                    pos = _skip(raw, pos, wire_type)
-    except _Malformed:
-        pass
+                    pos = _skip(raw, pos, key & 7)
+    except _Exhausted:
+        return WireCount(events, max_fields + 1, True)
+    except (_Malformed, IndexError):
+        return WireCount(events, fields, False, malformed=True)
     return WireCount(events, fields, False)

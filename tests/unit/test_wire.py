@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.wire import count_events
@@ -42,7 +43,29 @@ def test_the_walk_stops_after_too_many_fields_of_any_kind():
     assert (counted.events, counted.stopped) == (0, True)
 
 
-@pytest.mark.parametrize("raw", [b"\x12", b"\x12\xff", b"\x0f", b"\xff" * 12, b"\x13\x14"])
-def test_malformed_bytes_end_the_walk_without_an_error(raw):
-    counted = count_events(raw, nested=True, stop_after=10, max_fields=100)
-    assert counted.stopped is False
+@pytest.mark.parametrize("raw", [b"\x12", b"\x12\xff", b"\x0f", b"\xff" * 12, b"\x14"])
+def test_malformed_bytes_are_reported_not_raised(raw):
+    with pytest.raises(DecodeError):
+        pb.AppendRequest.FromString(raw)
+    counted = count_events(raw, nested=False, stop_after=10, max_fields=100)
+    assert counted.malformed is True
+
+
+def _field(key: bytes, payload: bytes) -> bytes:
+    return key + bytes([len(payload)]) + payload
+
+
+def test_events_behind_an_unknown_group_or_a_long_spelt_key_are_still_counted():
+    event = pb.ProposedEvent(event_type="a").SerializeToString()
+    group = b"\x9b\x06" + b"\x08\x01" + b"\x9c\x06"  # field 99 as a group holding a varint
+    long_key = b"\x92\x00"  # field 2, length-delimited, in two bytes: parsers accept it
+    raw = group + _field(long_key, event) * 30 + _field(b"\x12", event) * 30
+    assert len(pb.AppendRequest.FromString(raw).events) == 60
+    counted = count_events(raw, nested=False, stop_after=1000, max_fields=10_000)
+    assert (counted.events, counted.stopped, counted.malformed) == (60, False, False)
+
+
+def test_a_group_with_too_many_fields_stops_the_walk():
+    raw = b"\x9b\x06" + b"\x08\x01" * 10_000 + b"\x9c\x06"
+    counted = count_events(raw, nested=False, stop_after=10, max_fields=1_000)
+    assert counted.stopped is True
