@@ -296,10 +296,13 @@ class Writer:
         )
         for unit, held, more, limit in checks:
             if limit and held + more > limit:
-                show = human_size if unit == "bytes" else (lambda n, u=unit: f"{n} {u}")
+                if unit == "bytes":
+                    has, cap, adds = human_size(held), human_size(limit), human_size(more)
+                else:
+                    has, cap, adds = f"{held} {unit}", str(limit), str(more)
                 return Overloaded(
-                    f"the server already has {show(held)} in flight and this call adds "
-                    f"{show(more)}; the limit is {show(limit)} (max_inflight_{unit}); "
+                    f"the server already has {has} in flight (the limit is {cap}, "
+                    f"max_inflight_{unit}) and this call would add {adds} more; "
                     "nothing was written, retry with backoff"
                 )
         return None
