@@ -430,7 +430,10 @@ class _Fingerprints:
                 return
             values.append([bytes(v) for v in raw if v is not None])
         # Subject ids first (cheap); whole records only for a forgotten subject's request.
-        subjects = sorted({codec.record_subject(v) or STORE_SUBJECT for p in values for v in p})
+        # In request order: the fingerprint's key follows it (idempotency.fingerprint).
+        subjects = list(
+            dict.fromkeys(codec.record_subject(v) or STORE_SUBJECT for p in values for v in p)
+        )
         forgotten = [s for s in subjects if s in self.forgotten]
         if not forgotten:
             return

@@ -75,7 +75,7 @@ class AppendResult(msgspec.Struct, array_like=True, frozen=True, gc=False):
 #: holding the file brute-force it. Start-up re-keys or drops them
 #: (``idempotency.upgrade_unkeyed_entries``); lookups never trust one.
 UNKEYED_DIGEST: Final = 0
-#: The request hash chained under the fingerprint key of every subject the
+#: The request hash MACed under the fingerprint keys of every subject the
 #: request names (``crypto.keyed_fingerprint``): noise once one is shredded.
 KEYED_DIGEST: Final = 1
 

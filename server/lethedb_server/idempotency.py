@@ -51,12 +51,15 @@ _CHUNK: Final = 2048
 def fingerprint(keys: KeyStore, request_hash: bytes, subjects: Iterable[str]) -> bytes:
     """The stored fingerprint of a request naming *subjects* ("" for subject-less events).
 
-    The subjects must have keys: call after ``KeyStore.reserve`` and after
-    refusing forgotten subjects. One MAC and one cache lookup per distinct
-    subject; the plaintext was hashed once, in memory, by the caller.
+    *subjects* in the order they first appear in the request: the request
+    hash covers that order, so a retry repeats it (and so does the log, which
+    is how start-up and the audit rebuild it). The subjects must have keys:
+    call after ``KeyStore.reserve`` and after refusing forgotten subjects. A
+    cache lookup per distinct subject and two BLAKE2b calls at most; the
+    plaintext was hashed once, in memory, by the caller.
     """
-    ordered = sorted({s or STORE_SUBJECT for s in subjects})
-    return keyed_fingerprint(request_hash, keys.fingerprint_keys(ordered))
+    distinct = dict.fromkeys(s or STORE_SUBJECT for s in subjects)
+    return keyed_fingerprint(request_hash, keys.fingerprint_keys(distinct))
 
 
 def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, int]:
@@ -105,7 +108,7 @@ def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, i
 
 
 #: An unkeyed entry's key, the entry (None: undecodable) and its request's subjects.
-_Unkeyed = tuple[bytes, IdempotencyEntry | None, set[str] | None]
+_Unkeyed = tuple[bytes, IdempotencyEntry | None, list[str] | None]
 
 
 def _drop(txn: lmdb.Transaction, log_store: LogStore, key: bytes) -> None:
@@ -150,20 +153,20 @@ def _unkeyed_chunk(log_store: LogStore, after: bytes) -> list[_Unkeyed]:
 
 def _request_subjects(
     log_store: LogStore, txn: lmdb.Transaction, entry: IdempotencyEntry
-) -> set[str] | None:
-    """The subjects of the events the entry's request wrote, as clear fields of the log."""
-    subjects: set[str] = set()
+) -> list[str] | None:
+    """The subjects of the events the entry's request wrote, in log (= request) order."""
+    subjects: dict[str, None] = {}
     for result in entry.commit or (entry.result,):
         for position in range(result.first_position, result.last_position + 1):
             value = txn.get(codec.position_key(position), db=log_store.events)
             if value is None:
                 return None
-            subjects.add(codec.record_subject(bytes(value)) or STORE_SUBJECT)
-    return subjects
+            subjects.setdefault(codec.record_subject(bytes(value)) or STORE_SUBJECT)
+    return list(subjects)
 
 
 def _upgraded(
-    keys: KeyStore, entry: IdempotencyEntry | None, subjects: set[str] | None
+    keys: KeyStore, entry: IdempotencyEntry | None, subjects: list[str] | None
 ) -> bytes | None:
     """The entry re-keyed, or None to drop it."""
     if entry is None or not subjects or any(keys.is_forgotten(s) for s in subjects):

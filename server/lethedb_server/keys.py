@@ -258,14 +258,17 @@ class KeyStore:
         new subject's version 1) and only for subjects that are not forgotten:
         a forgotten subject has no key any more, which is the point.
         """
-        with self._lock:
-            cached = self._cached
-            entries = [(s, cached(s)) for s in subject_ids]
         found: list[bytes] = []
         missed = False
-        for subject_id, keys in entries:
-            key = keys.fingerprint
+        cache = self._cache
+        for subject_id in subject_ids:
+            # No lock and no LRU touch when cached: reserve() just touched and
+            # pinned the subject; a lookup in a dict is atomic.
+            keys = cache.get(subject_id)
+            key = None if keys is None else keys.fingerprint
             if key is None:
+                with self._lock:
+                    keys = self._cached(subject_id)
                 key = keys.fingerprint = self._derive_fingerprint_key(subject_id)
                 missed = True
             found.append(key)

@@ -197,3 +197,17 @@ def test_the_store_key_fingerprints_subject_less_requests(store):
     assert entry is not None
     [key] = store.keys.fingerprint_keys([STORE_SUBJECT])
     assert entry.digest == keyed_fingerprint(command.request_hash(), [key])
+
+
+def test_a_request_naming_several_subjects_needs_every_ones_key(store):
+    command = _command("pins", "k", (SUBJECT, b"1"), ("", b"2"), (OTHER, b"3"))
+    store.writer.append(command)
+    entry = _entry(store, "k")
+    assert entry is not None
+    a, s, b = store.keys.fingerprint_keys([SUBJECT, STORE_SUBJECT, OTHER])
+    h = command.request_hash()
+
+    assert entry.digest == keyed_fingerprint(h, [a, s, b])
+    # Without any one of the keys (a forgotten subject's), nothing reproduces it.
+    for partial in ([a, s], [s, b], [a, b], [a], [b], [s]):
+        assert entry.digest != keyed_fingerprint(h, partial)
