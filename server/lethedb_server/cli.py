@@ -382,12 +382,23 @@ def _export(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
+        _write_private(args.output, text)
         print(
             f"wrote {len(events)} events of subject {args.subject_id} to {args.output}",
             file=sys.stderr,
         )
     return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write *text* to *path*, mode 0600: an export is a subject's personal data in clear."""
+    from lethedb_server.files import PRIVATE_FILE_MODE, open_private
+
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
+    with open(fd, "w", encoding="utf-8") as out:
+        if os.path.isfile(path):
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # an existing file keeps its mode otherwise
+        out.write(text)
 
 
 def _shred(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import IO
 
 from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked
+from lethedb_server.files import make_private_dir, open_private, wide_modes
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
@@ -72,7 +73,7 @@ class Store:
         provider: KeyProvider | None = None,
     ) -> Store:
         opts = options or StoreOptions()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(data_dir)
         lock = _take_lock(data_dir / LOCK_FILE)
         try:
             if provider is None:
@@ -103,6 +104,8 @@ class Store:
             keys.close()
             lock.close()
             raise
+        for line in wide_modes([data_dir]):
+            log.warning("%s", line)
         writer = Writer(log_store, keys, opts.writer)
         writer.maintenance[ShredCommand] = shredder.run
         writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
@@ -115,7 +118,7 @@ class Store:
         Returns (log bytes, key-store bytes, last position in the copy). The
         master keyring is never part of a backup.
         """
-        destination.mkdir(parents=True, exist_ok=True)
+        make_private_dir(destination)
         if any(destination.iterdir()):
             raise ValueError(f"{destination} is not empty")
         head = self.log.head
@@ -188,7 +191,7 @@ def _file_size(path: Path) -> int:
 
 def _take_lock(path: Path) -> IO[bytes]:
     """Hold an exclusive lock on *path* for the life of the process's store."""
-    handle = path.open("a+b")
+    handle = open(open_private(path, os.O_RDWR), "r+b")  # noqa: SIM115 (held for the life of the store)
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
