@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(hold)
 
     backup = sub.add_parser("backup", help="hot backup of the log (compacted) into DEST")
-    backup.add_argument("destination", help="empty or missing directory, on the server's machine")
+    backup.add_argument(
+        "destination",
+        help="empty or missing directory on the server's machine, outside the master "
+        "keyring's directory (with the default layout: outside the data directory)",
+    )
     backup.add_argument(
         "--include-keys",
         action="store_true",
@@ -183,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--data", type=Path, required=True, help="data directory")
     audit.add_argument("--keyring", type=Path, default=None, help="default: <data>/master.keyring")
-    audit.add_argument("--backup", type=Path, action="append", default=[], help="backup to scan")
+    audit.add_argument(
+        "--backup",
+        type=Path,
+        action="append",
+        default=[],
+        help="backup or copy to scan for keys, keyrings and canaries (repeatable)",
+    )
     audit.add_argument("--canary", action="append", default=[], help="text that must not appear")
     return parser
 
