@@ -45,22 +45,22 @@ def wide_modes(roots: Iterable[Path]) -> list[str]:
     """One line for each path under *roots* (the roots too) that group or others may open.
 
     Each line names the path, its mode and the command that makes it private.
-    Symbolic links are not followed.
+    A root may be a symbolic link; links below it are not followed.
     """
     lines: list[str] = []
     for root in roots:
         if not root.exists():
             continue
-        paths = [root]
-        if root.is_dir() and not root.is_symlink():
-            for parent, dirs, files in os.walk(root):
-                dirs.sort()
-                paths += [Path(parent, name) for name in sorted(dirs) + sorted(files)]
-        for path in paths:
-            try:
-                info = path.lstat()
-            except FileNotFoundError:
-                continue
+        found = [(root, root.stat())]
+        for parent, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(dirs) + sorted(files):
+                path = Path(parent, name)
+                try:
+                    found.append((path, path.lstat()))
+                except FileNotFoundError:
+                    continue
+        for path, info in found:
             mode = stat.S_IMODE(info.st_mode)
             if stat.S_ISLNK(info.st_mode) or not mode & 0o077:
                 continue

@@ -103,10 +103,14 @@ def test_a_keyring_and_a_tokens_file_outside_the_data_directory_are_private(
     assert _wider_than_private(secrets, tmp_path / "data") == {}
 
 
+@pytest.mark.parametrize("through_a_link", [False, True], ids=["directory", "symlink"])
 def test_start_up_names_every_path_other_users_can_open_and_the_fix(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, through_a_link: bool
 ) -> None:
     data = tmp_path / "data"
+    if through_a_link:  # e.g. /var/lib/lethedb -> /srv/disk2/lethedb
+        (tmp_path / "disk2").mkdir(mode=0o700)
+        data.symlink_to(tmp_path / "disk2")
     Store.open(data).close()
     os.chmod(data, 0o755)
     os.chmod(data / "keys", 0o750)
