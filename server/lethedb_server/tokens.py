@@ -50,7 +50,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from lethedb_server.errors import ValidationError
-from lethedb_server.files import write_atomically
+from lethedb_server.files import make_private_dir, open_private, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,8 @@ def _warn_if_writable_by_others(path: Path) -> None:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialise concurrent ``lethedb token`` commands on one tokens file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as handle:
+    make_private_dir(path.parent)
+    with open(open_private(path.with_name(path.name + ".lock"), os.O_WRONLY), "wb") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         yield
 
