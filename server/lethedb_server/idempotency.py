@@ -35,6 +35,7 @@ from lethedb_server import codec
 from lethedb_server.codec import KEYED_DIGEST, IdempotencyEntry
 from lethedb_server.crypto import keyed_fingerprint
 from lethedb_server.errors import DataLoss
+from lethedb_server.faults import fault_point
 from lethedb_server.keys import KeyStore
 from lethedb_server.model import STORE_SUBJECT
 from lethedb_server.storage import LogStore
@@ -98,6 +99,7 @@ def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, i
                 txn.put(FORMAT_KEY, codec.u64(KEYED_DIGEST), db=log_store.meta_db)
 
         env.write(apply)
+        fault_point("idempotency.upgrade_chunk_committed")
         rekeyed += sum(1 for _, value in plans if value is not None)
         dropped += sum(1 for _, value in plans if value is None)
         if len(chunk) < _CHUNK:
