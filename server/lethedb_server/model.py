@@ -50,8 +50,14 @@ class AppendCommand(msgspec.Struct, frozen=True):
         """Approximate bytes this command adds to a write batch."""
         return sum(len(e.data) + len(e.metadata) + 128 for e in self.events)
 
-    def digest(self) -> bytes:
-        """Fingerprint of the request as sent, to tell a retry from a key reused."""
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the request as sent: memory only, never stored.
+
+        It covers the plaintext data and metadata, so a copy of it would let
+        anyone confirm a guess at them. What is stored is this hash keyed under
+        the subjects' fingerprint keys (``crypto.keyed_fingerprint``), which
+        erasure destroys.
+        """
         fingerprint = msgspec.msgpack.encode(
             (
                 self.stream_id,
@@ -101,10 +107,11 @@ class CommitCommand(msgspec.Struct, frozen=True):
     def size(self) -> int:
         return sum(a.size() for a in self.appends)
 
-    def digest(self) -> bytes:
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the whole commit: memory only (see AppendCommand)."""
         h = hashlib.blake2b(b"commit", digest_size=32)
         for part in self.appends:
-            h.update(part.digest())
+            h.update(part.request_hash())
         return h.digest()
 
 

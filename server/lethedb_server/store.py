@@ -17,6 +17,7 @@ from typing import IO
 from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
+from lethedb_server.idempotency import upgrade_unkeyed_entries
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
@@ -101,6 +102,8 @@ class Store:
             shredder.recover()
             if shredder.reapply_tombstones():
                 shredder.run()
+            # After the tombstones: an entry of a forgotten subject is dropped.
+            upgrade_unkeyed_entries(log_store, keys)
         except BaseException:
             log_store.close()
             keys.close()

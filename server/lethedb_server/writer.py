@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -51,6 +51,7 @@ from lethedb_server.errors import (
     WrongExpectedVersion,
 )
 from lethedb_server.faults import fault_point
+from lethedb_server.idempotency import fingerprint
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import is_disk_full
 from lethedb_server.model import (
@@ -576,11 +577,17 @@ class Writer:
     def _apply_commit(
         self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
     ) -> CommitResult:
-        """Every stream's append or none: a failing part aborts the nested transaction."""
+        """Every stream's append or none: a failing part aborts the nested transaction.
+
+        A forgotten subject in any part is refused before the idempotency
+        entry is looked at (see :meth:`_apply_append`).
+        """
         now = self._now()
+        subjects = dict.fromkeys(e.subject_id for part in command.appends for e in part.events)
+        self._refuse_forgotten(subjects, state)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
             if entry is not None:
                 replayed = tuple(
@@ -647,18 +654,22 @@ class Writer:
         """Append one stream's events after *meta*; their index keys go to *batch*.
 
         *now* lets a commit give all its parts one time.
+
+        A forgotten subject is refused before the idempotency entry is looked
+        at: a retry after a forget must not learn whether its data matches
+        the first attempt's (IdempotencyConflict against deduplicated would
+        confirm a guess at erased data).
         """
         now = now or self._now()
+        events = command.events
+        subjects = dict.fromkeys(event.subject_id for event in events)
+        self._refuse_forgotten(subjects, batch)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
             if previous is not None:
                 return previous, meta
-        events = command.events
-        for subject_id in dict.fromkeys(event.subject_id for event in events):
-            if subject_id and self._is_forgotten(subject_id, batch):
-                raise SubjectForgotten(subject_id)
         stream_id = command.stream_id
         info = self.log.stream_info(txn, stream_id)
         self._check_expected(command, None if info is None else info.last_version)
@@ -673,7 +684,7 @@ class Writer:
         store_id, put_event, u64 = meta.store_id, self.log.put_event, codec.u64
         remember_key = batch.index_keys.append
         stream_key = codec.stream_prefix(stream_id)
-        index_prefixes = {s: codec.subject_prefix(s) for s in {e.subject_id for e in events}}
+        index_prefixes = {s: codec.subject_prefix(s) for s in subjects}
         ciphers = self.keys.take_each([e.subject_id or STORE_SUBJECT for e in events])
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
@@ -714,6 +725,12 @@ class Writer:
         )  # fmt: skip
         return result, new_meta
 
+    def _refuse_forgotten(self, subjects: Iterable[str], batch: _BatchState) -> None:
+        """Raise SubjectForgotten for the first forgotten subject, in request order."""
+        for subject_id in subjects:
+            if subject_id and self._is_forgotten(subject_id, batch):
+                raise SubjectForgotten(subject_id)
+
     @staticmethod
     def _check_expected(command: AppendCommand, last_version: int | None) -> None:
         state = command.expected_state
@@ -738,6 +755,8 @@ class Writer:
         entry = codec.decode_idempotency(raw)
         if entry.created_at + self.limits.idempotency_window_ns < now:
             return None  # expired: the sweeper has not reached it yet
+        if entry.digest_format != codec.KEYED_DIGEST:
+            return None  # never compared: start-up re-keys or drops unkeyed entries
         if entry.digest != digest:
             raise IdempotencyConflict(key)
         return entry
@@ -770,7 +789,7 @@ class Writer:
                 codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
                 db=self.log.idempotency_expiry,
             )
-        entry = IdempotencyEntry(digest, result, now, commit)
+        entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
         txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
         txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
 
