@@ -78,6 +78,9 @@ class SubscriptionLimits:
     #: this long, so both ends notice a dead connection.
     heartbeat_interval_s: float = 5.0
     max_subscribers: int = 10_000
+    #: Most consumer groups with a stored checkpoint (0: no limit): each is a
+    #: row kept for ever, so a client must not be able to create them without end.
+    max_consumer_groups: int = 10_000
     #: A page of at most this many events (a live tail) is read and decrypted on
     #: the event loop: that costs less than handing it to a worker thread and
     #: back (0: always in a worker thread).

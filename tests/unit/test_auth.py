@@ -36,7 +36,8 @@ def test_the_role_table_names_only_real_rpcs():
     [
         ("/lethedb.v1.EventStore/ReadAll", "reader"),
         ("/lethedb.v1.EventStore/Subscribe", "reader"),
-        ("/lethedb.v1.EventStore/CommitCheckpoint", "reader"),
+        ("/lethedb.v1.EventStore/CommitCheckpoint", "consumer"),
+        ("/lethedb.v1.EventStore/GetCheckpoint", "reader"),
         ("/lethedb.v1.EventStore/Append", "writer"),
         ("/lethedb.v1.EventStore/Commit", "writer"),
         ("/lethedb.v1.EventStore/ForgetSubject", "admin"),
@@ -55,6 +56,10 @@ def test_roles_include_the_roles_below_them():
     assert auth.role_allows("admin", "reader")
     assert auth.role_allows("writer", "writer")
     assert not auth.role_allows("reader", "writer")
+    assert auth.role_allows("consumer", "reader")
+    assert not auth.role_allows("reader", "consumer")
+    assert auth.role_allows("writer", "consumer")
+    assert not auth.role_allows("consumer", "writer")
     assert not auth.role_allows("anonymous", "reader")
 
 
