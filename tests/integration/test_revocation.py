@@ -279,3 +279,17 @@ def test_a_downgraded_writer_token_ends_its_append_stream_and_writes_nothing_mor
         at_end = written()
         time.sleep(0.3)
         assert written() == at_end, "appends were written after the stream ended"
+
+
+def test_a_token_downgraded_below_consumer_leaves_its_consumer_group(server, tokens_path):
+    consumer, name = new_token(server, tokens_path, "consumer")
+    with grpc.insecure_channel(server.address, CHANNEL_OPTIONS) as channel:
+        stub = eventstore_pb2_grpc.EventStoreStub(channel)
+        request = pb.SubscribeRequest(group=f"g-{uuid.uuid4().hex[:8]}", from_end=True)
+        follower = Follower(stub.Subscribe(request, metadata=bearer(consumer)))
+        follower.wait_for(lambda got: any(r.HasField("caught_up") for r in got))
+
+        changed_at = change_role_in_file(tokens_path, name, "reader")
+        assert_ended(follower, grpc.StatusCode.PERMISSION_DENIED, changed_at)
+        assert "consumer group needs the consumer role" in follower.error.details()
+        assert "now has the reader role" in follower.error.details()
