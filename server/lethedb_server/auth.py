@@ -284,24 +284,40 @@ def _uncancel() -> None:
 
 
 class _RateLimitedLog:
-    """Log refusals, but at most ``burst`` lines per ``window_s``: a client hammering
-    the server with a bad token must not flood the log."""
+    """Log refusals, at most ``burst`` lines per ``window_s``, and summarise the rest.
 
-    def __init__(self, burst: int = 20, window_s: float = 10.0) -> None:
+    A client hammering the server with a bad token must not flood the log,
+    but the attack must stay visible: at the end of a window in which lines
+    were left out, one line per peer host and reason says how many (the
+    biggest first, at most ``max_summaries`` lines; the rest as one total).
+    The summary is written by a timer on the event loop, so it appears even
+    if the refusals stop; outside a loop it waits for the next refusal.
+    """
+
+    def __init__(
+        self,
+        burst: int = 20,
+        window_s: float = 10.0,
+        *,
+        max_summaries: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.burst = burst
         self.window_s = window_s
-        self._window_start = 0.0
+        self.max_summaries = max_summaries
+        self._clock = clock
+        self._window_start = -window_s
         self._logged = 0
-        self._suppressed = 0
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     def __call__(self, method: str, peer: str, refusal: Refusal) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._window_start >= self.window_s:
-            if self._suppressed:
-                log.warning("%d more refused calls were not logged", self._suppressed)
-            self._window_start, self._logged, self._suppressed = now, 0, 0
+            self.flush()
+            self._window_start, self._logged = now, 0
         if self._logged >= self.burst:
-            self._suppressed += 1
+            self._suppress(peer_host(peer), refusal.reason, now)
             return
         self._logged += 1
         log.warning(
@@ -312,6 +328,51 @@ class _RateLimitedLog:
             refusal.reason,
             extra={"method": method, "peer": peer, "token_name": refusal.token_name},
         )
+
+    def _suppress(self, host: str, reason: str, now: float) -> None:
+        key = (host, reason)
+        # Bounded memory under an attack from many addresses: at most this many
+        # keys per window; the others are counted under one.
+        if key not in self._suppressed and len(self._suppressed) >= 10 * self.max_summaries:
+            key = ("other peers", reason)
+        self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            delay = max(0.0, self._window_start + self.window_s - now)
+            self._timer = loop.call_later(delay, self._end_window)
+
+    def _end_window(self) -> None:
+        self._timer = None
+        self.flush()
+        self._window_start, self._logged = self._clock(), 0
+
+    def flush(self) -> None:
+        """Write the summary of the refusals left out so far, and forget them."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        suppressed, self._suppressed = self._suppressed, {}
+        ranked = sorted(suppressed.items(), key=lambda item: item[1], reverse=True)
+        for (host, reason), count in ranked[: self.max_summaries]:
+            log.warning(
+                "refused calls not logged in the last %.0fs: %d from %s (%s)",
+                self.window_s,
+                count,
+                host,
+                reason,
+                extra={"peer": host, "reason": reason, "suppressed": count},
+            )
+        rest = sum(count for _, count in ranked[self.max_summaries :])
+        if rest:
+            log.warning(
+                "refused calls not logged in the last %.0fs: %d more from other peers or reasons",
+                self.window_s,
+                rest,
+                extra={"suppressed": rest},
+            )
 
 
 SUBSCRIBE_METHOD: Final = "/lethedb.v1.EventStore/Subscribe"
