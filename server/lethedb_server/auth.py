@@ -202,28 +202,45 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | Refusal:
     return _MISSING
 
 
-#: How long a revoked call whose client is not reading (its last message stuck
-#: in flow control) may keep its slot before it is cut off without a status.
-REVOKED_CALL_GRACE_S: Final = 5.0
-
-
 class _LiveCall:
     """A streaming call in progress under a token, re-checked when the tokens change.
 
     ``inside`` is true while the call's task runs (or waits in) the handler,
-    false while it waits for the transport to take a message: a cancellation
-    is delivered only in the first case, where the handler's ``finally``
-    blocks release what it holds and the call can still be ended with a
-    status; in the second the check after the message ends it.
+    false while it waits for the transport to take a message. In the first
+    case the task is cancelled: the handler's ``finally`` blocks release what
+    it holds, and the interceptor ends the call with the refusal's status. In
+    the second a cancellation would land in gRPC's own send, which then drops
+    the call without any status (the client would wait for ever), so the
+    status is sent from another task instead: it follows the message in
+    flight, and the handler stops at the check after that message.
     """
 
-    __slots__ = ("identity", "inside", "method", "needed", "needed_for", "peer", "refusal", "task")
+    __slots__ = (
+        "aborting",
+        "context",
+        "identity",
+        "inside",
+        "method",
+        "needed",
+        "needed_for",
+        "peer",
+        "refusal",
+        "task",
+    )
 
-    def __init__(self, method: str, identity: Identity, peer: str, task: asyncio.Task[Any]) -> None:
+    def __init__(
+        self,
+        method: str,
+        identity: Identity,
+        context: grpc.aio.ServicerContext[Any, Any],
+        task: asyncio.Task[Any],
+    ) -> None:
         self.method = method
         self.identity = identity
-        self.peer = peer
+        self.context = context
+        self.peer = context.peer()
         self.task = task
+        self.aborting: asyncio.Task[None] | None = None
         self.needed: Role = required_role(method) or "admin"
         self.needed_for = method
         self.inside = True
@@ -257,11 +274,18 @@ class _LiveCall:
         if self.inside:
             self.task.cancel()
         else:
-            asyncio.get_running_loop().call_later(REVOKED_CALL_GRACE_S, self._cut_off)
+            self.aborting = asyncio.get_running_loop().create_task(self._abort(refusal))
 
-    def _cut_off(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
+    async def _abort(self, refusal: Refusal) -> None:
+        # abort() raises once the status is sent (or was already set): that
+        # is its way to stop a handler, and this task is none.
+        with contextlib.suppress(Exception):
+            await self.context.abort(refusal.code, refusal.message)
+
+    async def end_in_handler(self) -> None:
+        """In the call's own task: end it with its refusal unless already sent from outside."""
+        if self.refusal is not None and self.aborting is None:
+            await self.context.abort(self.refusal.code, self.refusal.message)
 
 
 _LIVE_CALL: contextvars.ContextVar[_LiveCall | None] = contextvars.ContextVar(
@@ -519,10 +543,12 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self.observer.call_refused(refusal.reason)
         call.end(refusal)
 
-    def _register(self, method: str, identity: Identity, peer: str) -> _LiveCall:
+    def _register(
+        self, method: str, identity: Identity, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _LiveCall:
         task = asyncio.current_task()
         assert task is not None, "a gRPC handler always runs in a task"
-        call = _LiveCall(method, identity, peer, task)
+        call = _LiveCall(method, identity, context, task)
         self._live.setdefault(identity.digest, set()).add(call)
         _LIVE_CALL.set(call)
         # The tokens may have changed since the call was authenticated.
@@ -636,10 +662,6 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return _nothing
             return await self._admit(method, identity, context)
 
-        async def refused(call: _LiveCall | None, context: Any) -> None:
-            if call is not None and call.refusal is not None:
-                await context.abort(call.refusal.code, call.refusal.message)
-
         wrapped: Callable[..., Any]
         if inspect.isasyncgenfunction(behavior):
 
@@ -647,7 +669,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 release = await admit(context)
-                call = self._register(method, identity, context.peer()) if revocable else None
+                call = self._register(method, identity, context) if revocable else None
                 try:
                     if call is not None and request_streaming:
                         request = _guarded(request, call)
@@ -666,7 +688,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         if call is None or call.refusal is None:
                             raise
                         _uncancel()  # cancelled by revocation: end with its status instead
-                    await refused(call, context)
+                    if call is not None:
+                        await call.end_in_handler()
                 finally:
                     release()
                     if call is not None:
@@ -679,7 +702,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
                 release = await admit(context)
-                call = self._register(method, identity, context.peer()) if revocable else None
+                call = self._register(method, identity, context) if revocable else None
                 try:
                     if call is not None and request_streaming:
                         request = _guarded(request, call)
@@ -689,7 +712,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         if call is None or call.refusal is None:
                             raise
                         _uncancel()
-                    await refused(call, context)
+                    if call is not None:
+                        await call.end_in_handler()
                     return result
                 finally:
                     release()

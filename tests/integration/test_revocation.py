@@ -293,3 +293,28 @@ def test_a_token_downgraded_below_consumer_leaves_its_consumer_group(server, tok
         assert_ended(follower, grpc.StatusCode.PERMISSION_DENIED, changed_at)
         assert "consumer group needs the consumer role" in follower.error.details()
         assert "now has the reader role" in follower.error.details()
+
+
+def test_a_client_that_stopped_reading_still_gets_the_status_when_it_reads_again(
+    server, tokens_path, operator
+):
+    """The server is stuck in a send to it when the token goes: the status must follow."""
+    reader, name = new_token(server, tokens_path, "reader")
+    subject = f"stalled-{uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(server.address, CHANNEL_OPTIONS) as channel:
+        stub = eventstore_pb2_grpc.EventStoreStub(channel)
+        first = fill(stub, operator, subject)
+        request = pb.ReadAllRequest(from_position=first)
+        responses = iter(stub.ReadAll(request, metadata=bearer(reader), timeout=30))
+        received = len(next(responses).events)
+        revoke_with_cli(tokens_path, name)
+        time.sleep(3 * REVOCATION_BOUND_S)  # long after the server acted on it
+        error: grpc.RpcError | None = None
+        try:
+            for response in responses:
+                received += len(response.events)
+        except grpc.RpcError as exc:
+            error = exc
+    assert error is not None, "the read ended as if nothing happened"
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()  # not a hang
+    assert received < PAGED_EVENTS
