@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument(
         "--db", default=None, help="passed to the class (SQLiteProjection: the database file)"
     )
-    project.add_argument("--group", default=None, help="consumer group on the server")
+    project.add_argument(
+        "--group",
+        default=None,
+        help="consumer group on the server (token role consumer; with --rebuild: admin)",
+    )
     project.add_argument(
         "--member-id", default=None, help="member id in the group (default: projection)"
     )

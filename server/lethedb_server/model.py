@@ -121,10 +121,18 @@ class CommitResult(msgspec.Struct, frozen=True):
 
 
 class CheckpointCommand(msgspec.Struct, frozen=True):
-    """Store a consumer group's checkpoint; through the writer so the log env has one writer."""
+    """Store a consumer group's checkpoint; through the writer so the log env has one writer.
+
+    Checked in the writer's transaction, so that concurrent commits cannot
+    slip past the checks: the checkpoint only moves forward unless
+    ``rewind`` (an admin's reset), and a new group is refused when the store
+    already keeps ``max_groups`` of them (0: no limit).
+    """
 
     group: str
     position: int
+    rewind: bool = False
+    max_groups: int = 0
 
     def size(self) -> int:
         return 64

@@ -84,6 +84,14 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
 #: Most stream prefixes (and, separately, event types) in one subscription filter.
 MAX_FILTER_TERMS = 100
 MAX_GROUP_BYTES = 128
+
+
+def check_group(group: str, field: str = "group", *, required: bool = True) -> None:
+    """A consumer-group name: stored in clear and kept for ever, so held to the rules
+    of stream ids (bounded, printable, no reserved ``$`` prefix, no outer white space)."""
+    check_name(group, field, MAX_GROUP_BYTES, required=required)
+
+
 #: Most appends in one AppendBatch call. Each append is validated and answered
 #: on its own, so the bound is on per-call work and response size, not on
 #: data: the message-size limit bounds the bytes. The SDK never coalesces more.
@@ -236,7 +244,7 @@ class Validator:
         projection may follow ``$erasures``), so they are checked for size
         and control characters only.
         """
-        check_name(spec.group, "group", MAX_GROUP_BYTES, required=False)
+        check_group(spec.group, required=False)
         if spec.member_id and not spec.group:
             raise ValidationError("member_id is set but group is empty; a member needs a group")
         check_name(spec.member_id, "member_id", MAX_GROUP_BYTES, required=False)

@@ -45,9 +45,11 @@ from lethedb_server.errors import (
     LegalHoldActive,
     LetheError,
     Overloaded,
+    PermissionDenied,
     ShuttingDown,
     StorageFull,
     SubjectForgotten,
+    TooManyGroups,
     WrongExpectedVersion,
 )
 from lethedb_server.faults import fault_point
@@ -570,9 +572,29 @@ class Writer:
         if isinstance(command, LegalHoldCommand):
             return self._apply_legal_hold(txn, command)
         if isinstance(command, CheckpointCommand):
-            self.log.put_checkpoint(txn, command.group, command.position)
-            return command.position
+            return self._apply_checkpoint(txn, command)
         raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+
+    def _apply_checkpoint(self, txn: lmdb.Transaction, command: CheckpointCommand) -> int:
+        """Store a group's checkpoint: forward only unless rewound, new groups up to the limit.
+
+        A checkpoint moved back makes a group replay; one moved forward past
+        an erasure event hides it from the group's projection: so moving back
+        is for admins, and each group is a row kept for ever, so their number
+        is bounded.
+        """
+        stored = self.log.stored_checkpoint(txn, command.group)
+        if stored is None:
+            if command.max_groups and self.log.checkpoint_count(txn) >= command.max_groups:
+                raise TooManyGroups(command.max_groups)
+        elif command.position < stored and not command.rewind:
+            raise PermissionDenied(
+                f"the checkpoint of group {command.group!r} is {stored}; moving it back to "
+                f"{command.position} needs the admin role (a group's checkpoint only moves "
+                "forward otherwise)"
+            )
+        self.log.put_checkpoint(txn, command.group, command.position)
+        return command.position
 
     def _apply_commit(
         self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
