@@ -1332,7 +1332,7 @@ class SubscriptionState:
 
 
 def build_checkpoint_request(group: str, position: int) -> pb.CommitCheckpointRequest:
-    """A member-less CommitCheckpoint: set a group's stored checkpoint (also backwards)."""
+    """A member-less CommitCheckpoint: set a group's stored checkpoint (back only as admin)."""
     _check_name("group", group)
     return pb.CommitCheckpointRequest(group=group, position=_check_position("position", position))
 

@@ -65,6 +65,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_ping_strikes: Annotated[int, msgspec.Meta(ge=0)] = 2
     max_subscribers: int = 10_000
     subscription_heartbeat_s: float = 5.0
+    # per-client quotas and consumer groups (docs/CONFIGURATION.md, "Limits")
+    max_streams_per_client: Annotated[int, msgspec.Meta(ge=0)] = 4000
+    max_subscriptions_per_client: Annotated[int, msgspec.Meta(ge=0)] = 2000
+    max_consumer_groups: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     # request, in-flight and connection limits against floods (docs/CONFIGURATION.md, "Limits")
     max_request_events: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_events
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_bytes
@@ -102,6 +106,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return SubscriptionLimits(
             max_subscribers=self.max_subscribers,
             heartbeat_interval_s=self.subscription_heartbeat_s,
+            max_consumer_groups=self.max_consumer_groups,
         )
 
     def limits(self) -> Limits:
@@ -156,6 +161,18 @@ HELP: dict[str, str] = {
     "max_ping_strikes": "ping strikes before the connection is closed (GOAWAY); 0: unlimited",
     "max_subscribers": "most concurrent Subscribe calls; more are refused (RESOURCE_EXHAUSTED)",
     "subscription_heartbeat_s": "seconds of silence before an idle subscription gets a heartbeat",
+    "max_streams_per_client": (
+        "streaming calls in progress per token (per peer host without tokens); more get "
+        "RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_subscriptions_per_client": (
+        "subscriptions per token (per peer host without tokens); more get RESOURCE_EXHAUSTED "
+        "(0: no limit)"
+    ),
+    "max_consumer_groups": (
+        "consumer groups with a stored checkpoint; a new one beyond it gets RESOURCE_EXHAUSTED "
+        "(0: no limit)"
+    ),
     "max_request_events": "most events in one call (Append, Commit, AppendBatch, stream message)",
     "max_request_bytes": "largest call: its encoded size plus 128 bytes per event",
     "max_inflight_events": (

@@ -82,8 +82,14 @@ class AppendCommand(msgspec.Struct, frozen=True):
             len(self.stream_id) + len(self.idempotency_key) + sum([e.size() for e in self.events])
         )
 
-    def digest(self) -> bytes:
-        """Fingerprint of the request as sent, to tell a retry from a key reused."""
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the request as sent: memory only, never stored.
+
+        It covers the plaintext data and metadata, so a copy of it would let
+        anyone confirm a guess at them. What is stored is this hash keyed under
+        the subjects' fingerprint keys (``crypto.keyed_fingerprint``), which
+        erasure destroys.
+        """
         fingerprint = msgspec.msgpack.encode(
             (
                 self.stream_id,
@@ -136,10 +142,11 @@ class CommitCommand(msgspec.Struct, frozen=True):
     def event_count(self) -> int:
         return sum(len(a.events) for a in self.appends)
 
-    def digest(self) -> bytes:
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the whole commit: memory only (see AppendCommand)."""
         h = hashlib.blake2b(b"commit", digest_size=32)
         for part in self.appends:
-            h.update(part.digest())
+            h.update(part.request_hash())
         return h.digest()
 
 
@@ -149,10 +156,18 @@ class CommitResult(msgspec.Struct, frozen=True):
 
 
 class CheckpointCommand(msgspec.Struct, frozen=True):
-    """Store a consumer group's checkpoint; through the writer so the log env has one writer."""
+    """Store a consumer group's checkpoint; through the writer so the log env has one writer.
+
+    Checked in the writer's transaction, so that concurrent commits cannot
+    slip past the checks: the checkpoint only moves forward unless
+    ``rewind`` (an admin's reset), and a new group is refused when the store
+    already keeps ``max_groups`` of them (0: no limit).
+    """
 
     group: str
     position: int
+    rewind: bool = False
+    max_groups: int = 0
 
     def size(self) -> int:
         return 64

@@ -111,6 +111,9 @@ async def serve(config: Config) -> None:
         access = auth.AccessInterceptor(
             tokens,
             max_streams_per_connection=config.max_streams_per_connection,
+            quotas=auth.ClientQuotas(
+                config.max_streams_per_client, config.max_subscriptions_per_client
+            ),
             observer=metrics,
         )
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
@@ -132,6 +135,8 @@ async def serve(config: Config) -> None:
         auth.log_startup(tokens)
         log.info("transport: %s", "plaintext" if certificates is None else certificates.describe())
         _reload_on_sighup(tokens, certificates)
+        # Revocation must not wait for the next call: the file is watched.
+        watcher = asyncio.create_task(tokens.watch()) if tokens is not None else None
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -152,10 +157,9 @@ async def serve(config: Config) -> None:
             else None
         )
         await _wait_for_signal()
-        if timer is not None:
-            timer.cancel()
-        if watch is not None:
-            watch.cancel()
+        for task in (timer, watcher, watch):
+            if task is not None:
+                task.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
         await health.enter_graceful_shutdown()
         subscriptions.shutdown()  # they never finish by themselves: end them first

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages, status, wire
-from lethedb_server.auth import caller_role
+from lethedb_server.auth import caller_may, caller_role, require_role
 from lethedb_server.errors import LetheError, ValidationError
 from lethedb_server.model import EVENT_OVERHEAD, ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
@@ -38,6 +38,7 @@ from lethedb_server.validation import (
     MAX_GROUP_BYTES,
     Validator,
     check_append_batch,
+    check_group,
     check_name,
 )
 
@@ -243,6 +244,10 @@ class EventStoreService:
         """Relay the engine's loop; each yield waits for the transport (flow control)."""
         spec = messages.subscription_spec(request)
         self.validator.check_subscription(spec)
+        if spec.group:
+            # A member takes a share of the group's events and moves its
+            # checkpoint: more than reading.
+            require_role("consumer", "joining a consumer group")
         max_events = request.max_events_per_message or DEFAULT_PAGE
         subscription = await self.subscriptions.open(spec)
         try:
@@ -275,10 +280,14 @@ class EventStoreService:
     async def CommitCheckpoint(  # noqa: N802
         self, request: pb.CommitCheckpointRequest, context: Context
     ) -> pb.CommitCheckpointResponse:
-        check_name(request.group, "group", MAX_GROUP_BYTES)
+        check_group(request.group)
         check_name(request.member_id, "member_id", MAX_GROUP_BYTES, required=False)
         result = await self.subscriptions.commit_checkpoint(
-            request.group, request.position, request.member_id, request.generation
+            request.group,
+            request.position,
+            request.member_id,
+            request.generation,
+            may_rewind=caller_may("admin"),
         )
         return messages.commit_checkpoint_response(result)
 
@@ -286,7 +295,7 @@ class EventStoreService:
     async def GetCheckpoint(  # noqa: N802
         self, request: pb.GetCheckpointRequest, context: Context
     ) -> pb.GetCheckpointResponse:
-        check_name(request.group, "group", MAX_GROUP_BYTES)
+        check_group(request.group)
         position = await self.subscriptions.get_checkpoint(request.group)
         return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
 

@@ -3,13 +3,17 @@
 A request that fails here is refused with a message that names the field, the
 limit and what was found (``events[3].data is 2.1 MiB; the limit is 1 MiB``)
 and changes nothing. Clear fields are stored unencrypted, so they are held to
-strict rules: no control characters, bounded length, and the ``$`` prefix is
-reserved for the server's own streams, types and subjects.
+strict rules: no control characters, no invisible or meaningless code points
+(format characters such as bidirectional overrides, private-use, surrogate and
+unassigned code points: a name must read the same to every person and tool
+that shows it), bounded length, and the ``$`` prefix is reserved for the
+server's own streams, types and subjects.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +28,16 @@ from lethedb_server.model import (
 from lethedb_server.subscriptions import SubscriptionSpec
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Unicode categories refused in a clear name, with what to call them in a message.
+#: Cf holds the bidirectional controls (U+202A-U+202E, U+2066-U+2069), zero-width
+#: characters and the byte-order mark: they change how a name is displayed, or hide
+#: in it, so two names that look the same could name different streams.
+_INVISIBLE = {
+    "Cf": "an invisible format character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate code point",
+    "Cn": "an unassigned code point",
+}
 EVENT_ID_SIZE = 16
 
 
@@ -54,28 +68,19 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
         if required:
             raise ValidationError(f"{field} is empty; it is required")
         return
-    if value.isascii():
-        # The common case, checked cheaply (this runs for every field of every
-        # event): ASCII is one byte a character, and printable ASCII has no
-        # control character.
-        size = len(value)
-        clean = value.isprintable()
-    else:
-        size = len(value.encode())
-        clean = False
+    # The common case, ASCII, is checked cheaply (this runs for every field of
+    # every event): one byte a character. str.isprintable() is false for every
+    # "Other" (C*) and "Separator" (Z*) character but the space, so a printable
+    # name needs no closer look.
+    size = len(value) if value.isascii() else _utf8_size(value)
     if size > max_bytes:
         raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
     if value[0] == "$":
         raise ValidationError(
             f"{field} {value[:40]!r} starts with '$', which is reserved for the server"
         )
-    if not clean:
-        match = _CONTROL.search(value)
-        if match:
-            raise ValidationError(
-                f"{field} contains the control character U+{ord(match.group()):04X} "
-                f"at offset {match.start()}"
-            )
+    if not value.isprintable():
+        _check_characters(value, field)
     if value[0].isspace() or value[-1].isspace():
         raise ValidationError(f"{field} {value[:40]!r} has leading or trailing white space")
 
@@ -83,6 +88,14 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
 #: Most stream prefixes (and, separately, event types) in one subscription filter.
 MAX_FILTER_TERMS = 100
 MAX_GROUP_BYTES = 128
+
+
+def check_group(group: str, field: str = "group", *, required: bool = True) -> None:
+    """A consumer-group name: stored in clear and kept for ever, so held to the rules
+    of stream ids (bounded, printable, no reserved ``$`` prefix, no outer white space)."""
+    check_name(group, field, MAX_GROUP_BYTES, required=required)
+
+
 #: Most appends in one AppendBatch call. Each append is validated and answered
 #: on its own, so the bound is on per-call work and response size, not on
 #: data: the message-size limit bounds the bytes. The SDK never coalesces more.
@@ -100,18 +113,35 @@ def check_append_batch(count: int) -> None:
         )
 
 
-def _check_filter_term(value: str, field: str, max_bytes: int) -> None:
-    if not value:
-        raise ValidationError(f"{field} is empty; leave the list empty to match everything")
-    size = len(value.encode())
-    if size > max_bytes:
-        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+def _utf8_size(value: str) -> int:
+    """Bytes of *value* in UTF-8; a lone surrogate (possible in-process only) counts 3."""
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def _check_characters(value: str, field: str) -> None:
+    """Refuse control characters and the code points of :data:`_INVISIBLE`."""
     match = _CONTROL.search(value)
     if match:
         raise ValidationError(
             f"{field} contains the control character U+{ord(match.group()):04X} "
             f"at offset {match.start()}"
         )
+    for offset, char in enumerate(value):
+        kind = _INVISIBLE.get(unicodedata.category(char))
+        if kind is not None:
+            name = unicodedata.name(char, "")
+            label = f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+            raise ValidationError(f"{field} contains {label}, {kind}, at offset {offset}")
+
+
+def _check_filter_term(value: str, field: str, max_bytes: int) -> None:
+    if not value:
+        raise ValidationError(f"{field} is empty; leave the list empty to match everything")
+    size = _utf8_size(value)
+    if size > max_bytes:
+        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+    if not value.isprintable():
+        _check_characters(value, field)
 
 
 class Validator:
@@ -247,7 +277,7 @@ class Validator:
         projection may follow ``$erasures``), so they are checked for size
         and control characters only.
         """
-        check_name(spec.group, "group", MAX_GROUP_BYTES, required=False)
+        check_group(spec.group, required=False)
         if spec.member_id and not spec.group:
             raise ValidationError("member_id is set but group is empty; a member needs a group")
         check_name(spec.member_id, "member_id", MAX_GROUP_BYTES, required=False)

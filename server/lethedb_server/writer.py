@@ -45,12 +45,15 @@ from lethedb_server.errors import (
     LegalHoldActive,
     LetheError,
     Overloaded,
+    PermissionDenied,
     ShuttingDown,
     StorageFull,
     SubjectForgotten,
+    TooManyGroups,
     WrongExpectedVersion,
 )
 from lethedb_server.faults import fault_point
+from lethedb_server.idempotency import fingerprint
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import is_disk_full
 from lethedb_server.model import (
@@ -631,18 +634,44 @@ class Writer:
         if isinstance(command, LegalHoldCommand):
             return self._apply_legal_hold(txn, command)
         if isinstance(command, CheckpointCommand):
-            self.log.put_checkpoint(txn, command.group, command.position)
-            return command.position
+            return self._apply_checkpoint(txn, command)
         raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+
+    def _apply_checkpoint(self, txn: lmdb.Transaction, command: CheckpointCommand) -> int:
+        """Store a group's checkpoint: forward only unless rewound, new groups up to the limit.
+
+        A checkpoint moved back makes a group replay; one moved forward past
+        an erasure event hides it from the group's projection: so moving back
+        is for admins, and each group is a row kept for ever, so their number
+        is bounded.
+        """
+        stored = self.log.stored_checkpoint(txn, command.group)
+        if stored is None:
+            if command.max_groups and self.log.checkpoint_count(txn) >= command.max_groups:
+                raise TooManyGroups(command.max_groups)
+        elif command.position < stored and not command.rewind:
+            raise PermissionDenied(
+                f"the checkpoint of group {command.group!r} is {stored}; moving it back to "
+                f"{command.position} needs the admin role (a group's checkpoint only moves "
+                "forward otherwise)"
+            )
+        self.log.put_checkpoint(txn, command.group, command.position)
+        return command.position
 
     def _apply_commit(
         self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
     ) -> CommitResult:
-        """Every stream's append or none: a failing part aborts the nested transaction."""
+        """Every stream's append or none: a failing part aborts the nested transaction.
+
+        A forgotten subject in any part is refused before the idempotency
+        entry is looked at (see :meth:`_apply_append`).
+        """
         now = self._now()
+        subjects = dict.fromkeys(e.subject_id for part in command.appends for e in part.events)
+        self._refuse_forgotten(subjects, state)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
             if entry is not None:
                 replayed = tuple(
@@ -709,18 +738,22 @@ class Writer:
         """Append one stream's events after *meta*; their index keys go to *batch*.
 
         *now* lets a commit give all its parts one time.
+
+        A forgotten subject is refused before the idempotency entry is looked
+        at: a retry after a forget must not learn whether its data matches
+        the first attempt's (IdempotencyConflict against deduplicated would
+        confirm a guess at erased data).
         """
         now = now or self._now()
+        events = command.events
+        subjects = dict.fromkeys(event.subject_id for event in events)
+        self._refuse_forgotten(subjects, batch)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
             if previous is not None:
                 return previous, meta
-        events = command.events
-        for subject_id in dict.fromkeys(event.subject_id for event in events):
-            if subject_id and self._is_forgotten(subject_id, batch):
-                raise SubjectForgotten(subject_id)
         stream_id = command.stream_id
         info = self.log.stream_info(txn, stream_id)
         self._check_expected(command, None if info is None else info.last_version)
@@ -735,7 +768,7 @@ class Writer:
         store_id, put_event, u64 = meta.store_id, self.log.put_event, codec.u64
         remember_key = batch.index_keys.append
         stream_key = codec.stream_prefix(stream_id)
-        index_prefixes = {s: codec.subject_prefix(s) for s in {e.subject_id for e in events}}
+        index_prefixes = {s: codec.subject_prefix(s) for s in subjects}
         ciphers = self.keys.take_each([e.subject_id or STORE_SUBJECT for e in events])
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
@@ -776,6 +809,12 @@ class Writer:
         )  # fmt: skip
         return result, new_meta
 
+    def _refuse_forgotten(self, subjects: Iterable[str], batch: _BatchState) -> None:
+        """Raise SubjectForgotten for the first forgotten subject, in request order."""
+        for subject_id in subjects:
+            if subject_id and self._is_forgotten(subject_id, batch):
+                raise SubjectForgotten(subject_id)
+
     @staticmethod
     def _check_expected(command: AppendCommand, last_version: int | None) -> None:
         state = command.expected_state
@@ -800,6 +839,8 @@ class Writer:
         entry = codec.decode_idempotency(raw)
         if entry.created_at + self.limits.idempotency_window_ns < now:
             return None  # expired: the sweeper has not reached it yet
+        if entry.digest_format != codec.KEYED_DIGEST:
+            return None  # never compared: start-up re-keys or drops unkeyed entries
         if entry.digest != digest:
             raise IdempotencyConflict(key)
         return entry
@@ -832,7 +873,7 @@ class Writer:
                 codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
                 db=self.log.idempotency_expiry,
             )
-        entry = IdempotencyEntry(digest, result, now, commit)
+        entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
         txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
         txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
 
