@@ -455,7 +455,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from lethedb_server.validation import human_size
+    from lethedb_server.model import human_size
 
     with _client(args) as db:
         stats = db.admin.stats()

@@ -16,11 +16,12 @@ import signal
 from pathlib import Path
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from lethedb_server import auth, limits, tls
+from lethedb_server import auth, connections, limits, tls
 from lethedb_server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
@@ -86,6 +87,11 @@ async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -
 
 async def serve(config: Config) -> None:
     harden_process()
+    fd_limit = connections.raise_fd_limit()
+    config = msgspec.structs.replace(
+        config,
+        max_connections=connections.effective_max_connections(config.max_connections, fd_limit),
+    )
     # Security settings are checked before the data directory is opened: a
     # misconfigured server must not start, let alone start open.
     tls_files = tls.TlsFiles.from_options(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -121,6 +127,7 @@ async def serve(config: Config) -> None:
         host = config.listen.rsplit(":", 1)[0]
         address = f"{host}:{port}"
         await server.start()
+        watch = _watch_connections(config, port)
         if metrics is not None:
             metrics_server = metrics.serve(metrics_host(config.listen), config.metrics_port)
             log.info("Prometheus metrics on http://%s:%d/metrics", metrics_server.host,
@@ -150,7 +157,7 @@ async def serve(config: Config) -> None:
             else None
         )
         await _wait_for_signal()
-        for task in (timer, watcher):
+        for task in (timer, watcher, watch):
             if task is not None:
                 task.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
@@ -162,6 +169,26 @@ async def serve(config: Config) -> None:
             metrics_server.stop()
         store.close()
         log.info("stopped; all acknowledged appends are on disk")
+
+
+def _watch_connections(config: Config, port: int) -> asyncio.Task[None] | None:
+    """Start the per-peer connection cap and cap logging (TCP on Linux only)."""
+    log.info(
+        "connections: at most %d, %s per peer address; handshake timeout %.1fs, idle timeout %s",
+        config.max_connections,
+        config.max_connections_per_peer or "any number",
+        config.handshake_timeout_s,
+        f"{config.connection_idle_timeout_s:.0f}s" if config.connection_idle_timeout_s else "none",
+    )
+    if config.listen.startswith("unix:"):
+        return None
+    if not connections.ConnectionWatch.supported():
+        log.warning("no /proc here: max_connections_per_peer is not enforced")
+        return None
+    watch = connections.ConnectionWatch(
+        port, config.max_connections, config.max_connections_per_peer
+    )
+    return asyncio.create_task(watch.run(), name="lethedb-connection-watch")
 
 
 def _write_ready_file(path: Path, address: str) -> None:

@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, CommitCommand, ProposedEvent
+from lethedb_server.model import (
+    EVENT_OVERHEAD,
+    AppendCommand,
+    CommitCommand,
+    ProposedEvent,
+    human_size,
+)
 from lethedb_server.subscriptions import SubscriptionSpec
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -44,18 +50,16 @@ class Limits:
     max_idempotency_key_bytes: int = 128
     max_event_bytes: int = 1 << 20
     max_events_per_append: int = 10_000
+    #: Every field of an append's events plus EVENT_OVERHEAD bytes each.
     max_append_bytes: int = 16 << 20
+    #: Events in one call (Append, Commit, AppendBatch, one AppendStream
+    #: message), counted on the wire before the request is parsed.
+    max_request_events: int = 10_000
+    #: Bytes of one call: its encoded size plus EVENT_OVERHEAD per event.
+    max_request_bytes: int = 16 << 20
     #: When set, subject ids must match it in full (e.g. a UUID pattern), so
     #: nobody can put an e-mail address into a clear field by mistake.
     subject_id_pattern: str | None = None
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            value = size / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size} bytes"
 
 
 def check_name(value: str, field: str, max_bytes: int, *, required: bool = True) -> None:
@@ -196,10 +200,12 @@ class Validator:
             required=False,
         )
         total = self._check_events(command.events)
+        total += len(command.stream_id) + len(command.idempotency_key)
         if total > limits.max_append_bytes:
             raise ValidationError(
-                f"the append carries {human_size(total)} of data and metadata; "
-                f"the limit is {human_size(limits.max_append_bytes)}"
+                f"the append is {human_size(total)} (every field of its {count} events "
+                f"plus {EVENT_OVERHEAD} bytes each); the limit is "
+                f"{human_size(limits.max_append_bytes)} (max_append_bytes)"
             )
 
     def check_commit(self, command: CommitCommand) -> None:
@@ -224,17 +230,44 @@ class Validator:
                     "put all of a stream's events in one part"
                 )
             seen.add(part.stream_id)
-        events = sum(len(p.events) for p in command.appends)
+        events = command.event_count()
         if events > self.limits.max_events_per_append:
             raise ValidationError(
                 f"the commit has {events} events; the limit is "
-                f"{self.limits.max_events_per_append} per commit"
+                f"{self.limits.max_events_per_append} per commit (max_events_per_append)"
             )
-        size = sum(len(e.data) + len(e.metadata) for p in command.appends for e in p.events)
+        size = command.size()
         if size > self.limits.max_append_bytes:
             raise ValidationError(
-                f"the commit carries {human_size(size)} of data and metadata; "
-                f"the limit is {human_size(self.limits.max_append_bytes)}"
+                f"the commit is {human_size(size)} (every field of its {events} events plus "
+                f"{EVENT_OVERHEAD} bytes each); the limit is "
+                f"{human_size(self.limits.max_append_bytes)} (max_append_bytes)"
+            )
+
+    def check_request(self, events: int, encoded: int, *, exact: bool = True) -> None:
+        """The per-call limits: events and bytes of one whole request.
+
+        *encoded* is the request's serialized size; its size against the limit
+        adds EVENT_OVERHEAD per event. Checked on the wire bytes before the
+        request is parsed (see :mod:`lethedb_server.wire`), so an oversized call
+        costs no parsing, no conversion and no writer time. *exact* false: the
+        count stopped early, *events* is a lower bound.
+        """
+        limits = self.limits
+        if events > limits.max_request_events:
+            count = f"{events} events" if exact else f"more than {limits.max_request_events} events"
+            raise ValidationError(
+                f"the request has {count} in {human_size(encoded)}; the limit is "
+                f"{limits.max_request_events} events per call (max_request_events): "
+                "split it into several calls"
+            )
+        size = encoded + events * EVENT_OVERHEAD
+        if size > limits.max_request_bytes:
+            raise ValidationError(
+                f"the request is {human_size(size)} ({human_size(encoded)} encoded, plus "
+                f"{EVENT_OVERHEAD} bytes for each of its {events} events); the limit is "
+                f"{human_size(limits.max_request_bytes)} per call (max_request_bytes): "
+                "split it into several calls"
             )
 
     def check_subscription(self, spec: SubscriptionSpec) -> None:
@@ -265,7 +298,7 @@ class Validator:
         self.check_subject_id(selector.subject_id, "filter.subject_id", required=False)
 
     def _check_events(self, events: Sequence[ProposedEvent]) -> int:
-        """Check every event of an append; return the bytes of data and metadata.
+        """Check every event of an append; return their size (ProposedEvent.size, summed).
 
         The events of an append mostly repeat a few types, content types and
         subjects, so each distinct name is checked once, and an error names
@@ -293,7 +326,14 @@ class Validator:
                     f"events[{index}].{part} is {human_size(size)}; the limit is "
                     f"{human_size(limits.max_event_bytes)} per event"
                 )
-            total += size
+            total += (
+                size
+                + len(event.event_id)
+                + len(event.event_type)
+                + len(event.subject_id)
+                + len(event.content_type)
+                + EVENT_OVERHEAD
+            )
         checks: tuple[tuple[str, dict[str, int], Callable[[str, str], None]], ...] = (
             ("event_type", types, self._check_event_type),
             ("subject_id", subjects, self._check_event_subject),

@@ -76,7 +76,7 @@ BAD_REQUESTS = {
     ),
     "too many events": (
         _request(events=[_event()] * 10_001),
-        "events has 10001 events; the limit is 10000",
+        "the request has more than 10000 events in 127.0 KiB; the limit is 10000 events per call",
     ),
     "undefined expected state": (_request(expected_state=7), "expected_state is 7"),
     "idempotency key with control char": (

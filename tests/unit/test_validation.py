@@ -232,8 +232,16 @@ def append(*events: ProposedEvent, **changes: Any) -> AppendCommand:
         pytest.param(
             append(*[event(data=bytes(MiB // 2)) for _ in range(3)]),
             Limits(max_append_bytes=MiB),
-            "the append carries 1.5 MiB of data and metadata; the limit is 1 MiB",
+            "the append is 1.5 MiB (every field of its 3 events plus 128 bytes each); "
+            "the limit is 1 MiB (max_append_bytes)",
             id="append-over-limit",
+        ),
+        pytest.param(
+            # No data: 4,000 events of names and ids, 1.5 MiB counted.
+            append(*[event(data=b"", event_type="T" * 200) for _ in range(4000)]),
+            Limits(max_append_bytes=MiB),
+            "the append is 1.5 MiB (every field of its 4000 events plus 128 bytes each)",
+            id="clear-fields-count-against-the-append-limit",
         ),
     ],
 )
@@ -369,3 +377,20 @@ def test_a_name_refused_for_an_invisible_character_is_never_remembered_as_valid(
     for _ in range(2):
         with pytest.raises(ValidationError, match="U\\+202E"):
             validator.check_append(append(event(event_type="Paid\u202e")))
+
+
+def test_a_request_over_the_per_call_event_limit_names_the_limit_and_its_size():
+    with pytest.raises(ValidationError) as refused:
+        Validator().check_request(10_001, 31 * MiB, exact=False)
+    assert str(refused.value).startswith(
+        "the request has more than 10000 events in 31 MiB; the limit is 10000 events per "
+        "call (max_request_events)"
+    )
+
+
+def test_a_request_over_the_per_call_byte_limit_counts_an_overhead_per_event():
+    Validator(Limits(max_request_bytes=MiB)).check_request(100, MiB - 100 * 128)
+    with pytest.raises(ValidationError) as refused:
+        Validator(Limits(max_request_bytes=MiB)).check_request(100, MiB - 100 * 128 + 1)
+    assert "plus 128 bytes for each of its 100 events" in str(refused.value)
+    assert "(max_request_bytes)" in str(refused.value)
