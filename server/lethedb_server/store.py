@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from lethedb_server import custody
 from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked
-from lethedb_server.keyring import FileKeyring, KeyProvider
+from lethedb_server.keyring import KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
     STORE_SUBJECT,
@@ -41,6 +42,8 @@ class StoreOptions:
     dek_max_uses: int = DEFAULT_MAX_USES
     log_map_size: int = 64 << 20
     max_map_size: int = 1 << 42
+    #: Serve a log that is behind its key store (restored from an older backup).
+    accept_restored_log: bool = False
     writer: WriterLimits = field(default_factory=WriterLimits)
 
 
@@ -63,6 +66,7 @@ class Store:
         self.keys = keys
         self.writer = writer
         self.reader = EventReader(log_store, keys)
+        self._closed = False
 
     @classmethod
     def open(
@@ -75,11 +79,16 @@ class Store:
         data_dir.mkdir(parents=True, exist_ok=True)
         lock = _take_lock(data_dir / LOCK_FILE)
         try:
-            if provider is None:
-                keyring_path = opts.keyring_path or data_dir / "master.keyring"
-                provider, created = FileKeyring.open_or_create(keyring_path)
-                if created:
-                    log.info("created master keyring %s (mode 0600)", keyring_path)
+            # Nothing is written (not even the pid) until the keyring, the key
+            # store and the log are known to belong together.
+            plan = custody.preflight(
+                data_dir,
+                opts.keyring_path or data_dir / "master.keyring",
+                provider,
+                opts.accept_restored_log,
+            )
+            _write_pid(lock)
+            provider = custody.provide(plan)
             log_store = LogStore(
                 data_dir / "log", map_size=opts.log_map_size, max_map_size=opts.max_map_size
             )
@@ -94,6 +103,8 @@ class Store:
             lock.close()
             raise
         try:
+            custody.settle(plan, log_store, keys)
+            custody.warn_if_key_store_behind(data_dir, log_store, keys)
             shredder = Shredder(data_dir, log_store, keys, provider)
             shredder.recover()
             if shredder.reapply_tombstones():
@@ -153,9 +164,18 @@ class Store:
     def close(self) -> None:
         """Finish queued writes, then close LMDB and release the lock."""
         self.writer.stop()
+        self._record_clean_close()
         self.log.close()
         self.keys.close()
         self._lock.close()
+
+    def _record_clean_close(self) -> None:
+        """Both high-water marks at a clean stop: the key store saw the head, the log the keys."""
+        if self._closed:
+            return
+        self._closed = True
+        self.keys.mark_position()
+        custody.record_key_generation(self.log, self.keys)
 
     def __enter__(self) -> Store:
         return self
@@ -199,8 +219,12 @@ def _take_lock(path: Path) -> IO[bytes]:
             f"the data directory {path.parent} is in use by another LetheDB process "
             f"(pid {holder}); stop it first or choose another --data directory"
         ) from None
+    return handle
+
+
+def _write_pid(handle: IO[bytes]) -> None:
+    """Name this process in the lock file (for the message another process gets)."""
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()).encode())
     handle.flush()
-    return handle
