@@ -452,10 +452,20 @@ def _stats(args: argparse.Namespace) -> int:
         ("key store file", human_size(stats.key_file_bytes)),
         ("store id", stats.store_id.hex()),
     ]
+    if stats.restored_at:
+        rows.append(("restored log", _restored_log(stats)))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     return 0
+
+
+def _restored_log(stats: lethedb.StoreStats) -> str:
+    lost = stats.restored_from - stats.restored_to
+    return (
+        f"accepted {_iso(stats.restored_at)}: it ended at position {stats.restored_to:,}, "
+        f"the last known head was {stats.restored_from:,} ({lost:,} positions lost)"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -84,6 +84,8 @@ class Plan:
     keyring_path: Path
     record_versions: tuple[int, ...]
     accepted_restore: tuple[int, int] | None = None  # (last known head, restored head)
+    #: (key store generation, generation the log saw) when the key store is older.
+    key_store_behind: tuple[int, int] | None = None
 
 
 def preflight(
@@ -126,7 +128,10 @@ def preflight(
         record = tuple(v for v in provider.versions() if v > newest)
     else:
         record = tuple(provider.versions())
-    return Plan(provider, keyring_path, record, accepted)
+    behind = None
+    if state.key_meta is not None and state.key_meta.generation < state.log_key_generation:
+        behind = (state.key_meta.generation, state.log_key_generation)
+    return Plan(provider, keyring_path, record, accepted, behind)
 
 
 def provide(plan: Plan) -> KeyProvider:
@@ -157,6 +162,13 @@ def settle(plan: Plan, log_store: LogStore, keys: KeyStore) -> None:
             restored_to=head,
             restored_at=time.time_ns(),
         )
+    if plan.key_store_behind is not None:
+        log.warning(
+            "KEY STORE BEHIND: %s is at generation %d but the log last saw generation %d "
+            "(restored from an older backup?): events whose keys were created since read as "
+            "DATA_LOSS; restore the newest key store (see docs/OPERATIONS.md)",
+            keys.lmdb.path, *plan.key_store_behind,
+        )  # fmt: skip
     keys.record_checks(plan.record_versions, meta)
     record_key_generation(log_store, keys)
 
@@ -169,20 +181,28 @@ def record_key_generation(log_store: LogStore, keys: KeyStore) -> None:
     log_store.lmdb.write(lambda txn: txn.put(LOG_MARK_KEY, mark, db=log_store.meta_db))
 
 
-def warn_if_key_store_behind(data_dir: Path, log_store: LogStore, keys: KeyStore) -> None:
-    """A key store older than the log lacks the keys created since: say so once, loudly."""
-    with log_store.lmdb.read() as txn:
-        raw = txn.get(LOG_MARK_KEY, db=log_store.meta_db)
-    if raw is None or keys.meta is None:
-        return
-    seen = codec.decode_key_mark(raw).key_generation
-    if keys.meta.generation < seen:
-        log.warning(
-            "KEY STORE BEHIND: %s is at generation %d but the log last saw generation %d "
-            "(restored from an older backup?): events whose keys were created since read as "
-            "DATA_LOSS; restore the newest key store (see docs/OPERATIONS.md)",
-            keys.lmdb.path, keys.meta.generation, seen,
-        )  # fmt: skip
+def align_backup(destination: Path) -> None:
+    """Make a backup's key store claim no log position beyond the backup's log.
+
+    A hot backup copies the log first and the key store after it, so every
+    key the log copy names is in the key copy; a key-store commit in between
+    may have stamped a later log position, which would make the restored pair
+    look like a log restored behind its key store. Only the copy is changed.
+    """
+    log_head = read_state(destination).log_head
+    # A fresh copy nobody else opens: no lock file is needed (or left behind).
+    env = lmdb.open(str(destination / "keys"), subdir=True, max_dbs=16, lock=False)
+    try:
+        with env.begin(write=True) as txn:
+            db = env.open_db(b"meta", txn=txn)
+            raw = txn.get(b"keys", db=db)
+            if raw is not None:
+                meta = codec.decode_key_meta(raw)
+                if meta.log_position > log_head:
+                    aligned = msgspec.structs.replace(meta, log_position=log_head)
+                    txn.put(b"keys", codec.encode(aligned), db=db)
+    finally:
+        env.close()
 
 
 # -- the checks ------------------------------------------------------------------

@@ -104,7 +104,6 @@ class Store:
             raise
         try:
             custody.settle(plan, log_store, keys)
-            custody.warn_if_key_store_behind(data_dir, log_store, keys)
             shredder = Shredder(data_dir, log_store, keys, provider)
             shredder.recover()
             if shredder.reapply_tombstones():
@@ -132,6 +131,8 @@ class Store:
         head = self.log.head
         log_bytes = self.log.lmdb.copy_to(destination / "log")
         key_bytes = self.keys.lmdb.copy_to(destination / "keys") if include_keys else 0
+        if include_keys:
+            custody.align_backup(destination)
         return log_bytes, key_bytes, head
 
     def stats(self) -> StoreStats:
@@ -156,6 +157,7 @@ class Store:
             log_map_bytes=self.log.lmdb.map_size(),
             key_file_bytes=_file_size(self.keys.lmdb.path / "data.mdb"),
             store_id=self.log.store_id,
+            **_restore_record(self.keys),
         )
 
     def receipt(self, subject_id: str) -> SubjectReceipt:
@@ -197,6 +199,21 @@ class StoreStats:
     log_map_bytes: int
     key_file_bytes: int
     store_id: bytes
+    restored_from: int = 0
+    restored_to: int = 0
+    restored_at: int = 0
+
+
+def _restore_record(keys: KeyStore) -> dict[str, int]:
+    """The last restored log an operator accepted, as recorded by the key store."""
+    meta = keys.meta
+    if meta is None or not meta.restored_at:
+        return {}
+    return {
+        "restored_from": meta.restored_from,
+        "restored_to": meta.restored_to,
+        "restored_at": meta.restored_at,
+    }
 
 
 def _file_size(path: Path) -> int:
