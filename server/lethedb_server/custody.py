@@ -43,11 +43,13 @@ import msgspec
 from lethedb_server import codec
 from lethedb_server.codec import KeyStoreMeta
 from lethedb_server.crypto import InvalidTag, wrap_aad
-from lethedb_server.errors import DataDirDamaged, KeyringMismatch, RestoredLog
+from lethedb_server.errors import DataDirDamaged, KeyringMismatch, LetheError, RestoredLog
 from lethedb_server.keyring import FileKeyring, KeyProvider, MasterKeyUnavailable, WrappedKey
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import check_data_file
+from lethedb_server.model import ForgetCommand, ShredCommand
 from lethedb_server.storage import LogStore
+from lethedb_server.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,39 @@ def record_key_generation(log_store: LogStore, keys: KeyStore) -> None:
         return
     mark = codec.encode(codec.KeyStoreMark(keys.meta.generation))
     log_store.lmdb.write(lambda txn: txn.put(LOG_MARK_KEY, mark, db=log_store.meta_db))
+
+
+def record_missing_erasures(log_store: LogStore, keys: KeyStore, writer: Writer) -> int:
+    """Write into the log every erasure the key store remembers and the log lacks.
+
+    Only a log restored from before a forget lacks its tombstone: the key store
+    already refuses and redacts the subject, but the log (the audit record,
+    what subscribers replay) must say so too. Each subject is forgotten again
+    through the writer (a new ``$subject.forgotten`` event, same reason), and a
+    shred epoch follows so receipts and ``audit-erasure`` show it complete.
+    Returns how many erasures were written.
+    """
+    in_log = {subject for subject, _ in log_store.all_tombstones()}
+    missing = sorted(keys.forgotten_subjects() - in_log)
+    if not missing:
+        return 0
+    pending = []
+    for subject in missing:
+        tombstone = keys.forgotten_tombstone(subject)
+        reason = tombstone.reason if tombstone is not None else "restored"
+        pending.append((subject, writer.submit(ForgetCommand(subject, reason, "restore"))))
+    for subject, future in pending:
+        try:
+            future.result()
+        except LetheError as exc:  # a legal hold from the old log: the key store still erases
+            log.error("could not record the erasure of %r in the restored log: %s", subject, exc)
+    writer.execute(ShredCommand())
+    log.warning(
+        "re-recorded %d erasures in the restored log (subjects forgotten after its backup) "
+        "and ran a shred epoch",
+        len(missing),
+    )
+    return len(missing)
 
 
 def align_backup(destination: Path) -> None:

@@ -117,7 +117,13 @@ class Store:
         writer.maintenance[ShredCommand] = shredder.run
         writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
         writer.start()
-        return cls(data_dir, lock, provider, log_store, keys, writer)
+        store = cls(data_dir, lock, provider, log_store, keys, writer)
+        try:
+            custody.record_missing_erasures(log_store, keys, writer)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
         """Copy the log (and, if asked, the key store) compacted into *destination*.
