@@ -107,3 +107,55 @@ def test_backup_lose_the_log_restore_and_keep_every_erasure(tmp_path: Path):
     assert audit.returncode == 0, audit.stdout + audit.stderr
     for subject in (GONE_BEFORE, GONE_AFTER, GONE_NEW):
         assert f"subject {subject}" in audit.stdout
+
+
+def test_lose_the_whole_data_directory_restore_keys_and_log_and_forget_again(tmp_path: Path):
+    """OPERATIONS.md, "Losing the whole data directory": the keyring lives outside
+    the directory, the key-store backup was taken right after a shred epoch, and
+    the subjects forgotten after it are forgotten again before clients connect."""
+    data, keyring = tmp_path / "data", tmp_path / "secrets" / "master.keyring"
+    keys_backup = tmp_path / "backups" / "keys-1"
+    outside = ("--keyring", str(keyring))
+    proc = ServerProcess(data, *outside).start()
+    try:
+        server = ("--server", proc.address)
+        with lethedb.Client(proc.address, timeout=10.0) as db:
+            for subject in (*LIVE, GONE_BEFORE, GONE_AFTER):
+                _append(db, subject, 1)
+        _ok("forget", GONE_BEFORE, "--reason", "gdpr-art17", *server)
+        _ok("shred", *server)
+        _ok("backup", keys_backup, "--include-keys", *server)
+        # Forgotten after the backup; the disk dies before the next shred epoch
+        # (after one, the backup would be useless: see the unit tests).
+        _ok("forget", GONE_AFTER, "--reason", "gdpr-art17", *server)
+    finally:
+        assert proc.stop() == 0, proc.logs()
+
+    shutil.rmtree(data)  # the disk is gone; the keyring was elsewhere
+
+    restored = _ok("restore", keys_backup, "--data", data, *outside)
+    assert "restored the key store" in restored
+    assert "forget them again" in restored
+
+    # The runbook's warning is real: the key-store backup still decrypts a
+    # subject forgotten after it, until that subject is forgotten again.
+    proc = ServerProcess(data, *outside).start()
+    try:
+        server = ("--server", proc.address)
+        with lethedb.Client(proc.address, timeout=10.0) as db:
+            again = [e for e in db.read_all() if e.subject_id == GONE_AFTER]
+            assert [e.redacted for e in again] == [False]
+        _ok("forget", GONE_AFTER, "--reason", "gdpr-art17", *server)
+        _ok("shred", *server)
+        with lethedb.Client(proc.address, timeout=10.0) as db:
+            events = [e for e in db.read_all() if e.subject_id]
+            assert {e.subject_id for e in events if not e.redacted} == set(LIVE)
+            assert {e.subject_id for e in events if e.redacted} == {GONE_BEFORE, GONE_AFTER}
+            for subject in (GONE_BEFORE, GONE_AFTER):
+                with pytest.raises(lethedb.SubjectForgotten):
+                    _append(db, subject, 9)
+    finally:
+        assert proc.stop() == 0, proc.logs()
+
+    audit = lethedb_cli("audit-erasure", "--data", data, *outside, "--backup", keys_backup)
+    assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from lethedb_server import custody
-from lethedb_server.errors import DataDirDamaged, RestoredLog, SubjectForgotten
+from lethedb_server.errors import (
+    DataDirDamaged,
+    KeyringMismatch,
+    RestoredLog,
+    SubjectForgotten,
+)
 from lethedb_server.model import (
     ERASURE_STREAM,
     AppendCommand,
@@ -27,6 +32,7 @@ from lethedb_server.model import (
     ShredCommand,
     SubjectState,
 )
+from lethedb_server.restore import restore
 from lethedb_server.store import Store, StoreOptions
 from tests.unit.test_key_custody import snapshot
 
@@ -211,3 +217,34 @@ def test_erasures_since_the_backup_hold_and_are_written_into_the_restored_log(tm
     )  # fmt: skip
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert "subject gone-new" in audit.stdout
+
+
+def test_restoring_a_key_store_backup_older_than_a_shred_epoch_says_it_cannot_start(
+    tmp_path: Path,
+):
+    data, keyring = tmp_path / "data", tmp_path / "secrets" / "master.keyring"
+    with Store.open(data, StoreOptions(keyring_path=keyring)) as store:
+        _append(store, "a")
+        store.backup(tmp_path / "keys-backup", include_keys=True)
+        store.writer.execute(ShredCommand())  # destroys the master version of the backup
+    shutil.rmtree(data)
+
+    status, lines = restore(tmp_path / "keys-backup", data, keyring)
+
+    assert status == 2
+    assert "lacks master key version 1" in lines[-1]
+    with pytest.raises(KeyringMismatch):
+        Store.open(data, StoreOptions(keyring_path=keyring))
+
+
+def test_restore_refuses_a_backup_of_another_store_and_changes_nothing(tmp_path: Path):
+    for name in ("data", "other"):
+        with Store.open(tmp_path / name) as store:
+            _append(store, name)
+    (tmp_path / "other").rename(tmp_path / "other-backup")  # log/ and keys/ like a backup
+    before = snapshot(tmp_path / "data")
+
+    with pytest.raises(DataDirDamaged, match="belongs to store"):
+        restore(tmp_path / "other-backup", tmp_path / "data")
+
+    assert snapshot(tmp_path / "data") == before
