@@ -123,17 +123,29 @@ def preflight(
     _check_keys(state, provider, what, data_dir)
     _check_binding(state, data_dir)
     accepted = _check_log_lag(state, data_dir, accept_restored_log)
-    if state.checks:
-        newest = max(state.checks)
-        # Versions created after the newest recorded one, by a process that died
-        # before recording them: nothing can be wrapped under them yet.
-        record = tuple(v for v in provider.versions() if v > newest)
-    else:
-        record = tuple(provider.versions())
+    record = _to_record(state, provider)
     behind = None
     if state.key_meta is not None and state.key_meta.generation < state.log_key_generation:
         behind = (state.key_meta.generation, state.log_key_generation)
     return Plan(provider, keyring_path, record, accepted, behind)
+
+
+def _to_record(state: DirState, provider: KeyProvider) -> tuple[int, ...]:
+    """The versions whose check values the key store must record now.
+
+    Only versions something needs: those wrapping keys (a key store from
+    before check values), and those newer than every version in use, which a
+    process that died between creating a version and recording it leaves
+    behind (nothing can be wrapped under them yet). An older version that
+    nothing uses is never recorded: a shred epoch may be about to destroy
+    it, and recording it would make the store refuse the keyring after.
+    """
+    known = set(state.checks) or set(state.samples)
+    if not known:
+        return (provider.current_version(),)
+    newest = max(known)
+    newer = {v for v in provider.versions() if v > newest}
+    return tuple(sorted((known - set(state.checks)) | newer))
 
 
 def provide(plan: Plan) -> KeyProvider:

@@ -17,6 +17,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
+from lethedb_server.erasure import NEXT_KEYS, OLD_KEYS_FILE, Shredder, _Journal
 from lethedb_server.errors import KeyringMismatch
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.model import (
@@ -272,3 +273,29 @@ def test_provider_accepts_keys_it_holds_beyond_those_recorded(tmp_path: Path):
     with Store.open(data, provider=provider) as store:
         assert sorted(store.keys.check_values()) == [1, 2]
         assert _data_of(store, "s1") == b"first"
+
+
+def test_interrupted_shred_epoch_in_a_directory_from_before_check_values_recovers(
+    tmp_path: Path,
+):
+    """An epoch that died after the swap, in a directory without recorded check
+    values: start-up must record only the version in use, not the old one the
+    rolled-forward epoch destroys, or the next start would refuse the keyring."""
+    data = tmp_path / "data"
+    with Store.open(data) as store:
+        _append(store, "s1", "first")
+        # Steps 1-3 of an epoch and its journal, as a process killed at
+        # "shred.swapped" leaves them (the writer is idle meanwhile).
+        shredder = Shredder(data, store.log, store.keys, store.provider)
+        epoch = store.log.meta.shred_epoch + 1
+        version = store.provider.create_version()
+        store.keys.write_compacted(data / NEXT_KEYS, version)
+        store.keys.swap_file(data / NEXT_KEYS / "data.mdb", data / OLD_KEYS_FILE)
+        shredder._journal(_Journal(epoch, "swapped", version))
+    _forget_check_values(data)
+
+    for _ in range(2):  # the epoch is finished by the first start; the second checks
+        with Store.open(data) as store:
+            assert _data_of(store, "s1") == b"first"
+            assert store.provider.versions() == [2]
+            assert sorted(store.keys.check_values()) == [2]
