@@ -306,6 +306,11 @@ def _check_log_lag(state: DirState, data_dir: Path, accept: bool) -> tuple[int, 
     """A log behind its key store's high-water mark needs the operator's consent."""
     known = state.key_meta.log_position if state.key_meta is not None else 0
     if state.log_head >= known:
+        if accept:
+            log.warning(
+                "accept_restored_log is set, but the log is not behind its key store: nothing "
+                "to accept; remove the option, or a later restore would be accepted unasked"
+            )
         return None
     missing = known - state.log_head
     if not accept:
