@@ -109,7 +109,10 @@ def preflight(
             "restore keys/ beside it (see docs/OPERATIONS.md), or choose another --data directory"
         )
     if provider is None and keyring_path.exists():
-        provider = FileKeyring(keyring_path)
+        try:
+            provider = FileKeyring(keyring_path)
+        except OSError as exc:
+            raise KeyringMismatch(f"master keyring {keyring_path} cannot be read: {exc}") from exc
     if provider is None:
         if not state.fresh:
             raise KeyringMismatch(
@@ -161,6 +164,10 @@ def settle(plan: Plan, log_store: LogStore, keys: KeyStore) -> None:
     """Record what the checks allowed: new check values, marks, an accepted restore."""
     keys.log_head = lambda: log_store.head
     meta = keys.meta or KeyStoreMeta(log_store.store_id, 0, log_store.head)
+    if not log_store.head:
+        # An empty log passed the checks: the key store has seen no position of
+        # the log it was bound to, so it belongs to this one from now on.
+        meta = msgspec.structs.replace(meta, store_id=log_store.store_id)
     if plan.accepted_restore is not None:
         known, head = plan.accepted_restore
         log.warning(

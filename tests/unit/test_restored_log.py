@@ -248,3 +248,14 @@ def test_restore_refuses_a_backup_of_another_store_and_changes_nothing(tmp_path:
         restore(tmp_path / "other-backup", tmp_path / "data")
 
     assert snapshot(tmp_path / "data") == before
+
+
+def test_a_new_empty_log_beside_a_key_store_that_saw_no_event_is_bound_to_it(tmp_path: Path):
+    data = tmp_path / "data"
+    Store.open(data).close()
+    shutil.rmtree(data / "log")  # a new log, with a new store id, and nothing lost
+
+    with Store.open(data) as store:
+        _append(store, "a")
+    with Store.open(data) as store:  # not refused as "a key store of another store"
+        assert store.reader.read_stream("user-a", 0, backwards=False, limit=1)[0].data == b"a-0"
