@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server import custody
+from lethedb_server import config, custody
 from lethedb_server.errors import (
     DataDirDamaged,
     KeyringMismatch,
@@ -259,3 +259,17 @@ def test_a_new_empty_log_beside_a_key_store_that_saw_no_event_is_bound_to_it(tmp
         _append(store, "a")
     with Store.open(data) as store:  # not refused as "a key store of another store"
         assert store.reader.read_stream("user-a", 0, backwards=False, limit=1)[0].data == b"a-0"
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "expected"),
+    [
+        ({}, {}, False),
+        ({"LETHEDB_ACCEPT_RESTORED_LOG": "true"}, {}, True),
+        ({}, {"accept_restored_log": "true"}, True),
+    ],
+)
+def test_accept_restored_log_comes_from_the_environment_or_a_flag(environ, flags, expected):
+    loaded = config.load(flags, environ=environ)
+
+    assert loaded.store_options().accept_restored_log is expected
