@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lethedb
 from tests.integration.serverproc import ServerProcess
 from tests.unit.test_key_custody import snapshot
@@ -102,3 +104,21 @@ def test_serve_with_a_keyring_lacking_a_version_in_use_is_refused(tmp_path: Path
     assert str(tmp_path / "old.keyring") in line
     assert "lacks master key version 2" in line
     assert "expected master key versions 1, 2, found 1" in line
+
+
+@pytest.mark.parametrize(
+    ("lost", "expected"),
+    [
+        ("keys", "is missing or empty, so no event could be decrypted"),
+        ("log", "ends at position 0, but its key store has seen position 1"),
+    ],
+)
+def test_serve_with_the_log_or_the_key_store_lost_is_refused(tmp_path: Path, lost, expected):
+    data = tmp_path / "data"
+    _served(data, "s1")
+    shutil.rmtree(data / lost)
+
+    line = _refused(data, roots=(tmp_path,))
+
+    assert expected in line
+    assert str(data / ("keys" if lost == "keys" else "log")) in line
