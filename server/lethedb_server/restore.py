@@ -64,6 +64,13 @@ def _put_back(backup: Path, data_dir: Path) -> list[str]:
             f"{backup} is a backup of store {backup_id}, but the key store "
             f"{data_dir / 'keys'} belongs to store {bound_to.hex()}; nothing was changed"
         )
+    if not keys_here and current.log_head > backup_state.log_head:
+        raise DataDirDamaged(
+            f"{data_dir / 'log'} is intact up to position {current.log_head:,}, newer than the "
+            f"backup's {backup_state.log_head:,}, and only the key store is missing: copy the "
+            'backup\'s keys/ in by hand (docs/OPERATIONS.md, "Losing only the key store"), '
+            "or move log/ away first to restore both; nothing was changed"
+        )
     if not keys_here and not keys_in_backup:
         raise DataDirDamaged(
             f"no key store to restore with: {data_dir / 'keys'} does not exist and {backup} has "

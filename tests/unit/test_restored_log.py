@@ -273,3 +273,18 @@ def test_accept_restored_log_comes_from_the_environment_or_a_flag(environ, flags
     loaded = config.load(flags, environ=environ)
 
     assert loaded.store_options().accept_restored_log is expected
+
+
+def test_restore_will_not_replace_a_newer_log_when_only_the_key_store_is_lost(tmp_path: Path):
+    data = tmp_path / "data"
+    with Store.open(data) as store:
+        _append(store, "a")
+        store.backup(tmp_path / "backup", include_keys=True)
+        _append(store, "b")
+    shutil.rmtree(data / "keys")
+    before = snapshot(data)
+
+    with pytest.raises(DataDirDamaged, match="Losing only the key store"):
+        restore(tmp_path / "backup", data)
+
+    assert snapshot(data) == before
