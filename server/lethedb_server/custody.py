@@ -22,8 +22,11 @@ line naming the path, the versions expected and those found. Only then does
 the new high-water marks, an accepted restore).
 
 A keyring is created only for a fresh directory: no event in the log, no
-key, no recorded check value. This module never writes before a check has
-passed, and never logs or stores a key.
+key, no recorded check value. Once the store runs,
+:func:`record_missing_erasures` writes into a restored log the erasures only
+the key store remembers; :func:`align_backup` makes a hot backup's key store
+agree with its log copy. This module never writes before a check has passed,
+and never logs or stores a key.
 """
 
 from __future__ import annotations
