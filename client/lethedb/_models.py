@@ -349,7 +349,10 @@ class StoreStats(msgspec.Struct, frozen=True):
     ``forgotten_subjects`` every tombstoned subject and ``pending_shred`` those
     whose keys the next shred epoch has still to destroy. ``master_version``
     is the current master key version. Sizes are in bytes: the log file, the
-    log's LMDB map (its current ceiling) and the key-store file.
+    log's LMDB map (its current ceiling) and the key-store file. When an
+    operator accepted a restored log (``accept_restored_log``), positions
+    after ``restored_to`` up to ``restored_from`` were lost with the newer
+    log, at ``restored_at`` (ns since the epoch; 0: never).
     """
 
     last_position: int
@@ -363,6 +366,9 @@ class StoreStats(msgspec.Struct, frozen=True):
     log_map_bytes: int
     key_file_bytes: int
     store_id: bytes
+    restored_from: int = 0
+    restored_to: int = 0
+    restored_at: int = 0
 
 
 class VerifyProgress(msgspec.Struct, frozen=True):

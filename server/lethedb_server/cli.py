@@ -135,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _client_args(backup)
 
+    restore = sub.add_parser(
+        "restore",
+        help="put a backup's log back into a data directory (server stopped)",
+        description="Restore the log of BACKUP (written by lethedb backup) into --data, keeping "
+        "the directory's current key store so that every erasure since the backup holds. The "
+        "old log is moved aside, never deleted. See docs/OPERATIONS.md.",
+    )
+    restore.add_argument("backup", type=Path, help="directory written by lethedb backup")
+    restore.add_argument("--data", type=Path, required=True, help="data directory to restore into")
+    restore.add_argument(
+        "--keyring", type=Path, default=None, help="default: <data>/master.keyring"
+    )
+
     stats = sub.add_parser("stats", help="counts and sizes of the store")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _client_args(stats)
@@ -214,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shred": _shred,
         "legal-hold": _legal_hold,
         "backup": _backup,
+        "restore": _restore,
         "stats": _stats,
         "verify": _verify,
         "rotate-master-key": _rotate_master_key,
@@ -454,6 +468,15 @@ def _backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore(args: argparse.Namespace) -> int:
+    from lethedb_server.restore import restore
+
+    status, lines = restore(args.backup, args.data, args.keyring)
+    for line in lines:
+        print(line)
+    return status
+
+
 def _stats(args: argparse.Namespace) -> int:
     from lethedb_server.model import human_size
 
@@ -477,10 +500,20 @@ def _stats(args: argparse.Namespace) -> int:
         ("key store file", human_size(stats.key_file_bytes)),
         ("store id", stats.store_id.hex()),
     ]
+    if stats.restored_at:
+        rows.append(("restored log", _restored_log(stats)))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     return 0
+
+
+def _restored_log(stats: lethedb.StoreStats) -> str:
+    lost = stats.restored_from - stats.restored_to
+    return (
+        f"accepted {_iso(stats.restored_at)}: it ended at position {stats.restored_to:,}, "
+        f"the last known head was {stats.restored_from:,} ({lost:,} positions lost)"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -138,6 +138,33 @@ class LogMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     subject_indexed: int = INDEXED_THROUGH_HEAD
 
 
+class KeyStoreMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The key store's ``meta`` value under ``b"keys"``: whose keys, and how far it has seen.
+
+    ``log_position`` is the highest log position the key store has seen
+    (stamped at each key-store commit and at a clean close): a log that ends
+    before it was restored from an older copy or lost commits. The
+    ``restored_*`` fields record the last restored log an operator accepted.
+    """
+
+    store_id: bytes
+    generation: int
+    log_position: int
+    restored_from: int = 0  # the last known head when a restored log was accepted
+    restored_to: int = 0  # the restored log's head then
+    restored_at: int = 0  # ns since the epoch; 0: never
+
+
+class KeyStoreMark(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The log's ``meta`` value under ``b"keys"``: the key-store generation it last saw.
+
+    A key store whose generation is below it is older than the log (restored
+    from a backup): keys created since are missing from it.
+    """
+
+    key_generation: int
+
+
 class RecordSubject(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """The leading fields of a :class:`RecordBody`, through its subject id.
 
@@ -166,6 +193,8 @@ _meta_decoder = msgspec.msgpack.Decoder(LogMeta)
 _subject_decoder = msgspec.msgpack.Decoder(RecordSubject)
 _hold_decoder = msgspec.msgpack.Decoder(LegalHold)
 _epoch_decoder = msgspec.msgpack.Decoder(EpochRecord)
+_key_meta_decoder = msgspec.msgpack.Decoder(KeyStoreMeta)
+_key_mark_decoder = msgspec.msgpack.Decoder(KeyStoreMark)
 
 decode_payload = _payload_decoder.decode
 decode_stream = _stream_decoder.decode
@@ -173,6 +202,8 @@ decode_idempotency = _idem_decoder.decode
 decode_tombstone = _tombstone_decoder.decode
 decode_legal_hold = _hold_decoder.decode
 decode_epoch = _epoch_decoder.decode
+decode_key_meta = _key_meta_decoder.decode
+decode_key_mark = _key_mark_decoder.decode
 
 
 def decode_meta(raw: bytes | memoryview) -> LogMeta:
@@ -247,6 +278,11 @@ def subject_prefix(subject_id: str) -> bytes:
 def dek_key(subject_id: str, version: int) -> bytes:
     """Key-store key of one DEK version: length-prefixed subject id, then version."""
     return _prefixed(subject_id) + _U32.pack(version)
+
+
+def master_check_key(version: int) -> bytes:
+    """Key-store ``master_checks`` key: the master key version, u32 BE."""
+    return _U32.pack(version)
 
 
 def dek_version_from_key(key: bytes | memoryview) -> int:

@@ -48,6 +48,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     ready_file: str = ""
+    accept_restored_log: bool = False
     # security and operations (docs/CONFIGURATION.md, "Security")
     tls_cert: str = ""
     tls_key: str = ""
@@ -92,6 +93,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             keyring_path=self.keyring_path,
             dek_cache_size=self.dek_cache_size,
             dek_max_uses=self.dek_max_uses,
+            accept_restored_log=self.accept_restored_log,
             writer=WriterLimits(
                 max_batch_commands=self.batch_max_commands,
                 max_batch_bytes=self.batch_max_bytes,
@@ -139,6 +141,10 @@ HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
     "ready_file": "file to write the bound address to once serving (for supervisors)",
+    "accept_restored_log": (
+        "serve a log that ends before the position its key store has seen (a log restored "
+        "from an older backup); see docs/OPERATIONS.md"
+    ),
     "tls_cert": "PEM certificate chain of the server; with tls_key, enables TLS",
     "tls_key": "PEM private key of tls_cert (unencrypted; keep it mode 0600)",
     "tls_client_ca": "PEM CA bundle; clients must present a certificate it signed (mTLS)",

@@ -17,6 +17,8 @@ field, the limit and what was found, and never contain event data or keys.
     ├── DataLoss                 a record fails its integrity checks
     ├── DataDirLocked            another process holds the data directory
     ├── DataDirDamaged           the files on disk are unusable as they are
+    │   ├── KeyringMismatch      the keyring does not hold the keys the directory uses
+    │   └── RestoredLog          the log is behind its key store (restored from a backup?)
     ├── ForkedProcess            a forked child tried to write through its parent's store
     ├── PermissionDenied         the request's content needs a role the caller lacks
     ├── TooManySubscribers       a subscription limit (server or client) is reached
@@ -179,3 +181,19 @@ class SubscriptionReplaced(LetheError):
 
 class Overloaded(LetheError):
     """A limit on work in flight is reached; nothing was done, a later retry may succeed."""
+
+
+class KeyringMismatch(DataDirDamaged):
+    """The master keyring (or key provider) does not hold the keys the data directory uses.
+
+    Raised at start-up, before anything is written: serving with another
+    keyring would make acknowledged writes unreadable and wrap new keys under
+    a key the rest of the data does not know.
+    """
+
+
+class RestoredLog(DataDirDamaged):
+    """The log ends before a position its key store has seen: it was restored or lost data.
+
+    Serving it needs the operator's explicit consent (``accept_restored_log``).
+    """

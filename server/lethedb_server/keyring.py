@@ -13,6 +13,8 @@ either the old or the new keyring, never a torn one.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -25,6 +27,19 @@ from lethedb_server.errors import DataDirDamaged, LetheError
 from lethedb_server.files import make_private_dir, write_atomically
 
 KEYRING_FORMAT = 1
+#: Domain separation of key check values: this MAC input is used for nothing else.
+KEY_CHECK_LABEL = b"lethedb.master-key-check.v1\x00"
+
+
+def key_check_value(key: bytes, version: int) -> bytes:
+    """HMAC-SHA256 of a fixed label and the version under *key*.
+
+    It tells which key a version holds without revealing anything of it, so
+    the data directory can record it (see :mod:`lethedb_server.custody`) and
+    a keyring holding another key under the same version number is caught
+    before anything is read or written with it.
+    """
+    return hmac.new(key, KEY_CHECK_LABEL + version.to_bytes(4, "big"), hashlib.sha256).digest()
 
 
 class MasterKeyUnavailable(LetheError):
@@ -56,6 +71,16 @@ class KeyProvider(ABC):
     @abstractmethod
     def unwrap(self, wrapped: WrappedKey, aad: bytes) -> bytes:
         """Open *wrapped*; raise :class:`MasterKeyUnavailable` or ``InvalidTag``."""
+
+    @abstractmethod
+    def check_value(self, version: int) -> bytes:
+        """A key check value of *version*: a MAC of a fixed label under that key.
+
+        Equal for the same key, different for any other; never the key nor
+        anything it can be derived from. Raise :class:`MasterKeyUnavailable`
+        for a version the provider does not hold. A KMS-backed provider can
+        compute it with the KMS's MAC operation, or keep it beside the key.
+        """
 
     @abstractmethod
     def create_version(self) -> int:
@@ -136,6 +161,12 @@ class FileKeyring(KeyProvider):
         if len(wrapped.nonce) != NONCE_SIZE:
             raise InvalidTag()
         return key.decrypt(wrapped.nonce, wrapped.ciphertext, aad)
+
+    def check_value(self, version: int) -> bytes:
+        raw = self._raw.get(version)
+        if raw is None:
+            raise MasterKeyUnavailable(f"master key version {version} is not in {self.path}")
+        return key_check_value(raw, version)
 
     def create_version(self) -> int:
         with self._lock:

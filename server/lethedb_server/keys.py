@@ -18,6 +18,15 @@ Databases of the key store:
 * ``deks``: length-prefixed subject id + u32 BE version -> WrappedKey
 * ``dek_state``: subject id -> DekState (latest version and its reserved uses)
 * ``forgotten``: subject id -> Tombstone (a copy of the log's tombstone)
+* ``master_checks``: u32 BE master key version -> its key check value (a MAC
+  of a fixed label under the key, never the key): which keys the keyring must
+  hold for this store (see :mod:`lethedb_server.custody`)
+* ``meta``: ``keys`` -> KeyStoreMeta (the log it belongs to, its commit
+  generation, the highest log position it has seen)
+
+Every master key version that wraps a DEK here has its check value here: a
+new version's value is recorded before anything is wrapped under it, and a
+compacted key store (a shred epoch) holds only the new version's value.
 
 The ``forgotten`` copy exists so that restoring an *old log* backup next to the
 current key store cannot bring a forgotten subject back: the key store still
@@ -29,9 +38,10 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import lmdb
 import msgspec
@@ -39,10 +49,13 @@ import msgspec
 from lethedb_server import codec
 from lethedb_server.crypto import AESGCM, InvalidTag, fingerprint_key, new_key, wrap_aad
 from lethedb_server.errors import DataLoss
+from lethedb_server.faults import fault_point
 from lethedb_server.keyring import KeyProvider, MasterKeyUnavailable, WrappedKey
 from lethedb_server.lmdbenv import LmdbEnv
 
-KEY_DBS = ("deks", "dek_state", "forgotten")
+KEY_DBS = ("deks", "dek_state", "forgotten", "master_checks", "meta")
+META_KEY = b"keys"
+T = TypeVar("T")
 #: Far below NIST's 2**32 random-nonce limit, as SP 800-38D asks.
 DEFAULT_MAX_USES = 2**31
 RESERVE_BLOCK = 4096
@@ -108,6 +121,10 @@ class KeyStore:
         self._lock = threading.Lock()
         self._pinned: frozenset[str] = frozenset()
         self._forgotten = self._load_forgotten()
+        #: None until the store binds this key store to its log at start-up.
+        self.meta: codec.KeyStoreMeta | None = self._load_meta()
+        #: The log's head, for the high-water mark each commit records (set by the store).
+        self.log_head: Callable[[], int] = lambda: 0
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -152,8 +169,10 @@ class KeyStore:
                         txn = self.lmdb.begin_write()
                     available += self._extend(txn, subject_id, keys, count - available)
             if txn is not None:
+                stamped = self._stamp(txn)
                 txn.commit()
                 txn = None
+                self.meta = stamped
         except BaseException:
             # Nothing planned here is durable: drop it from memory, or a later
             # batch would encrypt under a DEK that the key store never saved.
@@ -391,7 +410,7 @@ class KeyStore:
                 txn.put(subject_id.encode(), codec.encode(tombstone), db=forgotten)
             return deleted
 
-        return self.lmdb.write(delete)
+        return self._write(delete)
 
     def dek_entries(self) -> int:
         with self.lmdb.read() as txn:
@@ -433,11 +452,17 @@ class KeyStore:
                 self._rewrap_into(target, chunk[start : start + 10_000], master_version)
                 written += len(chunk[start : start + 10_000])
 
+            check = self.provider.check_value(master_version)
+
             def put_rest(txn: lmdb.Transaction) -> None:
                 for k, v in state:
                     txn.put(k, v, db=target.dbs["dek_state"])
                 for k, v in forgotten:
                     txn.put(k, v, db=target.dbs["forgotten"])
+                # Only the new version: every other one is destroyed once this is swapped in.
+                checks_db = target.dbs["master_checks"]
+                txn.put(codec.master_check_key(master_version), check, db=checks_db)
+                self._stamp(txn, db=target.dbs["meta"])
 
             target.write(put_rest)
         finally:
@@ -474,6 +499,8 @@ class KeyStore:
         old versions is a shred epoch's job. Returns (new version, keys re-wrapped).
         """
         master_version = self.provider.create_version()
+        fault_point("rotate.new_master_key")
+        self.record_checks([master_version])
         deks = self.lmdb.dbs["deks"]
         with self.lmdb.read() as source:
             entries = [(bytes(k), bytes(v)) for k, v in source.cursor(db=deks)]
@@ -484,7 +511,7 @@ class KeyStore:
                 for raw_key, value in chunk:
                     txn.put(raw_key, self._rewrapped(raw_key, value), db=deks)
 
-            self.lmdb.write(put)
+            self._write(put)
         return master_version, len(entries)
 
     def swap_file(self, new_data_file: Path, old_copy: Path) -> None:
@@ -494,6 +521,69 @@ class KeyStore:
         can overwrite its bytes before removing it.
         """
         self.lmdb.replace_data_file(new_data_file, old_copy)
+        self.meta = self._load_meta()
+
+    # -- custody: check values and high-water marks -------------------------------
+
+    def _load_meta(self) -> codec.KeyStoreMeta | None:
+        with self.lmdb.read() as txn:
+            raw = txn.get(META_KEY, db=self.lmdb.dbs["meta"])
+        return None if raw is None else codec.decode_key_meta(raw)
+
+    def check_values(self) -> dict[int, bytes]:
+        """The recorded key check value of every master key version this store uses."""
+        with self.lmdb.read() as txn:
+            return {
+                int.from_bytes(bytes(k), "big"): bytes(v)
+                for k, v in txn.cursor(db=self.lmdb.dbs["master_checks"])
+            }
+
+    def record_checks(
+        self, versions: Sequence[int], meta: codec.KeyStoreMeta | None = None
+    ) -> None:
+        """Record the check values of *versions* (and *meta*, if given) in one commit.
+
+        Called before anything is wrapped under a new version, so every
+        version that wraps a key here has its value here.
+        """
+        checks = {v: self.provider.check_value(v) for v in versions}
+        db = self.lmdb.dbs["master_checks"]
+
+        def put(txn: lmdb.Transaction) -> None:
+            for version, check in checks.items():
+                txn.put(codec.master_check_key(version), check, db=db)
+            if meta is not None:
+                txn.put(META_KEY, codec.encode(meta), db=self.lmdb.dbs["meta"])
+
+        if meta is not None:
+            self.meta = meta
+        self._write(put)
+
+    def mark_position(self) -> None:
+        """Record the log's head as seen (a clean close does this last)."""
+        self._write(lambda txn: None)
+
+    def _write(self, apply: Callable[[lmdb.Transaction], T]) -> T:
+        """:meth:`LmdbEnv.write` that also stamps the meta (generation, log position)."""
+
+        def stamped(txn: lmdb.Transaction) -> tuple[T, codec.KeyStoreMeta | None]:
+            return apply(txn), self._stamp(txn)
+
+        result, meta = self.lmdb.write(stamped)
+        self.meta = meta
+        return result
+
+    def _stamp(self, txn: lmdb.Transaction, db: Any = None) -> codec.KeyStoreMeta | None:
+        """Put the next meta (one more commit, the log head as seen) in *txn*; return it."""
+        if self.meta is None:
+            return None
+        meta = msgspec.structs.replace(
+            self.meta,
+            generation=self.meta.generation + 1,
+            log_position=max(self.meta.log_position, self.log_head()),
+        )
+        txn.put(META_KEY, codec.encode(meta), db=db if db is not None else self.lmdb.dbs["meta"])
+        return meta
 
 
 def _subject_of(dek_key: bytes) -> str:

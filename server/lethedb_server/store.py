@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from lethedb_server import custody
 from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
@@ -43,6 +44,8 @@ class StoreOptions:
     dek_max_uses: int = DEFAULT_MAX_USES
     log_map_size: int = 64 << 20
     max_map_size: int = 1 << 42
+    #: Serve a log that is behind its key store (restored from an older backup).
+    accept_restored_log: bool = False
     writer: WriterLimits = field(default_factory=WriterLimits)
 
 
@@ -65,6 +68,7 @@ class Store:
         self.keys = keys
         self.writer = writer
         self.reader = EventReader(log_store, keys)
+        self._closed = False
 
     @classmethod
     def open(
@@ -77,13 +81,18 @@ class Store:
         make_private_dir(data_dir)
         lock = _take_lock(data_dir / LOCK_FILE)
         try:
-            if provider is None:
-                keyring_path = opts.keyring_path or data_dir / "master.keyring"
-                provider, created = FileKeyring.open_or_create(keyring_path)
-                if created:
-                    log.info("created master keyring %s (mode 0600)", keyring_path)
-                if _is_within(keyring_path, data_dir):
-                    log.warning("%s", keyring_inside_data_warning(keyring_path, data_dir))
+            # Nothing is written (not even the pid) until the keyring, the key
+            # store and the log are known to belong together.
+            plan = custody.preflight(
+                data_dir,
+                opts.keyring_path or data_dir / "master.keyring",
+                provider,
+                opts.accept_restored_log,
+            )
+            _write_pid(lock)
+            provider = custody.provide(plan)
+            if isinstance(provider, FileKeyring) and _is_within(provider.path, data_dir):
+                log.warning("%s", keyring_inside_data_warning(provider.path, data_dir))
             log_store = LogStore(
                 data_dir / "log", map_size=opts.log_map_size, max_map_size=opts.max_map_size
             )
@@ -98,6 +107,7 @@ class Store:
             lock.close()
             raise
         try:
+            custody.settle(plan, log_store, keys)
             shredder = Shredder(data_dir, log_store, keys, provider)
             shredder.recover()
             if shredder.reapply_tombstones():
@@ -115,7 +125,13 @@ class Store:
         writer.maintenance[ShredCommand] = shredder.run
         writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
         writer.start()
-        return cls(data_dir, lock, provider, log_store, keys, writer)
+        store = cls(data_dir, lock, provider, log_store, keys, writer)
+        try:
+            custody.record_missing_erasures(log_store, keys, writer)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
         """Copy the log (and, if asked, the key store) compacted into *destination*.
@@ -132,6 +148,8 @@ class Store:
         head = self.log.head
         log_bytes = self.log.lmdb.copy_to(destination / "log")
         key_bytes = self.keys.lmdb.copy_to(destination / "keys") if include_keys else 0
+        if include_keys:
+            custody.align_backup(destination)
         return log_bytes, key_bytes, head
 
     def stats(self) -> StoreStats:
@@ -156,6 +174,7 @@ class Store:
             log_map_bytes=self.log.lmdb.map_size(),
             key_file_bytes=_file_size(self.keys.lmdb.path / "data.mdb"),
             store_id=self.log.store_id,
+            **_restore_record(self.keys),
         )
 
     def receipt(self, subject_id: str) -> SubjectReceipt:
@@ -164,9 +183,18 @@ class Store:
     def close(self) -> None:
         """Finish queued writes, then close LMDB and release the lock."""
         self.writer.stop()
+        self._record_clean_close()
         self.log.close()
         self.keys.close()
         self._lock.close()
+
+    def _record_clean_close(self) -> None:
+        """Both high-water marks at a clean stop: the key store saw the head, the log the keys."""
+        if self._closed:
+            return
+        self._closed = True
+        self.keys.mark_position()
+        custody.record_key_generation(self.log, self.keys)
 
     def __enter__(self) -> Store:
         return self
@@ -188,6 +216,21 @@ class StoreStats:
     log_map_bytes: int
     key_file_bytes: int
     store_id: bytes
+    restored_from: int = 0
+    restored_to: int = 0
+    restored_at: int = 0
+
+
+def _restore_record(keys: KeyStore) -> dict[str, int]:
+    """The last restored log an operator accepted, as recorded by the key store."""
+    meta = keys.meta
+    if meta is None or not meta.restored_at:
+        return {}
+    return {
+        "restored_from": meta.restored_from,
+        "restored_to": meta.restored_to,
+        "restored_at": meta.restored_at,
+    }
 
 
 def _file_size(path: Path) -> int:
@@ -246,8 +289,12 @@ def _take_lock(path: Path) -> IO[bytes]:
             f"the data directory {path.parent} is in use by another LetheDB process "
             f"(pid {holder}); stop it first or choose another --data directory"
         ) from None
+    return handle
+
+
+def _write_pid(handle: IO[bytes]) -> None:
+    """Name this process in the lock file (for the message another process gets)."""
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()).encode())
     handle.flush()
-    return handle

@@ -130,3 +130,35 @@ def test_crash_at_each_step_of_forget_completes_the_erasure(tmp_path, point):
         )
 
     _check_recovered(data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["rotate.new_master_key", "shred.new_master_key"])
+def test_crash_between_a_new_master_key_and_its_check_value_keeps_the_store_usable(tmp_path, point):
+    """The keyring gains a version before the key store records its check value:
+    a crash in between leaves the keyring one version ahead, which start-up
+    accepts (nothing can be wrapped under an unrecorded version) and records."""
+    data = tmp_path / "data"
+    proc = _crashing_server(data, point)
+    channel, store, admin = _stubs(proc.address)
+    with channel:
+        _append(store, "user-2", KEPT, "still here")
+        if point.startswith("rotate"):
+            call = lambda: admin.RotateMasterKey(  # noqa: E731
+                admin_pb2.RotateMasterKeyRequest(), timeout=30
+            )
+        else:
+            call = lambda: admin.Shred(admin_pb2.ShredRequest(), timeout=30)  # noqa: E731
+        _expect_death(proc, call)
+
+    for starts in (1, 2):  # the second start checks what the first one recorded
+        proc = ServerProcess(data).start()
+        try:
+            channel, store, admin = _stubs(proc.address)
+            with channel:
+                expected = [b"still here"] + [b"after the crash"] * (starts - 1)
+                assert [e.data for e in _read_all(store)] == expected
+                _append(store, "user-3", "subj-new", "after the crash")
+                admin.RotateMasterKey(admin_pb2.RotateMasterKeyRequest(), timeout=30)
+        finally:
+            assert proc.stop() == 0, proc.logs()

@@ -16,9 +16,16 @@ import pytest
 
 from lethedb_server import codec
 from lethedb_server.crypto import wrap_aad
-from lethedb_server.errors import DataLoss, LegalHoldActive, SubjectForgotten
+from lethedb_server.errors import (
+    DataLoss,
+    KeyringMismatch,
+    LegalHoldActive,
+    RestoredLog,
+    SubjectForgotten,
+)
 from lethedb_server.idempotency import FORMAT_KEY
 from lethedb_server.keyring import FileKeyring, WrappedKey
+from lethedb_server.keys import KeyStore
 from lethedb_server.model import (
     ERASURE_EVENT_TYPE,
     ERASURE_STREAM,
@@ -29,6 +36,8 @@ from lethedb_server.model import (
     ShredCommand,
     SubjectState,
 )
+from lethedb_server.reader import EventReader
+from lethedb_server.storage import LogStore
 from lethedb_server.store import Store, StoreOptions
 
 FORGOTTEN, KEPT = "subj-forgotten", "subj-kept"
@@ -256,12 +265,18 @@ def test_old_data_backup_beside_the_current_keyring_cannot_decrypt_the_forgotten
     store.writer.execute(ShredCommand())
     shutil.copy2(store.data_dir / "master.keyring", stolen / "master.keyring")
 
-    restored = Store.open(stolen)
+    # The store itself refuses the mix: the copy uses a master version the keyring lacks.
+    with pytest.raises(KeyringMismatch, match="lacks master key version 1"):
+        Store.open(stolen)
+    # Whoever bypasses that check still decrypts nothing: the version is destroyed.
+    log_store = LogStore(stolen / "log")
+    keys = KeyStore(stolen / "keys", FileKeyring(stolen / "master.keyring"))
     try:
         with pytest.raises(DataLoss, match="master key version"):
-            restored.reader.read_stream("user-1", 0, backwards=False, limit=10)
+            EventReader(log_store, keys).read_stream("user-1", 0, backwards=False, limit=10)
     finally:
-        restored.close()
+        log_store.close()
+        keys.close()
 
 
 def test_old_log_backup_beside_the_current_key_store_keeps_every_later_erasure(store, tmp_path):
@@ -276,14 +291,21 @@ def test_old_log_backup_beside_the_current_key_store_keeps_every_later_erasure(s
     shutil.rmtree(data_dir / "log")
     shutil.copytree(tmp_path / "log-backup" / "log", data_dir / "log")
 
-    restored = Store.open(data_dir)
+    with pytest.raises(RestoredLog, match="1 position is missing"):
+        Store.open(data_dir)  # the forget's event is not in the restored log
+    restored = Store.open(data_dir, StoreOptions(accept_restored_log=True))
     try:
         events = restored.reader.read_all(1, backwards=False, limit=10)
-        assert [(e.subject_id, e.redacted) for e in events] == [(FORGOTTEN, True), (KEPT, False)]
+        assert [(e.subject_id, e.redacted) for e in events[:2]] == [
+            (FORGOTTEN, True),
+            (KEPT, False),
+        ]
         assert events[1].data == b"bob"
+        # The erasure the restored log lacked is written into it again.
+        assert [e.event_type for e in events[2:]] == [ERASURE_EVENT_TYPE]
         with pytest.raises(SubjectForgotten):
             _append(restored, "user-1", FORGOTTEN, "resurrected?")
-        assert restored.receipt(FORGOTTEN).state is not SubjectState.ACTIVE
+        assert restored.receipt(FORGOTTEN).state is SubjectState.SHREDDED
     finally:
         restored.close()
     # `store` fixture closes again: harmless

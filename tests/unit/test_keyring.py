@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server.crypto import InvalidTag, new_key, wrap_aad
+from lethedb_server.crypto import AESGCM, InvalidTag, new_key, wrap_aad
 from lethedb_server.errors import DataDirDamaged
 from lethedb_server.keyring import FileKeyring, KeyProvider, MasterKeyUnavailable, WrappedKey
+from tests.memory_keyring import MemoryKeyring
 
 
 def aad(version: int) -> bytes:
@@ -110,6 +111,52 @@ class KeyProviderContract:
 
         assert provider.unwrap(wrapped, aad(wrapped.master_version)) == dek
 
+    def test_check_value_is_stable_per_version_and_differs_between_versions(
+        self, provider: KeyProvider
+    ):
+        first = provider.current_version()
+        second = provider.create_version()
+
+        assert provider.check_value(first) == provider.check_value(first)
+        assert len(provider.check_value(first)) >= 16
+        assert provider.check_value(first) != provider.check_value(second)
+
+    def test_check_value_tells_two_providers_apart(self, provider: KeyProvider):
+        other = MemoryKeyring()
+
+        assert provider.check_value(1) != other.check_value(1)
+
+    def test_check_value_reveals_nothing_that_unwraps(self, provider: KeyProvider):
+        """The check value is no key: it does not open what the version wrapped."""
+        version = provider.current_version()
+        dek = new_key()
+        wrapped = provider.wrap(dek, aad)
+        check = provider.check_value(version)
+
+        assert dek not in check
+        with pytest.raises(InvalidTag):
+            AESGCM(check[:32]).decrypt(wrapped.nonce, wrapped.ciphertext, aad(version))
+
+    def test_check_value_of_a_destroyed_or_unknown_version_is_unavailable(
+        self, provider: KeyProvider
+    ):
+        old = provider.current_version()
+        provider.create_version()
+        provider.destroy_version(old)
+
+        with pytest.raises(MasterKeyUnavailable):
+            provider.check_value(old)
+        with pytest.raises(MasterKeyUnavailable):
+            provider.check_value(99)
+
+
+class TestMemoryKeyring(KeyProviderContract):
+    """The in-memory provider the store's start-up checks are tested with."""
+
+    @pytest.fixture
+    def provider(self) -> KeyProvider:
+        return MemoryKeyring()
+
 
 class TestFileKeyring(KeyProviderContract):
     @pytest.fixture
@@ -121,6 +168,11 @@ class TestFileKeyring(KeyProviderContract):
         keyring, created = FileKeyring.open_or_create(path)
         assert created
         return keyring
+
+    def test_check_value_persists_across_reopen(self, provider: FileKeyring, path: Path):
+        before = provider.check_value(1)
+
+        assert FileKeyring(path).check_value(1) == before
 
     def test_new_keyring_file_has_mode_0600(self, provider: FileKeyring, path: Path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lethedb.v1 import eventstore_pb2 as lethedb_dot_v1_dot_eventstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lethedb/v1/admin.proto\x12\nlethedb.v1\x1a\x1blethedb/v1/eventstore.proto\"\x0e\n\x0cShredRequest\"z\n\rShredResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0emaster_version\x18\x02 \x01(\r\x12\x11\n\tlive_keys\x18\x03 \x01(\x04\x12\x19\n\x11shredded_subjects\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ompleted_at\x18\x05 \x01(\x06\"H\n\x13SetLegalHoldRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05until\x18\x03 \x01(\x06\"-\n\x17ReleaseLegalHoldRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\":\n\rBackupRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x14\n\x0cinclude_keys\x18\x02 \x01(\x08\"b\n\x0e\x42\x61\x63kupResponse\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x11\n\tlog_bytes\x18\x03 \x01(\x04\x12\x11\n\tkey_bytes\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x82\x02\n\rStatsResponse\x12\x15\n\rlast_position\x18\x01 \x01(\x04\x12\x0f\n\x07streams\x18\x02 \x01(\x04\x12\x10\n\x08subjects\x18\x03 \x01(\x04\x12\x1a\n\x12\x66orgotten_subjects\x18\x04 \x01(\x04\x12\x15\n\rpending_shred\x18\x05 \x01(\x04\x12\x13\n\x0bshred_epoch\x18\x06 \x01(\x04\x12\x16\n\x0emaster_version\x18\x07 \x01(\r\x12\x16\n\x0elog_file_bytes\x18\x08 \x01(\x04\x12\x15\n\rlog_map_bytes\x18\t \x01(\x04\x12\x16\n\x0ekey_file_bytes\x18\n \x01(\x04\x12\x10\n\x08store_id\x18\x0b \x01(\x0c\"\x0f\n\rVerifyRequest\"\x85\x01\n\x0eVerifyProgress\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x1a\n\x12\x66irst_bad_position\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x10\n\x08redacted\x18\x06 \x01(\x04\"\x18\n\x16RotateMasterKeyRequest\"I\n\x17RotateMasterKeyResponse\x12\x16\n\x0emaster_version\x18\x01 \x01(\r\x12\x16\n\x0erewrapped_keys\x18\x02 \x01(\x04\x32\x85\x04\n\x05\x41\x64min\x12<\n\x05Shred\x12\x18.lethedb.v1.ShredRequest\x1a\x19.lethedb.v1.ShredResponse\x12K\n\x0cSetLegalHold\x12\x1f.lethedb.v1.SetLegalHoldRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12S\n\x10ReleaseLegalHold\x12#.lethedb.v1.ReleaseLegalHoldRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12?\n\x06\x42\x61\x63kup\x12\x19.lethedb.v1.BackupRequest\x1a\x1a.lethedb.v1.BackupResponse\x12<\n\x05Stats\x12\x18.lethedb.v1.StatsRequest\x1a\x19.lethedb.v1.StatsResponse\x12\x41\n\x06Verify\x12\x19.lethedb.v1.VerifyRequest\x1a\x1a.lethedb.v1.VerifyProgress0\x01\x12Z\n\x0fRotateMasterKey\x12\".lethedb.v1.RotateMasterKeyRequest\x1a#.lethedb.v1.RotateMasterKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lethedb/v1/admin.proto\x12\nlethedb.v1\x1a\x1blethedb/v1/eventstore.proto\"\x0e\n\x0cShredRequest\"z\n\rShredResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0emaster_version\x18\x02 \x01(\r\x12\x11\n\tlive_keys\x18\x03 \x01(\x04\x12\x19\n\x11shredded_subjects\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ompleted_at\x18\x05 \x01(\x06\"H\n\x13SetLegalHoldRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05until\x18\x03 \x01(\x06\"-\n\x17ReleaseLegalHoldRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\":\n\rBackupRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x14\n\x0cinclude_keys\x18\x02 \x01(\x08\"b\n\x0e\x42\x61\x63kupResponse\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x11\n\tlog_bytes\x18\x03 \x01(\x04\x12\x11\n\tkey_bytes\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xc3\x02\n\rStatsResponse\x12\x15\n\rlast_position\x18\x01 \x01(\x04\x12\x0f\n\x07streams\x18\x02 \x01(\x04\x12\x10\n\x08subjects\x18\x03 \x01(\x04\x12\x1a\n\x12\x66orgotten_subjects\x18\x04 \x01(\x04\x12\x15\n\rpending_shred\x18\x05 \x01(\x04\x12\x13\n\x0bshred_epoch\x18\x06 \x01(\x04\x12\x16\n\x0emaster_version\x18\x07 \x01(\r\x12\x16\n\x0elog_file_bytes\x18\x08 \x01(\x04\x12\x15\n\rlog_map_bytes\x18\t \x01(\x04\x12\x16\n\x0ekey_file_bytes\x18\n \x01(\x04\x12\x10\n\x08store_id\x18\x0b \x01(\x0c\x12\x15\n\rrestored_from\x18\x0c \x01(\x04\x12\x13\n\x0brestored_to\x18\r \x01(\x04\x12\x13\n\x0brestored_at\x18\x0e \x01(\x03\"\x0f\n\rVerifyRequest\"\x85\x01\n\x0eVerifyProgress\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x04\x12\x15\n\rlast_position\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x1a\n\x12\x66irst_bad_position\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x10\n\x08redacted\x18\x06 \x01(\x04\"\x18\n\x16RotateMasterKeyRequest\"I\n\x17RotateMasterKeyResponse\x12\x16\n\x0emaster_version\x18\x01 \x01(\r\x12\x16\n\x0erewrapped_keys\x18\x02 \x01(\x04\x32\x85\x04\n\x05\x41\x64min\x12<\n\x05Shred\x12\x18.lethedb.v1.ShredRequest\x1a\x19.lethedb.v1.ShredResponse\x12K\n\x0cSetLegalHold\x12\x1f.lethedb.v1.SetLegalHoldRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12S\n\x10ReleaseLegalHold\x12#.lethedb.v1.ReleaseLegalHoldRequest\x1a\x1a.lethedb.v1.SubjectReceipt\x12?\n\x06\x42\x61\x63kup\x12\x19.lethedb.v1.BackupRequest\x1a\x1a.lethedb.v1.BackupResponse\x12<\n\x05Stats\x12\x18.lethedb.v1.StatsRequest\x1a\x19.lethedb.v1.StatsResponse\x12\x41\n\x06Verify\x12\x19.lethedb.v1.VerifyRequest\x1a\x1a.lethedb.v1.VerifyProgress0\x01\x12Z\n\x0fRotateMasterKey\x12\".lethedb.v1.RotateMasterKeyRequest\x1a#.lethedb.v1.RotateMasterKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,15 +47,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=488
   _globals['_STATSREQUEST']._serialized_end=502
   _globals['_STATSRESPONSE']._serialized_start=505
-  _globals['_STATSRESPONSE']._serialized_end=763
-  _globals['_VERIFYREQUEST']._serialized_start=765
-  _globals['_VERIFYREQUEST']._serialized_end=780
-  _globals['_VERIFYPROGRESS']._serialized_start=783
-  _globals['_VERIFYPROGRESS']._serialized_end=916
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=918
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=942
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=944
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=1017
-  _globals['_ADMIN']._serialized_start=1020
-  _globals['_ADMIN']._serialized_end=1537
+  _globals['_STATSRESPONSE']._serialized_end=828
+  _globals['_VERIFYREQUEST']._serialized_start=830
+  _globals['_VERIFYREQUEST']._serialized_end=845
+  _globals['_VERIFYPROGRESS']._serialized_start=848
+  _globals['_VERIFYPROGRESS']._serialized_end=981
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=983
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=1007
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=1009
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=1082
+  _globals['_ADMIN']._serialized_start=1085
+  _globals['_ADMIN']._serialized_end=1602
 # @@protoc_insertion_point(module_scope)

@@ -197,6 +197,9 @@ class StatsResponse(_message.Message):
     LOG_MAP_BYTES_FIELD_NUMBER: _builtins.int
     KEY_FILE_BYTES_FIELD_NUMBER: _builtins.int
     STORE_ID_FIELD_NUMBER: _builtins.int
+    RESTORED_FROM_FIELD_NUMBER: _builtins.int
+    RESTORED_TO_FIELD_NUMBER: _builtins.int
+    RESTORED_AT_FIELD_NUMBER: _builtins.int
     last_position: _builtins.int
     """Last committed global position."""
     streams: _builtins.int
@@ -211,6 +214,14 @@ class StatsResponse(_message.Message):
     log_map_bytes: _builtins.int
     key_file_bytes: _builtins.int
     store_id: _builtins.bytes
+    restored_from: _builtins.int
+    """The last restored log an operator accepted (accept_restored_log), if
+    any: the head known before it, the restored log's head, and when
+    (ns since the epoch; 0: never). Positions after restored_to up to
+    restored_from were lost with the newer log.
+    """
+    restored_to: _builtins.int
+    restored_at: _builtins.int
     def __init__(
         self,
         *,
@@ -225,10 +236,13 @@ class StatsResponse(_message.Message):
         log_map_bytes: _builtins.int = ...,
         key_file_bytes: _builtins.int = ...,
         store_id: _builtins.bytes = ...,
+        restored_from: _builtins.int = ...,
+        restored_to: _builtins.int = ...,
+        restored_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten_subjects", b"forgotten_subjects", "key_file_bytes", b"key_file_bytes", "last_position", b"last_position", "log_file_bytes", b"log_file_bytes", "log_map_bytes", b"log_map_bytes", "master_version", b"master_version", "pending_shred", b"pending_shred", "shred_epoch", b"shred_epoch", "store_id", b"store_id", "streams", b"streams", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten_subjects", b"forgotten_subjects", "key_file_bytes", b"key_file_bytes", "last_position", b"last_position", "log_file_bytes", b"log_file_bytes", "log_map_bytes", b"log_map_bytes", "master_version", b"master_version", "pending_shred", b"pending_shred", "restored_at", b"restored_at", "restored_from", b"restored_from", "restored_to", b"restored_to", "shred_epoch", b"shred_epoch", "store_id", b"store_id", "streams", b"streams", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
