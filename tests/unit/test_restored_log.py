@@ -102,10 +102,12 @@ def test_accepting_a_restored_log_says_so_once_and_records_the_new_baseline(
 
 
 def test_a_clean_restart_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The production layout (keyring outside the data directory) starts without a warning."""
     data = tmp_path / "data"
-    with Store.open(data) as store:
+    options = StoreOptions(keyring_path=tmp_path / "master.keyring")
+    with Store.open(data, options) as store:
         _append(store, "a", 3)
-    with caplog.at_level(logging.WARNING), Store.open(data) as store:
+    with caplog.at_level(logging.WARNING), Store.open(data, options) as store:
         assert store.stats().restored_at == 0
     assert not caplog.records
 
