@@ -60,8 +60,16 @@ class AuditReport:
 
     @property
     def passed(self) -> bool:
-        checks = [c for s in self.subjects for c in s.checks] + self.canaries
-        return all(c.outcome == PASS for c in checks)
+        return self.verdict == PASS
+
+    @property
+    def verdict(self) -> str:
+        """FAIL if any check failed, else PENDING if any waits for a shred epoch, else PASS."""
+        outcomes = {c.outcome for s in self.subjects for c in s.checks}
+        outcomes.update(c.outcome for c in self.canaries)
+        if outcomes - {PASS, PENDING}:
+            return FAIL
+        return PENDING if PENDING in outcomes else PASS
 
     def render(self) -> str:
         lines: list[str] = []
@@ -78,8 +86,7 @@ class AuditReport:
             lines.append("canaries")
             lines += [f"  {c.outcome:<7} {c.text}" for c in self.canaries]
         count = sum(len(s.checks) for s in self.subjects) + len(self.canaries)
-        verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"RESULT: {verdict} ({count} checks, {self.files_scanned} files scanned)")
+        lines.append(f"RESULT: {self.verdict} ({count} checks, {self.files_scanned} files scanned)")
         return "\n".join(lines)
 
 
@@ -144,8 +151,11 @@ def audit_erasure(
                     _old_masters_destroyed(keyring, tombstone, meta.shred_epoch, epochs)
                 )
                 versions = _dek_versions(log_env, log_txn, meta, subject_id)
+                pending_epoch = meta.shred_epoch < tombstone.shred_epoch
                 audit.checks.append(
-                    _no_unwrappable_window(keyring, subject_id, versions, key_files)
+                    _no_unwrappable_window(
+                        keyring, subject_id, versions, key_files, pending_epoch=pending_epoch
+                    )
                 )
                 subjects.append(audit)
     finally:
@@ -234,8 +244,19 @@ def _dek_versions(
 
 
 def _no_unwrappable_window(
-    keyring: FileKeyring, subject_id: str, dek_versions: set[int], files: list[Path]
+    keyring: FileKeyring,
+    subject_id: str,
+    dek_versions: set[int],
+    files: list[Path],
+    *,
+    pending_epoch: bool = False,
 ) -> Check:
+    """FAIL when a stale wrapped key still unwraps, or PENDING before the subject's shred epoch.
+
+    Until that epoch has run, stale copies (free key-store pages, backups with
+    keys) unwrapping under a master key version that exists now are expected:
+    the epoch destroys every such version. Afterwards, one is a failure.
+    """
     windows = 0
     for path in files:
         with _contents(path) as data:
@@ -249,11 +270,15 @@ def _no_unwrappable_window(
                         keyring.unwrap(wrapped, wrap_aad(subject_id, dek_version, master_version))
                     except (InvalidTag, MasterKeyUnavailable):
                         continue
-                    return Check(
-                        FAIL,
+                    where = (
                         f"{path} at byte {offset} holds a key of the subject (version "
-                        f"{dek_version}) that master key version {master_version} still unwraps",
+                        f"{dek_version}) that master key version {master_version} still unwraps"
                     )
+                    if pending_epoch:
+                        return Check(
+                            PENDING, f"{where}; the pending shred epoch destroys that version"
+                        )
+                    return Check(FAIL, where)
     return Check(
         PASS,
         f"none of {windows} wrapped-key windows in {len(files)} key-store and backup files "
