@@ -370,11 +370,14 @@ class AsyncClient(BaseClient):
     async def set_checkpoint(
         self, group: str, position: int, *, timeout: float | None = None
     ) -> None:
-        """Set a consumer group's stored checkpoint, also backwards (to replay).
+        """Set a consumer group's stored checkpoint (backwards, to replay, only as admin).
 
         Only while the group has no live member on the server (NotGroupMember
         otherwise): members move the checkpoint with ``subscription.commit()``.
-        PositionBeyondHead when ``position`` is beyond the head of the log.
+        Needs the consumer role; moving the checkpoint back needs admin
+        (PermissionDenied otherwise). PositionBeyondHead when ``position`` is
+        beyond the head of the log; StorageFull (RESOURCE_EXHAUSTED) when the
+        group would be new and the server keeps its maximum of groups.
         """
         request = build_checkpoint_request(group, position)
         deadline = self._timeout_for(timeout)

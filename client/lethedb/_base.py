@@ -631,6 +631,9 @@ MAX_APPENDS_PER_BATCH: Final = 1000
 #: Most request bytes coalesced into one AppendBatch call, well under the
 #: server's message limit (32 MiB by default). A larger append travels alone.
 MAX_BATCH_BYTES: Final = 4 << 20
+#: Most events coalesced into one AppendBatch call: the server's default
+#: per-call limit (``max_request_events``). A larger append travels alone.
+MAX_BATCH_EVENTS: Final = 10_000
 #: Append calls one client keeps in flight before further appends wait for the
 #: next batch. One: appends made while a call waits for its commit leave
 #: together when it returns. With two, they went out at once as a second,
@@ -668,11 +671,12 @@ _W = TypeVar("_W", bound=_Waiter)
 class QueuedAppend(Generic[_W]):
     """One caller's append waiting for the next batch; ``waiter`` receives its outcome."""
 
-    __slots__ = ("deadline", "request", "size", "waiter")
+    __slots__ = ("deadline", "events", "request", "size", "waiter")
 
     def __init__(self, request: pb.AppendRequest, deadline: float, waiter: _W) -> None:
         self.request = request
         self.size = request.ByteSize()
+        self.events = len(request.events)
         #: When the caller stops waiting, on the waiting client's clock.
         self.deadline = deadline
         self.waiter = waiter
@@ -684,7 +688,8 @@ class AppendCoalescer(Generic[_W]):
     While fewer than ``calls_in_flight`` append calls are in flight, an append
     is sent at once as a plain unary Append, so a lone caller waits for
     nothing. Otherwise it is queued, and each call that completes sends
-    everything queued (up to MAX_APPENDS_PER_BATCH appends and MAX_BATCH_BYTES)
+    everything queued (up to MAX_APPENDS_PER_BATCH appends, MAX_BATCH_BYTES and
+    MAX_BATCH_EVENTS)
     as one AppendBatch call. Under load, the calls per second stay bounded by
     the round trip while the appends per call grow with the concurrency.
 
@@ -761,7 +766,7 @@ class AppendCoalescer(Generic[_W]):
 
     def _take(self) -> list[QueuedAppend[_W]]:
         batch: list[QueuedAppend[_W]] = []
-        size = 0
+        size = events = 0
         most = MAX_APPENDS_PER_BATCH if self.batching else 1
         queue = self._queue
         while queue and len(batch) < most:
@@ -769,11 +774,14 @@ class AppendCoalescer(Generic[_W]):
             if item.waiter.done():  # its caller gave up (deadline, cancellation)
                 queue.popleft()
                 continue
-            if batch and size + item.size > MAX_BATCH_BYTES:
+            if batch and (
+                size + item.size > MAX_BATCH_BYTES or events + item.events > MAX_BATCH_EVENTS
+            ):
                 break
             queue.popleft()
             batch.append(item)
             size += item.size
+            events += item.events
         return batch
 
     @staticmethod
@@ -1324,7 +1332,7 @@ class SubscriptionState:
 
 
 def build_checkpoint_request(group: str, position: int) -> pb.CommitCheckpointRequest:
-    """A member-less CommitCheckpoint: set a group's stored checkpoint (also backwards)."""
+    """A member-less CommitCheckpoint: set a group's stored checkpoint (back only as admin)."""
     _check_name("group", group)
     return pb.CommitCheckpointRequest(group=group, position=_check_position("position", position))
 

@@ -238,6 +238,8 @@ _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "DataDirLocked": ServerError,
     "ShuttingDown": Unavailable,
     "TooManySubscribers": TooManySubscribers,
+    "TooManyGroups": StorageFull,  # over max_consumer_groups: nothing written
+    "PermissionDenied": PermissionDenied,  # a request's content needs a higher role
     "PositionBeyondHead": PositionBeyondHead,
     "NotGroupMember": NotGroupMember,
     "SubscriptionReplaced": SubscriptionReplaced,

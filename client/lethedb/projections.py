@@ -62,7 +62,12 @@ stopping), so operators can watch the projection's progress on the server
 replaces the first instead of writing beside it. At start the runner sets the
 group's checkpoint to the local one (also backwards, after a rebuild); if
 the group has live members that refuse it and the group would restart after
-the local checkpoint, it stops with an error rather than skip events. A
+the local checkpoint, it stops with an error rather than skip events. Its
+token needs the ``consumer`` role; moving the group's checkpoint back (a
+rebuild, or a local store restored from an older copy) needs ``admin``, so
+such a start with a consumer token stops with :class:`ProjectionError`
+saying so: run the rebuild once with an admin token (``--until-caught-up``),
+then the daemon with its own token again. A
 projection must be its group's only member: members share the events by
 subject, so each would see only part of the log; a runner whose group gets a
 second member stops with :class:`ProjectionError`.
@@ -86,7 +91,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
 
 from lethedb._client import Client
-from lethedb._exceptions import LetheError, NotGroupMember, Unavailable
+from lethedb._exceptions import LetheError, NotGroupMember, PermissionDenied, Unavailable
 from lethedb._models import (
     CaughtUp,
     Checkpoint,
@@ -586,6 +591,15 @@ class ProjectionRunner:
             # Live members (a previous runner still connected): the first
             # assignment tells whether the group would skip anything.
             log.warning("group %r checkpoint not aligned: %s", self.group, exc)
+        except PermissionDenied as exc:
+            raise ProjectionError(
+                f"group {self.group!r} is at position {stored} on the server, ahead of this "
+                f"projection's checkpoint {self.position} (a rebuild, or an older copy of its "
+                "store); moving a group's checkpoint back needs the admin role, and this "
+                "token lacks it. Run this once with an admin token (with --until-caught-up "
+                "for a rebuild), then with the usual token again; or use a new --group "
+                f"({exc.details})"
+            ) from exc
 
     def _until_available(self, call: Callable[[], _Result]) -> _Result:
         """Retry a start-up call while the server is unreachable, like the subscription does."""

@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(hold)
 
     backup = sub.add_parser("backup", help="hot backup of the log (compacted) into DEST")
-    backup.add_argument("destination", help="empty or missing directory, on the server's machine")
+    backup.add_argument(
+        "destination",
+        help="empty or missing directory on the server's machine, outside the master "
+        "keyring's directory (with the default layout: outside the data directory)",
+    )
     backup.add_argument(
         "--include-keys",
         action="store_true",
@@ -187,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument(
         "--db", default=None, help="passed to the class (SQLiteProjection: the database file)"
     )
-    project.add_argument("--group", default=None, help="consumer group on the server")
+    project.add_argument(
+        "--group",
+        default=None,
+        help="consumer group on the server (token role consumer; with --rebuild: admin)",
+    )
     project.add_argument(
         "--member-id", default=None, help="member id in the group (default: projection)"
     )
@@ -206,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--data", type=Path, required=True, help="data directory")
     audit.add_argument("--keyring", type=Path, default=None, help="default: <data>/master.keyring")
-    audit.add_argument("--backup", type=Path, action="append", default=[], help="backup to scan")
+    audit.add_argument(
+        "--backup",
+        type=Path,
+        action="append",
+        default=[],
+        help="backup or copy to scan for keys, keyrings and canaries (repeatable)",
+    )
     audit.add_argument("--canary", action="append", default=[], help="text that must not appear")
     return parser
 
@@ -470,12 +484,23 @@ def _export(args: argparse.Namespace) -> int:
     if args.output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
+        _write_private(args.output, text)
         print(
             f"wrote {len(events)} events of subject {args.subject_id} to {args.output}",
             file=sys.stderr,
         )
     return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write *text* to *path*, mode 0600: an export is a subject's personal data in clear."""
+    from lethedb_server.files import PRIVATE_FILE_MODE, open_private
+
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
+    with open(fd, "w", encoding="utf-8") as out:
+        if os.path.isfile(path):
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # an existing file keeps its mode otherwise
+        out.write(text)
 
 
 def _shred(args: argparse.Namespace) -> int:
@@ -535,7 +560,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from lethedb_server.validation import human_size
+    from lethedb_server.model import human_size
 
     with _client(args) as db:
         stats = db.admin.stats()

@@ -70,12 +70,24 @@ class AppendResult(msgspec.Struct, array_like=True, frozen=True, gc=False):
     deduplicated: bool = False
 
 
+#: ``IdempotencyEntry.digest_format`` of entries written before fingerprints
+#: were keyed: an unkeyed BLAKE2b of the plaintext request, which lets anyone
+#: holding the file brute-force it. Start-up re-keys or drops them
+#: (``idempotency.upgrade_unkeyed_entries``); lookups never trust one.
+UNKEYED_DIGEST: Final = 0
+#: The request hash MACed under the fingerprint keys of every subject the
+#: request names (``crypto.keyed_fingerprint``): noise once one is shredded.
+KEYED_DIGEST: Final = 1
+
+
 class IdempotencyEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     digest: bytes
     result: AppendResult
     created_at: int
     #: Every stream's result of a multi-stream commit (empty for an append).
     commit: tuple[AppendResult, ...] = ()
+    #: How ``digest`` was computed; absent (UNKEYED_DIGEST) in old entries.
+    digest_format: int = UNKEYED_DIGEST
 
 
 class Tombstone(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -57,7 +57,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1)] = 256
     max_streams_per_connection: Annotated[int, msgspec.Meta(ge=0)] = 128
-    max_inflight_appends: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    max_inflight_appends: Annotated[int, msgspec.Meta(ge=0)] = WriterLimits.max_inflight_appends
     keepalive_time_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     keepalive_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
     keepalive_min_ping_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
@@ -65,6 +65,19 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_ping_strikes: Annotated[int, msgspec.Meta(ge=0)] = 2
     max_subscribers: int = 10_000
     subscription_heartbeat_s: float = 5.0
+    # per-client quotas and consumer groups (docs/CONFIGURATION.md, "Limits")
+    max_streams_per_client: Annotated[int, msgspec.Meta(ge=0)] = 4000
+    max_subscriptions_per_client: Annotated[int, msgspec.Meta(ge=0)] = 2000
+    max_consumer_groups: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    # request, in-flight and connection limits against floods (docs/CONFIGURATION.md, "Limits")
+    max_request_events: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_events
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_bytes
+    max_inflight_events: Annotated[int, msgspec.Meta(ge=0)] = WriterLimits.max_inflight_events
+    max_inflight_bytes: Annotated[int, msgspec.Meta(ge=0)] = WriterLimits.max_inflight_bytes
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] = 4096
+    max_connections_per_peer: Annotated[int, msgspec.Meta(ge=0)] = 256
+    handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    connection_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
 
     @property
     def data_dir(self) -> Path:
@@ -84,6 +97,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 max_batch_bytes=self.batch_max_bytes,
                 idempotency_window_ns=int(self.idempotency_window_s * 1e9),
                 max_inflight_appends=self.max_inflight_appends,
+                max_inflight_events=self.max_inflight_events,
+                max_inflight_bytes=self.max_inflight_bytes,
             ),
         )
 
@@ -91,6 +106,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return SubscriptionLimits(
             max_subscribers=self.max_subscribers,
             heartbeat_interval_s=self.subscription_heartbeat_s,
+            max_consumer_groups=self.max_consumer_groups,
         )
 
     def limits(self) -> Limits:
@@ -98,6 +114,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             max_event_bytes=self.max_event_bytes,
             max_events_per_append=self.max_events_per_append,
             max_append_bytes=self.max_append_bytes,
+            max_request_events=self.max_request_events,
+            max_request_bytes=self.max_request_bytes,
             subject_id_pattern=self.subject_id_pattern or None,
         )
 
@@ -110,7 +128,7 @@ HELP: dict[str, str] = {
     "dek_max_uses": "encryptions per data key version before it rolls to a new one",
     "max_event_bytes": "largest data + metadata of one event",
     "max_events_per_append": "most events in one append",
-    "max_append_bytes": "largest total data + metadata of one append",
+    "max_append_bytes": "largest append: every field of its events plus 128 bytes per event",
     "max_message_bytes": "largest gRPC message the server accepts",
     "subject_id_pattern": "regular expression every subject id must match (empty: any)",
     "idempotency_window_s": "seconds an idempotency key is remembered",
@@ -143,6 +161,36 @@ HELP: dict[str, str] = {
     "max_ping_strikes": "ping strikes before the connection is closed (GOAWAY); 0: unlimited",
     "max_subscribers": "most concurrent Subscribe calls; more are refused (RESOURCE_EXHAUSTED)",
     "subscription_heartbeat_s": "seconds of silence before an idle subscription gets a heartbeat",
+    "max_streams_per_client": (
+        "streaming calls in progress per token (per peer host without tokens); more get "
+        "RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_subscriptions_per_client": (
+        "subscriptions per token (per peer host without tokens); more get RESOURCE_EXHAUSTED "
+        "(0: no limit)"
+    ),
+    "max_consumer_groups": (
+        "consumer groups with a stored checkpoint; a new one beyond it gets RESOURCE_EXHAUSTED "
+        "(0: no limit)"
+    ),
+    "max_request_events": "most events in one call (Append, Commit, AppendBatch, stream message)",
+    "max_request_bytes": "largest call: its encoded size plus 128 bytes per event",
+    "max_inflight_events": (
+        "events of appends in flight per server; more get RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_inflight_bytes": (
+        "bytes of appends in flight per server; more get RESOURCE_EXHAUSTED (0: no limit)"
+    ),
+    "max_connections": "most open connections; more are closed at accept (0: what fds allow)",
+    "max_connections_per_peer": (
+        "most open connections per peer address; the newest beyond it are closed (0: no limit)"
+    ),
+    "handshake_timeout_s": (
+        "seconds a new connection gets to finish its TLS/HTTP/2 handshake before it is closed"
+    ),
+    "connection_idle_timeout_s": (
+        "seconds without calls after which a connection is closed (GOAWAY); 0: never"
+    ),
 }
 
 

@@ -18,7 +18,9 @@ field, the limit and what was found, and never contain event data or keys.
     ├── DataDirLocked            another process holds the data directory
     ├── DataDirDamaged           the files on disk are unusable as they are
     ├── ForkedProcess            a forked child tried to write through its parent's store
-    ├── TooManySubscribers       the server's subscription limit is reached
+    ├── PermissionDenied         the request's content needs a role the caller lacks
+    ├── TooManySubscribers       a subscription limit (server or client) is reached
+    ├── TooManyGroups            the consumer-group limit is reached
     ├── PositionBeyondHead       a subscription starts after a position the log never had
     ├── NotGroupMember           a checkpoint commit from outside a group's live members
     ├── SubscriptionReplaced     a newer subscription took over the same group member
@@ -127,12 +129,36 @@ class ForkedProcess(LetheError):
         )
 
 
+class PermissionDenied(LetheError):
+    """The caller's role allows the method but not this request (a group, a rewind).
+
+    Most role checks are by method, before any handler runs (the access
+    interceptor); this is for the few decided by what the request asks.
+    """
+
+
 class TooManySubscribers(LetheError):
+    def __init__(self, limit: int, option: str = "max_subscribers", holder: str = "") -> None:
+        self.limit = limit
+        if holder:
+            super().__init__(
+                f"{holder} already has {limit} subscriptions, its limit ({option}); "
+                "close unused subscriptions, or ask the operator to raise the limit"
+            )
+            return
+        super().__init__(
+            f"the server already serves {limit} subscriptions, its limit ({option}); "
+            "close unused subscriptions, retry later, or raise the limit"
+        )
+
+
+class TooManyGroups(LetheError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(
-            f"the server already serves {limit} subscriptions, its limit (max_subscribers); "
-            "close unused subscriptions, retry later, or raise the limit"
+            f"the store already keeps checkpoints of {limit} consumer groups, its limit "
+            "(max_consumer_groups); reuse an existing group, or ask the operator to raise "
+            "the limit. Nothing was written"
         )
 
 

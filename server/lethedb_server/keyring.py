@@ -22,7 +22,7 @@ import msgspec
 
 from lethedb_server.crypto import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
 from lethedb_server.errors import DataDirDamaged, LetheError
-from lethedb_server.files import write_atomically
+from lethedb_server.files import make_private_dir, write_atomically
 
 KEYRING_FORMAT = 1
 
@@ -88,7 +88,7 @@ class FileKeyring(KeyProvider):
         """Open the keyring at *path*, creating it with version 1 if it is missing."""
         created = not path.exists()
         if created:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(path.parent)
             write_atomically(path, _dump({1: new_key()}, current=1))
         return cls(path), created
 

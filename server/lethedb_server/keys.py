@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import lmdb
 import msgspec
 
 from lethedb_server import codec
-from lethedb_server.crypto import AESGCM, InvalidTag, new_key, wrap_aad
+from lethedb_server.crypto import AESGCM, InvalidTag, fingerprint_key, new_key, wrap_aad
 from lethedb_server.errors import DataLoss
 from lethedb_server.keyring import KeyProvider, MasterKeyUnavailable, WrappedKey
 from lethedb_server.lmdbenv import LmdbEnv
@@ -74,6 +74,8 @@ class _SubjectKeys:
     aeads: dict[int, AESGCM] = field(default_factory=dict)
     leases: list[_Lease] = field(default_factory=list)
     loaded_state: bool = False
+    #: Derived from DEK version 1 (``crypto.fingerprint_key``) when first needed.
+    fingerprint: bytes | None = None
 
 
 def _consume(keys: _SubjectKeys, subject_id: str) -> tuple[int, AESGCM]:
@@ -194,6 +196,8 @@ class KeyStore:
         wrapped = self.provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
         txn.put(codec.dek_key(subject_id, version), codec.encode(wrapped), db=self.lmdb.dbs["deks"])
         aead = AESGCM(dek)
+        if version == 1:
+            keys.fingerprint = fingerprint_key(dek)
         del dek
         lease = _Lease(version, aead, 0, min(self.max_uses, max(need, RESERVE_BLOCK)))
         keys.leases = [lease_ for lease_ in keys.leases if lease_.used < lease_.reserved]
@@ -245,15 +249,57 @@ class KeyStore:
             self._trim()
         return aead
 
+    def fingerprint_keys(self, subject_ids: Iterable[str]) -> list[bytes]:
+        """The fingerprint key of each of *subject_ids*, in order (writer thread).
+
+        Derived from the subject's DEK version 1 and cached beside its
+        ciphers, so a request costs a dictionary lookup per distinct subject.
+        Call it after :meth:`reserve` for the same subjects (which creates a
+        new subject's version 1) and only for subjects that are not forgotten:
+        a forgotten subject has no key any more, which is the point.
+        """
+        found: list[bytes] = []
+        missed = False
+        cache = self._cache
+        for subject_id in subject_ids:
+            # No lock and no LRU touch when cached: reserve() just touched and
+            # pinned the subject; a lookup in a dict is atomic.
+            keys = cache.get(subject_id)
+            key = None if keys is None else keys.fingerprint
+            if key is None:
+                with self._lock:
+                    keys = self._cached(subject_id)
+                key = keys.fingerprint = self._derive_fingerprint_key(subject_id)
+                missed = True
+            found.append(key)
+        if missed:
+            self._trim()
+        return found
+
+    def _derive_fingerprint_key(self, subject_id: str) -> bytes:
+        dek = None if subject_id in self._forgotten else self._unwrap_raw(subject_id, 1)
+        if dek is None:
+            raise DataLoss(
+                f"version 1 of the key of subject {subject_id!r} is not in the key store, so a "
+                "request naming the subject cannot be fingerprinted for idempotency"
+            )
+        key = fingerprint_key(dek)
+        del dek
+        return key
+
     def _unwrap(self, subject_id: str, version: int) -> AESGCM | None:
+        dek = self._unwrap_raw(subject_id, version)
+        return None if dek is None else AESGCM(dek)
+
+    def _unwrap_raw(self, subject_id: str, version: int) -> bytes | None:
         with self.lmdb.read() as txn:
             raw = txn.get(codec.dek_key(subject_id, version), db=self.lmdb.dbs["deks"])
         if raw is None:
             return None
         wrapped = _wrapped_decoder.decode(raw)
         try:
-            return AESGCM(
-                self.provider.unwrap(wrapped, wrap_aad(subject_id, version, wrapped.master_version))
+            return self.provider.unwrap(
+                wrapped, wrap_aad(subject_id, version, wrapped.master_version)
             )
         except (InvalidTag, MasterKeyUnavailable) as exc:
             raise DataLoss(

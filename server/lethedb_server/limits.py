@@ -15,12 +15,20 @@ server stays healthy for everybody else:
   RESOURCE_EXHAUSTED (it is meant to be lower than the HTTP/2 limit, which
   would otherwise make the client wait instead of hearing why). A connection
   is known by its peer address; over a unix socket all clients share one;
-* **appends in flight** (``max_inflight_appends``): counted by the writer, the
-  excess refused with :class:`~lethedb_server.errors.Overloaded`;
+* **appends in flight** (``max_inflight_appends``, ``max_inflight_events``,
+  ``max_inflight_bytes``): counted by the writer, the excess refused with
+  :class:`~lethedb_server.errors.Overloaded`; one call's events and bytes
+  (``max_request_events``, ``max_request_bytes``) are checked on the wire
+  before it is parsed (:mod:`lethedb_server.wire`);
 * **keepalive and ping abuse**: the server pings idle connections to find
   dead peers, and answers a client that pings more often than
   ``keepalive_min_ping_interval_s`` without sending data with strikes, then
-  GOAWAY (ENHANCE_YOUR_CALM) after ``max_ping_strikes``.
+  GOAWAY (ENHANCE_YOUR_CALM) after ``max_ping_strikes``;
+* **connections** (``max_connections``, ``handshake_timeout_s``,
+  ``connection_idle_timeout_s``): gRPC closes a connection beyond the total
+  at accept, one that has not finished its handshake (TLS, HTTP/2 preface and
+  settings) in time, and one without calls for too long. The cap per peer
+  address and the log lines are :mod:`lethedb_server.connections`'s.
 
 This module must never block or do I/O: it runs on the event loop, per call.
 """
@@ -51,7 +59,20 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         # (a subscriber waiting for events), or dead peers would go unnoticed.
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 0),
+        # Without it gRPC holds a connection that never sends a byte for two
+        # minutes: a flood of those exhausted the file descriptors.
+        ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout_s)),
+        *_connection_caps(config),
     ]
+
+
+def _connection_caps(config: Config) -> list[tuple[str, int]]:
+    options = []
+    if config.max_connections:
+        options.append(("grpc.max_allowed_incoming_connections", config.max_connections))
+    if config.connection_idle_timeout_s:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.connection_idle_timeout_s)))
+    return options
 
 
 def _ms(seconds: float) -> int:

@@ -29,7 +29,12 @@ from typing import Any, TypeVar
 import lmdb
 
 from lethedb_server.errors import DataDirDamaged, DataLoss, StorageFull
-from lethedb_server.files import fsync_dir
+from lethedb_server.files import (
+    PRIVATE_DIR_MODE,
+    fsync_dir,
+    make_private_dir,
+    open_private,
+)
 
 T = TypeVar("T")
 
@@ -90,7 +95,7 @@ class LmdbEnv:
         max_map_size: int,
         max_readers: int = 1024,
     ) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path)
         self.path = path
         self.max_map_size = max_map_size
         self._db_names = tuple(db_names)
@@ -113,6 +118,9 @@ class LmdbEnv:
             lock=True,
             readahead=False,
             meminit=True,
+            # py-lmdb creates data.mdb and lock.mdb with this mode minus the
+            # execute bits: 0600 (its default, 0755, makes them 0644).
+            mode=PRIVATE_DIR_MODE,
         )
         self.env.reader_check()
         self.dbs: dict[str, Any] = {
@@ -184,12 +192,23 @@ class LmdbEnv:
         ``compact=True`` writes only live pages: free pages, where LMDB leaves
         deleted values in place, are not carried into the copy.
         """
-        destination.mkdir(parents=True, exist_ok=True)
+        make_private_dir(destination)
         if any(destination.iterdir()):
             raise ValueError(f"backup destination {destination} is not empty")
-        with self._gate.shared():
-            self.env.copy(str(destination), compact=True)
-        return (destination / "data.mdb").stat().st_size
+        target = destination / "data.mdb"
+        # copyfd into a file created 0600 here: env.copy would create it 0644.
+        fd = open_private(target, os.O_WRONLY | os.O_EXCL)
+        try:
+            with self._gate.shared():
+                self.env.copyfd(fd, compact=True)
+            os.fsync(fd)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(destination)
+        return target.stat().st_size
 
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])

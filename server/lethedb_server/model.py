@@ -18,6 +18,20 @@ from lethedb_server.codec import AppendResult
 #: not start with ``$``, so it can never collide with a real subject.
 STORE_SUBJECT = "$store"
 
+#: Bytes counted for each event on top of its fields, in every size limit and
+#: in-flight budget: what an event costs in memory and in the log whatever it
+#: carries (its objects, its record header, its index entries). Without it a
+#: request of millions of empty events would count as a few bytes.
+EVENT_OVERHEAD = 128
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
+
 
 class ExpectedState(enum.IntEnum):
     """Numbering shared with ``lethedb.v1.ExpectedState``."""
@@ -36,6 +50,18 @@ class ProposedEvent(msgspec.Struct, frozen=True, gc=False):
     data: bytes
     metadata: bytes
 
+    def size(self) -> int:
+        """Every field (names counted in characters) plus :data:`EVENT_OVERHEAD`."""
+        return (
+            len(self.event_id)
+            + len(self.event_type)
+            + len(self.subject_id)
+            + len(self.content_type)
+            + len(self.data)
+            + len(self.metadata)
+            + EVENT_OVERHEAD
+        )
+
 
 class AppendCommand(msgspec.Struct, frozen=True):
     """One validated append: a batch of events for one stream, all or nothing."""
@@ -47,11 +73,23 @@ class AppendCommand(msgspec.Struct, frozen=True):
     idempotency_key: str = ""
 
     def size(self) -> int:
-        """Approximate bytes this command adds to a write batch."""
-        return sum(len(e.data) + len(e.metadata) + 128 for e in self.events)
+        """Bytes this command counts against the size limits and the in-flight budget.
 
-    def digest(self) -> bytes:
-        """Fingerprint of the request as sent, to tell a retry from a key reused."""
+        Every field of every event, the stream id and the idempotency key, plus
+        :data:`EVENT_OVERHEAD` per event (see :meth:`ProposedEvent.size`).
+        """
+        return (
+            len(self.stream_id) + len(self.idempotency_key) + sum([e.size() for e in self.events])
+        )
+
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the request as sent: memory only, never stored.
+
+        It covers the plaintext data and metadata, so a copy of it would let
+        anyone confirm a guess at them. What is stored is this hash keyed under
+        the subjects' fingerprint keys (``crypto.keyed_fingerprint``), which
+        erasure destroys.
+        """
         fingerprint = msgspec.msgpack.encode(
             (
                 self.stream_id,
@@ -99,12 +137,16 @@ class CommitCommand(msgspec.Struct, frozen=True):
     idempotency_key: str = ""
 
     def size(self) -> int:
-        return sum(a.size() for a in self.appends)
+        return len(self.idempotency_key) + sum(a.size() for a in self.appends)
 
-    def digest(self) -> bytes:
+    def event_count(self) -> int:
+        return sum(len(a.events) for a in self.appends)
+
+    def request_hash(self) -> bytes:
+        """Unkeyed hash of the whole commit: memory only (see AppendCommand)."""
         h = hashlib.blake2b(b"commit", digest_size=32)
         for part in self.appends:
-            h.update(part.digest())
+            h.update(part.request_hash())
         return h.digest()
 
 
@@ -114,10 +156,18 @@ class CommitResult(msgspec.Struct, frozen=True):
 
 
 class CheckpointCommand(msgspec.Struct, frozen=True):
-    """Store a consumer group's checkpoint; through the writer so the log env has one writer."""
+    """Store a consumer group's checkpoint; through the writer so the log env has one writer.
+
+    Checked in the writer's transaction, so that concurrent commits cannot
+    slip past the checks: the checkpoint only moves forward unless
+    ``rewind`` (an admin's reset), and a new group is refused when the store
+    already keeps ``max_groups`` of them (0: no limit).
+    """
 
     group: str
     position: int
+    rewind: bool = False
+    max_groups: int = 0
 
     def size(self) -> int:
         return 64

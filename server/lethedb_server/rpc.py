@@ -32,14 +32,25 @@ class Undecodable:
         self.reason = reason
 
 
-def decoder(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+#: A check of a request's raw bytes before it is parsed; raises ValidationError.
+Precheck = Callable[[bytes], None]
+
+
+def decoder(
+    message_type: type[M], precheck: Precheck | None = None
+) -> Callable[[bytes], M | Undecodable]:
+    """The request deserializer; *precheck* sees the bytes first (cheap limits)."""
     name = message_type.DESCRIPTOR.full_name
 
     def decode(raw: bytes) -> M | Undecodable:
         try:
+            if precheck is not None:
+                precheck(raw)
             return message_type.FromString(raw)
         except DecodeError as exc:
             return Undecodable(f"the request is not a valid {name}: {exc}")
+        except ValidationError as exc:
+            return Undecodable(str(exc))
 
     return decode
 
@@ -90,8 +101,14 @@ Kind = Literal["unary", "server_streaming", "stream_stream"]
 Method = tuple[Kind, Callable[..., Any], type[Message], type[Message]]
 
 
-def register(server: grpc.aio.Server, service_name: str, methods: dict[str, Method]) -> None:
-    """Add a service whose requests go through :func:`decoder`."""
+def register(
+    server: grpc.aio.Server,
+    service_name: str,
+    methods: dict[str, Method],
+    prechecks: dict[str, Precheck] | None = None,
+) -> None:
+    """Add a service whose requests go through :func:`decoder` (and *prechecks*, by method)."""
+    prechecks = prechecks or {}
     factories = {
         "unary": grpc.unary_unary_rpc_method_handler,
         "server_streaming": grpc.unary_stream_rpc_method_handler,
@@ -100,7 +117,7 @@ def register(server: grpc.aio.Server, service_name: str, methods: dict[str, Meth
     handlers = {
         name: factories[kind](
             handler,
-            request_deserializer=decoder(request_type),
+            request_deserializer=decoder(request_type, prechecks.get(name)),
             response_serializer=response_type.SerializeToString,
         )
         for name, (kind, handler, request_type, response_type) in methods.items()

@@ -22,11 +22,12 @@ import socket
 from pathlib import Path
 
 import grpc
+import msgspec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from lethedb_server import auth, limits, tls
+from lethedb_server import auth, connections, limits, tls
 from lethedb_server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
@@ -93,8 +94,10 @@ def build_server(
     return server, health, admin
 
 
-def bind(server: grpc.aio.Server, listen: str, certificates: tls.CertificateReloader | None) -> str:
-    """Bind *listen* and return the address clients use (the real port for port 0).
+def bind(
+    server: grpc.aio.Server, listen: str, certificates: tls.CertificateReloader | None
+) -> tuple[str, int]:
+    """Bind *listen*; return the address clients use and the port (the real one for port 0).
 
     Raises :class:`ListenFailed` with one line naming the cause, before any
     file is created. A ``unix:`` path where a live server answers is refused
@@ -114,11 +117,12 @@ def bind(server: grpc.aio.Server, listen: str, certificates: tls.CertificateRelo
     if listen.startswith("unix:"):
         # gRPC reports 1 as the "port" of a unix socket; clients need the path,
         # absolute, since they need not share the server's working directory.
-        return "unix:" + os.path.abspath(listen.removeprefix("unix:").removeprefix("//"))
+        path = os.path.abspath(listen.removeprefix("unix:").removeprefix("//"))
+        return "unix:" + path, port
     if listen.startswith("unix-abstract:"):
-        return listen
+        return listen, port
     host = listen.rsplit(":", 1)[0]
-    return f"{host}:{port}"
+    return f"{host}:{port}", port
 
 
 def _refuse_live_unix_socket(listen: str) -> None:
@@ -174,6 +178,11 @@ async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -
 
 async def serve(config: Config) -> None:
     harden_process()
+    fd_limit = connections.raise_fd_limit()
+    config = msgspec.structs.replace(
+        config,
+        max_connections=connections.effective_max_connections(config.max_connections, fd_limit),
+    )
     # Security settings are checked before the data directory is opened: a
     # misconfigured server must not start, let alone start open.
     tls_files = tls.TlsFiles.from_options(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -186,10 +195,14 @@ async def serve(config: Config) -> None:
     )
     certificates = tls.CertificateReloader(tls_files) if tls_files is not None else None
     access = auth.AccessInterceptor(
-        tokens, max_streams_per_connection=config.max_streams_per_connection
+        tokens,
+        max_streams_per_connection=config.max_streams_per_connection,
+        quotas=auth.ClientQuotas(
+            config.max_streams_per_client, config.max_subscriptions_per_client
+        ),
     )
     server = new_server(config, access)
-    address = bind(server, config.listen, certificates)
+    address, port = bind(server, config.listen, certificates)
     try:
         store = Store.open(config.data_dir, config.store_options())
     except BaseException:
@@ -203,6 +216,7 @@ async def serve(config: Config) -> None:
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
         health, admin = add_services(server, config, store, subscriptions)
         await server.start()
+        watch = _watch_connections(config, port)
         if metrics is not None:
             metrics_server = metrics.serve(metrics_host(config.listen), config.metrics_port)
             log.info("Prometheus metrics on http://%s:%d/metrics", metrics_server.host,
@@ -210,6 +224,8 @@ async def serve(config: Config) -> None:
         auth.log_startup(tokens)
         log.info("transport: %s", "plaintext" if certificates is None else certificates.describe())
         _reload_on_sighup(tokens, certificates)
+        # Revocation must not wait for the next call: the file is watched.
+        watcher = asyncio.create_task(tokens.watch()) if tokens is not None else None
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -230,8 +246,9 @@ async def serve(config: Config) -> None:
             else None
         )
         await _wait_for_signal()
-        if timer is not None:
-            timer.cancel()
+        for task in (timer, watcher, watch):
+            if task is not None:
+                task.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
         await health.enter_graceful_shutdown()
         subscriptions.shutdown()  # they never finish by themselves: end them first
@@ -241,6 +258,26 @@ async def serve(config: Config) -> None:
             metrics_server.stop()
         store.close()
         log.info("stopped; all acknowledged appends are on disk")
+
+
+def _watch_connections(config: Config, port: int) -> asyncio.Task[None] | None:
+    """Start the per-peer connection cap and cap logging (TCP on Linux only)."""
+    log.info(
+        "connections: at most %d, %s per peer address; handshake timeout %.1fs, idle timeout %s",
+        config.max_connections,
+        config.max_connections_per_peer or "any number",
+        config.handshake_timeout_s,
+        f"{config.connection_idle_timeout_s:.0f}s" if config.connection_idle_timeout_s else "none",
+    )
+    if config.listen.startswith("unix:"):
+        return None
+    if not connections.ConnectionWatch.supported():
+        log.warning("no /proc here: max_connections_per_peer is not enforced")
+        return None
+    watch = connections.ConnectionWatch(
+        port, config.max_connections, config.max_connections_per_peer
+    )
+    return asyncio.create_task(watch.run(), name="lethedb-connection-watch")
 
 
 def _write_ready_file(path: Path, address: str) -> None:

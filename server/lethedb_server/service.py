@@ -14,20 +14,31 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import messages, status
-from lethedb_server.auth import caller_role
-from lethedb_server.errors import LetheError
-from lethedb_server.model import ForgetCommand, StoredEvent
+from lethedb_server import messages, status, wire
+from lethedb_server.auth import caller_may, caller_role, require_role
+from lethedb_server.errors import LetheError, ValidationError
+from lethedb_server.model import EVENT_OVERHEAD, ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
-from lethedb_server.rpc import Context, Undecodable, decoded, register, server_streaming, unary
+from lethedb_server.rpc import (
+    Context,
+    Precheck,
+    Undecodable,
+    decoded,
+    register,
+    server_streaming,
+    unary,
+)
 from lethedb_server.store import Store
 from lethedb_server.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
 from lethedb_server.validation import (
+    MAX_APPENDS_PER_BATCH,
     MAX_GROUP_BYTES,
     Validator,
     check_append_batch,
+    check_group,
     check_name,
 )
 
@@ -54,10 +65,21 @@ class EventStoreService:
         self._last_page: tuple[list[StoredEvent], int, list[pb.SubscribeResponse]] | None = None
 
     async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
-        command = messages.append_command(decoded(request))
+        request = decoded(request)
+        self._check_room(len(request.events), request)
+        command = messages.append_command(request)
         self.validator.check_append(command)
         result = await self.store.writer.submit_async(command)
         return messages.append_response(result)
+
+    def _check_room(self, events: int, request: Message, appends: int = 1) -> None:
+        """Overloaded now, before any conversion, if the writer has no room for the call.
+
+        The size is an estimate (encoded size plus the per-event overhead);
+        each append is still admitted on its own when it is submitted.
+        """
+        size = request.ByteSize() + events * EVENT_OVERHEAD
+        self.store.writer.check_room(events, size, appends)
 
     @unary
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:  # noqa: N802
@@ -74,6 +96,10 @@ class EventStoreService:
         error and is never queued. The answer waits for every append.
         """
         check_append_batch(len(request.appends))
+        # Refused whole, before any append is converted, when the writer has
+        # no room for all of it.
+        events = sum([len(append.events) for append in request.appends])
+        self._check_room(events, request, len(request.appends))
         outcomes: list[asyncio.Future[Any] | LetheError] = []
         submit = self.store.writer.submit_async
         for append in request.appends:
@@ -105,6 +131,7 @@ class EventStoreService:
 
     @unary
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
+        self._check_room(sum([len(part.events) for part in request.appends]), request)
         command = messages.commit_command(request)
         self.validator.check_commit(command)
         result = await self.store.writer.submit_async(command)
@@ -217,6 +244,10 @@ class EventStoreService:
         """Relay the engine's loop; each yield waits for the transport (flow control)."""
         spec = messages.subscription_spec(request)
         self.validator.check_subscription(spec)
+        if spec.group:
+            # A member takes a share of the group's events and moves its
+            # checkpoint: more than reading.
+            require_role("consumer", "joining a consumer group")
         max_events = request.max_events_per_message or DEFAULT_PAGE
         subscription = await self.subscriptions.open(spec)
         try:
@@ -249,10 +280,14 @@ class EventStoreService:
     async def CommitCheckpoint(  # noqa: N802
         self, request: pb.CommitCheckpointRequest, context: Context
     ) -> pb.CommitCheckpointResponse:
-        check_name(request.group, "group", MAX_GROUP_BYTES)
+        check_group(request.group)
         check_name(request.member_id, "member_id", MAX_GROUP_BYTES, required=False)
         result = await self.subscriptions.commit_checkpoint(
-            request.group, request.position, request.member_id, request.generation
+            request.group,
+            request.position,
+            request.member_id,
+            request.generation,
+            may_rewind=caller_may("admin"),
         )
         return messages.commit_checkpoint_response(result)
 
@@ -260,9 +295,48 @@ class EventStoreService:
     async def GetCheckpoint(  # noqa: N802
         self, request: pb.GetCheckpointRequest, context: Context
     ) -> pb.GetCheckpointResponse:
-        check_name(request.group, "group", MAX_GROUP_BYTES)
+        check_group(request.group)
         position = await self.subscriptions.get_checkpoint(request.group)
         return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
+
+
+def request_precheck(validator: Validator, *, nested: bool) -> Precheck:
+    """The per-call limits checked on a request's bytes, before protobuf parses it.
+
+    A message too small to hold more events than the limit (each event takes
+    at least two bytes) is not walked at all, so ordinary appends pay nothing.
+    """
+    limits = validator.limits
+    stop_after = limits.max_request_events
+    # Far more fields than any request within the limits has (per append: its
+    # events and five fields of its own); only repeated or unknown fields
+    # reach it, and walking those further would cost time for nothing.
+    max_fields = 2 * stop_after + 8 * MAX_APPENDS_PER_BATCH + 64
+
+    def check(raw: bytes) -> None:
+        most_events = len(raw) // 2
+        if most_events <= stop_after and (
+            len(raw) + most_events * EVENT_OVERHEAD <= limits.max_request_bytes
+        ):
+            return
+        counted = wire.count_events(
+            raw, nested=nested, stop_after=stop_after, max_fields=max_fields
+        )
+        if counted.malformed:
+            # Refused as the parser would refuse it; walking on could only
+            # undercount what a more lenient parser then builds.
+            raise ValidationError(
+                f"the request is not a valid protobuf encoding (fault after {counted.fields} "
+                "fields)"
+            )
+        if counted.stopped and counted.events <= stop_after:
+            raise ValidationError(
+                f"the request has more than {max_fields} protobuf fields in {len(raw)} bytes "
+                "(repeated or unknown fields); a request within the limits has far fewer"
+            )
+        validator.check_request(counted.events, len(raw), exact=not counted.stopped)
+
+    return check
 
 
 def _append_error(error: LetheError) -> pb.AppendResult:
@@ -302,6 +376,8 @@ async def _paged(
 
 
 def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None:
+    single = request_precheck(service.validator, nested=False)
+    nested = request_precheck(service.validator, nested=True)
     register(
         server,
         SERVICE_NAME,
@@ -358,5 +434,11 @@ def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None
                 pb.ExportSubjectRequest,
                 pb.ReadResponse,
             ),
+        },
+        prechecks={
+            "Append": single,
+            "AppendStream": single,
+            "AppendBatch": nested,
+            "Commit": nested,
         },
     )

@@ -33,6 +33,8 @@ _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManySubscribers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooManyGroups: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.PositionBeyondHead: grpc.StatusCode.OUT_OF_RANGE,
     errors.NotGroupMember: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SubscriptionReplaced: grpc.StatusCode.ABORTED,

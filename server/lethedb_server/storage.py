@@ -164,6 +164,14 @@ class LogStore:
     def put_checkpoint(self, txn: lmdb.Transaction, group: str, position: int) -> None:
         txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
 
+    def stored_checkpoint(self, txn: lmdb.Transaction, group: str) -> int | None:
+        raw = txn.get(group.encode(), db=self.checkpoints)
+        return None if raw is None else codec.from_u64(raw)
+
+    def checkpoint_count(self, txn: lmdb.Transaction) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        return int(txn.stat(self.checkpoints)["entries"])
+
     def put_event(
         self, txn: lmdb.Transaction, position_key: bytes, value: bytes, stream_version_key: bytes
     ) -> None:
@@ -290,8 +298,12 @@ class LogStore:
     def checkpoint(self, group: str) -> int | None:
         """A consumer group's stored checkpoint, or None if it never stored one."""
         with self.lmdb.read() as txn:
-            raw = txn.get(group.encode(), db=self.checkpoints)
-        return None if raw is None else codec.from_u64(raw)
+            return self.stored_checkpoint(txn, group)
+
+    def consumer_groups(self) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        with self.lmdb.read() as txn:
+            return self.checkpoint_count(txn)
 
     def is_forgotten(self, subject_id: str) -> bool:
         with self.lmdb.read() as txn:

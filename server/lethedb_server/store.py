@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import IO
 
 from lethedb_server.erasure import Shredder, subject_receipt
-from lethedb_server.errors import DataDirLocked
+from lethedb_server.errors import DataDirLocked, ValidationError
+from lethedb_server.files import make_private_dir, open_private, wide_modes
+from lethedb_server.idempotency import upgrade_unkeyed_entries
 from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
@@ -72,7 +74,7 @@ class Store:
         provider: KeyProvider | None = None,
     ) -> Store:
         opts = options or StoreOptions()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(data_dir)
         lock = _take_lock(data_dir / LOCK_FILE)
         try:
             if provider is None:
@@ -80,6 +82,8 @@ class Store:
                 provider, created = FileKeyring.open_or_create(keyring_path)
                 if created:
                     log.info("created master keyring %s (mode 0600)", keyring_path)
+                if _is_within(keyring_path, data_dir):
+                    log.warning("%s", keyring_inside_data_warning(keyring_path, data_dir))
             log_store = LogStore(
                 data_dir / "log", map_size=opts.log_map_size, max_map_size=opts.max_map_size
             )
@@ -98,11 +102,15 @@ class Store:
             shredder.recover()
             if shredder.reapply_tombstones():
                 shredder.run()
+            # After the tombstones: an entry of a forgotten subject is dropped.
+            upgrade_unkeyed_entries(log_store, keys)
         except BaseException:
             log_store.close()
             keys.close()
             lock.close()
             raise
+        for line in wide_modes([data_dir]):
+            log.warning("%s", line)
         writer = Writer(log_store, keys, opts.writer)
         writer.maintenance[ShredCommand] = shredder.run
         writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
@@ -113,9 +121,12 @@ class Store:
         """Copy the log (and, if asked, the key store) compacted into *destination*.
 
         Returns (log bytes, key-store bytes, last position in the copy). The
-        master keyring is never part of a backup.
+        master keyring is never part of a backup, nor put where a copy of the
+        keyring's directory would take the backup along (see
+        :func:`_refuse_beside_keyring`).
         """
-        destination.mkdir(parents=True, exist_ok=True)
+        _refuse_beside_keyring(destination, self.provider)
+        make_private_dir(destination)
         if any(destination.iterdir()):
             raise ValueError(f"{destination} is not empty")
         head = self.log.head
@@ -186,9 +197,45 @@ def _file_size(path: Path) -> int:
         return 0
 
 
+def keyring_inside_data_warning(keyring_path: Path, data_dir: Path) -> str:
+    """What a keyring inside the data directory means for every copy of that directory."""
+    return (
+        f"master keyring {keyring_path} is inside the data directory {data_dir}: any copy of "
+        f"{data_dir} (a backup, a snapshot, cp -a) decrypts every subject not yet shredded "
+        "when it was made, for ever, whatever is forgotten later; keep the keyring outside "
+        "the data directory (move it while the server is stopped and start with "
+        "--keyring PATH)"
+    )
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    resolved, top = path.resolve(), directory.resolve()
+    return resolved == top or top in resolved.parents
+
+
+def _refuse_beside_keyring(destination: Path, provider: KeyProvider) -> None:
+    """Refuse a backup destination inside the master keyring's directory.
+
+    The keyring is never copied, but a backup stored in the keyring's
+    directory (with the default layout: in the data directory) travels with
+    it in any copy of that directory, and the two together are exactly what
+    erasure must never leave behind.
+    """
+    if not isinstance(provider, FileKeyring):
+        return
+    keyring_dir = provider.path.parent
+    if _is_within(destination, keyring_dir):
+        raise ValidationError(
+            f"backup destination {destination} is inside {keyring_dir}, the directory of the "
+            f"master keyring {provider.path}: a copy of {keyring_dir} would carry the backup "
+            "and the keyring together, which decrypts every subject not yet shredded when the "
+            "copy is made, for ever; choose a destination outside it"
+        )
+
+
 def _take_lock(path: Path) -> IO[bytes]:
     """Hold an exclusive lock on *path* for the life of the process's store."""
-    handle = path.open("a+b")
+    handle = open(open_private(path, os.O_RDWR), "r+b")  # noqa: SIM115 (held for the life of the store)
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -27,7 +27,9 @@ reading therefore holds at most one page here and pins no LMDB snapshot
 Consumer groups: the live subscriptions of a group on this server share its
 events by partition (see :func:`partition_of` and docs/ARCHITECTURE.md,
 "Subscriptions"); the group's checkpoint is the lowest position its live
-members have committed, stored through the writer. At every join or leave,
+members have committed, stored through the writer, and it only moves
+forward unless an admin sets it back (the writer checks both, and bounds the
+number of groups with a stored checkpoint). At every join or leave,
 each member restarts after that checkpoint with its new share, so no event is
 lost; events after the checkpoint may be delivered twice across a rebalance.
 
@@ -56,6 +58,7 @@ from lethedb_server.errors import (
     PositionBeyondHead,
     ShuttingDown,
     SubscriptionReplaced,
+    TooManyGroups,
     TooManySubscribers,
 )
 from lethedb_server.model import ERASURE_STREAM, CheckpointCommand, StoredEvent
@@ -78,6 +81,9 @@ class SubscriptionLimits:
     #: this long, so both ends notice a dead connection.
     heartbeat_interval_s: float = 5.0
     max_subscribers: int = 10_000
+    #: Most consumer groups with a stored checkpoint (0: no limit): each is a
+    #: row kept for ever, so a client must not be able to create them without end.
+    max_consumer_groups: int = 10_000
     #: A page of at most this many events (a live tail) is read and decrypted on
     #: the event loop: that costs less than handing it to a worker thread and
     #: back (0: always in a worker thread).
@@ -548,6 +554,8 @@ class SubscriptionEngine:
         group = self._groups.get(name)
         if group is None:
             stored = await asyncio.to_thread(self.store.log.checkpoint, name)
+            if stored is None:
+                await self._check_room_for_a_group()
             group = self._groups.get(name)  # another member may have created it meanwhile
             if group is None:
                 head = self.store.log.head
@@ -589,10 +597,30 @@ class SubscriptionEngine:
                 )
             )
 
+    async def _check_room_for_a_group(self) -> None:
+        """Refuse a new group at once when its first commit would be refused (the limit).
+
+        The writer's check at that commit is the one that holds; this one
+        tells a joining member now rather than at its first commit.
+        """
+        limit = self.limits.max_consumer_groups
+        if limit and await asyncio.to_thread(self.store.log.consumer_groups) >= limit:
+            raise TooManyGroups(limit)
+
     async def commit_checkpoint(
-        self, group_name: str, position: int, member_id: str = "", generation: int = 0
+        self,
+        group_name: str,
+        position: int,
+        member_id: str = "",
+        generation: int = 0,
+        *,
+        may_rewind: bool = False,
     ) -> CheckpointResult:
-        """Record progress of a member (or set a member-less group's checkpoint)."""
+        """Record progress of a member (or set a member-less group's checkpoint).
+
+        A member-less commit may move the checkpoint back only with
+        *may_rewind* (the caller is an admin); PermissionDenied otherwise.
+        """
         group = self._groups.get(group_name)
         if not member_id:
             if group is not None and group.members:
@@ -604,7 +632,7 @@ class SubscriptionEngine:
             head = self.store.log.head
             if position > head:
                 raise PositionBeyondHead("position", position, head)
-            await self._store_checkpoint(group_name, position)
+            await self._store_checkpoint(group_name, position, rewind=may_rewind)
             return CheckpointResult(position, accepted=True)
         member = None if group is None else group.members.get(member_id)
         if group is None or member is None:
@@ -623,8 +651,11 @@ class SubscriptionEngine:
             group.durable = max(group.durable or 0, low)
         return CheckpointResult(group.durable or 0, accepted=True)
 
-    async def _store_checkpoint(self, group: str, position: int) -> None:
-        await self.store.writer.submit_async(CheckpointCommand(group, position))
+    async def _store_checkpoint(self, group: str, position: int, *, rewind: bool = False) -> None:
+        command = CheckpointCommand(
+            group, position, rewind=rewind, max_groups=self.limits.max_consumer_groups
+        )
+        await self.store.writer.submit_async(command)
 
     async def get_checkpoint(self, group: str) -> int | None:
         return await asyncio.to_thread(self.store.log.checkpoint, group)

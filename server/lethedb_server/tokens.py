@@ -17,9 +17,12 @@ more useful: it yields no token either way. A presented token is hashed and
 compared with :func:`hmac.compare_digest` against every entry, without
 stopping at a match, so timing tells nothing about the file.
 
-The file is re-read when it changes (checked at most once a second, and on
-SIGHUP), so ``lethedb token create`` and ``lethedb token revoke`` take effect
-on a running server. Writes are atomic (temporary file, fsync, rename),
+The file is re-read when it changes (:meth:`TokenStore.watch` checks it four
+times a second, and SIGHUP forces a re-read), so ``lethedb token create`` and
+``lethedb token revoke`` take effect on a running server, also on the calls
+it is already serving: every reload is announced to the listeners
+(:meth:`TokenStore.add_listener`), and the access interceptor ends the
+streaming calls of a revoked or downgraded token. Writes are atomic (temporary file, fsync, rename),
 mode 0600, and serialised by a lock file next to the tokens file.
 
 This module never logs, prints or stores a token, except the one ``print``
@@ -29,6 +32,7 @@ that hands a new token to its creator; and it does not import grpc.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import fcntl
@@ -41,8 +45,8 @@ import secrets
 import stat
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -50,13 +54,16 @@ from typing import Any, Final, Literal
 import msgspec
 
 from lethedb_server.errors import ValidationError
-from lethedb_server.files import write_atomically
+from lethedb_server.files import make_private_dir, open_private, write_atomically
 
 log = logging.getLogger(__name__)
 
-Role = Literal["reader", "writer", "admin"]
+Role = Literal["reader", "consumer", "writer", "admin"]
 #: Every role, least first; each role may do what the roles before it may.
-ROLES: Final[tuple[Role, ...]] = ("reader", "writer", "admin")
+ROLES: Final[tuple[Role, ...]] = ("reader", "consumer", "writer", "admin")
+#: Seconds between checks of the tokens file for changes: a revoked token's
+#: calls must end within a second, and a stat() four times a second is free.
+RECHECK_S: Final = 0.25
 TOKEN_PREFIX: Final = "lethedb_"
 TOKENS_FORMAT: Final = "lethedb.tokens.v1"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -65,10 +72,16 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling: the token's name (not the token) and its role."""
+    """Who is calling: the token's name (not the token) and its role.
+
+    ``digest`` is the token's SHA-256, kept so that a call can be checked
+    again when the tokens file changes; it is never shown (``repr``) nor
+    compared.
+    """
 
     name: str
     role: str
+    digest: bytes = field(default=b"", repr=False, compare=False)
 
 
 class TokenEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -142,18 +155,22 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
 class TokenStore:
     """The tokens the server accepts, re-read when the file changes.
 
-    The file is checked for changes at most once per ``recheck_s`` (and on
-    SIGHUP through :meth:`reload`), so a created or revoked token takes effect
-    within about a second, without a restart. A file that turns out invalid
-    is logged and ignored: the tokens loaded before stay in force.
+    The file is checked for changes every ``recheck_s`` by :meth:`watch`,
+    before a call when the last check is older than that, and on SIGHUP
+    through :meth:`reload`, so a created or revoked token takes effect within
+    a second, without a restart. A file that turns out invalid is logged and
+    ignored: the tokens loaded before stay in force. Every replacement of the
+    tokens is announced to the listeners, which re-check what the old tokens
+    were allowed (the calls in progress).
     """
 
-    def __init__(self, path: Path, *, recheck_s: float = 1.0) -> None:
+    def __init__(self, path: Path, *, recheck_s: float = RECHECK_S) -> None:
         self.path = path
         self.recheck_s = recheck_s
         self._known: tuple[tuple[bytes, Identity], ...] = ()
         self._signature: tuple[int, int, int, int] | None = None
         self._checked_at = 0.0
+        self._listeners: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, path: Path) -> TokenStore:
@@ -170,7 +187,9 @@ class TokenStore:
 
     def _load(self, parsed: TokensFile, signature: tuple[int, int, int, int] | None) -> None:
         self._known = tuple(
-            (bytes.fromhex(e.sha256), Identity(e.name, e.role)) for e in parsed.tokens
+            (digest, Identity(e.name, e.role, digest))
+            for e in parsed.tokens
+            for digest in (bytes.fromhex(e.sha256),)
         )
         self._signature = signature
         self._checked_at = time.monotonic()
@@ -190,19 +209,41 @@ class TokenStore:
             return False
         self._load(parsed, signature)
         log.info("tokens file %s reloaded: %d tokens", self.path, len(self))
+        for listener in self._listeners:
+            listener()
         return True
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call *listener* after every reload that replaced the tokens."""
+        self._listeners.append(listener)
+
+    async def watch(self) -> None:
+        """Re-read the file whenever it changes, until cancelled.
+
+        Without this, a change would only be noticed at the next call, and a
+        revoked token's streams would run on until somebody called.
+        """
+        while True:
+            await asyncio.sleep(self.recheck_s)
+            try:
+                self.reload()
+            except Exception:  # a watcher that dies would silently stop revocation
+                log.exception("checking the tokens file %s failed", self.path)
+
+    def identity(self, token_digest: bytes) -> Identity | None:
+        """The identity the current tokens give *token_digest*, or None if revoked."""
+        found: Identity | None = None
+        for stored, identity in self._known:
+            if hmac.compare_digest(token_digest, stored) and found is None:
+                found = identity
+        return found
 
     def authenticate(self, token: str) -> Identity | None:
         if time.monotonic() - self._checked_at >= self.recheck_s:
             self.reload()
-        presented = digest(token)
-        found: Identity | None = None
-        for stored, identity in self._known:
-            # Compare with every entry: the time taken must not depend on where
-            # (or whether) the digest matches.
-            if hmac.compare_digest(presented, stored) and found is None:
-                found = identity
-        return found
+        # identity() compares with every entry: the time taken must not
+        # depend on where (or whether) the digest matches.
+        return self.identity(digest(token))
 
 
 def _warn_if_writable_by_others(path: Path) -> None:
@@ -219,8 +260,8 @@ def _warn_if_writable_by_others(path: Path) -> None:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialise concurrent ``lethedb token`` commands on one tokens file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as handle:
+    make_private_dir(path.parent)
+    with open(open_private(path.with_name(path.name + ".lock"), os.O_WRONLY), "wb") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         yield
 

@@ -3,21 +3,41 @@
 A request that fails here is refused with a message that names the field, the
 limit and what was found (``events[3].data is 2.1 MiB; the limit is 1 MiB``)
 and changes nothing. Clear fields are stored unencrypted, so they are held to
-strict rules: no control characters, bounded length, and the ``$`` prefix is
-reserved for the server's own streams, types and subjects.
+strict rules: no control characters, no invisible or meaningless code points
+(format characters such as bidirectional overrides, private-use, surrogate and
+unassigned code points: a name must read the same to every person and tool
+that shows it), bounded length, and the ``$`` prefix is reserved for the
+server's own streams, types and subjects.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, CommitCommand, ProposedEvent
+from lethedb_server.model import (
+    EVENT_OVERHEAD,
+    AppendCommand,
+    CommitCommand,
+    ProposedEvent,
+    human_size,
+)
 from lethedb_server.subscriptions import SubscriptionSpec
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: Unicode categories refused in a clear name, with what to call them in a message.
+#: Cf holds the bidirectional controls (U+202A-U+202E, U+2066-U+2069), zero-width
+#: characters and the byte-order mark: they change how a name is displayed, or hide
+#: in it, so two names that look the same could name different streams.
+_INVISIBLE = {
+    "Cf": "an invisible format character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate code point",
+    "Cn": "an unassigned code point",
+}
 EVENT_ID_SIZE = 16
 
 
@@ -30,18 +50,16 @@ class Limits:
     max_idempotency_key_bytes: int = 128
     max_event_bytes: int = 1 << 20
     max_events_per_append: int = 10_000
+    #: Every field of an append's events plus EVENT_OVERHEAD bytes each.
     max_append_bytes: int = 16 << 20
+    #: Events in one call (Append, Commit, AppendBatch, one AppendStream
+    #: message), counted on the wire before the request is parsed.
+    max_request_events: int = 10_000
+    #: Bytes of one call: its encoded size plus EVENT_OVERHEAD per event.
+    max_request_bytes: int = 16 << 20
     #: When set, subject ids must match it in full (e.g. a UUID pattern), so
     #: nobody can put an e-mail address into a clear field by mistake.
     subject_id_pattern: str | None = None
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            value = size / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{size} bytes"
 
 
 def check_name(value: str, field: str, max_bytes: int, *, required: bool = True) -> None:
@@ -50,28 +68,19 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
         if required:
             raise ValidationError(f"{field} is empty; it is required")
         return
-    if value.isascii():
-        # The common case, checked cheaply (this runs for every field of every
-        # event): ASCII is one byte a character, and printable ASCII has no
-        # control character.
-        size = len(value)
-        clean = value.isprintable()
-    else:
-        size = len(value.encode())
-        clean = False
+    # The common case, ASCII, is checked cheaply (this runs for every field of
+    # every event): one byte a character. str.isprintable() is false for every
+    # "Other" (C*) and "Separator" (Z*) character but the space, so a printable
+    # name needs no closer look.
+    size = len(value) if value.isascii() else _utf8_size(value)
     if size > max_bytes:
         raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
     if value[0] == "$":
         raise ValidationError(
             f"{field} {value[:40]!r} starts with '$', which is reserved for the server"
         )
-    if not clean:
-        match = _CONTROL.search(value)
-        if match:
-            raise ValidationError(
-                f"{field} contains the control character U+{ord(match.group()):04X} "
-                f"at offset {match.start()}"
-            )
+    if not value.isprintable():
+        _check_characters(value, field)
     if value[0].isspace() or value[-1].isspace():
         raise ValidationError(f"{field} {value[:40]!r} has leading or trailing white space")
 
@@ -79,6 +88,14 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
 #: Most stream prefixes (and, separately, event types) in one subscription filter.
 MAX_FILTER_TERMS = 100
 MAX_GROUP_BYTES = 128
+
+
+def check_group(group: str, field: str = "group", *, required: bool = True) -> None:
+    """A consumer-group name: stored in clear and kept for ever, so held to the rules
+    of stream ids (bounded, printable, no reserved ``$`` prefix, no outer white space)."""
+    check_name(group, field, MAX_GROUP_BYTES, required=required)
+
+
 #: Most appends in one AppendBatch call. Each append is validated and answered
 #: on its own, so the bound is on per-call work and response size, not on
 #: data: the message-size limit bounds the bytes. The SDK never coalesces more.
@@ -96,18 +113,35 @@ def check_append_batch(count: int) -> None:
         )
 
 
-def _check_filter_term(value: str, field: str, max_bytes: int) -> None:
-    if not value:
-        raise ValidationError(f"{field} is empty; leave the list empty to match everything")
-    size = len(value.encode())
-    if size > max_bytes:
-        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+def _utf8_size(value: str) -> int:
+    """Bytes of *value* in UTF-8; a lone surrogate (possible in-process only) counts 3."""
+    return len(value.encode("utf-8", "surrogatepass"))
+
+
+def _check_characters(value: str, field: str) -> None:
+    """Refuse control characters and the code points of :data:`_INVISIBLE`."""
     match = _CONTROL.search(value)
     if match:
         raise ValidationError(
             f"{field} contains the control character U+{ord(match.group()):04X} "
             f"at offset {match.start()}"
         )
+    for offset, char in enumerate(value):
+        kind = _INVISIBLE.get(unicodedata.category(char))
+        if kind is not None:
+            name = unicodedata.name(char, "")
+            label = f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+            raise ValidationError(f"{field} contains {label}, {kind}, at offset {offset}")
+
+
+def _check_filter_term(value: str, field: str, max_bytes: int) -> None:
+    if not value:
+        raise ValidationError(f"{field} is empty; leave the list empty to match everything")
+    size = _utf8_size(value)
+    if size > max_bytes:
+        raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
+    if not value.isprintable():
+        _check_characters(value, field)
 
 
 class Validator:
@@ -166,10 +200,12 @@ class Validator:
             required=False,
         )
         total = self._check_events(command.events)
+        total += len(command.stream_id) + len(command.idempotency_key)
         if total > limits.max_append_bytes:
             raise ValidationError(
-                f"the append carries {human_size(total)} of data and metadata; "
-                f"the limit is {human_size(limits.max_append_bytes)}"
+                f"the append is {human_size(total)} (every field of its {count} events "
+                f"plus {EVENT_OVERHEAD} bytes each); the limit is "
+                f"{human_size(limits.max_append_bytes)} (max_append_bytes)"
             )
 
     def check_commit(self, command: CommitCommand) -> None:
@@ -194,17 +230,44 @@ class Validator:
                     "put all of a stream's events in one part"
                 )
             seen.add(part.stream_id)
-        events = sum(len(p.events) for p in command.appends)
+        events = command.event_count()
         if events > self.limits.max_events_per_append:
             raise ValidationError(
                 f"the commit has {events} events; the limit is "
-                f"{self.limits.max_events_per_append} per commit"
+                f"{self.limits.max_events_per_append} per commit (max_events_per_append)"
             )
-        size = sum(len(e.data) + len(e.metadata) for p in command.appends for e in p.events)
+        size = command.size()
         if size > self.limits.max_append_bytes:
             raise ValidationError(
-                f"the commit carries {human_size(size)} of data and metadata; "
-                f"the limit is {human_size(self.limits.max_append_bytes)}"
+                f"the commit is {human_size(size)} (every field of its {events} events plus "
+                f"{EVENT_OVERHEAD} bytes each); the limit is "
+                f"{human_size(self.limits.max_append_bytes)} (max_append_bytes)"
+            )
+
+    def check_request(self, events: int, encoded: int, *, exact: bool = True) -> None:
+        """The per-call limits: events and bytes of one whole request.
+
+        *encoded* is the request's serialized size; its size against the limit
+        adds EVENT_OVERHEAD per event. Checked on the wire bytes before the
+        request is parsed (see :mod:`lethedb_server.wire`), so an oversized call
+        costs no parsing, no conversion and no writer time. *exact* false: the
+        count stopped early, *events* is a lower bound.
+        """
+        limits = self.limits
+        if events > limits.max_request_events:
+            count = f"{events} events" if exact else f"more than {limits.max_request_events} events"
+            raise ValidationError(
+                f"the request has {count} in {human_size(encoded)}; the limit is "
+                f"{limits.max_request_events} events per call (max_request_events): "
+                "split it into several calls"
+            )
+        size = encoded + events * EVENT_OVERHEAD
+        if size > limits.max_request_bytes:
+            raise ValidationError(
+                f"the request is {human_size(size)} ({human_size(encoded)} encoded, plus "
+                f"{EVENT_OVERHEAD} bytes for each of its {events} events); the limit is "
+                f"{human_size(limits.max_request_bytes)} per call (max_request_bytes): "
+                "split it into several calls"
             )
 
     def check_subscription(self, spec: SubscriptionSpec) -> None:
@@ -214,7 +277,7 @@ class Validator:
         projection may follow ``$erasures``), so they are checked for size
         and control characters only.
         """
-        check_name(spec.group, "group", MAX_GROUP_BYTES, required=False)
+        check_group(spec.group, required=False)
         if spec.member_id and not spec.group:
             raise ValidationError("member_id is set but group is empty; a member needs a group")
         check_name(spec.member_id, "member_id", MAX_GROUP_BYTES, required=False)
@@ -235,7 +298,7 @@ class Validator:
         self.check_subject_id(selector.subject_id, "filter.subject_id", required=False)
 
     def _check_events(self, events: Sequence[ProposedEvent]) -> int:
-        """Check every event of an append; return the bytes of data and metadata.
+        """Check every event of an append; return their size (ProposedEvent.size, summed).
 
         The events of an append mostly repeat a few types, content types and
         subjects, so each distinct name is checked once, and an error names
@@ -263,7 +326,14 @@ class Validator:
                     f"events[{index}].{part} is {human_size(size)}; the limit is "
                     f"{human_size(limits.max_event_bytes)} per event"
                 )
-            total += size
+            total += (
+                size
+                + len(event.event_id)
+                + len(event.event_type)
+                + len(event.subject_id)
+                + len(event.content_type)
+                + EVENT_OVERHEAD
+            )
         checks: tuple[tuple[str, dict[str, int], Callable[[str, str], None]], ...] = (
             ("event_type", types, self._check_event_type),
             ("subject_id", subjects, self._check_event_subject),

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -45,12 +45,15 @@ from lethedb_server.errors import (
     LegalHoldActive,
     LetheError,
     Overloaded,
+    PermissionDenied,
     ShuttingDown,
     StorageFull,
     SubjectForgotten,
+    TooManyGroups,
     WrongExpectedVersion,
 )
 from lethedb_server.faults import fault_point
+from lethedb_server.idempotency import fingerprint
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import is_disk_full
 from lethedb_server.model import (
@@ -69,6 +72,7 @@ from lethedb_server.model import (
     ProposedEvent,
     SubjectReceipt,
     SubjectState,
+    human_size,
 )
 from lethedb_server.storage import KnownIndexKeys, LogStore
 
@@ -96,7 +100,13 @@ class WriterLimits:
     #: Appends and commits queued or being written at once; beyond it submit
     #: refuses them with Overloaded (0: no limit). Forgets, legal holds and
     #: maintenance are never refused: operators must get through an overload.
-    max_inflight_appends: int = 0
+    max_inflight_appends: int = 10_000
+    #: ... and the events they carry, and their size (``Command.size``: every
+    #: field plus EVENT_OVERHEAD per event). Appends are counted in flight from
+    #: submit to their answer, so these bound what the writer's queue holds.
+    #: A command alone is always admitted (the per-request limits bound it).
+    max_inflight_events: int = 100_000
+    max_inflight_bytes: int = 128 << 20
     #: The subject index is merged once this many events are unindexed, at
     #: most this many per merge transaction (each merge stalls appends).
     index_chunk: int = 8192
@@ -140,6 +150,8 @@ class _Pending:
     loop: asyncio.AbstractEventLoop | None = None
     submitted: float = field(default_factory=time.monotonic)
     settled: bool = False
+    #: (appends, events, bytes) it holds of the in-flight budget; None: not counted.
+    cost: tuple[int, int, int] | None = None
 
     def start(self) -> bool:
         """False when the waiter gave up before the writer got to the command."""
@@ -196,6 +208,8 @@ class Writer:
         self.commands = 0
         self.observer: WriterObserver | None = None
         self._inflight = 0
+        self._inflight_events = 0
+        self._inflight_bytes = 0
         self._inflight_lock = threading.Lock()
         self._merge_retry_at = 0.0
         self._known_keys = KnownIndexKeys(
@@ -214,54 +228,112 @@ class Writer:
     def submit(self, command: Command) -> Future[Any]:
         """Queue *command*; the future resolves after the commit that holds it."""
         future: Future[Any] = Future()
-        error = self._admit(command)
-        if error is not None:
-            future.set_exception(error)
+        admitted = self._admit(command)
+        if isinstance(admitted, LetheError):
+            future.set_exception(admitted)
         else:
-            self._queue.put(_Pending(command, future=future))
+            self._queue.put(_Pending(command, future=future, cost=admitted))
         return future
 
     def submit_async(self, command: Command) -> asyncio.Future[Any]:
         """Queue *command* for a caller on the running event loop; await the result."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        error = self._admit(command)
-        if error is not None:
-            waiter.set_exception(error)
+        admitted = self._admit(command)
+        if isinstance(admitted, LetheError):
+            waiter.set_exception(admitted)
         else:
-            self._queue.put(_Pending(command, waiter=waiter, loop=loop))
+            self._queue.put(_Pending(command, waiter=waiter, loop=loop, cost=admitted))
         return waiter
 
-    def _admit(self, command: Command) -> LetheError | None:
-        """Take *command* into flight, or say why it is refused (nothing written)."""
+    def check_room(self, events: int, size: int, appends: int = 1) -> None:
+        """Raise Overloaded if *appends* carrying *events* and *size* would not fit in flight now.
+
+        A pre-check for a call that submits many appends (AppendBatch): it is
+        refused whole, before any of it is converted or queued. Nothing is
+        reserved; each append is still admitted by :meth:`submit`.
+        """
+        with self._inflight_lock:
+            error = self._over_budget(appends, events, size)
+        if error is not None:
+            raise error
+
+    def _admit(self, command: Command) -> LetheError | tuple[int, int, int] | None:
+        """Take *command* into flight (its cost, None if it is not counted), or
+        say why it is refused (nothing written)."""
         if os.getpid() != self._pid:
             # The writer thread does not survive fork(), and LMDB environments
             # must not be used across it: a child would wait forever or corrupt.
             raise ForkedProcess(self._pid)
         error: LetheError | None = None
+        cost: tuple[int, int, int] | None = None
         if not self._accepting:
             error = ShuttingDown()
-        elif self.limits.max_inflight_appends and _counts_in_flight(command):
+        elif _counts_in_flight(command):
+            cost = (1, _event_count(command), command.size())
             with self._inflight_lock:
-                if self._inflight >= self.limits.max_inflight_appends:
-                    error = self._overloaded()
-                else:
+                error = self._over_budget(*cost)
+                if error is None:
                     self._inflight += 1
-        if error is not None and self.observer is not None:
-            self.observer.refused(command, error)
-        return error
+                    self._inflight_events += cost[1]
+                    self._inflight_bytes += cost[2]
+        if error is not None:
+            if self.observer is not None:
+                self.observer.refused(command, error)
+            return error
+        return cost
+
+    def _over_budget(self, appends: int, events: int, size: int) -> Overloaded | None:
+        """Why *appends*, *events* and *size* more would not fit (lock held), or None.
+
+        A lone command always fits: with nothing in flight it is bounded by
+        the per-request limits alone, and refusing it would refuse it forever.
+        """
+        limits = self.limits
+        if not self._inflight:
+            return None
+        checks = (
+            ("appends", self._inflight, appends, limits.max_inflight_appends),
+            ("events", self._inflight_events, events, limits.max_inflight_events),
+            ("bytes", self._inflight_bytes, size, limits.max_inflight_bytes),
+        )
+        for unit, held, more, limit in checks:
+            if limit and held + more > limit:
+                if unit == "bytes":
+                    has, cap, adds = human_size(held), human_size(limit), human_size(more)
+                else:
+                    has, cap, adds = f"{held} {unit}", str(limit), str(more)
+                return Overloaded(
+                    f"the server already has {has} in flight (the limit is {cap}, "
+                    f"max_inflight_{unit}) and this call would add {adds} more; "
+                    "nothing was written, retry with backoff"
+                )
+        return None
+
+    def _release(self, pendings: Iterable[_Pending]) -> None:
+        """Give back the in-flight budget of answered (or abandoned) commands."""
+        appends = events = size = 0
+        for pending in pendings:
+            cost = pending.cost
+            if cost is not None:
+                pending.cost = None
+                appends += cost[0]
+                events += cost[1]
+                size += cost[2]
+        if appends:
+            with self._inflight_lock:
+                self._inflight -= appends
+                self._inflight_events -= events
+                self._inflight_bytes -= size
 
     def _settle(self, settled: list[tuple[_Pending, Any]]) -> None:
         """Resolve futures now and wake each waiting event loop once."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-        bounded = self.limits.max_inflight_appends > 0
-        released = 0
+        self._release(pending for pending, _ in settled)
         for pending, outcome in settled:
             if pending.settled:
                 continue
             pending.settled = True
-            if bounded and _counts_in_flight(pending.command):
-                released += 1
             if pending.future is not None:
                 if isinstance(outcome, BaseException):
                     pending.future.set_exception(outcome)
@@ -269,21 +341,11 @@ class Writer:
                     pending.future.set_result(outcome)
             elif pending.waiter is not None and pending.loop is not None:
                 by_loop.setdefault(pending.loop, []).append((pending.waiter, outcome))
-        if released:
-            with self._inflight_lock:
-                self._inflight -= released
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_settle_waiters, items)
             except RuntimeError:  # the loop closed: nobody is waiting any more
                 log.debug("dropped %d results for a closed event loop", len(items))
-
-    def _overloaded(self) -> Overloaded:
-        limit = self.limits.max_inflight_appends
-        return Overloaded(
-            f"the server already has {limit} appends in flight, its limit "
-            "(max_inflight_appends); nothing was written, retry with backoff"
-        )
 
     def append(self, command: AppendCommand, timeout: float | None = None) -> AppendResult:
         """Submit and wait: for in-process callers (tests, benchmarks, tools)."""
@@ -402,7 +464,7 @@ class Writer:
         batch = [first]
         if isinstance(first.command, MAINTENANCE):
             return batch, False
-        size = first.command.size()
+        size = _size(first)
         while len(batch) < self.limits.max_batch_commands and size < self.limits.max_batch_bytes:
             try:
                 item = self._queue.get_nowait()
@@ -415,7 +477,7 @@ class Writer:
                 self._process(batch)
                 return [item], False
             batch.append(item)
-            size += item.command.size()
+            size += _size(item)
         return batch, False
 
     def _process(self, batch: list[_Pending]) -> None:
@@ -433,6 +495,7 @@ class Writer:
 
     def _maintain(self, pending: _Pending) -> None:
         if not pending.start():
+            self._release([pending])
             return
         task = self.maintenance.get(type(pending.command))
         if task is None:
@@ -448,6 +511,8 @@ class Writer:
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if p.start()]
+        if len(live) < len(batch):  # callers that gave up: their budget returns now
+            self._release(p for p in batch if p.future is not None and p.future.cancelled())
         if not live:
             return
         while True:
@@ -569,18 +634,44 @@ class Writer:
         if isinstance(command, LegalHoldCommand):
             return self._apply_legal_hold(txn, command)
         if isinstance(command, CheckpointCommand):
-            self.log.put_checkpoint(txn, command.group, command.position)
-            return command.position
+            return self._apply_checkpoint(txn, command)
         raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+
+    def _apply_checkpoint(self, txn: lmdb.Transaction, command: CheckpointCommand) -> int:
+        """Store a group's checkpoint: forward only unless rewound, new groups up to the limit.
+
+        A checkpoint moved back makes a group replay; one moved forward past
+        an erasure event hides it from the group's projection: so moving back
+        is for admins, and each group is a row kept for ever, so their number
+        is bounded.
+        """
+        stored = self.log.stored_checkpoint(txn, command.group)
+        if stored is None:
+            if command.max_groups and self.log.checkpoint_count(txn) >= command.max_groups:
+                raise TooManyGroups(command.max_groups)
+        elif command.position < stored and not command.rewind:
+            raise PermissionDenied(
+                f"the checkpoint of group {command.group!r} is {stored}; moving it back to "
+                f"{command.position} needs the admin role (a group's checkpoint only moves "
+                "forward otherwise)"
+            )
+        self.log.put_checkpoint(txn, command.group, command.position)
+        return command.position
 
     def _apply_commit(
         self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
     ) -> CommitResult:
-        """Every stream's append or none: a failing part aborts the nested transaction."""
+        """Every stream's append or none: a failing part aborts the nested transaction.
+
+        A forgotten subject in any part is refused before the idempotency
+        entry is looked at (see :meth:`_apply_append`).
+        """
         now = self._now()
+        subjects = dict.fromkeys(e.subject_id for part in command.appends for e in part.events)
+        self._refuse_forgotten(subjects, state)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
             if entry is not None:
                 replayed = tuple(
@@ -647,18 +738,22 @@ class Writer:
         """Append one stream's events after *meta*; their index keys go to *batch*.
 
         *now* lets a commit give all its parts one time.
+
+        A forgotten subject is refused before the idempotency entry is looked
+        at: a retry after a forget must not learn whether its data matches
+        the first attempt's (IdempotencyConflict against deduplicated would
+        confirm a guess at erased data).
         """
         now = now or self._now()
+        events = command.events
+        subjects = dict.fromkeys(event.subject_id for event in events)
+        self._refuse_forgotten(subjects, batch)
         digest = b""
         if command.idempotency_key:
-            digest = command.digest()
+            digest = fingerprint(self.keys, command.request_hash(), subjects)
             previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
             if previous is not None:
                 return previous, meta
-        events = command.events
-        for subject_id in dict.fromkeys(event.subject_id for event in events):
-            if subject_id and self._is_forgotten(subject_id, batch):
-                raise SubjectForgotten(subject_id)
         stream_id = command.stream_id
         info = self.log.stream_info(txn, stream_id)
         self._check_expected(command, None if info is None else info.last_version)
@@ -673,7 +768,7 @@ class Writer:
         store_id, put_event, u64 = meta.store_id, self.log.put_event, codec.u64
         remember_key = batch.index_keys.append
         stream_key = codec.stream_prefix(stream_id)
-        index_prefixes = {s: codec.subject_prefix(s) for s in {e.subject_id for e in events}}
+        index_prefixes = {s: codec.subject_prefix(s) for s in subjects}
         ciphers = self.keys.take_each([e.subject_id or STORE_SUBJECT for e in events])
         nonces = new_nonces(len(events))
         new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
@@ -714,6 +809,12 @@ class Writer:
         )  # fmt: skip
         return result, new_meta
 
+    def _refuse_forgotten(self, subjects: Iterable[str], batch: _BatchState) -> None:
+        """Raise SubjectForgotten for the first forgotten subject, in request order."""
+        for subject_id in subjects:
+            if subject_id and self._is_forgotten(subject_id, batch):
+                raise SubjectForgotten(subject_id)
+
     @staticmethod
     def _check_expected(command: AppendCommand, last_version: int | None) -> None:
         state = command.expected_state
@@ -738,6 +839,8 @@ class Writer:
         entry = codec.decode_idempotency(raw)
         if entry.created_at + self.limits.idempotency_window_ns < now:
             return None  # expired: the sweeper has not reached it yet
+        if entry.digest_format != codec.KEYED_DIGEST:
+            return None  # never compared: start-up re-keys or drops unkeyed entries
         if entry.digest != digest:
             raise IdempotencyConflict(key)
         return entry
@@ -770,7 +873,7 @@ class Writer:
                 codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
                 db=self.log.idempotency_expiry,
             )
-        entry = IdempotencyEntry(digest, result, now, commit)
+        entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
         txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
         txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
 
@@ -827,8 +930,21 @@ def _new_event_ids(count: int) -> list[bytes]:
 
 
 def _counts_in_flight(command: Command) -> bool:
-    """Appends and commits are bounded by max_inflight_appends; erasure never is."""
+    """Appends and commits are bounded by the in-flight limits; erasure never is."""
     return isinstance(command, AppendCommand | CommitCommand)
+
+
+def _size(pending: _Pending) -> int:
+    """A queued command's size, as counted at admission when it was (no second walk)."""
+    return pending.cost[2] if pending.cost is not None else pending.command.size()
+
+
+def _event_count(command: Command) -> int:
+    if isinstance(command, AppendCommand):
+        return len(command.events)
+    if isinstance(command, CommitCommand):
+        return command.event_count()
+    return 0
 
 
 def _pending_receipt(

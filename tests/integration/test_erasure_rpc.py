@@ -147,7 +147,12 @@ def test_cli_export_writes_the_subjects_events_as_one_json_document(
 def test_cli_forget_subject_shred_and_audit(server, stubs, stream_id):
     store, _ = stubs
     subject = f"subject-{stream_id}"
-    store.Append(eventstore_pb2.AppendRequest(stream_id=stream_id, events=[_event(subject, "x")]))
+    canary = json.dumps({"text": "x"}).encode()
+    store.Append(
+        eventstore_pb2.AppendRequest(
+            stream_id=stream_id, events=[_event(subject, "x")], idempotency_key=f"k-{stream_id}"
+        )
+    )
 
     forgotten = _cli(server, "forget", subject, "--reason", "gdpr-art17")
     assert forgotten.returncode == 0, forgotten.stderr
@@ -160,3 +165,12 @@ def test_cli_forget_subject_shred_and_audit(server, stubs, stream_id):
     receipt = json.loads(_cli(server, "subject", subject).stdout)
     assert receipt["state"] == "shredded"
     assert receipt["event_count"] == 1
+
+    audit = subprocess.run(
+        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure",
+         "--data", str(server.data_dir), "--canary", canary.decode()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert f"subject {subject}" in audit.stdout
+    assert "idempotency fingerprints of forgotten subjects' requests" in audit.stdout

@@ -43,6 +43,18 @@ BAD_REQUESTS = {
     ),
     "reserved stream id": (_request(stream_id="$erasures"), "reserved"),
     "control character": (_request(stream_id="a\nb"), "control character U+000A"),
+    "bidirectional override in a stream id": (
+        _request(stream_id="invoice-\u202efdp.exe"),
+        "stream_id contains U+202E (RIGHT-TO-LEFT OVERRIDE), an invisible format character",
+    ),
+    "zero-width space in an event type": (
+        _request(events=[_event(event_type="Order\u200bPlaced")]),
+        "events[0].event_type contains U+200B (ZERO WIDTH SPACE)",
+    ),
+    "private-use character in a subject id": (
+        _request(events=[_event(subject_id="user-\ue000")]),
+        "events[0].subject_id contains U+E000, a private-use character",
+    ),
     "no events": (_request(events=[]), "events is empty"),
     "empty event type": (_request(events=[_event(event_type="")]), "events[0].event_type is empty"),
     "reserved event type": (
@@ -64,7 +76,7 @@ BAD_REQUESTS = {
     ),
     "too many events": (
         _request(events=[_event()] * 10_001),
-        "events has 10001 events; the limit is 10000",
+        "the request has more than 10000 events in 127.0 KiB; the limit is 10000 events per call",
     ),
     "undefined expected state": (_request(expected_state=7), "expected_state is 7"),
     "idempotency key with control char": (

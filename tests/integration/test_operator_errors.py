@@ -327,15 +327,19 @@ def test_ctrl_c_during_verify_ends_the_progress_line(tmp_path):
     from lethedb_server.model import AppendCommand, ProposedEvent
     from lethedb_server.store import Store, StoreOptions
 
-    data = tmp_path / "data"
+    data, keyring = tmp_path / "data", tmp_path / "master.keyring"
     event = ProposedEvent(b"", "E", "", "", b"x" * 32, b"")
-    with Store.open(data, StoreOptions(keyring_path=data / "master.keyring")) as store:
-        futures = [store.writer.submit(AppendCommand(f"s{i}", (event,) * 500)) for i in range(400)]
-        for future in futures:
-            future.result()
+    with Store.open(data, StoreOptions(keyring_path=keyring)) as store:
+        for chunk in range(4):  # within the writer's limit on events in flight
+            futures = [
+                store.writer.submit(AppendCommand(f"s{chunk}-{i}", (event,) * 500))
+                for i in range(100)
+            ]
+            for future in futures:
+                future.result()
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [*CLI, "verify", "--data", str(data)],
+        [*CLI, "verify", "--data", str(data), "--keyring", str(keyring)],
         stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, env=PLAIN_ENV,
     )  # fmt: skip
     os.close(terminal)

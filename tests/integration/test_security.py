@@ -37,12 +37,11 @@ EVENTSTORE = eventstore_pb2.DESCRIPTOR.services_by_name["EventStore"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 
 #: The role table of the specification (DESIGN.md, "Security and operations").
-READER_METHODS = {
-    "ReadStream", "ReadAll", "Subscribe", "GetSubject", "CommitCheckpoint", "GetCheckpoint",
-}  # fmt: skip
+READER_METHODS = {"ReadStream", "ReadAll", "Subscribe", "GetSubject", "GetCheckpoint"}
+CONSUMER_METHODS = {"CommitCheckpoint"}
 WRITER_METHODS = {"Append", "AppendStream", "AppendBatch", "Commit"}
 ADMIN_EVENTSTORE_METHODS = {"ForgetSubject", "ExportSubject"}
-RANK = {"reader": 0, "writer": 1, "admin": 2}
+RANK = {"reader": 0, "consumer": 1, "writer": 2, "admin": 3}
 
 #: A call the role allows but that runs on (a live subscription) is cut by this deadline.
 ALLOWED_DEADLINE_S = 0.5
@@ -54,6 +53,8 @@ def needed_role(service: ServiceDescriptor, method: MethodDescriptor) -> str:
         return "admin"
     if method.name in WRITER_METHODS:
         return "writer"
+    if method.name in CONSUMER_METHODS:
+        return "consumer"
     assert method.name in READER_METHODS, f"{method.full_name}: which role may call it?"
     return "reader"
 
@@ -117,7 +118,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def tokens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str | Path]:
     path = tmp_path_factory.mktemp("auth") / "tokens.json"
     made: dict[str, str | Path] = {"path": path}
-    for role in ("reader", "writer", "admin"):
+    for role in ("reader", "consumer", "writer", "admin"):
         made[role], _ = create_token(path, role, f"test-{role}")
     return made
 
@@ -135,7 +136,9 @@ def auth_server(
 # --- authentication and roles ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("identity", ["no token", "bad token", "reader", "writer", "admin"])
+@pytest.mark.parametrize(
+    "identity", ["no token", "bad token", "reader", "consumer", "writer", "admin"]
+)
 def test_every_rpc_answers_each_identity_with_the_code_its_role_calls_for(
     auth_server, tokens, identity
 ):

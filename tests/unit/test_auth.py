@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def test_the_role_table_names_only_real_rpcs():
     [
         ("/lethedb.v1.EventStore/ReadAll", "reader"),
         ("/lethedb.v1.EventStore/Subscribe", "reader"),
-        ("/lethedb.v1.EventStore/CommitCheckpoint", "reader"),
+        ("/lethedb.v1.EventStore/CommitCheckpoint", "consumer"),
+        ("/lethedb.v1.EventStore/GetCheckpoint", "reader"),
         ("/lethedb.v1.EventStore/Append", "writer"),
         ("/lethedb.v1.EventStore/Commit", "writer"),
         ("/lethedb.v1.EventStore/ForgetSubject", "admin"),
@@ -55,6 +57,10 @@ def test_roles_include_the_roles_below_them():
     assert auth.role_allows("admin", "reader")
     assert auth.role_allows("writer", "writer")
     assert not auth.role_allows("reader", "writer")
+    assert auth.role_allows("consumer", "reader")
+    assert not auth.role_allows("reader", "consumer")
+    assert auth.role_allows("writer", "consumer")
+    assert not auth.role_allows("consumer", "writer")
     assert not auth.role_allows("anonymous", "reader")
 
 
@@ -150,3 +156,45 @@ def test_exposure_rule(caplog):
     with caplog.at_level(logging.WARNING):
         auth.check_exposure("0.0.0.0:1", tls=True, tokens=False, insecure=True)
     assert "INSECURE: serving 0.0.0.0:1 without authentication tokens" in caplog.text
+
+
+BAD_TOKEN = auth.Refusal(grpc.StatusCode.UNAUTHENTICATED, "invalid_token", "not valid")
+LOW_ROLE = auth.Refusal(grpc.StatusCode.PERMISSION_DENIED, "role", "needs writer", "t-reader")
+
+
+def summaries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "not logged" in r.getMessage()]
+
+
+def test_refusals_beyond_the_burst_are_summarised_per_peer_host_and_reason(caplog):
+    """An attack stays visible in the log although the log is not flooded."""
+    limiter = auth._RateLimitedLog(burst=3, window_s=0.2)
+
+    async def attack() -> None:
+        for port in range(10):  # one host, many connections
+            limiter("/lethedb.v1.EventStore/ReadAll", f"ipv4:10.0.0.1:{5000 + port}", BAD_TOKEN)
+        for _ in range(5):
+            limiter("/lethedb.v1.EventStore/Append", "ipv6:[::1]:6000", LOW_ROLE)
+        await asyncio.sleep(0.5)  # the attack stops: the window's end still writes the summary
+
+    with caplog.at_level(logging.WARNING, logger="lethedb_server.auth"):
+        asyncio.run(attack())
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused /")]
+    assert len(refused) == 3
+    found = {(r.peer, r.reason, r.suppressed) for r in summaries(caplog)}  # type: ignore[attr-defined]
+    assert found == {("ipv4:10.0.0.1", "invalid_token", 7), ("ipv6:[::1]", "role", 5)}
+    assert "7 from ipv4:10.0.0.1 (invalid_token)" in summaries(caplog)[0].getMessage()
+
+
+def test_the_summary_of_an_attack_from_many_hosts_stays_a_few_lines(caplog):
+    now = [0.0]
+    limiter = auth._RateLimitedLog(burst=2, window_s=10.0, max_summaries=5, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="lethedb_server.auth"):
+        for host in range(500):
+            limiter("/m", f"ipv4:10.1.{host // 256}.{host % 256}:1", BAD_TOKEN)
+        now[0] = 10.0
+        limiter("/m", "ipv4:10.9.9.9:1", BAD_TOKEN)  # the next window writes the last one's
+    lines = summaries(caplog)
+    assert len(lines) == 6
+    assert sum(r.suppressed for r in lines) == 498  # type: ignore[attr-defined]
+    assert "more from other peers or reasons" in lines[-1].getMessage()

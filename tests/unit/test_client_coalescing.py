@@ -20,6 +20,7 @@ from lethedb import Event
 from lethedb._base import (
     MAX_APPENDS_PER_BATCH,
     MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
     SEND_ALONE,
     AppendCoalescer,
     QueuedAppend,
@@ -91,6 +92,16 @@ class TestCoalescer:
             coalescer.queue(item)
 
         assert coalescer.flush() == [small[:2], small[2:], [big]]
+
+    def test_a_batch_stays_under_the_servers_event_limit_per_call(self):
+        coalescer: AppendCoalescer[Waiter] = AppendCoalescer(calls_in_flight=3)
+        per_append = MAX_BATCH_EVENTS // 4 + 1
+        request = pb.AppendRequest(stream_id="s", events=[pb.ProposedEvent()] * per_append)
+        items = [QueuedAppend(request, 0.0, Waiter()) for _ in range(6)]
+        for item in items:
+            coalescer.queue(item)
+
+        assert coalescer.flush() == [items[:3], items[3:]]
 
     def test_a_server_without_append_batch_turns_batching_off(self):
         coalescer: AppendCoalescer[Waiter] = AppendCoalescer(calls_in_flight=1)

@@ -36,6 +36,8 @@ def _server_error(code: grpc.StatusCode, name: str, details: str = "msg") -> Fak
         (grpc.StatusCode.DATA_LOSS, "DataDirDamaged", lethedb.DataLoss),
         (grpc.StatusCode.UNAVAILABLE, "ShuttingDown", lethedb.Unavailable),
         (grpc.StatusCode.FAILED_PRECONDITION, "DataDirLocked", lethedb.ServerError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "TooManyGroups", lethedb.StorageFull),
+        (grpc.StatusCode.PERMISSION_DENIED, "PermissionDenied", lethedb.PermissionDenied),
     ],
 )
 def test_the_server_error_name_picks_the_exception(code, name, expected):

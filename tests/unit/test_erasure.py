@@ -17,6 +17,7 @@ import pytest
 from lethedb_server import codec
 from lethedb_server.crypto import wrap_aad
 from lethedb_server.errors import DataLoss, LegalHoldActive, SubjectForgotten
+from lethedb_server.idempotency import FORMAT_KEY
 from lethedb_server.keyring import FileKeyring, WrappedKey
 from lethedb_server.model import (
     ERASURE_EVENT_TYPE,
@@ -211,7 +212,8 @@ def test_audit_reports_pending_before_the_shred_and_passes_after(store):
 
     report = _audit("--data", store.data_dir, "--canary", "CANARY-AUDIT")
     assert report.returncode == 0, report.stdout + report.stderr
-    assert report.stdout.count("  PASS ") == 5  # four subject checks and the canary
+    # four subject checks, the canary, no unkeyed fingerprint, the canary's brute force
+    assert report.stdout.count("  PASS ") == 7
     assert "RESULT: PASS" in report.stdout
 
 
@@ -341,3 +343,104 @@ def test_shredding_rotates_the_master_key_and_keeps_live_subjects_readable(store
     assert store.reader.read_stream("user-2", 0, backwards=False, limit=1)[0].data == b"bob"
     keyring = FileKeyring(store.data_dir / "master.keyring")
     assert keyring.versions() == [result.master_version]
+
+
+# -- idempotency fingerprints --------------------------------------------------------------
+
+PIN_DATA = '{"pin":"4711"}'
+
+
+def _append_pin(store: Store, key: str) -> AppendCommand:
+    command = AppendCommand("pins", (_event(FORGOTTEN, PIN_DATA),), idempotency_key=key)
+    store.writer.append(command)
+    return command
+
+
+def _store_as_old_code(store: Store, key: str, command: AppendCommand) -> None:
+    """Rewrite the entry under *key* as versions before keyed fingerprints stored it:
+    four fields, the unkeyed request hash, and no idempotency format in the meta."""
+    with store.log.lmdb.begin_write() as txn:
+        entry = codec.decode_idempotency(txn.get(key.encode(), db=store.log.idempotency))
+        old = (command.request_hash(), entry.result, entry.created_at, entry.commit)
+        txn.put(key.encode(), msgspec.msgpack.encode(old), db=store.log.idempotency)
+        txn.delete(FORMAT_KEY, db=store.log.meta_db)
+
+
+def test_audit_brute_forces_canaries_against_keyed_fingerprints_with_any_key_left(store):
+    _append_pin(store, "k-pin")
+    _append(store, "user-2", KEPT, "bob")
+    _forget(store)
+
+    # Before the shred the key store's free pages still hold the subject's
+    # wrapped key, which the current master unwraps: the fingerprint is breakable.
+    pending = _audit("--data", store.data_dir, "--canary", PIN_DATA)
+    assert pending.returncode == 1
+    assert "idempotency fingerprints" in pending.stdout
+    assert "keyed under keys that the files still yield" in pending.stdout
+
+    store.writer.execute(ShredCommand())
+
+    report = _audit("--data", store.data_dir, "--canary", PIN_DATA)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "are keyed" in report.stdout
+    assert "is confirmed by none of 1 idempotency fingerprints" in report.stdout
+
+
+def test_audit_fails_on_an_unkeyed_fingerprint_written_by_old_code(store):
+    command = _append_pin(store, "k-pin")
+    _store_as_old_code(store, "k-pin", command)
+    _forget(store)
+    store.writer.execute(ShredCommand())
+
+    report = _audit("--data", store.data_dir, "--canary", PIN_DATA)
+
+    assert report.returncode == 1
+    assert "1 unkeyed idempotency fingerprints of forgotten subjects' requests" in report.stdout
+    assert f"{PIN_DATA!r} is confirmed by the idempotency fingerprint (unkeyed)" in report.stdout
+    # Without a canary the unkeyed fingerprint fails the audit all the same.
+    assert _audit("--data", store.data_dir).returncode == 1
+
+
+def test_audit_finds_an_unkeyed_fingerprint_left_in_a_free_page(store):
+    """The expiry sweep deletes an entry, but LMDB keeps its bytes in a free page."""
+    command = _append_pin(store, "k-pin")
+    _store_as_old_code(store, "k-pin", command)
+    _forget(store)
+    store.writer.execute(ShredCommand())
+    with store.log.lmdb.begin_write() as txn:  # what the sweeper does to an expired entry
+        txn.delete(b"k-pin", db=store.log.idempotency)
+    assert command.request_hash() in (store.data_dir / "log" / "data.mdb").read_bytes()
+
+    report = _audit("--data", store.data_dir, "--canary", PIN_DATA)
+
+    assert report.returncode == 1
+    assert "(a free page or an old copy)" in report.stdout
+    assert f"{PIN_DATA!r} is confirmed by the idempotency fingerprint (unkeyed)" in report.stdout
+
+
+def test_upgrading_an_old_store_drops_its_unkeyed_fingerprints_and_a_compacted_log_passes(
+    store, tmp_path
+):
+    command = _append_pin(store, "k-pin")
+    _store_as_old_code(store, "k-pin", command)
+    _forget(store)
+    store.writer.execute(ShredCommand())
+    data_dir = store.data_dir
+    store.close()
+
+    upgraded = Store.open(data_dir)  # start-up drops the forgotten subject's entry
+    try:
+        with upgraded.log.lmdb.read() as txn:
+            assert txn.get(b"k-pin", db=upgraded.log.idempotency) is None
+        upgraded.backup(tmp_path / "compacted", include_keys=False)
+    finally:
+        upgraded.close()
+    # A compacted copy of the log holds no free page: put it in place of the log.
+    shutil.rmtree(data_dir / "log")
+    shutil.copytree(tmp_path / "compacted" / "log", data_dir / "log")
+
+    report = _audit("--data", data_dir, "--canary", PIN_DATA)
+
+    assert report.returncode == 0, report.stdout
+    assert command.request_hash() not in (data_dir / "log" / "data.mdb").read_bytes()
+    store.close = lambda: None  # type: ignore[method-assign]

@@ -18,8 +18,10 @@ import pytest
 
 from lethedb_server.errors import (
     NotGroupMember,
+    PermissionDenied,
     PositionBeyondHead,
     SubscriptionReplaced,
+    TooManyGroups,
     TooManySubscribers,
 )
 from lethedb_server.model import AppendCommand, CheckpointCommand, ForgetCommand, ProposedEvent
@@ -443,11 +445,51 @@ def test_group_checkpoint_is_the_lowest_member_commit_clamped_to_what_was_sent(s
         assert await positions_until(b_items, last) == list(range(13, last + 1))
         await b_items.aclose()
         b.close()
-        # With no live member, an operator may move it, also backwards.
-        assert (await engine.commit_checkpoint("g", 3)).position == 3
+        # With no live member it may be set: forward by anyone who may commit,
+        # backwards only by an admin.
+        with pytest.raises(PermissionDenied, match="needs the admin role"):
+            await engine.commit_checkpoint("g", 3)
+        assert await engine.get_checkpoint("g") == 12
+        assert (await engine.commit_checkpoint("g", 3, may_rewind=True)).position == 3
         assert await engine.get_checkpoint("g") == 3
         with pytest.raises(PositionBeyondHead):
             await engine.commit_checkpoint("g", last + 1)
+
+    run(scenario())
+
+
+def test_the_writer_keeps_checkpoints_moving_forward_and_the_groups_bounded(store: Store):
+    """Checked in the write transaction, so concurrent commits cannot slip past."""
+    append(store, "s", 5)
+
+    def put(group: str, position: int, *, rewind: bool = False) -> int:
+        command = CheckpointCommand(group, position, rewind=rewind, max_groups=2)
+        return int(store.writer.execute(command, timeout=TIMEOUT))
+
+    assert put("a", 3) == 3
+    assert put("b", 1) == 1
+    with pytest.raises(TooManyGroups, match="max_consumer_groups"):
+        put("c", 1)
+    assert store.log.checkpoint("c") is None
+    assert store.log.consumer_groups() == 2
+    with pytest.raises(PermissionDenied, match="moving it back to 2 needs the admin role"):
+        put("a", 2)
+    assert store.log.checkpoint("a") == 3
+    assert put("a", 4) == 4  # forward, and an existing group is no new one
+    assert put("a", 2, rewind=True) == 2
+
+
+def test_joining_a_new_group_beyond_the_limit_is_refused_at_once(store: Store):
+    append(store, "s", 3)
+    store.writer.execute(CheckpointCommand("old", 1), timeout=TIMEOUT)
+
+    async def scenario() -> None:
+        engine = SubscriptionEngine(store, SubscriptionLimits(max_consumer_groups=1))
+        with pytest.raises(TooManyGroups):
+            await engine.open(SubscriptionSpec(group="new"))
+        assert engine.subscriber_count == 0
+        member = await engine.open(SubscriptionSpec(group="old"))
+        member.close()
 
     run(scenario())
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
+import io
 import json
 import os
 import time
@@ -123,3 +126,39 @@ def test_revoking_an_unknown_name_is_an_error(tmp_path: Path):
     tokens.create_token(path, "admin", "a")
     with pytest.raises(ValidationError, match="no token named 'b'"):
         tokens.revoke_token(path, "b")
+
+
+def test_the_consumer_role_is_accepted_by_the_file_and_the_command(tmp_path: Path):
+    path = tmp_path / "tokens.json"
+    parser = argparse.ArgumentParser()
+    tokens.add_token_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["token", "create", "--role", "consumer", "--name", "proj", "--tokens-file", str(path)]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert tokens.run_token_command(args, out, err) == 0
+    store = tokens.TokenStore.open(path)
+    assert store.authenticate(out.getvalue().strip()) == tokens.Identity("proj", "consumer")
+    assert tokens.ROLES == ("reader", "consumer", "writer", "admin")
+
+
+def test_the_watcher_reloads_a_changed_file_by_itself_and_tells_the_listeners(tmp_path: Path):
+    """Revocation must not wait for the next call to look at the file."""
+    path = tmp_path / "tokens.json"
+    revoked, _ = tokens.create_token(path, "reader", "soon-revoked")
+    tokens.create_token(path, "reader", "kept")
+    store = tokens.TokenStore.open(path)
+    store.recheck_s = 0.01
+    heard: list[int] = []
+    store.add_listener(lambda: heard.append(len(store)))
+
+    async def main() -> None:
+        watcher = asyncio.create_task(store.watch())
+        tokens.revoke_token(path, "soon-revoked")
+        while not heard:
+            await asyncio.sleep(0.01)
+        watcher.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert heard == [1]
+    assert store.identity(tokens.digest(revoked)) is None

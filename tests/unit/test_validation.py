@@ -15,6 +15,7 @@ import pytest
 from lethedb_server import validation
 from lethedb_server.errors import ValidationError
 from lethedb_server.model import AppendCommand, ProposedEvent
+from lethedb_server.subscriptions import EventFilter, SubscriptionSpec
 from lethedb_server.validation import Limits, Validator, human_size
 
 MiB = 1 << 20
@@ -86,6 +87,45 @@ def append(*events: ProposedEvent, **changes: Any) -> AppendCommand:
             Limits(),
             "stream_id contains the control character U+0085 at offset 5",
             id="stream-c1-control",
+        ),
+        pytest.param(
+            append(stream_id="order\u202e1"),
+            Limits(),
+            "stream_id contains U+202E (RIGHT-TO-LEFT OVERRIDE), an invisible format "
+            "character, at offset 5",
+            id="stream-bidi-override",
+        ),
+        pytest.param(
+            append(stream_id="order\ud8001"),
+            Limits(),
+            "stream_id contains U+D800, a surrogate code point, at offset 5",
+            id="stream-lone-surrogate",
+        ),
+        pytest.param(
+            append(event(event_type="Order\u200bPlaced")),
+            Limits(),
+            "events[0].event_type contains U+200B (ZERO WIDTH SPACE), an invisible format "
+            "character, at offset 5",
+            id="event-type-zero-width-space",
+        ),
+        pytest.param(
+            append(event(subject_id="user-\ue000")),
+            Limits(),
+            "events[0].subject_id contains U+E000, a private-use character, at offset 5",
+            id="subject-private-use",
+        ),
+        pytest.param(
+            append(event(content_type="text/\u0378plain")),
+            Limits(),
+            "events[0].content_type contains U+0378, an unassigned code point, at offset 5",
+            id="content-type-unassigned",
+        ),
+        pytest.param(
+            append(idempotency_key="\ufeffk-1"),
+            Limits(),
+            "idempotency_key contains U+FEFF (ZERO WIDTH NO-BREAK SPACE), an invisible "
+            "format character, at offset 0",
+            id="idempotency-key-byte-order-mark",
         ),
         pytest.param(
             append(stream_id=" order-1"),
@@ -192,8 +232,16 @@ def append(*events: ProposedEvent, **changes: Any) -> AppendCommand:
         pytest.param(
             append(*[event(data=bytes(MiB // 2)) for _ in range(3)]),
             Limits(max_append_bytes=MiB),
-            "the append carries 1.5 MiB of data and metadata; the limit is 1 MiB",
+            "the append is 1.5 MiB (every field of its 3 events plus 128 bytes each); "
+            "the limit is 1 MiB (max_append_bytes)",
             id="append-over-limit",
+        ),
+        pytest.param(
+            # No data: 4,000 events of names and ids, 1.5 MiB counted.
+            append(*[event(data=b"", event_type="T" * 200) for _ in range(4000)]),
+            Limits(max_append_bytes=MiB),
+            "the append is 1.5 MiB (every field of its 4000 events plus 128 bytes each)",
+            id="clear-fields-count-against-the-append-limit",
         ),
     ],
 )
@@ -217,6 +265,8 @@ def test_bad_field_is_refused_with_a_message_naming_it(
         pytest.param(append(stream_id="s" * 256), Limits(), id="stream-id-at-the-limit"),
         pytest.param(append(stream_id="ünïcødé-stream"), Limits(), id="non-ascii-stream-id"),
         pytest.param(append(stream_id="a$b"), Limits(), id="dollar-inside-a-name"),
+        pytest.param(append(stream_id="заказ-1 注文 🎉"), Limits(), id="letters-and-symbols"),
+        pytest.param(append(stream_id="שלום-1"), Limits(), id="right-to-left-script"),
         pytest.param(append(event(data=bytes(MiB))), Limits(), id="data-at-the-limit"),
         pytest.param(
             append(*[event() for _ in range(3)]),
@@ -286,3 +336,61 @@ def test_the_memory_of_valid_names_is_bounded(monkeypatch: pytest.MonkeyPatch):
         validator.check_append(append(event(subject_id=f"subject-{i}")))
 
     assert all(len(known) <= 3 for known in validator._valid.values())
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        pytest.param(
+            lambda v: v.check_subscription(SubscriptionSpec(group="billing\u2066")),
+            "group contains U+2066 (LEFT-TO-RIGHT ISOLATE), an invisible format character",
+            id="group",
+        ),
+        pytest.param(
+            lambda v: v.check_subscription(SubscriptionSpec(group="g", member_id="m\u00ad")),
+            "member_id contains U+00AD (SOFT HYPHEN), an invisible format character",
+            id="member-id",
+        ),
+        pytest.param(
+            lambda v: v.check_subscription(
+                SubscriptionSpec(filter=EventFilter(stream_prefixes=("order\u202e",)))
+            ),
+            "filter.stream_prefixes[0] contains U+202E (RIGHT-TO-LEFT OVERRIDE)",
+            id="filter-term",
+        ),
+        pytest.param(
+            lambda v: validation.check_name("gdpr\u200e", "reason", 128),
+            "reason contains U+200E (LEFT-TO-RIGHT MARK), an invisible format character",
+            id="reason",
+        ),
+    ],
+)
+def test_invisible_characters_are_refused_in_every_clear_name(check: Any, message: str):
+    with pytest.raises(ValidationError) as refused:
+        check(Validator())
+
+    assert message in str(refused.value)
+
+
+def test_a_name_refused_for_an_invisible_character_is_never_remembered_as_valid():
+    validator = Validator()
+    for _ in range(2):
+        with pytest.raises(ValidationError, match="U\\+202E"):
+            validator.check_append(append(event(event_type="Paid\u202e")))
+
+
+def test_a_request_over_the_per_call_event_limit_names_the_limit_and_its_size():
+    with pytest.raises(ValidationError) as refused:
+        Validator().check_request(10_001, 31 * MiB, exact=False)
+    assert str(refused.value).startswith(
+        "the request has more than 10000 events in 31 MiB; the limit is 10000 events per "
+        "call (max_request_events)"
+    )
+
+
+def test_a_request_over_the_per_call_byte_limit_counts_an_overhead_per_event():
+    Validator(Limits(max_request_bytes=MiB)).check_request(100, MiB - 100 * 128)
+    with pytest.raises(ValidationError) as refused:
+        Validator(Limits(max_request_bytes=MiB)).check_request(100, MiB - 100 * 128 + 1)
+    assert "plus 128 bytes for each of its 100 events" in str(refused.value)
+    assert "(max_request_bytes)" in str(refused.value)
