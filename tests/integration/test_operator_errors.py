@@ -89,9 +89,9 @@ def test_print_config_shows_the_keyring_path_actually_used(tmp_path):
 def test_a_unix_socket_is_served_and_its_path_is_the_ready_address(tmp_path):
     sock = tmp_path / "lethedb.sock"
     proc = ServerProcess(tmp_path / "data")
-    # ServerProcess waits for the address in the ready file and checks health on it.
-    proc.start(listen=f"unix:{sock}")
     try:
+        # It waits for the address in the ready file and checks health on it.
+        proc.start(listen=f"unix:{sock}")
         assert proc.address == f"unix:{sock}"
         with lethedb.Client(proc.address) as db:
             assert db.append("over-unix", lethedb.Event("E", b"x")).first_version == 0
@@ -102,7 +102,7 @@ def test_a_unix_socket_is_served_and_its_path_is_the_ready_address(tmp_path):
         with lethedb.Client(proc.address) as db:  # the running server kept its socket
             assert [e.data for e in db.read_stream("over-unix")] == [b"x"]
     finally:
-        proc.stop()
+        proc.stop()  # also when start() failed, which leaves the process running
 
 
 # --- output ---------------------------------------------------------------------------------
