@@ -8,6 +8,11 @@ exception below, preferring the server's class name and falling back to the
 status code, so an error from a proxy or an older server still lands on a
 sensible type. Nothing else in the SDK decides which exception a status becomes.
 
+Errors that gRPC itself raises, before any LetheDB code runs, are rewritten
+into one line that names the cause: no server at the address, a TLS or
+plaintext mismatch, a certificate that does not verify, a message over a
+size limit. The raw gRPC text stays in ``.details``.
+
     LetheError                   .code (grpc.StatusCode | None), .details (str)
     ├── ValidationError          the request is malformed; nothing was changed
     ├── WrongExpectedVersion     the stream was not in the expected state (.actual_version)
@@ -16,6 +21,7 @@ sensible type. Nothing else in the SDK decides which exception a status becomes.
     ├── IdempotencyConflict      an idempotency key was reused for a different request
     ├── LegalHoldActive          the subject is under legal hold and cannot be forgotten
     ├── StorageFull              the server is out of space or over a limit; nothing written
+    ├── RequestTooLarge          a message over a gRPC size limit (.size, .limit); nothing written
     ├── Overloaded               too many appends in flight on the server; nothing written
     ├── DataLoss                 a stored record failed its integrity checks
     ├── Unavailable              the server could not be reached (after every retry)
@@ -34,6 +40,7 @@ not messages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -49,6 +56,7 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "PositionBeyondHead",
+    "RequestTooLarge",
     "ServerError",
     "StorageFull",
     "StreamNotFound",
@@ -125,6 +133,29 @@ class LegalHoldActive(LetheError):
 
 class StorageFull(LetheError):
     """The server ran out of space or hit a size limit; nothing was written."""
+
+
+class RequestTooLarge(LetheError):
+    """A message is larger than gRPC's limit on one side; nothing was written.
+
+    ``size`` and ``limit`` are in bytes (``None`` when gRPC did not say).
+    Usually the request exceeded the server's ``max_message_bytes``: send
+    fewer or smaller events per call. Not retried: the same request would
+    meet the same limit.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        details: str | None = None,
+        size: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.size = size
+        self.limit = limit
 
 
 class Overloaded(LetheError):
@@ -243,6 +274,10 @@ def error_from_status(
     ``actual_version`` follows the wire convention: ``-1`` (or ``None``) means
     the stream does not exist.
     """
+    if error_name is None and code is not None:
+        rewritten = _from_grpc_core(code, details)
+        if rewritten is not None:
+            return rewritten
     cls = _BY_NAME.get(error_name or "") or _BY_CODE.get(code or grpc.StatusCode.UNKNOWN)
     if cls is None:
         cls = ServerError
@@ -251,6 +286,78 @@ def error_from_status(
         actual = None if actual_version is None or actual_version < 0 else actual_version
         return WrongExpectedVersion(message, code=code, details=details, actual_version=actual)
     return cls(message, code=code, details=details)
+
+
+# What gRPC's C core says, in the statuses it makes up itself (these carry no
+# lethedb-error trailer). Matched loosely: the wording has changed between
+# gRPC releases, and an unmatched text simply keeps gRPC's own message.
+_TOO_LARGE: Final = re.compile(r"(Sent|Received) message larger than max \((\d+) vs\. (\d+)\)")
+_PEER: Final = re.compile(r"(?:ipv4|ipv6|unix):(\S+?): ")
+_REFUSED: Final = re.compile(r"Connection refused", re.IGNORECASE)
+_VERIFY_FAILED: Final = re.compile(r"CERTIFICATE_VERIFY_FAILED(?::\s*([^:]+))?")
+_NOT_TLS: Final = re.compile(r"WRONG_VERSION_NUMBER")
+_CLOSED_IN_SETUP: Final = re.compile(r"failed to connect to all addresses.*Socket closed", re.S)
+
+
+def _from_grpc_core(code: grpc.StatusCode, details: str) -> LetheError | None:
+    """A clear error for a status gRPC made up itself, or None to map it as usual."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        match = _TOO_LARGE.search(details)
+        if match is None:
+            return None
+        size, limit = int(match.group(2)), int(match.group(3))
+        received_by_server = details.startswith("SERVER:") or match.group(1) == "Sent"
+        if received_by_server and match.group(1) == "Received":
+            message = (
+                f"the request is {size} bytes; the server accepts messages of at most "
+                f"{limit} bytes (its max_message_bytes): send fewer or smaller events per call"
+            )
+        elif match.group(1) == "Sent":
+            message = (
+                f"the request is {size} bytes; this client sends messages of at most {limit} "
+                "bytes (channel option grpc.max_send_message_length)"
+            )
+        else:
+            message = (
+                f"a response is {size} bytes; this client accepts messages of at most {limit} "
+                "bytes (channel option grpc.max_receive_message_length): ask for fewer "
+                "events per call"
+            )
+        return RequestTooLarge(message, code=code, details=details, size=size, limit=limit)
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return None
+    peer = _PEER.search(details)
+    where = f" at {_unquote_peer(peer.group(1))}" if peer else ""
+    if _REFUSED.search(details):
+        message = (
+            f"no LetheDB server{where} (connection refused): start one "
+            "(lethedb serve), or check the address and port"
+        )
+    elif (verify := _VERIFY_FAILED.search(details)) is not None:
+        reason = f" ({verify.group(1).strip()})" if verify.group(1) else ""
+        message = (
+            f"TLS certificate verify failed for the server{where}{reason}: trust the CA that "
+            "signed its certificate (ca=PATH, or ?ca=PATH in the connection string)"
+        )
+    elif _NOT_TLS.search(details):
+        message = (
+            f"the server{where} does not speak TLS (TLS handshake failed): connect "
+            "without tls and ca, or configure TLS on the server"
+        )
+    elif _CLOSED_IN_SETUP.search(details):
+        message = (
+            f"the server{where} closed the connection during set-up: TLS expected "
+            "(a plaintext client: connect with tls=true and ca=PATH), or, over TLS, a "
+            "client certificate (mTLS: cert=PATH and key=PATH)"
+        )
+    else:
+        return None
+    return Unavailable(message, code=code, details=details)
+
+
+def _unquote_peer(peer: str) -> str:
+    """``%5B::1%5D:50051`` (gRPC's spelling of an IPv6 peer) as ``[::1]:50051``."""
+    return peer.replace("%5B", "[").replace("%5D", "]")
 
 
 def error_from_rpc_error(error: grpc.RpcError) -> LetheError:

@@ -19,7 +19,7 @@ from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages
 from lethedb_server.erasure import KEY_BACKUP_WARNING
-from lethedb_server.errors import ValidationError
+from lethedb_server.errors import ValidationError, iso_time
 from lethedb_server.model import LegalHoldCommand, RotateCommand, ShredCommand, ShredResult
 from lethedb_server.rpc import Context, register, server_streaming, unary
 from lethedb_server.store import Store
@@ -51,6 +51,11 @@ class AdminService:
     ) -> pb.SubjectReceipt:
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
         check_name(request.reason, "reason", 256)
+        if request.until and request.until <= time.time_ns():
+            raise ValidationError(
+                f"until is {iso_time(request.until)}, which is in the past; a hold must end "
+                "in the future (0 for a hold without end)"
+            )
         command = LegalHoldCommand(request.subject_id, request.reason, request.until)
         return await self._hold(command)
 

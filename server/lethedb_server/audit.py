@@ -118,8 +118,16 @@ class AuditReport:
 
     @property
     def passed(self) -> bool:
+        return self.verdict == PASS
+
+    @property
+    def verdict(self) -> str:
+        """FAIL if any check failed, else PENDING if any waits for a shred epoch, else PASS."""
         checks = [c for s in self.subjects for c in s.checks] + self.canaries + self.fingerprints
-        return all(c.outcome == PASS for c in checks)
+        outcomes = {c.outcome for c in checks}
+        if outcomes - {PASS, PENDING}:
+            return FAIL
+        return PENDING if PENDING in outcomes else PASS
 
     def render(self) -> str:
         lines: list[str] = []
@@ -143,8 +151,7 @@ class AuditReport:
             lines += [f"  {c.outcome:<7} {c.text}" for c in self.fingerprints]
         count = sum(len(s.checks) for s in self.subjects) + len(self.canaries)
         count += len(self.fingerprints)
-        verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"RESULT: {verdict} ({count} checks, {self.files_scanned} files scanned)")
+        lines.append(f"RESULT: {self.verdict} ({count} checks, {self.files_scanned} files scanned)")
         return "\n".join(lines)
 
 
@@ -216,7 +223,8 @@ def audit_erasure(
                 )
                 versions = _dek_versions(log_env, log_txn, meta, subject_id)
                 hit = _unwrappable_window(keyring, subject_id, versions, key_files)
-                audit.checks.append(_window_check(hit, len(key_files)))
+                pending_epoch = meta.shred_epoch < tombstone.shred_epoch
+                audit.checks.append(_window_check(hit, len(key_files), pending_epoch))
                 if not isinstance(hit, int):  # a file still yields a key of the subject
                     first = (
                         hit
@@ -361,7 +369,13 @@ def _unwrappable_window(
     return windows
 
 
-def _window_check(hit: _Hit | int, files: int) -> Check:
+def _window_check(hit: _Hit | int, files: int, pending_epoch: bool = False) -> Check:
+    """FAIL when a stale wrapped key still unwraps, or PENDING before the subject's shred epoch.
+
+    Until that epoch has run, stale copies (free key-store pages, backups with
+    keys) unwrapping under a master key version that exists now are expected:
+    the epoch destroys every such version. Afterwards, one is a failure.
+    """
     if isinstance(hit, int):
         return Check(
             PASS,
@@ -369,11 +383,13 @@ def _window_check(hit: _Hit | int, files: int) -> Check:
             "unwraps a key of the subject",
         )
     path, offset, dek_version, master_version, _ = hit
-    return Check(
-        FAIL,
+    where = (
         f"{path} at byte {offset} holds a key of the subject (version "
-        f"{dek_version}) that master key version {master_version} still unwraps",
+        f"{dek_version}) that master key version {master_version} still unwraps"
     )
+    if pending_epoch:
+        return Check(PENDING, f"{where}; the pending shred epoch destroys that version")
+    return Check(FAIL, where)
 
 
 def _canary(text: str, files: list[Path]) -> Check:

@@ -5,6 +5,12 @@ the TOML file given with ``--config``. ``append`` and ``read`` are thin
 wrappers over the SDK for quick use; they print JSON lines. ``verify`` walks
 the log over ``--server``, or offline over ``--data`` while no server runs,
 and exits 1 when a record is bad.
+
+Every failure ends in one line on stderr that a person can act on, never a
+traceback: exit 1 for an error reported by the server or the SDK, 2 for a
+refused command or configuration (nothing was changed or created), 3 for an
+erasure audit still pending a shred epoch, 130 on Ctrl-C. A closed stdout
+(``lethedb stats | head -1``) is a normal end. Times print as ISO 8601 (UTC).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from lethedb_server import config as config_module
 from lethedb_server import logs, tokens
-from lethedb_server.errors import LetheError
+from lethedb_server.errors import LetheError, iso_time
 
 if TYPE_CHECKING:
     import lethedb
@@ -69,10 +77,20 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lethedb")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lethedb", description="LetheDB: a GDPR-aware, immutable event store."
     )
+    parser.add_argument("--version", action="version", version=f"lethedb {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     tokens.add_token_parser(sub)
@@ -100,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", help="forget a data subject (GDPR erasure)")
     forget.add_argument("subject_id")
     forget.add_argument("--reason", default="unspecified", help="reason code (no personal data)")
+    forget.add_argument(
+        "--force",
+        action="store_true",
+        help="forget even a subject with no events (a mistyped id is refused without it)",
+    )
     _client_args(forget)
 
     subject = sub.add_parser("subject", help="show a subject's erasure receipt")
@@ -215,7 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status of ``audit-erasure`` when nothing failed but a check waits for a shred epoch.
+EXIT_PENDING = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own log lines to stderr (a failed TLS handshake,
+    # a failed bind): they would break the server's text/JSON log format and
+    # the CLI's one-line errors. Set before grpc is first imported; an
+    # explicit GRPC_VERBOSITY (for debugging gRPC) is honoured.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     commands = {
         "serve": _serve,
@@ -236,12 +268,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": tokens.run_token_command,
     }
     try:
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()  # here, so that a closed stdout is seen inside the try
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except LetheError as exc:
         print(f"lethedb: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("lethedb: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): a normal end, not an error.
+
+    Whatever is still buffered can never be written; pointing stdout at
+    /dev/null keeps the interpreter's final flush from failing again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -250,7 +299,9 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name) for name in config_module.field_names()}
     cfg = config_module.load(flags, config_file=args.config)
     if args.print_config:
-        sys.stdout.write(config_module.render(cfg))
+        # The keyring actually used, not the empty "default" that stands for it.
+        shown = msgspec.structs.replace(cfg, keyring=str(cfg.keyring_path))
+        sys.stdout.write(config_module.render(shown))
         return 0
     logs.configure(cfg.log_level, cfg.log_format)
     asyncio.run(serve(cfg))
@@ -323,11 +374,8 @@ def _read(args: argparse.Namespace) -> int:
             events = db.read_all(
                 from_position=args.start, backwards=args.backwards, max_count=args.max_count
             )
-        try:
-            for event in events:
-                print(json.dumps(_event_json(event)))
-        except BrokenPipeError:
-            return 0
+        for event in events:
+            print(json.dumps(_event_json(event)))
     return 0
 
 
@@ -340,14 +388,36 @@ def _client(args: argparse.Namespace) -> Iterator[lethedb.Client]:
         with lethedb.Client(args.server, timeout=args.timeout, token=args.token) as db:
             yield db
     except lethedb.LetheError as exc:
-        print(f"lethedb: {exc}", file=sys.stderr)
+        print(f"lethedb: {_cli_message(exc, args)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _cli_message(error: lethedb.LetheError, args: argparse.Namespace) -> str:
+    """The SDK's message, pointing at this command's options rather than at gRPC terms."""
+    import lethedb
+
+    if isinstance(error, lethedb.Unauthenticated):
+        if args.token is None:
+            return (
+                f"the server at {args.server} requires a bearer token: set LETHEDB_TOKEN "
+                "(or pass --token; the variable keeps it out of the process list)"
+            )
+        return (
+            f"the server at {args.server} refused the token given by --token or "
+            f"LETHEDB_TOKEN: {error.details}"
+        )
+    if isinstance(error, lethedb.PermissionDenied):
+        return f"{error}; use a token with that role (--token or LETHEDB_TOKEN)"
+    if isinstance(error, lethedb.Unavailable) and error.details != str(error):
+        # A connection problem the SDK has put in words: say which option sets the address.
+        return f"{error} (--server)"
+    return str(error)
 
 
 def _receipt_json(receipt: lethedb.SubjectReceipt) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "subject_id": receipt.subject_id,
-        "state": receipt.state.name.lower(),
+        "state": "unknown" if _unknown(receipt) else receipt.state.name.lower(),
         "event_count": receipt.event_count,
     }
     if receipt.tombstone_position:
@@ -375,11 +445,29 @@ def _utc(moment: datetime) -> datetime:
 
 
 def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat().replace("+00:00", "Z")
+    return iso_time(ns)
+
+
+def _unknown(receipt: lethedb.SubjectReceipt) -> bool:
+    """No event of the subject is stored and it was never forgotten: the server has no trace.
+
+    The server answers ACTIVE for any id; to a person that reads as "this
+    subject exists", which hides a mistyped id.
+    """
+    import lethedb
+
+    return receipt.state is lethedb.SubjectState.ACTIVE and receipt.event_count == 0
 
 
 def _forget(args: argparse.Namespace) -> int:
     with _client(args) as db:
+        if not args.force and _unknown(db.get_subject(args.subject_id)):
+            print(
+                f"lethedb: subject {args.subject_id!r} has no events; nothing was forgotten. "
+                "Check the id, or pass --force to record its erasure anyway",
+                file=sys.stderr,
+            )
+            return 2
         receipt = db.forget_subject(args.subject_id, reason=args.reason)
     print(json.dumps(_receipt_json(receipt), indent=2))
     return 0
@@ -447,10 +535,27 @@ def _legal_hold(args: argparse.Namespace) -> int:
         else:
             if not args.reason:
                 raise SystemExit("lethedb: --reason is required to set a legal hold")
-            until = _utc(datetime.fromisoformat(args.until)) if args.until else None
+            until = _hold_until(args.until) if args.until else None
             receipt = db.admin.set_legal_hold(args.subject_id, args.reason, until=until)
     print(json.dumps(_receipt_json(receipt), indent=2))
     return 0
+
+
+def _hold_until(text: str) -> datetime:
+    """``--until`` as an aware datetime in the future, or a one-line refusal."""
+    try:
+        moment = _utc(datetime.fromisoformat(text))
+    except ValueError:
+        raise SystemExit(
+            f"lethedb: --until is {text!r}; expected an ISO 8601 date or time, "
+            "e.g. 2027-01-31 or 2027-01-31T18:00:00Z (UTC unless a zone is given)"
+        ) from None
+    if moment <= datetime.now(UTC):
+        raise SystemExit(
+            f"lethedb: --until {moment.isoformat().replace('+00:00', 'Z')} is in the past; "
+            "a hold must end in the future (omit --until for a hold without end)"
+        )
+    return moment
 
 
 def _backup(args: argparse.Namespace) -> int:
@@ -659,11 +764,11 @@ def _import_projection(spec: str) -> type[Any]:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from lethedb_server.audit import audit_erasure
+    from lethedb_server.audit import FAIL, PASS, PENDING, audit_erasure
 
     report = audit_erasure(args.data, args.keyring, args.backup, args.canary)
     print(report.render())
-    return 0 if report.passed else 1
+    return {PASS: 0, FAIL: 1, PENDING: EXIT_PENDING}[report.verdict]
 
 
 def _event_json(event: Any, *, export: bool = False) -> dict[str, Any]:
@@ -675,12 +780,12 @@ def _event_json(event: Any, *, export: bool = False) -> dict[str, Any]:
         "event_type": event.event_type,
         "subject_id": event.subject_id,
         "content_type": event.content_type,
-        "recorded_at": event.recorded_at,
+        "recorded_at": _iso(event.recorded_at),
+        "recorded_at_ns": event.recorded_at,
         "redacted": event.redacted,
     }
     if export:
-        doc["recorded_at"] = _iso(event.recorded_at)
-        del doc["subject_id"], doc["redacted"]
+        del doc["subject_id"], doc["redacted"], doc["recorded_at_ns"]
     if not event.redacted:
         doc.update(_payload_json("data", event.data, event.content_type))
         if event.metadata:

@@ -223,9 +223,79 @@ def load(
             merged[name] = value
     merged.update({k: v for k, v in (flags or {}).items() if v is not None})
     try:
-        return msgspec.convert(merged, Config, strict=False)
+        config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ValidationError(f"configuration: {exc}") from exc
+    check(config)
+    return config
+
+
+# --- validation: every value is checked here, before anything is created ---------------
+
+#: Lowest value of each numeric option without a bound in its type (msgspec
+#: checks those). A zero where the code divides, batches or sizes by the
+#: value would fail later, after the data directory exists, or hang.
+MINIMUM: dict[str, float] = {
+    "dek_cache_size": 0,
+    "dek_max_uses": 1,
+    "max_event_bytes": 1,
+    "max_events_per_append": 1,
+    "max_append_bytes": 1,
+    "max_message_bytes": 1024,
+    "idempotency_window_s": 0,
+    "batch_max_commands": 1,
+    "batch_max_bytes": 1,
+    "shutdown_grace_s": 0,
+    "shred_interval_s": 0,
+    "max_subscribers": 1,
+}
+#: Options that must be above (not at) their bound.
+ABOVE_ZERO: frozenset[str] = frozenset({"subscription_heartbeat_s"})
+
+
+def check(config: Config) -> None:
+    """Refuse a configuration that cannot work, naming the option, its value and the rule."""
+    for name, minimum in MINIMUM.items():
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValidationError(f"configuration: {name} is {value}; it must be >= {minimum}")
+    for name in ABOVE_ZERO:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValidationError(f"configuration: {name} is {value}; it must be > 0")
+    if not config.data:
+        raise ValidationError("configuration: data is empty; name the data directory")
+    _check_listen(config.listen)
+    if config.subject_id_pattern:
+        try:
+            re.compile(config.subject_id_pattern)
+        except re.error as exc:
+            raise ValidationError(
+                f"configuration: subject_id_pattern {config.subject_id_pattern!r} is not a "
+                f"regular expression: {exc}"
+            ) from None
+    if config.ready_file and not Path(config.ready_file).resolve().parent.is_dir():
+        raise ValidationError(
+            f"configuration: ready_file {config.ready_file!r}: its directory does not exist"
+        )
+
+
+def _check_listen(listen: str) -> None:
+    """``host:port``, ``[v6]:port`` (port 0-65535), or ``unix:PATH``."""
+    if listen.startswith("unix:"):
+        if not listen.removeprefix("unix:").removeprefix("//"):
+            raise ValidationError("configuration: listen is 'unix:' without a path")
+        return
+    host, colon, port = listen.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ValidationError(
+            f"configuration: listen is {listen!r}; expected host:port (port 0-65535, "
+            "0 picks a free one), [v6]:port or unix:/path"
+        )
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ValidationError(
+            f"configuration: listen is {listen!r}; write an IPv6 host in brackets: [::1]:50051"
+        )
 
 
 #: Options whose values are secrets, printed masked. Every secret LetheDB

@@ -27,10 +27,20 @@ field, the limit and what was found, and never contain event data or keys.
     ├── NotGroupMember           a checkpoint commit from outside a group's live members
     ├── SubscriptionReplaced     a newer subscription took over the same group member
     ├── Overloaded               a server limit on work in flight is reached; retry later
-    └── ShuttingDown             the server is draining and takes no new work
+    ├── ShuttingDown             the server is draining and takes no new work
+    └── ListenFailed             the server cannot bind its address (start-up only)
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+
+def iso_time(ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 UTC, for messages a person reads."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest // 1000)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class LetheError(Exception):
@@ -93,6 +103,10 @@ class DataDirDamaged(LetheError):
     """The data directory's files are truncated, corrupt or inconsistent."""
 
 
+class ListenFailed(LetheError):
+    """The listen address is in use or unusable; raised before any file is created."""
+
+
 class ShuttingDown(LetheError):
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry against another node or later")
@@ -101,7 +115,7 @@ class ShuttingDown(LetheError):
 class LegalHoldActive(LetheError):
     def __init__(self, subject_id: str, reason: str, until: int) -> None:
         self.subject_id = subject_id
-        when = "until released" if until == 0 else f"until {until} ns since the epoch"
+        when = "until released" if until == 0 else f"until {iso_time(until)}"
         super().__init__(
             f"subject {subject_id!r} is under legal hold ({reason!r}, {when}); "
             "release the hold before forgetting the subject"

@@ -9,7 +9,10 @@ rate and the time left.
 
 It knows nothing of gRPC, storage or what is being counted, and it never
 raises because its stream went away: a progress line must not break the work
-it reports on.
+it reports on. Work cut short (Ctrl-C, or any exception leaving the ``with``
+block) still ends the line, marked ``(interrupted)``, so that what follows
+(the shell prompt, an error message) starts on a line of its own and the last
+figures read as where the work stopped, not as a result.
 """
 
 from __future__ import annotations
@@ -65,15 +68,18 @@ class ProgressBar:
         if self._last_draw is None or now - self._last_draw >= self._interval:
             self._draw(now)
 
-    def close(self) -> None:
-        """Draw the final state unless it is already shown, and end the line (idempotent)."""
+    def close(self, *, interrupted: bool = False) -> None:
+        """Draw the final state unless it is already shown, and end the line (idempotent).
+
+        *interrupted*: the work stopped early; the state is drawn again, marked so.
+        """
         if self._closed:
             return
         self._closed = True
         if not self._updated:
             return
-        if self._drawn != (self._done, self._total):
-            self._draw(self._clock(), final=True)
+        if interrupted or self._drawn != (self._done, self._total):
+            self._draw(self._clock(), final=True, interrupted=interrupted)
         elif self._tty:
             self._write("\n")
 
@@ -86,7 +92,7 @@ class ProgressBar:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(interrupted=exc_type is not None)
 
     def render(self, now: float) -> str:
         """The text of one progress line at time *now* (without line ending)."""
@@ -107,10 +113,10 @@ class ProgressBar:
             return None
         return (self._done - self._initial) / (now - self._started)
 
-    def _draw(self, now: float, *, final: bool = False) -> None:
+    def _draw(self, now: float, *, final: bool = False, interrupted: bool = False) -> None:
         self._last_draw = now
         self._drawn = (self._done, self._total)
-        line = self.render(now)
+        line = self.render(now) + ("  (interrupted)" if interrupted else "")
         if self._tty:
             # Pad over the rest of a longer previous line; \r goes back to its start.
             padding = " " * max(0, self._drawn_width - len(line))

@@ -1,18 +1,24 @@
 """Running the gRPC server: wiring the store to the services, start and drain.
 
-Start-up order matters for durability: the data directory is opened (lock,
-file checks, keyring) before the port is bound, so a client can never reach a
-server that cannot write. Shutdown is the reverse: stop accepting calls, give
-in-flight calls the grace period, let the writer finish its queue, close LMDB.
+Start-up order: the configuration and the security settings are checked,
+then the address is bound, and only then is the data directory opened (lock,
+file checks, keyring). A busy or invalid address therefore ends the start
+with one line and leaves no file behind. No call is answered before the
+store is open: the server starts serving only after that, so a client can
+never reach a server that cannot write. Shutdown is the reverse: stop
+accepting calls, give in-flight calls the grace period, let the writer finish
+its queue, close LMDB.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -25,7 +31,7 @@ from lethedb_server import auth, connections, limits, tls
 from lethedb_server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
-from lethedb_server.errors import LetheError
+from lethedb_server.errors import LetheError, ListenFailed
 from lethedb_server.metrics import Metrics, MetricsServer, metrics_host
 from lethedb_server.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.store import Store
@@ -41,17 +47,21 @@ def harden_process() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def build_server(
-    config: Config,
-    store: Store,
-    access: auth.AccessInterceptor | None = None,
-    subscriptions: SubscriptionEngine | None = None,
-) -> tuple[grpc.aio.Server, HealthServicer, AdminService]:
-    """The server with every service; *access* checks every call (auth.py, limits.py)."""
-    server = grpc.aio.server(
+def new_server(config: Config, access: auth.AccessInterceptor | None = None) -> grpc.aio.Server:
+    """The gRPC server without services; *access* checks every call (auth.py, limits.py)."""
+    return grpc.aio.server(
         options=limits.server_options(config),
         interceptors=None if access is None else [access],
     )
+
+
+def add_services(
+    server: grpc.aio.Server,
+    config: Config,
+    store: Store,
+    subscriptions: SubscriptionEngine | None = None,
+) -> tuple[HealthServicer, AdminService]:
+    """Register every service on *server* (bound or not, but not yet started)."""
     validator = Validator(config.limits())
     if subscriptions is None:
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
@@ -69,7 +79,88 @@ def build_server(
         ),
         server,
     )
+    return health, admin
+
+
+def build_server(
+    config: Config,
+    store: Store,
+    access: auth.AccessInterceptor | None = None,
+    subscriptions: SubscriptionEngine | None = None,
+) -> tuple[grpc.aio.Server, HealthServicer, AdminService]:
+    """The server with every service; *access* checks every call (auth.py, limits.py)."""
+    server = new_server(config, access)
+    health, admin = add_services(server, config, store, subscriptions)
     return server, health, admin
+
+
+def bind(
+    server: grpc.aio.Server, listen: str, certificates: tls.CertificateReloader | None
+) -> tuple[str, int]:
+    """Bind *listen*; return the address clients use and the port (the real one for port 0).
+
+    Raises :class:`ListenFailed` with one line naming the cause, before any
+    file is created. A ``unix:`` path where a live server answers is refused
+    here: gRPC would otherwise unlink that server's socket and take its place.
+    """
+    if listen.startswith("unix:"):
+        _refuse_live_unix_socket(listen)
+    try:
+        if certificates is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, certificates.credentials())
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ListenFailed(_why_bind_failed(listen))
+    if listen.startswith("unix:"):
+        # gRPC reports 1 as the "port" of a unix socket; clients need the path,
+        # absolute, since they need not share the server's working directory.
+        path = os.path.abspath(listen.removeprefix("unix:").removeprefix("//"))
+        return "unix:" + path, port
+    if listen.startswith("unix-abstract:"):
+        return listen, port
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}", port
+
+
+def _refuse_live_unix_socket(listen: str) -> None:
+    path = listen.removeprefix("unix:").removeprefix("//")
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a stale socket file: gRPC replaces it
+    raise ListenFailed(f"address {listen} is in use (a server answers on that socket)")
+
+
+def _why_bind_failed(listen: str) -> str:
+    """Find out why gRPC could not bind (it only says that it could not)."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return f"cannot listen on {listen}: check that the directory exists and is writable"
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port_text), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:
+        return f"cannot listen on {listen}: {exc}"
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"address {listen} is in use"
+                if exc.errno == errno.EACCES:
+                    return f"cannot listen on {listen}: permission denied (a port below 1024?)"
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"cannot listen on {listen}: the host is not an address of this machine"
+                return f"cannot listen on {listen}: {exc.strerror}"
+    return f"cannot listen on {listen}"
 
 
 async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -> None:
@@ -103,29 +194,27 @@ async def serve(config: Config) -> None:
         insecure=config.insecure,
     )
     certificates = tls.CertificateReloader(tls_files) if tls_files is not None else None
-    store = Store.open(config.data_dir, config.store_options())
+    access = auth.AccessInterceptor(
+        tokens,
+        max_streams_per_connection=config.max_streams_per_connection,
+        quotas=auth.ClientQuotas(
+            config.max_streams_per_client, config.max_subscriptions_per_client
+        ),
+    )
+    server = new_server(config, access)
+    address, port = bind(server, config.listen, certificates)
+    try:
+        store = Store.open(config.data_dir, config.store_options())
+    except BaseException:
+        await server.stop(None)  # release the address: nothing was served
+        raise
     metrics_server: MetricsServer | None = None
     try:
         metrics = Metrics(store) if config.metrics_port else None
         store.writer.observer = metrics
-        access = auth.AccessInterceptor(
-            tokens,
-            max_streams_per_connection=config.max_streams_per_connection,
-            quotas=auth.ClientQuotas(
-                config.max_streams_per_client, config.max_subscriptions_per_client
-            ),
-            observer=metrics,
-        )
+        access.observer = metrics
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-        server, health, admin = build_server(config, store, access, subscriptions)
-        if certificates is None:
-            port = server.add_insecure_port(config.listen)
-        else:
-            port = server.add_secure_port(config.listen, certificates.credentials())
-        if port == 0:
-            raise OSError(f"cannot listen on {config.listen}: the address is in use or invalid")
-        host = config.listen.rsplit(":", 1)[0]
-        address = f"{host}:{port}"
+        health, admin = add_services(server, config, store, subscriptions)
         await server.start()
         watch = _watch_connections(config, port)
         if metrics is not None:

@@ -247,3 +247,77 @@ class TestValidationBeforeIO:
             lethedb.Client(max_retries=-1)
         with pytest.raises(lethedb.ValidationError, match=r"max_backoff is 0\.01"):
             lethedb.Client(initial_backoff=0.1, max_backoff=0.01)
+
+
+# gRPC's own texts (grpcio 1.85), as the SDK receives them: no lethedb-error trailer.
+GRPC_TEXTS = [
+    (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "SERVER: Received message larger than max (100092 vs. 65536)",
+        lethedb.RequestTooLarge,
+        ["100092 bytes", "at most 65536 bytes", "max_message_bytes"],
+    ),
+    (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "Received message larger than max (5000000 vs. 4194304)",
+        lethedb.RequestTooLarge,
+        ["a response is 5000000 bytes", "4194304", "max_receive_message_length"],
+    ),
+    (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50051: "
+        "Failed to connect to remote host: Connection refused",
+        lethedb.Unavailable,
+        ["no LetheDB server at 127.0.0.1:50051 (connection refused)", "lethedb serve"],
+    ),
+    (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: "
+        "Socket closed",
+        lethedb.Unavailable,
+        ["127.0.0.1:9", "TLS expected"],
+    ),
+    (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: Tls "
+        "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+        "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer "
+        "certificate: OK",
+        lethedb.Unavailable,
+        ["certificate verify failed", "unable to get local issuer certificate", "ca=PATH"],
+    ),
+    (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv6:%5B::1%5D:9: Tls "
+        "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+        "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification",
+        lethedb.Unavailable,
+        ["[::1]:9", "does not speak TLS"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("code", "details", "expected", "phrases"), GRPC_TEXTS)
+def test_grpcs_own_errors_become_one_line_naming_the_cause(code, details, expected, phrases):
+    error = error_from_rpc_error(FakeRpcError(code, details, ()))
+    assert type(error) is expected
+    assert error.details == details  # the raw text is kept for logs
+    assert "\n" not in str(error)
+    for phrase in phrases:
+        assert phrase in str(error)
+
+
+def test_request_too_large_is_not_retried_and_not_storage_full():
+    error = error_from_rpc_error(
+        FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Sent message larger than max (9 vs. 8)")
+    )
+    assert isinstance(error, lethedb.RequestTooLarge)
+    assert not isinstance(error, lethedb.StorageFull)
+    assert (error.size, error.limit) == (9, 8)
+
+
+def test_the_servers_own_storage_full_keeps_its_type():
+    error = error_from_rpc_error(
+        _server_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "StorageFull", "disk full")
+    )
+    assert type(error) is lethedb.StorageFull

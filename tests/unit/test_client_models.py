@@ -61,6 +61,7 @@ def test_public_api_is_exactly_the_documented_names():
         "IdempotencyConflict",
         "LegalHoldActive",
         "StorageFull",
+        "RequestTooLarge",
         "DataLoss",
         "Unavailable",
         "DeadlineExceeded",

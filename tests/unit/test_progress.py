@@ -130,3 +130,19 @@ def test_a_closed_stream_does_not_break_the_work():
     bar.update(1, 2)
     bar.close()
     bar.close()
+
+
+def test_work_cut_short_ends_the_line_marked_interrupted():
+    stream, clock = FakeTty(), Clock()
+    try:
+        with ProgressBar("verify", stream=stream, clock=clock) as bar:
+            bar.update(0, 1000)
+            clock.now += 1
+            bar.update(300, 1000)
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    text = stream.getvalue()
+    assert text.endswith("(interrupted)\n")
+    assert text.count("\n") == 1
+    assert "300 / 1,000" in text.rsplit("\r", 1)[-1]
