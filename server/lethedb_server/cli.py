@@ -515,27 +515,26 @@ _DAMAGE_SHOWN = 20
 
 def _verify_report(report: DataReport) -> int:
     """Print every damaged place (up to a cap) and what to do; exit 1 when there is any."""
-    from lethedb_server.verify import REMEDY
-
     if report.ok:
         return _verify_outcome(report.checked, report.redacted, None, "")
-    first = report.damage[0]
     bad = report.first_bad_position
+    first = next(d for d in report.damage if bad is None or d.position == bad)
     if bad is None:
         print(f"FAILED at {first.where}: {first.what}")
     else:
-        print(f"FAILED at position {bad}: {len(report.damage)} damaged place(s) found")
-    for damage in report.damage[:_DAMAGE_SHOWN]:
-        print(f"  {damage}")
-    if len(report.damage) > _DAMAGE_SHOWN:
-        print(f"  ... and {len(report.damage) - _DAMAGE_SHOWN} more")
+        print(f"FAILED at position {bad}: {first.what}")
+    if len(report.damage) > 1:
+        print(f"{len(report.damage)} damaged places:")
+        for damage in report.damage[:_DAMAGE_SHOWN]:
+            print(f"  {damage}")
+        if len(report.damage) > _DAMAGE_SHOWN:
+            print(f"  ... and {len(report.damage) - _DAMAGE_SHOWN} more")
     if not report.tags_checked:
         print(
             "Authentication tags were not checked: LMDB must not read a file whose own "
             "structure is damaged."
         )
-    print(f"To repair: {REMEDY}.")
-    return 1
+    return _verify_remedy()
 
 
 def _verify_outcome(checked: int, redacted: int, bad: int | None, problem: str) -> int:
@@ -543,6 +542,13 @@ def _verify_outcome(checked: int, redacted: int, bad: int | None, problem: str) 
         print(f"OK: {checked} events verified ({redacted} redacted), chain head matches")
         return 0
     print(f"FAILED at position {bad if bad is not None else '?'}: {problem}")
+    return _verify_remedy()
+
+
+def _verify_remedy() -> int:
+    from lethedb_server.verify import REMEDY
+
+    print(f"To repair: {REMEDY}.")
     return 1
 
 

@@ -195,6 +195,11 @@ def decode_record(value: bytes | memoryview) -> RecordBody:
     return _body_decoder.decode(memoryview(value)[:-HASH_SIZE])
 
 
+def decode_record_subject(value: bytes | memoryview) -> RecordSubject:
+    """The leading fields of a stored event value, through its subject id."""
+    return _subject_decoder.decode(value[:-HASH_SIZE])
+
+
 def record_subject(value: bytes | memoryview) -> str:
     """The subject id of a stored event value, without decoding its ciphertext."""
     # Slicing bytes (a copy) measured twice as fast here as a memoryview slice.

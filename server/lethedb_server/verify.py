@@ -21,6 +21,11 @@ from lethedb_server.keys import KEY_DBS, KeyStore
 from lethedb_server.reader import DEFAULT_PAGE, EventReader
 from lethedb_server.storage import LOG_DBS, LogStore
 
+#: A record whose stored chain hash is not the hash of its predecessor's and its own bytes.
+CHAIN_MISMATCH = (
+    "the record does not match its hash-chain link (the record or its hash was altered)"
+)
+
 
 @dataclass
 class Verifier:
@@ -69,7 +74,7 @@ class Verifier:
         body, stored = codec.split_record(value)
         expected = codec.chain_hash(self._chain, body)
         if expected != stored:
-            return self._fail(position, "the chain hash does not match the record")
+            return self._fail(position, CHAIN_MISMATCH)
         try:
             event = self.reader.open(position, value)
         except DataLoss as exc:
@@ -183,7 +188,7 @@ def verify_data_dir(
 
 def _report_pages(report: DataReport, checked: pagecheck.FileCheck, environment: str) -> None:
     for problem in checked.problems:
-        where = f"{environment}/data.mdb page {problem.page}, table {problem.table}"
+        where = f"{checked.path} page {problem.page}, table {problem.table}"
         if problem.table == "events" and environment == "log":
             where += _position_range(problem.low, problem.high)
         report.add(0, problem.what, where)
@@ -319,11 +324,8 @@ class _LogContent:
         computed = [codec.chain_hash(previous, body) for previous in chain]
         if stored in computed:
             return {stored}
-        self.report.add(
-            position,
-            "the record does not match its hash-chain link (the record "
-            "or its chain hash was altered)",
-        )
+        self.report.add(position, CHAIN_MISMATCH)
+
         return {stored, *computed}
 
     def _decode(self, position: int, value: bytes) -> None:
