@@ -91,6 +91,8 @@ class PageProblem:
     #: None when unbounded. The caller turns them into positions or names.
     low: bytes | None = None
     high: bytes | None = None
+    #: Whether the page's records were left out (False: read despite the damage).
+    records_lost: bool = True
 
 
 @dataclass
@@ -345,9 +347,23 @@ class _Walk:
         else:
             ordered = keys
             bounds = [low, high]
-        if any(a >= b for a, b in itertools.pairwise(ordered)):
-            self.problem(pgno, name, "its keys are out of order", low, high)
+        if _in_order(ordered, bounds[0], bounds[1]):
+            return True
+        bad = _one_out_of_order(ordered, bounds[0], bounds[1]) if leaf else None
+        if bad is None:
+            self.problem(
+                pgno,
+                name,
+                "its keys are out of order or outside the range its parent gives it",
+                low,
+                high,
+            )
             return False
+        # One damaged key: its record is still read, so that the caller can
+        # name it (the events table by the position it should have).
+        what = f"the key of entry {bad} is out of order (damaged)"
+        self.result.problems.append(PageProblem(pgno, name, what, low, high, records_lost=False))
+        return True
         if ordered and (
             (bounds[0] is not None and ordered[0] < bounds[0])
             or (bounds[1] is not None and ordered[-1] >= bounds[1])
@@ -401,6 +417,23 @@ class _Walk:
         counts[2] += pages
         start = pgno * self.psize + PAGE_HEADER
         return bytes(self.view[start : start + size])
+
+
+def _in_order(keys: list[bytes], low: bytes | None, high: bytes | None) -> bool:
+    """Strictly ascending, the first at or above *low*, the last below *high*."""
+    return (
+        all(a < b for a, b in itertools.pairwise(keys))
+        and (low is None or not keys or keys[0] >= low)
+        and (high is None or not keys or keys[-1] < high)
+    )
+
+
+def _one_out_of_order(keys: list[bytes], low: bytes | None, high: bytes | None) -> int | None:
+    """The index of the one key whose removal leaves the rest in order and in bounds, if any."""
+    for index in range(len(keys)):
+        if _in_order(keys[:index] + keys[index + 1 :], low, high):
+            return index
+    return None
 
 
 def page_size_of(head: bytes) -> int:

@@ -70,6 +70,8 @@ RawPage = list[tuple[int, bytes]]
 REMEDY = "run `lethedb verify` to find every damaged record, and restore from a backup"
 #: Records scanned at most to find the true position of a damaged stream index entry.
 _LOCATE_SCAN = 4096
+#: How far before a position a read that missed it starts walking towards it.
+_SEEK_BACK = 512
 
 
 class KnownIndexKeys:
@@ -251,21 +253,16 @@ class LogStore:
             return page
         with self.lmdb.read() as txn:
             head = self.head_in(txn)
-            cursor = txn.cursor(db=self.events)
-            if backwards:
-                expected = min(start, head)
-                found = cursor.set_range(codec.position_key(expected))
-                if not found or _position_or_none(cursor.key()) != expected:
-                    found = cursor.prev() if found else cursor.last()
-                items = _pairs(cursor.iterprev()) if found else iter(())
-                step, end = -1, 0
-            else:
-                expected = max(start, 1)
-                found = cursor.set_range(codec.position_key(expected))
-                items = _pairs(cursor.iternext()) if found else iter(())
-                step, end = 1, head + 1
-            if expected == end or (not backwards and expected > head):
+            expected = min(start, head) if backwards else max(start, 1)
+            if not 1 <= expected <= head:
                 return page
+            cursor = txn.cursor(db=self.events)
+            if not cursor.set_key(codec.position_key(expected)):
+                _seek(cursor, expected, head, backwards)
+            if backwards:
+                items, step, end = _pairs(cursor.iterprev()), -1, 0
+            else:
+                items, step, end = _pairs(cursor.iternext()), 1, head + 1
             for key, value in items:
                 if _position_or_none(key) != expected:
                     raise _misplaced(expected, key)
@@ -537,6 +534,37 @@ def _subject_of(position: int, value: bytes) -> str:
 def _position_or_none(key: bytes | memoryview) -> int | None:
     """The position an events key names, or None if it is not one (a damaged key)."""
     return codec.position_from_key(key) if len(key) == 8 else None
+
+
+def _seek(cursor: lmdb.Cursor, target: int, head: int, backwards: bool) -> None:
+    """Put *cursor* on position *target*, which a direct lookup did not find.
+
+    A damaged key breaks the order LMDB's binary search relies on, so the
+    lookup may miss a record that is there, or land beside the damage. Only
+    on this error path: walk towards the target in the read's direction from
+    a little before it, where the order is intact, and report the first
+    position out of sequence on the way.
+    """
+    step = -1 if backwards else 1
+    begin = min(head, target + _SEEK_BACK) if backwards else max(1, target - _SEEK_BACK)
+    found = cursor.set_range(codec.position_key(begin))
+    position = _position_or_none(cursor.key()) if found else None
+    if position is None or position > head or (position - target) * step > 0:
+        # Start from the end the read comes from instead: always where LMDB says.
+        if not (cursor.last() if backwards else cursor.first()):
+            raise _misplaced(head if backwards else 1, None)
+        position = _position_or_none(cursor.key())
+        edge = head if backwards else 1
+        if position != edge:
+            raise _misplaced(edge, bytes(cursor.key()))
+    move = cursor.prev if backwards else cursor.next
+    while position != target:
+        if not move():
+            raise _misplaced(position + step, None)
+        following = _position_or_none(cursor.key())
+        if following != position + step:
+            raise _misplaced(position + step, bytes(cursor.key()))
+        position = following
 
 
 def _misplaced(position: int, key: bytes | None) -> DataLoss:
