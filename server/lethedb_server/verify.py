@@ -61,7 +61,12 @@ class Verifier:
         """Check the next page; return whether there is more to check."""
         if self.problem or self.last_position >= self._head:
             return False
-        page = self.log.read_all_page(self.last_position + 1, backwards=False, limit=limit)
+        try:
+            page = self.log.read_all_page(self.last_position + 1, backwards=False, limit=limit)
+        except DataLoss:
+            page = self._before_damage(limit)
+            if not page:
+                return False
         for position, value in page:
             if position > self._head:
                 return False
@@ -71,6 +76,24 @@ class Verifier:
             self._fail(self.last_position + 1, "the log ends before its recorded head position")
             return False
         return self.last_position < self._head
+
+    def _before_damage(self, limit: int) -> list[tuple[int, bytes]]:
+        """After a page failed to read: its records before the damage, one at a time.
+
+        Fails the walk at the first position that cannot be read, so the
+        damage is reported where it is rather than at the page's start.
+        """
+        page: list[tuple[int, bytes]] = []
+        position = self.last_position + 1
+        while len(page) < limit and position <= self._head:
+            try:
+                page += self.log.read_all_page(position, backwards=False, limit=1)
+            except DataLoss as exc:
+                if not page:
+                    self._fail(position, str(exc))
+                break
+            position += 1
+        return page
 
     def _check(self, position: int, value: bytes) -> bool:
         if position != self.last_position + 1:

@@ -736,6 +736,7 @@ def test_a_damaged_events_key_is_data_loss_at_its_true_position_after_every_earl
             _assert_data_loss_after(*_read_until_error(backwards), [VICTIM + 2, VICTIM + 1])
             subscription = stub.Subscribe(pb.SubscribeRequest(from_start=True), timeout=20)
             _assert_data_loss_after(*_read_until_error(subscription), list(range(1, VICTIM)))
+            assert _verify_online(channel).first_bad_position == VICTIM
             cli = _cli_read(server.address, "--from", str(VICTIM - 1))
     finally:
         assert server.stop() == 0
@@ -808,3 +809,22 @@ def _assert_verify_names(data: Path, position: int) -> None:
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert cli.stdout.startswith(f"FAILED at position {position}: "), cli.stdout
     assert "Traceback" not in cli.stderr
+
+
+def test_verify_reports_every_damaged_record_not_only_the_first(data: Path):
+    """Damage in two records: both named, in order, and verify still exits 1."""
+    for position in (5, VICTIM):
+        _flip_byte_of_record(data, position, "ciphertext")
+    _flip_byte_of_record(data, 25, "chain hash")
+
+    cli = _verify_cli(data)
+
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    lines = cli.stdout.splitlines()
+    assert lines[0].startswith("FAILED at position 5: "), cli.stdout
+    assert [line.split(":")[0].strip() for line in lines if line.startswith("  position")] == [
+        "position 5",
+        f"position {VICTIM}",
+        "position 25",
+    ]
+    assert "restore the data directory from a backup" in cli.stdout
