@@ -449,10 +449,16 @@ class LogStore:
     ) -> tuple[Tombstone | None, LegalHold | None]:
         tomb = txn.get(subject_id.encode(), db=self.tombstones)
         hold = txn.get(subject_id.encode(), db=self.legal_holds)
-        return (
-            None if tomb is None else codec.decode_tombstone(tomb),
-            None if hold is None else codec.decode_legal_hold(hold),
-        )
+        try:
+            return (
+                None if tomb is None else codec.decode_tombstone(tomb),
+                None if hold is None else codec.decode_legal_hold(hold),
+            )
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(
+                f"the tombstone or legal hold record of subject {subject_id!r} is damaged "
+                f"({exc}); {REMEDY}"
+            ) from exc
 
     def subject_status(self, subject_id: str) -> tuple[Tombstone | None, LegalHold | None]:
         with self.lmdb.read() as txn:

@@ -128,10 +128,7 @@ class Verifier:
 # -- offline: the data directory's files, read page by page --------------------------
 
 #: What a person should do about any damage verify finds.
-REMEDY = (
-    "restore the data directory from a backup (see docs/OPERATIONS.md), then run "
-    "`lethedb verify --data` on it"
-)
+REMEDY = "restore the data directory from a backup, then run `lethedb verify --data` on it"
 #: Events whose tags are checked per read of the key store; only a progress granule.
 _TAG_CHUNK = 512
 

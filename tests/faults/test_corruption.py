@@ -472,10 +472,12 @@ class PageMap:
             return Spot("meta", page=page)
         for start, end, spot in self.regions.get(page, []):
             if start <= at < end:
+                if spot.kind == "slack":
+                    return spot
                 if spot.table == "(catalog)":
-                    return Spot("catalog", spot.table, page=spot.page)
+                    return Spot("catalog", spot.table, spot.key, spot.value, spot.page)
                 if spot.table == "(free list)":
-                    return Spot("freelist", spot.table, page=spot.page)
+                    return Spot("freelist", spot.table, spot.key, spot.value, spot.page)
                 return spot
         return Spot("free" if page not in self.regions else "slack", page=page)
 
@@ -828,3 +830,89 @@ def test_verify_reports_every_damaged_record_not_only_the_first(data: Path):
         "position 25",
     ]
     assert "restore the data directory from a backup" in cli.stdout
+
+
+# -- damage to LMDB's own structure: named by page and table, never a crash ------------
+
+
+def _first_spot(data_file: Path, wanted: Callable[[int, Spot], bool]) -> int:
+    """The offset of the first byte of the file that *wanted* accepts."""
+    content = data_file.read_bytes()
+    pages = PageMap(content)
+    for offset in range(2 * PAGE, len(content)):
+        if wanted(offset, pages.spot(offset)):
+            return offset
+    raise AssertionError("no such byte in the file")
+
+
+def _branch_child_pointer(offset: int, spot: Spot) -> bool:
+    return spot.kind == "node" and spot.table == "events" and not spot.value and offset % 8 == 0
+
+
+def _overflow_header(offset: int, spot: Spot) -> bool:
+    return spot.kind == "page" and spot.table == "events" and offset % PAGE == 12  # page count
+
+
+def _events_table_record(offset: int, spot: Spot) -> bool:
+    return spot.kind == "catalog" and spot.key == b"events"
+
+
+#: How to find the byte to damage: the first byte a test accepts, then a shift
+#: from it, and the bit to flip there.
+STRUCTURE_DAMAGE = {
+    "branch page's child pointer": (_branch_child_pointer, 0, 0x04),
+    "overflow page's page count": (_overflow_header, 0, 0x02),
+    # The catalog's leaf node of the events table: an 8-byte node header, the
+    # name, then the table's 48-byte record, whose last 8 bytes are its root.
+    "root page in the catalog of tables": (_events_table_record, 8 + 6 + 40, 0x01),
+}
+
+
+@pytest.mark.parametrize(
+    ("where", "shift", "bit"), STRUCTURE_DAMAGE.values(), ids=STRUCTURE_DAMAGE.keys()
+)
+def test_damage_to_lmdb_structure_is_named_by_page_and_table_without_a_crash(
+    data: Path, where: Callable[[int, Spot], bool], shift: int, bit: int
+):
+    data_file = data / "log" / "data.mdb"
+    offset = _first_spot(data_file, where) + shift
+    with data_file.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ bit]))
+
+    cli = _verify_cli(data)
+
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert "Traceback" not in cli.stderr
+    assert f"{data_file} page " in cli.stdout, cli.stdout
+    assert "Authentication tags were not checked" in cli.stdout
+
+
+def test_a_damaged_legal_hold_record_is_data_loss_naming_the_subject(data: Path):
+    """Before: UNKNOWN with msgspec's "Expected `array` of length 3" text."""
+    server = ServerProcess(data).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            admin_pb2_grpc.AdminStub(channel).SetLegalHold(
+                admin_pb2.SetLegalHoldRequest(subject_id="subj-2", reason="ZZZZ-hold"), timeout=10
+            )
+    finally:
+        assert server.stop() == 0
+    # The record is a 3-element msgpack array: make its header say 2.
+    _flip_in_file(data, b"\x93\xa9ZZZZ-hold", 0, 0x01)
+
+    server = ServerProcess(data).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = eventstore_pb2_grpc.EventStoreStub(channel)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.GetSubject(pb.GetSubjectRequest(subject_id="subj-2"), timeout=10)
+            receipt = stub.GetSubject(pb.GetSubjectRequest(subject_id="subj-3"), timeout=10)
+    finally:
+        assert server.stop() == 0
+    assert failed.value.code() == grpc.StatusCode.DATA_LOSS, failed.value.details()
+    assert "subject 'subj-2'" in failed.value.details()
+    assert "lethedb verify" in failed.value.details()
+    assert receipt.subject_id == "subj-3"
