@@ -364,23 +364,21 @@ class _Walk:
         what = f"the key of entry {bad} is out of order (damaged)"
         self.result.problems.append(PageProblem(pgno, name, what, low, high, records_lost=False))
         return True
-        if ordered and (
-            (bounds[0] is not None and ordered[0] < bounds[0])
-            or (bounds[1] is not None and ordered[-1] >= bounds[1])
-        ):
-            self.problem(
-                pgno, name, "its keys lie outside the range its parent gives it", low, high
-            )
-            return False
-        return True
 
     def _leaf(
         self, table: Table, pgno: int, nodes: list[tuple[int, bytes, int, int]], counts: list[int]
     ) -> None:
         """Add the leaf's records to the table, in key order (the order of its nodes)."""
-        base = pgno * self.psize
+        base = pgno * self.psize + NODE_HEADER
         data = self.data
         records = table.records
+        if not any(flags & F_BIGDATA for _, _, flags, _ in nodes):  # the common case, fast
+            records += [
+                (key, data[base + offset + len(key) : base + offset + len(key) + size])
+                for offset, key, _, size in nodes
+            ]
+            return
+        base -= NODE_HEADER
         for offset, key, flags, size in nodes:
             start = base + offset + NODE_HEADER + len(key)
             if flags & F_BIGDATA:
