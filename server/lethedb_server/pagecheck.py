@@ -48,6 +48,8 @@ F_SUBDATA: Final = 0x02
 MDB_INTEGERKEY: Final = 0x08
 
 FREE_TABLE: Final = "(free list)"
+#: The page number of a problem with the whole file (missing, no meta page).
+FILE: Final = -1
 MAIN_TABLE: Final = "(table of tables)"
 
 _HEADER = struct.Struct("<QHHHH")  # pgno, pad, flags, lower, upper
@@ -453,11 +455,15 @@ def check_file(path: Path, tables: Iterable[str]) -> FileCheck:
 
     *tables* are the named databases the file must hold, and no others.
     """
-    data = path.read_bytes()
     result = FileCheck(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        result.problems.append(PageProblem(FILE, "", "the file is missing"))
+        return result
     psize = page_size_of(data[: 2 * 65536])
     if not psize:
-        result.problems.append(PageProblem(0, "(meta)", "no readable LMDB meta page"))
+        result.problems.append(PageProblem(FILE, "", "no readable LMDB meta page"))
         return result
     result.page_size = psize
     metas = [_meta(data, psize, index, result) for index in (0, 1)]

@@ -195,15 +195,13 @@ def verify_data_dir(
     try:
         log_file = pagecheck.check_file(data_dir / "log" / "data.mdb", LOG_DBS)
         _report_pages(report, log_file, "log")
-        keys_path = data_dir / "keys" / "data.mdb"
-        keys_file = pagecheck.check_file(keys_path, KEY_DBS) if keys_path.exists() else None
-        if keys_file is not None:
-            _report_pages(report, keys_file, "keys")
+        keys_file = pagecheck.check_file(data_dir / "keys" / "data.mdb", KEY_DBS)
+        _report_pages(report, keys_file, "keys")
         content = _LogContent(report, log_file.tables)
         for problem in (p for p in log_file.problems if p.records_lost):
             content.lost.setdefault(problem.table, []).append((problem.low, problem.high))
         content.check()
-        if log_file.ok and keys_file is not None and keys_file.ok and content.meta is not None:
+        if log_file.ok and keys_file.ok and content.meta is not None:
             _check_tags(report, data_dir, keyring, content, progress)
     finally:
         lock.close()
@@ -212,6 +210,9 @@ def verify_data_dir(
 
 def _report_pages(report: DataReport, checked: pagecheck.FileCheck, environment: str) -> None:
     for problem in checked.problems:
+        if problem.page == pagecheck.FILE:
+            report.add(0, problem.what, str(checked.path))
+            continue
         where = f"{checked.path} page {problem.page}, table {problem.table}"
         if problem.table == "events" and environment == "log":
             where += _position_range(problem.low, problem.high)
@@ -340,8 +341,8 @@ class _LogContent:
         if head is not None and expected - 1 < head:
             report.add(
                 expected,
-                f"positions {expected} to {head} are missing from the events "
-                "table (the log meta's head is {head})".replace("{head}", str(head)),
+                f"positions {expected} to {head} are missing from the events table "
+                f"(the log meta's head is {head})",
             )
         elif head is not None and expected - 1 > head:
             report.add(
