@@ -319,10 +319,11 @@ class LogStore:
             else:
                 items = _pairs(index.iternext()) if found else iter(())
             step = -1 if backwards else 1
+            head = codec.record_head(stream_id)
             for key, position_raw in items:
                 if key != prefix + codec.u64(expected):
                     break
-                page.append(self._stream_event(txn, stream_id, expected, position_raw))
+                page.append(self._stream_event(txn, stream_id, expected, position_raw, head))
                 expected += step
                 if len(page) >= limit or not 0 <= expected <= last:
                     return page
@@ -330,21 +331,38 @@ class LogStore:
         return page
 
     def _stream_event(
-        self, txn: lmdb.Transaction, stream_id: str, version: int, position_raw: bytes
+        self,
+        txn: lmdb.Transaction,
+        stream_id: str,
+        version: int,
+        position_raw: bytes,
+        head: bytes = b"",
     ) -> tuple[int, bytes]:
-        """The record a stream index entry names, checked to be that stream's version."""
-        value = txn.get(position_raw, db=self.events) if len(position_raw) == 8 else None
-        if value is not None:
+        """The record a stream index entry names, checked to be that stream's version.
+
+        *head* is :func:`codec.record_head` of the stream: a record that starts
+        with it and the version's encoding is that stream's version without
+        being decoded (the common case, on the hot path of stream reads).
+        """
+        raw = txn.get(position_raw, db=self.events) if len(position_raw) == 8 else None
+        if raw is not None:
+            value = cast(bytes, raw)  # every transaction here is opened with buffers=False
             position = codec.from_u64(position_raw)
+            if (
+                head
+                and value.startswith(head)
+                and value.startswith(codec.encode(version), len(head))
+            ):
+                return position, value
             try:
-                head = codec.decode_record_subject(value)
+                found = codec.decode_record_subject(value)
             except Exception as exc:  # msgspec raises several types for damaged bytes
                 raise DataLoss(
                     f"the record at position {position} (stream {stream_id!r}, version "
                     f"{version}) cannot be decoded ({exc}); {REMEDY}"
                 ) from exc
-            if (head.stream_id, head.stream_version) == (stream_id, version):
-                return position, cast(bytes, value)
+            if (found.stream_id, found.stream_version) == (stream_id, version):
+                return position, value
         raise self._version_lost(txn, stream_id, version)
 
     def _version_lost(self, txn: lmdb.Transaction, stream_id: str, version: int) -> DataLoss:
