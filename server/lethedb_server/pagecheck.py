@@ -48,6 +48,9 @@ F_SUBDATA: Final = 0x02
 MDB_INTEGERKEY: Final = 0x08
 
 FREE_TABLE: Final = "(free list)"
+#: A larger depth is damage: a 64-bit file holds under 2**52 pages, and each
+#: branch page has two children at least, so no tree is deeper than 52.
+MAX_DEPTH: Final = 64
 #: The page number of a problem with the whole file (missing, no meta page).
 FILE: Final = -1
 MAIN_TABLE: Final = "(table of tables)"
@@ -168,6 +171,12 @@ class _Walk:
             if record.depth or record.entries:
                 self.problem(0, name, "the table has no root page but records depth or entries")
             return table
+        if not 1 <= record.depth <= MAX_DEPTH:
+            self.problem(
+                record.root, name, f"the table's record says its tree is {record.depth} levels deep"
+            )
+            table.damaged = True
+            return table
         self._page(
             table, record.root, 1, record.depth, None, None, integer_keys, leaf_flags, counts
         )
@@ -238,7 +247,7 @@ class _Walk:
             self._leaf(table, pgno, nodes, counts)
             return None
         counts[0] += 1
-        for index, (_, key, node_flags, child) in enumerate(nodes):
+        for index, (_, key, _, child) in enumerate(nodes):
             child_low = low if index == 0 else key
             child_high = nodes[index + 1][1] if index + 1 < len(nodes) else high
             self._page(
@@ -252,7 +261,6 @@ class _Walk:
                 leaf_flags,
                 counts,
             )
-            del node_flags
         return None
 
     def _nodes(
