@@ -35,6 +35,7 @@ from lethedb_server.errors import LetheError, iso_time
 
 if TYPE_CHECKING:
     import lethedb
+    from lethedb_server.verify import DataReport
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -643,15 +644,14 @@ def _verify(args: argparse.Namespace) -> int:
 def _verify_offline(args: argparse.Namespace) -> int:
     from lethedb_server.errors import DataDirLocked
     from lethedb_server.progress import ProgressBar
-    from lethedb_server.store import Store, StoreOptions
-    from lethedb_server.verify import Verifier
+    from lethedb_server.verify import verify_data_dir
 
     data: Path = args.data
     if not (data / "log").is_dir():
         print(f"lethedb: {data} is not a LetheDB data directory (it has no log/)", file=sys.stderr)
         return 2
-    # Opening the store must never create a keyring: a fresh one would make
-    # every record look damaged, and a later start could pick it up.
+    # Verifying must never create a keyring: a fresh one would make every
+    # record look damaged, and a later start could pick it up.
     keyring: Path = args.keyring or data / "master.keyring"
     if not keyring.is_file():
         print(
@@ -660,7 +660,8 @@ def _verify_offline(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        store = Store.open(data, StoreOptions(keyring_path=keyring))
+        with ProgressBar("verify") as bar:
+            report = verify_data_dir(data, keyring, progress=bar.update)
     except DataDirLocked as exc:
         print(
             f"lethedb: {exc}.\nA running server holds {data}: verify through it instead, "
@@ -668,14 +669,35 @@ def _verify_offline(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    with store, ProgressBar("verify") as bar:
-        verifier = Verifier(store.log, store.reader)
-        while verifier.step():
-            bar.update(verifier.checked, verifier.head)
-        bar.update(verifier.checked, verifier.head)
-        verifier.finish()
-    bad = verifier.first_bad_position if not verifier.ok else None
-    return _verify_outcome(verifier.checked, verifier.redacted, bad, verifier.problem)
+    return _verify_report(report)
+
+
+#: Damaged places listed one per line before the rest are only counted.
+_DAMAGE_SHOWN = 20
+
+
+def _verify_report(report: DataReport) -> int:
+    """Print every damaged place (up to a cap) and what to do; exit 1 when there is any."""
+    if report.ok:
+        return _verify_outcome(report.checked, report.redacted, None, "")
+    bad = report.first_bad_position
+    first = next(d for d in report.damage if bad is None or d.position == bad)
+    if bad is None:
+        print(f"FAILED at {first.where}: {first.what}")
+    else:
+        print(f"FAILED at position {bad}: {first.what}")
+    if len(report.damage) > 1:
+        print(f"{len(report.damage)} damaged places:")
+        for damage in report.damage[:_DAMAGE_SHOWN]:
+            print(f"  {damage}")
+        if len(report.damage) > _DAMAGE_SHOWN:
+            print(f"  ... and {len(report.damage) - _DAMAGE_SHOWN} more")
+    if not report.tags_checked:
+        print(
+            "Authentication tags were not checked: LMDB must not read a file whose own "
+            "structure is damaged."
+        )
+    return _verify_remedy()
 
 
 def _verify_outcome(checked: int, redacted: int, bad: int | None, problem: str) -> int:
@@ -683,6 +705,13 @@ def _verify_outcome(checked: int, redacted: int, bad: int | None, problem: str) 
         print(f"OK: {checked} events verified ({redacted} redacted), chain head matches")
         return 0
     print(f"FAILED at position {bad if bad is not None else '?'}: {problem}")
+    return _verify_remedy()
+
+
+def _verify_remedy() -> int:
+    from lethedb_server.verify import REMEDY
+
+    print(f"To repair: {REMEDY}.")
     return 1
 
 

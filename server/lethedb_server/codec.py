@@ -183,6 +183,8 @@ class RecordSubject(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
+#: The msgpack array header of an encoded RecordBody (its field count).
+_RECORD_ARRAY = encode(RecordBody(0, "", 0, b"", "", "", "", 0, 0, b"", b""))[:1]
 
 _body_decoder = msgspec.msgpack.Decoder(RecordBody)
 _payload_decoder = msgspec.msgpack.Decoder(Payload)
@@ -236,6 +238,20 @@ def split_record(value: bytes | memoryview) -> tuple[memoryview, bytes]:
 
 def decode_record(value: bytes | memoryview) -> RecordBody:
     return _body_decoder.decode(memoryview(value)[:-HASH_SIZE])
+
+
+def record_head(stream_id: str) -> bytes:
+    """The first bytes of every encoded record of *stream_id*, up to its version.
+
+    msgpack encodes each value one way only, so a record of this format and
+    stream starts with exactly these bytes, followed by ``encode(version)``.
+    """
+    return _RECORD_ARRAY + encode(RECORD_FORMAT) + encode(stream_id)
+
+
+def decode_record_subject(value: bytes | memoryview) -> RecordSubject:
+    """The leading fields of a stored event value, through its subject id."""
+    return _subject_decoder.decode(value[:-HASH_SIZE])
 
 
 def record_subject(value: bytes | memoryview) -> str:

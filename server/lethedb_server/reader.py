@@ -14,7 +14,7 @@ from lethedb_server.crypto import InvalidTag, event_aad
 from lethedb_server.errors import DataLoss, StreamNotFound
 from lethedb_server.keys import KeyStore
 from lethedb_server.model import STORE_SUBJECT, StoredEvent
-from lethedb_server.storage import LogStore, RawPage
+from lethedb_server.storage import REMEDY, LogStore, RawPage
 
 #: Events per read transaction: short enough never to pin old pages for long.
 DEFAULT_PAGE = 512
@@ -39,7 +39,15 @@ class EventReader:
     def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
         """The subject's events after position *after*, across all streams, in log order."""
         positions = self.log.subject_positions(subject_id, after, limit)
-        return self.open_page(self.log.read_positions(positions)) if positions else []
+        events = self.open_page(self.log.read_positions(positions)) if positions else []
+        for event in events:
+            if event.subject_id != subject_id:
+                raise DataLoss(
+                    f"the subject index names position {event.position} for subject "
+                    f"{subject_id!r}, whose record belongs to another subject: the index entry "
+                    f"is damaged; {REMEDY}"
+                )
+        return events
 
     def open(self, position: int, value: bytes) -> StoredEvent:
         """Decode and decrypt one stored event."""
@@ -63,10 +71,17 @@ class EventReader:
                 body = decode_record(value)
             except Exception as exc:  # msgspec raises several types for damaged bytes
                 raise DataLoss(
-                    f"the record at position {position} cannot be decoded: {exc}"
+                    f"the record at position {position} cannot be decoded ({exc}); {REMEDY}"
                 ) from exc
             subject_id = body.subject_id
-            aead = cipher(subject_id or STORE_SUBJECT, body.dek_version)
+            try:
+                aead = cipher(subject_id or STORE_SUBJECT, body.dek_version)
+            except Exception as exc:  # a damaged key record: DataLoss, never a TypeError
+                raise DataLoss(
+                    f"the event at position {position} cannot be opened: the key it names "
+                    f"(subject {subject_id!r}, version {body.dek_version}) is unreadable "
+                    f"({exc}); {REMEDY}"
+                ) from exc
             if aead is None:
                 append(self._redacted(position, body))
                 continue
@@ -79,7 +94,7 @@ class EventReader:
             except InvalidTag as exc:
                 raise DataLoss(
                     f"the event at position {position} fails its authentication check "
-                    "(the record was altered or moved)"
+                    f"(the record was altered or moved); {REMEDY}"
                 ) from exc
             event = StoredEvent(
                 position, body.stream_id, body.stream_version, body.event_id, body.event_type,

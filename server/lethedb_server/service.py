@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages, status, wire
 from lethedb_server.auth import caller_may, caller_role, require_role
-from lethedb_server.errors import LetheError, ValidationError
+from lethedb_server.errors import DataLoss, LetheError, ValidationError
 from lethedb_server.model import EVENT_OVERHEAD, ForgetCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
 from lethedb_server.rpc import (
@@ -366,13 +366,48 @@ async def _paged(
     # after_position = 2**64 - 1 starts past the last u64 key: there is nothing there.
     while remaining > 0 and 0 <= start <= _END:
         limit = min(DEFAULT_PAGE, remaining)
-        events = await asyncio.to_thread(read_page, start, limit)
+        try:
+            events = await asyncio.to_thread(read_page, start, limit)
+        except DataLoss:
+            # Deliver every event before the damaged one, then its error.
+            events, error = await asyncio.to_thread(
+                _before_damage, read_page, start, backwards, limit, next_start
+            )
+            if error is not None:
+                for message in messages.read_responses(events):
+                    yield message
+                raise error from None
         for message in messages.read_responses(events):
             yield message
         if len(events) < limit:
             return
         remaining -= len(events)
         start = next_start(events[-1], backwards)
+
+
+def _before_damage(
+    read_page: Callable[[int, int], list[StoredEvent]],
+    start: int,
+    backwards: bool,
+    limit: int,
+    next_start: Callable[[StoredEvent, bool], int],
+) -> tuple[list[StoredEvent], DataLoss | None]:
+    """After a page failed: its events before the damaged one, read one at a time.
+
+    Only on the error path. Returns them and the damaged event's error (None
+    if the page reads whole now).
+    """
+    events: list[StoredEvent] = []
+    for _ in range(limit):
+        try:
+            page = read_page(start, 1)
+        except DataLoss as exc:
+            return events, exc
+        if not page:
+            break
+        events += page
+        start = next_start(page[-1], backwards)
+    return events, None
 
 
 def add_event_store(server: grpc.aio.Server, service: EventStoreService) -> None:

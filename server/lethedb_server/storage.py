@@ -66,6 +66,13 @@ _META_KEY = b"log"
 #: A page of raw events: (position, stored value).
 RawPage = list[tuple[int, bytes]]
 
+#: What a reader should do about a damaged record, appended to every DataLoss message.
+REMEDY = "run `lethedb verify` to find every damaged record, and restore from a backup"
+#: Records scanned at most to find the true position of a damaged stream index entry.
+_LOCATE_SCAN = 4096
+#: How far before a position a read that missed it starts walking towards it.
+_SEEK_BACK = 512
+
 
 class KnownIndexKeys:
     """The ``subject_index`` keys of a run of recent positions, kept in memory.
@@ -241,54 +248,165 @@ class LogStore:
     # -- reads ------------------------------------------------------------------
 
     def read_all_page(self, start: int, *, backwards: bool, limit: int) -> RawPage:
-        """Up to *limit* events from position *start* (inclusive) in one direction."""
+        """Up to *limit* events from position *start* (inclusive) in one direction.
+
+        The positions must be contiguous up to the head the log meta records
+        in the same transaction. LMDB has no checksums, so a damaged key
+        would otherwise shift, skip or invent a position silently: a key that
+        is not the next position is :class:`DataLoss` naming the position
+        that cannot be read.
+        """
         page: RawPage = []
         if start < 1 and backwards:
             return page
         with self.lmdb.read() as txn:
+            head = self.head_in(txn)
+            expected = min(start, head) if backwards else max(start, 1)
+            if not 1 <= expected <= head:
+                return page
             cursor = txn.cursor(db=self.events)
+            if not cursor.set_key(codec.position_key(expected)):
+                _seek(cursor, expected, head, backwards)
             if backwards:
-                found = cursor.set_range(codec.position_key(start))
-                if not found or codec.position_from_key(cursor.key()) > start:
-                    found = cursor.prev() if found else cursor.last()
-                items = _pairs(cursor.iterprev()) if found else iter(())
+                items, step, end = _pairs(cursor.iterprev()), -1, 0
             else:
-                found = cursor.set_range(codec.position_key(max(start, 1)))
-                items = _pairs(cursor.iternext()) if found else iter(())
+                items, step, end = _pairs(cursor.iternext()), 1, head + 1
             for key, value in items:
-                page.append((codec.position_from_key(key), value))
-                if len(page) >= limit:
+                if _position_or_none(key) != expected:
+                    raise _misplaced(expected, key)
+                page.append((expected, value))
+                expected += step
+                if len(page) >= limit or expected == end:
                     break
+            else:
+                raise _misplaced(expected, None)
         return page
+
+    def head_in(self, txn: lmdb.Transaction) -> int:
+        """The head as *txn* sees it (the meta is committed with every append)."""
+        raw = txn.get(_META_KEY, db=self.meta_db)
+        try:
+            return codec.decode_meta(cast(bytes, raw)).last_position
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(f"the log meta record is damaged ({exc}); {REMEDY}") from exc
 
     def read_stream_page(
         self, stream_id: str, start: int, *, backwards: bool, limit: int
     ) -> RawPage | None:
-        """Up to *limit* events of a stream from version *start*; None if no stream."""
+        """Up to *limit* events of a stream from version *start*; None if no stream.
+
+        The stream's versions must be contiguous, and each index entry must
+        name the record of that stream and version: a damaged entry is
+        :class:`DataLoss` naming the version and, when it can be found, the
+        event's true position.
+        """
         page: RawPage = []
         prefix = codec.stream_prefix(stream_id)
         with self.lmdb.read() as txn:
-            if txn.get(stream_id.encode(), db=self.streams) is None:
+            raw_info = txn.get(stream_id.encode(), db=self.streams)
+            if raw_info is None:
                 return None
+            try:
+                last = codec.decode_stream(raw_info).last_version
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                raise DataLoss(
+                    f"the record of stream {stream_id!r} is damaged ({exc}); {REMEDY}"
+                ) from exc
             if start < 0:
                 return page
+            expected = min(start, last) if backwards else start
+            if expected > last:
+                return page
             index = txn.cursor(db=self.stream_index)
-            found = index.set_range(codec.stream_version_key(stream_id, start))
+            found = index.set_range(codec.stream_version_key(stream_id, expected))
             if backwards:
                 key = bytes(index.key())
-                if not found or not key.startswith(prefix) or codec.from_u64(key[-8:]) > start:
+                if not found or not key.startswith(prefix) or codec.from_u64(key[-8:]) > expected:
                     found = index.prev() if found else index.last()
                 items = _pairs(index.iterprev()) if found else iter(())
             else:
                 items = _pairs(index.iternext()) if found else iter(())
+            step = -1 if backwards else 1
+            head = codec.record_head(stream_id)
             for key, position_raw in items:
-                if not key.startswith(prefix):
+                if key != prefix + codec.u64(expected):
                     break
-                value = cast(bytes, txn.get(position_raw, db=self.events))
-                page.append((codec.from_u64(position_raw), value))
-                if len(page) >= limit:
-                    break
+                page.append(self._stream_event(txn, stream_id, expected, position_raw, head))
+                expected += step
+                if len(page) >= limit or not 0 <= expected <= last:
+                    return page
+            raise self._version_lost(txn, stream_id, expected)
         return page
+
+    def _stream_event(
+        self,
+        txn: lmdb.Transaction,
+        stream_id: str,
+        version: int,
+        position_raw: bytes,
+        head: bytes = b"",
+    ) -> tuple[int, bytes]:
+        """The record a stream index entry names, checked to be that stream's version.
+
+        *head* is :func:`codec.record_head` of the stream: a record that starts
+        with it and the version's encoding is that stream's version without
+        being decoded (the common case, on the hot path of stream reads).
+        """
+        raw = txn.get(position_raw, db=self.events) if len(position_raw) == 8 else None
+        if raw is not None:
+            value = cast(bytes, raw)  # every transaction here is opened with buffers=False
+            position = codec.from_u64(position_raw)
+            if (
+                head
+                and value.startswith(head)
+                and value.startswith(codec.encode(version), len(head))
+            ):
+                return position, value
+            try:
+                found = codec.decode_record_subject(value)
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                raise DataLoss(
+                    f"the record at position {position} (stream {stream_id!r}, version "
+                    f"{version}) cannot be decoded ({exc}); {REMEDY}"
+                ) from exc
+            if (found.stream_id, found.stream_version) == (stream_id, version):
+                return position, value
+        raise self._version_lost(txn, stream_id, version)
+
+    def _version_lost(self, txn: lmdb.Transaction, stream_id: str, version: int) -> DataLoss:
+        """The error for a stream version whose index entry is damaged or missing."""
+        position = self._locate(txn, stream_id, version)
+        where = f"position {position}" if position else "its position is unknown"
+        return DataLoss(
+            f"stream {stream_id!r} version {version} ({where}) cannot be read: its stream "
+            f"index entry is damaged; {REMEDY}"
+        )
+
+    def _locate(self, txn: lmdb.Transaction, stream_id: str, version: int) -> int | None:
+        """Find a stream version's record by scanning from the previous version's position.
+
+        Only on the error path, and bounded: a stream's events are usually
+        close together, and an unbounded scan could read the whole log.
+        """
+        if version == 0:
+            info = codec.decode_stream(cast(bytes, txn.get(stream_id.encode(), db=self.streams)))
+            after = info.first_position - 1
+        else:
+            raw = txn.get(codec.stream_version_key(stream_id, version - 1), db=self.stream_index)
+            if raw is None or len(raw) != 8:
+                return None
+            after = codec.from_u64(raw)
+        cursor = txn.cursor(db=self.events)
+        if not cursor.set_range(codec.position_key(after + 1)):
+            return None
+        for _, (key, value) in zip(range(_LOCATE_SCAN), _pairs(cursor.iternext()), strict=False):
+            try:
+                head = codec.decode_record_subject(value)
+            except Exception:  # msgspec raises several types for damaged bytes
+                continue
+            if (head.stream_id, head.stream_version) == (stream_id, version):
+                return _position_or_none(key)
+        return None
 
     def last_version(self, stream_id: str) -> int | None:
         with self.lmdb.read() as txn:
@@ -334,10 +452,18 @@ class LogStore:
         return codec.decode_meta(cast(bytes, txn.get(_META_KEY, db=self.meta_db))).subject_indexed
 
     def read_positions(self, positions: list[int]) -> RawPage:
+        """The records at *positions*; one that is not there is DataLoss (a damaged index)."""
+        page: RawPage = []
         with self.lmdb.read() as txn:
-            return [
-                (p, cast(bytes, txn.get(codec.position_key(p), db=self.events))) for p in positions
-            ]
+            for p in positions:
+                value = txn.get(codec.position_key(p), db=self.events)
+                if value is None:
+                    raise DataLoss(
+                        f"position {p}, which the subject index names, holds no event: the "
+                        f"index entry or the record is damaged; {REMEDY}"
+                    )
+                page.append((p, cast(bytes, value)))
+        return page
 
     def count_subject_events(self, subject_id: str) -> int:
         count, after, page = 0, 0, 10_000
@@ -353,10 +479,16 @@ class LogStore:
     ) -> tuple[Tombstone | None, LegalHold | None]:
         tomb = txn.get(subject_id.encode(), db=self.tombstones)
         hold = txn.get(subject_id.encode(), db=self.legal_holds)
-        return (
-            None if tomb is None else codec.decode_tombstone(tomb),
-            None if hold is None else codec.decode_legal_hold(hold),
-        )
+        try:
+            return (
+                None if tomb is None else codec.decode_tombstone(tomb),
+                None if hold is None else codec.decode_legal_hold(hold),
+            )
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(
+                f"the tombstone or legal hold record of subject {subject_id!r} is damaged "
+                f"({exc}); {REMEDY}"
+            ) from exc
 
     def subject_status(self, subject_id: str) -> tuple[Tombstone | None, LegalHold | None]:
         with self.lmdb.read() as txn:
@@ -433,6 +565,55 @@ def _subject_of(position: int, value: bytes) -> str:
         return codec.record_subject(value)
     except msgspec.DecodeError as exc:
         raise DataLoss(f"the record at position {position} cannot be decoded: {exc}") from exc
+
+
+def _position_or_none(key: bytes | memoryview) -> int | None:
+    """The position an events key names, or None if it is not one (a damaged key)."""
+    return codec.position_from_key(key) if len(key) == 8 else None
+
+
+def _seek(cursor: lmdb.Cursor, target: int, head: int, backwards: bool) -> None:
+    """Put *cursor* on position *target*, which a direct lookup did not find.
+
+    A damaged key breaks the order LMDB's binary search relies on, so the
+    lookup may miss a record that is there, or land beside the damage. Only
+    on this error path: walk towards the target in the read's direction from
+    a little before it, where the order is intact, and report the first
+    position out of sequence on the way.
+    """
+    step = -1 if backwards else 1
+    begin = min(head, target + _SEEK_BACK) if backwards else max(1, target - _SEEK_BACK)
+    found = cursor.set_range(codec.position_key(begin))
+    position = _position_or_none(cursor.key()) if found else None
+    if position is None or position > head or (position - target) * step > 0:
+        # Start from the end the read comes from instead: always where LMDB says.
+        if not (cursor.last() if backwards else cursor.first()):
+            raise _misplaced(head if backwards else 1, None)
+        position = _position_or_none(cursor.key())
+        edge = head if backwards else 1
+        if position != edge:
+            raise _misplaced(edge, bytes(cursor.key()))
+    move = cursor.prev if backwards else cursor.next
+    while position != target:
+        if not move():
+            raise _misplaced(position + step, None)
+        following = _position_or_none(cursor.key())
+        if following != position + step:
+            raise _misplaced(position + step, bytes(cursor.key()))
+        position = following
+
+
+def _misplaced(position: int, key: bytes | None) -> DataLoss:
+    """Position *position* is not where it must be: its key (or LMDB's page) is damaged."""
+    if key is None:
+        found = "the log ends before it"
+    else:
+        shown = _position_or_none(key)
+        found = f"key {shown if shown is not None else '0x' + key.hex()} is stored where it belongs"
+    return DataLoss(
+        f"the event at position {position} cannot be read: {found} (a damaged key or page); "
+        f"{REMEDY}"
+    )
 
 
 def _pairs(

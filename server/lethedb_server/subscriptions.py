@@ -63,6 +63,7 @@ from lethedb_server.errors import (
 )
 from lethedb_server.model import ERASURE_STREAM, CheckpointCommand, StoredEvent
 from lethedb_server.reader import DEFAULT_PAGE
+from lethedb_server.storage import REMEDY
 from lethedb_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ class Subscription:
         limit = engine.limits.page_size
         selector = self.spec.filter
         if selector is None and assignment is None:
-            events = engine.store.reader.read_all(start, backwards=False, limit=limit)
+            events = _before_damage(engine.store.reader.read_all, start, limit)
             if events and events[0].position != start:
                 raise _missing(start)
             return events, events[-1].position if events else start - 1
@@ -429,18 +430,49 @@ class Subscription:
         for position, value in page:
             try:
                 body = codec.decode_record(value)
+                if selector is not None and not selector.matches(
+                    body.stream_id, body.event_type, body.subject_id
+                ):
+                    continue
+                if assignment is not None and not assignment.owns(body.stream_id, body.subject_id):
+                    continue
+                selected.append(open_event(position, value))
             except Exception as exc:  # msgspec raises several types for damaged bytes
+                if position > start:  # deliver what came before; the next page raises
+                    return selected, position - 1
+                if isinstance(exc, DataLoss):
+                    raise
                 raise DataLoss(
-                    f"the record at position {position} cannot be decoded: {exc}"
+                    f"the record at position {position} cannot be decoded ({exc}); {REMEDY}"
                 ) from exc
-            if selector is not None and not selector.matches(
-                body.stream_id, body.event_type, body.subject_id
-            ):
-                continue
-            if assignment is not None and not assignment.owns(body.stream_id, body.subject_id):
-                continue
-            selected.append(open_event(position, value))
         return selected, page[-1][0] if page else start - 1
+
+
+def _before_damage(
+    read_all: Callable[..., list[StoredEvent]], start: int, limit: int
+) -> list[StoredEvent]:
+    """A page from *start*; if a record in it is damaged, the events before that record.
+
+    The damaged record's DataLoss is raised only once it is first: every event
+    before it is delivered first, so a subscriber knows exactly where it stopped.
+    """
+    try:
+        return read_all(start, backwards=False, limit=limit)
+    except DataLoss:
+        if limit == 1:
+            raise
+    events: list[StoredEvent] = []
+    while len(events) < limit:
+        try:
+            one = read_all(start + len(events), backwards=False, limit=1)
+        except DataLoss:
+            if not events:
+                raise
+            break
+        if not one:
+            break
+        events += one
+    return events
 
 
 def _missing(position: int) -> DataLoss:
