@@ -67,7 +67,10 @@ _META_KEY = b"log"
 RawPage = list[tuple[int, bytes]]
 
 #: What a reader should do about a damaged record, appended to every DataLoss message.
-REMEDY = "run `lethedb verify` to find every damaged record, and restore from a backup"
+REMEDY = (
+    "run `lethedb verify` to find every damaged record, and restore from a backup "
+    "(docs/OPERATIONS.md)"
+)
 #: Records scanned at most to find the true position of a damaged stream index entry.
 _LOCATE_SCAN = 4096
 #: How far before a position a read that missed it starts walking towards it.
