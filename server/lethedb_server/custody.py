@@ -51,13 +51,13 @@ from lethedb_server.keyring import FileKeyring, KeyProvider, MasterKeyUnavailabl
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import check_data_file
 from lethedb_server.model import ForgetCommand, ShredCommand
-from lethedb_server.storage import LogStore
+from lethedb_server.storage import META_KEY_STORE_MARK, META_LOG, LogStore
 from lethedb_server.writer import Writer
 
 log = logging.getLogger(__name__)
 
 #: The log's ``meta`` key under which it records the key store generation it saw.
-LOG_MARK_KEY = b"keys"
+LOG_MARK_KEY = META_KEY_STORE_MARK
 
 
 @dataclass(frozen=True)
@@ -371,7 +371,7 @@ def read_state(data_dir: Path) -> DirState:
         if log_env is not None:
             with log_env.begin() as txn:
                 meta_db = _db(log_env, txn, b"meta")
-                raw_meta = txn.get(b"log", db=meta_db) if meta_db is not None else None
+                raw_meta = txn.get(META_LOG, db=meta_db) if meta_db is not None else None
                 raw_mark = txn.get(LOG_MARK_KEY, db=meta_db) if meta_db is not None else None
             if raw_meta is not None:
                 meta = codec.decode_meta(raw_meta)
@@ -395,7 +395,7 @@ def _key_records(
     env: lmdb.Environment, txn: lmdb.Transaction
 ) -> tuple[KeyStoreMeta | None, dict[int, bytes]]:
     meta_db = _db(env, txn, b"meta")
-    raw = txn.get(b"keys", db=meta_db) if meta_db is not None else None
+    raw = txn.get(LOG_MARK_KEY, db=meta_db) if meta_db is not None else None
     checks_db = _db(env, txn, b"master_checks")
     checks = (
         {int.from_bytes(bytes(k), "big"): bytes(v) for k, v in txn.cursor(db=checks_db)}

@@ -38,13 +38,13 @@ from lethedb_server.errors import DataLoss
 from lethedb_server.faults import fault_point
 from lethedb_server.keys import KeyStore
 from lethedb_server.model import STORE_SUBJECT
-from lethedb_server.storage import LogStore
+from lethedb_server.storage import META_IDEMPOTENCY_FORMAT, LogStore
 
 log = logging.getLogger(__name__)
 
 #: Key in the log's ``meta`` database: u64 BE, the digest format every entry
 #: of the ``idempotency`` table has (absent: written before keyed digests).
-FORMAT_KEY: Final = b"idempotency_format"
+FORMAT_KEY: Final = META_IDEMPOTENCY_FORMAT
 #: Entries upgraded per write transaction.
 _CHUNK: Final = 2048
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import lmdb
 import msgspec
@@ -61,7 +61,14 @@ LOG_DBS = (
     "checkpoints",
     "meta",
 )
-_META_KEY = b"log"
+#: The records of the ``meta`` table: the log meta (``LogMeta``), the key-store
+#: generation the log last saw (see custody.py) and the format of the
+#: idempotency fingerprints (see idempotency.py). Nothing else belongs there.
+META_LOG: Final = b"log"
+META_KEY_STORE_MARK: Final = b"keys"
+META_IDEMPOTENCY_FORMAT: Final = b"idempotency_format"
+META_RECORDS: Final = frozenset({META_LOG, META_KEY_STORE_MARK, META_IDEMPOTENCY_FORMAT})
+_META_KEY = META_LOG
 
 #: A page of raw events: (position, stored value).
 RawPage = list[tuple[int, bytes]]

@@ -21,7 +21,7 @@ from lethedb_server.errors import DataLoss
 from lethedb_server.keyring import FileKeyring
 from lethedb_server.keys import KEY_DBS, KeyStore
 from lethedb_server.reader import DEFAULT_PAGE, EventReader
-from lethedb_server.storage import LOG_DBS, LogStore
+from lethedb_server.storage import LOG_DBS, META_LOG, META_RECORDS, LogStore
 
 _U64 = struct.Struct(">Q")
 
@@ -263,11 +263,13 @@ class _LogContent:
         records = self.records("meta")
         if "meta" not in self.tables or self.tables["meta"].damaged:
             return
-        raw = dict(records).get(b"log")
+        raw = dict(records).get(META_LOG)
         where = "the log meta"
-        if raw is None or len(records) != 1:
+        strangers = [key for key, _ in records if key not in META_RECORDS]
+        if raw is None or strangers:
             found = ", ".join(repr(k) for k, _ in records) or "nothing"
-            self.report.add(0, f"its record is missing (the meta table holds {found})", where)
+            problem = "its record is missing" if raw is None else "it holds a key never written"
+            self.report.add(0, f"{problem} (the meta table holds {found})", where)
             return
         try:
             meta = codec.decode_meta(raw)
@@ -551,20 +553,21 @@ def _within(key: bytes, ranges: list[tuple[bytes | None, bytes | None]]) -> bool
     return any((low is None or key >= low) and (high is None or key < high) for low, high in ranges)
 
 
-def _stream_entry(key: bytes) -> str:
+def _index_entry(key: bytes, name: str, number: str) -> str:
+    """An index key (u32 length, *name*, u64 *number*) in words, or in hex when it is not one."""
     length = int.from_bytes(key[:4], "big") if len(key) >= 12 else -1
     if length != len(key) - 12:
         return f"key 0x{key.hex()}"
-    stream = key[4:-8].decode(errors="replace")
-    return f"stream {stream!r}, version {codec.from_u64(key[-8:])}"
+    text = key[4:-8].decode(errors="replace")
+    return f"{name} {text!r}, {number} {codec.from_u64(key[-8:])}"
+
+
+def _stream_entry(key: bytes) -> str:
+    return _index_entry(key, "stream", "version")
 
 
 def _subject_entry(key: bytes) -> str:
-    length = int.from_bytes(key[:4], "big") if len(key) >= 12 else -1
-    if length != len(key) - 12:
-        return f"key 0x{key.hex()}"
-    subject = key[4:-8].decode(errors="replace")
-    return f"subject {subject!r}, position {codec.from_u64(key[-8:])}"
+    return _index_entry(key, "subject", "position")
 
 
 def _check_tags(
