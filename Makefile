@@ -12,7 +12,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[server,dev]'
 	touch $(STAMP)
 
 ## Start a server on 127.0.0.1:50051 with its data in $(DATA).
@@ -47,7 +47,7 @@ bench: $(STAMP)
 bench-subscribe: $(STAMP) ; $(BIN)/python -m benchmarks.subscribe $(if $(QUICK),--quick,)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[server,dev,bench]'
 	touch $(BENCH_STAMP)
 
 ## LetheDB against Redis Streams, PostgreSQL and NATS JetStream (~25 min; as root it

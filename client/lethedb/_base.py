@@ -64,6 +64,7 @@ from lethedb._models import (
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_contract import DEFAULT_MAX_REQUEST_EVENTS, MAX_APPENDS_PER_BATCH
 
 OCTET_STREAM: Final = "application/octet-stream"
 JSON: Final = "application/json"
@@ -626,14 +627,14 @@ class AppendPipeline:
 
 # --- coalesced appends ---------------------------------------------------------------
 
-#: Most appends coalesced into one AppendBatch call: the server's limit.
-MAX_APPENDS_PER_BATCH: Final = 1000
+# Most appends coalesced into one AppendBatch call: the server's limit,
+# MAX_APPENDS_PER_BATCH (lethedb_contract).
 #: Most request bytes coalesced into one AppendBatch call, well under the
 #: server's message limit (32 MiB by default). A larger append travels alone.
 MAX_BATCH_BYTES: Final = 4 << 20
 #: Most events coalesced into one AppendBatch call: the server's default
 #: per-call limit (``max_request_events``). A larger append travels alone.
-MAX_BATCH_EVENTS: Final = 10_000
+MAX_BATCH_EVENTS: Final = DEFAULT_MAX_REQUEST_EVENTS
 #: Append calls one client keeps in flight before further appends wait for the
 #: next batch. One: appends made while a call waits for its commit leave
 #: together when it returns. With two, they went out at once as a second,

@@ -25,7 +25,6 @@ environment variable or a secret store). No client ``repr`` shows a token.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -34,6 +33,7 @@ from urllib.parse import parse_qsl, urlsplit
 import grpc
 
 from lethedb._exceptions import ValidationError
+from lethedb_contract import is_loopback_address
 
 SCHEME: Final = "lethedb"
 DEFAULT_PORT: Final = 50051
@@ -134,7 +134,7 @@ def resolve(
             "give either channel_credentials or tls/ca/client_cert/client_key/server_name, not both"
         )
     in_clear = not use_tls and channel_credentials is None
-    if token is not None and in_clear and not _is_loopback(address):
+    if token is not None and in_clear and not is_loopback_address(address):
         raise ValidationError(
             f"refusing to send a token in clear to {address}: use tls=True (or "
             "lethedb://...?tls=true), or connect to a loopback address"
@@ -232,16 +232,3 @@ def _check_token(token: object) -> str | None:
         # Never echo the token, even in an error.
         raise ValidationError("token contains white space or control characters")
     return token
-
-
-def _is_loopback(address: str) -> bool:
-    if address.startswith("unix"):
-        return True
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -46,6 +46,8 @@ from typing import Any, Final
 
 import grpc
 
+from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY
+
 __all__ = [
     "DataLoss",
     "DeadlineExceeded",
@@ -70,9 +72,6 @@ __all__ = [
     "error_from_rpc_error",
     "error_from_status",
 ]
-
-ERROR_KEY: Final = "lethedb-error"
-ACTUAL_VERSION_KEY: Final = "lethedb-actual-version"
 
 
 class LetheError(Exception):
@@ -221,9 +220,10 @@ class ServerError(LetheError):
     """The server reported an error the SDK has no more specific type for."""
 
 
-# The server's class names, including server-only ones that a client can only
-# handle like one of its own types (a damaged data directory is data loss to
-# the reader; a draining server is simply unavailable).
+# The server's class names (lethedb_contract.ERROR_NAMES), including
+# server-only ones that a client can only handle like one of its own types (a
+# damaged data directory is data loss to the reader; a draining server is
+# simply unavailable; a start-up or in-process failure is just a server error).
 _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "ValidationError": ValidationError,
     "WrongExpectedVersion": WrongExpectedVersion,
@@ -236,6 +236,11 @@ _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "DataLoss": DataLoss,
     "DataDirDamaged": DataLoss,
     "DataDirLocked": ServerError,
+    "KeyringMismatch": DataLoss,  # a DataDirDamaged
+    "MasterKeyUnavailable": ServerError,
+    "RestoredLog": DataLoss,  # a DataDirDamaged
+    "ListenFailed": ServerError,
+    "ForkedProcess": ServerError,
     "ShuttingDown": Unavailable,
     "TooManySubscribers": TooManySubscribers,
     "TooManyGroups": StorageFull,  # over max_consumer_groups: nothing written

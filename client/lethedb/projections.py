@@ -100,6 +100,7 @@ from lethedb._models import (
     SubscriptionFilter,
 )
 from lethedb._subscriptions import Subscription
+from lethedb_contract import ERASURE_EVENT_TYPE, ERASURE_STREAM
 
 __all__ = [
     "ERASURE_EVENT_TYPE",
@@ -113,8 +114,6 @@ __all__ = [
 
 log = logging.getLogger("lethedb.projections")
 
-ERASURE_STREAM: Final = "$erasures"
-ERASURE_EVENT_TYPE: Final = "$subject.forgotten"
 #: The member id a runner uses in its group unless told otherwise: a second
 #: runner of the same group then replaces the first instead of joining it.
 DEFAULT_MEMBER_ID: Final = "projection"

@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -56,6 +55,7 @@ from typing import Any, Final, Protocol
 import grpc
 import grpc.aio
 
+from lethedb_contract import is_loopback_address
 from lethedb_server import status
 from lethedb_server.errors import PermissionDenied, TooManySubscribers, ValidationError
 from lethedb_server.limits import ConnectionStreams
@@ -761,20 +761,6 @@ def _same_kind(
 
 
 # --- exposure -------------------------------------------------------------------------
-
-
-def is_loopback_address(listen: str) -> bool:
-    """True when *listen* (host:port, [v6]:port or unix:path) is reachable only locally."""
-    if listen.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = listen.rsplit(":", 1)[0] if ":" in listen else listen
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name, or empty (every interface): assume reachable
 
 
 def check_exposure(listen: str, *, tls: bool, tokens: bool, insecure: bool) -> None:

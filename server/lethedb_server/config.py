@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from lethedb_contract import DEFAULT_MAX_MESSAGE_BYTES
 from lethedb_server.errors import ValidationError
 from lethedb_server.keys import DEFAULT_MAX_USES
 from lethedb_server.store import StoreOptions
@@ -30,19 +31,23 @@ ENV_PREFIX = "LETHEDB_"
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every option of the server. An option the engine also has takes its
+    default from the engine's own (StoreOptions, WriterLimits, Limits,
+    SubscriptionLimits), so each default is written once."""
+
     data: str = "./lethedb-data"
     listen: str = "127.0.0.1:50051"
     keyring: str = ""
-    dek_cache_size: int = 10_000
+    dek_cache_size: int = StoreOptions.dek_cache_size
     dek_max_uses: int = DEFAULT_MAX_USES
-    max_event_bytes: int = 1 << 20
-    max_events_per_append: int = 10_000
-    max_append_bytes: int = 16 << 20
-    max_message_bytes: int = 32 << 20
+    max_event_bytes: int = Limits.max_event_bytes
+    max_events_per_append: int = Limits.max_events_per_append
+    max_append_bytes: int = Limits.max_append_bytes
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     subject_id_pattern: str = ""
-    idempotency_window_s: float = 24 * 3600.0
-    batch_max_commands: int = 1024
-    batch_max_bytes: int = 16 << 20
+    idempotency_window_s: float = WriterLimits.idempotency_window_ns / 1e9
+    batch_max_commands: int = WriterLimits.max_batch_commands
+    batch_max_bytes: int = WriterLimits.max_batch_bytes
     shutdown_grace_s: float = 10.0
     shred_interval_s: float = 3600.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -64,12 +69,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     keepalive_min_ping_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     keepalive_permit_without_calls: bool = True
     max_ping_strikes: Annotated[int, msgspec.Meta(ge=0)] = 2
-    max_subscribers: int = 10_000
-    subscription_heartbeat_s: float = 5.0
+    max_subscribers: int = SubscriptionLimits.max_subscribers
+    subscription_heartbeat_s: float = SubscriptionLimits.heartbeat_interval_s
     # per-client quotas and consumer groups (docs/CONFIGURATION.md, "Limits")
     max_streams_per_client: Annotated[int, msgspec.Meta(ge=0)] = 4000
     max_subscriptions_per_client: Annotated[int, msgspec.Meta(ge=0)] = 2000
-    max_consumer_groups: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    max_consumer_groups: Annotated[int, msgspec.Meta(ge=0)] = SubscriptionLimits.max_consumer_groups
     # request, in-flight and connection limits against floods (docs/CONFIGURATION.md, "Limits")
     max_request_events: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_events
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = Limits.max_request_bytes

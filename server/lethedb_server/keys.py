@@ -58,6 +58,8 @@ META_KEY = b"keys"
 T = TypeVar("T")
 #: Far below NIST's 2**32 random-nonce limit, as SP 800-38D asks.
 DEFAULT_MAX_USES = 2**31
+#: Subjects whose unwrapped data keys are kept in memory (``dek_cache_size``).
+DEFAULT_CACHE_SIZE = 10_000
 RESERVE_BLOCK = 4096
 
 
@@ -108,7 +110,7 @@ class KeyStore:
         path: Path,
         provider: KeyProvider,
         *,
-        cache_size: int = 10_000,
+        cache_size: int = DEFAULT_CACHE_SIZE,
         max_uses: int = DEFAULT_MAX_USES,
         map_size: int = 16 << 20,
         max_map_size: int = 1 << 40,

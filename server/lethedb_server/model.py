@@ -12,11 +12,15 @@ import hashlib
 
 import msgspec
 
+# Re-exported for the engine: where erasure events go, and their type (wire contract).
+from lethedb_contract import ERASURE_EVENT_TYPE as ERASURE_EVENT_TYPE
+from lethedb_contract import ERASURE_STREAM as ERASURE_STREAM
+from lethedb_contract import RESERVED_PREFIX
 from lethedb_server.codec import AppendResult
 
 #: Subject id under which subject-less events are encrypted. Client ids may
 #: not start with ``$``, so it can never collide with a real subject.
-STORE_SUBJECT = "$store"
+STORE_SUBJECT = RESERVED_PREFIX + "store"
 
 #: Bytes counted for each event on top of its fields, in every size limit and
 #: in-flight budget: what an event costs in memory and in the log whatever it
@@ -123,11 +127,6 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     data: bytes
     metadata: bytes
     redacted: bool
-
-
-#: Where erasure events are written, and their type.
-ERASURE_STREAM = "$erasures"
-ERASURE_EVENT_TYPE = "$subject.forgotten"
 
 
 class CommitCommand(msgspec.Struct, frozen=True):

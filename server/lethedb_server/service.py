@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import Message
 
 from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_contract import MAX_APPENDS_PER_BATCH
 from lethedb_server import messages, status, wire
 from lethedb_server.auth import caller_may, caller_role, require_role
 from lethedb_server.errors import DataLoss, LetheError, ValidationError
@@ -34,7 +35,6 @@ from lethedb_server.rpc import (
 from lethedb_server.store import Store
 from lethedb_server.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
 from lethedb_server.validation import (
-    MAX_APPENDS_PER_BATCH,
     MAX_GROUP_BYTES,
     Validator,
     check_append_batch,

@@ -1,7 +1,8 @@
 """The one place where domain errors become gRPC status codes.
 
 Besides the code and message, every error carries trailing metadata the SDK
-reads back into the same exception type:
+reads back into the same exception type (the keys and the names are the
+wire contract, :mod:`lethedb_contract`):
 
 * ``lethedb-error``: the domain exception's class name;
 * ``lethedb-actual-version``: for WrongExpectedVersion, the stream's last
@@ -14,10 +15,8 @@ from typing import Final
 
 import grpc
 
+from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY
 from lethedb_server import errors
-
-ERROR_KEY: Final = "lethedb-error"
-ACTUAL_VERSION_KEY: Final = "lethedb-actual-version"
 
 _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
     errors.ValidationError: grpc.StatusCode.INVALID_ARGUMENT,

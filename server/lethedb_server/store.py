@@ -20,7 +20,7 @@ from lethedb_server.errors import DataDirLocked, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
 from lethedb_server.idempotency import upgrade_unkeyed_entries
 from lethedb_server.keyring import FileKeyring, KeyProvider
-from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
+from lethedb_server.keys import DEFAULT_CACHE_SIZE, DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
     STORE_SUBJECT,
     RotateCommand,
@@ -40,7 +40,7 @@ LOCK_FILE = "lethedb.lock"
 @dataclass(frozen=True)
 class StoreOptions:
     keyring_path: Path | None = None  # default: <data>/master.keyring
-    dek_cache_size: int = 10_000
+    dek_cache_size: int = DEFAULT_CACHE_SIZE
     dek_max_uses: int = DEFAULT_MAX_USES
     log_map_size: int = 64 << 20
     max_map_size: int = 1 << 42

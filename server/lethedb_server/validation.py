@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lethedb_contract import DEFAULT_MAX_REQUEST_EVENTS, MAX_APPENDS_PER_BATCH, RESERVED_PREFIX
 from lethedb_server.errors import ValidationError
 from lethedb_server.model import (
     EVENT_OVERHEAD,
@@ -54,7 +55,7 @@ class Limits:
     max_append_bytes: int = 16 << 20
     #: Events in one call (Append, Commit, AppendBatch, one AppendStream
     #: message), counted on the wire before the request is parsed.
-    max_request_events: int = 10_000
+    max_request_events: int = DEFAULT_MAX_REQUEST_EVENTS
     #: Bytes of one call: its encoded size plus EVENT_OVERHEAD per event.
     max_request_bytes: int = 16 << 20
     #: When set, subject ids must match it in full (e.g. a UUID pattern), so
@@ -75,9 +76,10 @@ def check_name(value: str, field: str, max_bytes: int, *, required: bool = True)
     size = len(value) if value.isascii() else _utf8_size(value)
     if size > max_bytes:
         raise ValidationError(f"{field} is {size} bytes; the limit is {max_bytes} bytes")
-    if value[0] == "$":
+    if value[0] == RESERVED_PREFIX:
         raise ValidationError(
-            f"{field} {value[:40]!r} starts with '$', which is reserved for the server"
+            f"{field} {value[:40]!r} starts with {RESERVED_PREFIX!r}, which is reserved for "
+            "the server"
         )
     if not value.isprintable():
         _check_characters(value, field)
@@ -94,12 +96,6 @@ def check_group(group: str, field: str = "group", *, required: bool = True) -> N
     """A consumer-group name: stored in clear and kept for ever, so held to the rules
     of stream ids (bounded, printable, no reserved ``$`` prefix, no outer white space)."""
     check_name(group, field, MAX_GROUP_BYTES, required=required)
-
-
-#: Most appends in one AppendBatch call. Each append is validated and answered
-#: on its own, so the bound is on per-call work and response size, not on
-#: data: the message-size limit bounds the bytes. The SDK never coalesces more.
-MAX_APPENDS_PER_BATCH = 1000
 
 
 def check_append_batch(count: int) -> None:
