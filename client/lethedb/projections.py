@@ -80,6 +80,7 @@ This module knows nothing of the server package and must not import it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -243,6 +244,16 @@ class Projection:
         raise NotImplementedError
 
 
+def _create_private(path: Path) -> None:
+    """Create *path* mode 0600 unless it exists: a read model holds personal data in clear.
+
+    SQLite gives its journal and WAL files the database file's mode, so they
+    are private too; an existing file keeps the mode its owner chose.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SQLiteProjection(Projection):
     """A projection kept in a SQLite database, its checkpoint in the same transaction.
 
@@ -277,6 +288,7 @@ class SQLiteProjection(Projection):
 
     def open(self, *, rebuild: bool = False) -> None:
         if self._db is None:
+            _create_private(self.path)
             db = sqlite3.connect(self.path, isolation_level=None)
             db.execute("PRAGMA synchronous = FULL")
             db.execute("PRAGMA secure_delete = ON")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import uuid
 from pathlib import Path
 
@@ -196,6 +198,21 @@ def test_reset_drops_tables_including_virtual_ones_and_the_checkpoint(names: Nam
 def test_the_database_runs_with_durable_commits_and_secure_delete(names: Names):
     assert names.db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     assert names.db.execute("PRAGMA secure_delete").fetchone() == (1,)
+
+
+def test_the_database_and_its_journal_are_private_whatever_the_umask(tmp_path: Path):
+    """A read model holds personal data in clear: 0600 like every file LetheDB writes."""
+    old = os.umask(0o022)
+    try:
+        projection = Names(tmp_path / "private.db")
+        projection.open()
+        projection.apply([event(1, "Named", "a", name="Alice")], 1)
+        projection.close()
+    finally:
+        os.umask(old)
+    made = sorted(tmp_path.glob("private.db*"))
+    assert made
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {p.name: 0o600 for p in made}
 
 
 def test_a_forgotten_subjects_row_leaves_no_bytes_in_the_file(names: Names):
