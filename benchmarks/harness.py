@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import Result, worker_main
+from benchmarks.loadgen import Result, sleep_until, worker_main
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -145,12 +145,6 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, sample_s: float =
             break
         waited += sample_s
     return waited
-
-
-def sleep_until(deadline_ns: int) -> None:
-    delay = (deadline_ns - time.monotonic_ns()) / 1e9
-    if delay > 0:
-        time.sleep(delay)
 
 
 # -- worker processes -----------------------------------------------------------------

@@ -61,8 +61,8 @@ from benchmarks.loadgen import (
     Result,
     Tally,
     Window,
-    _sleep_async_until,
     merge,
+    sleep_until_async,
     stream_prefix,
     timed_window,
 )
@@ -472,7 +472,7 @@ async def _pace(spec: LiveSpec, conn: Connection) -> Result:
         k = i
         now = time.monotonic_ns
         while True:
-            await _sleep_async_until(due)
+            await sleep_until_async(due)
             t0 = now()
             if t0 - due > LATE_NS:
                 late[i] += 1
