@@ -150,6 +150,7 @@ def _await_go(conn: Connection, window: Window) -> None:
 
 
 def sleep_until(deadline_ns: int) -> None:
+    """Sleep to a ``time.monotonic_ns`` deadline: the one clock of every process here."""
     delay = (deadline_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
         time.sleep(delay)
@@ -308,6 +309,7 @@ async def timed_window(warmup_s: float, conn: Connection, window: Window) -> flo
 
 
 async def sleep_until_async(deadline_ns: int) -> None:
+    """:func:`sleep_until` for a task on an event loop that must keep serving the load."""
     delay = (deadline_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
         await asyncio.sleep(delay)
