@@ -33,22 +33,21 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import workload
-from benchmarks.harness import (
-    RESULTS_DIR,
-    Server,
-    Workers,
-    environment,
-    fmt,
-    results_stem,
-    temp_root,
-    wait_for_quiet,
-)
+from benchmarks.harness import Server, Workers, temp_root, wait_for_quiet
 from benchmarks.loadgen import Spec
-
-#: Percent of a core that other jobs may use during a case before the report
-#: flags the case as measured on a busy machine.
-NOISY_OTHER_CPU = 25.0
-
+from benchmarks.report import (
+    NOISY_OTHER_CPU,
+    add_output_args,
+    command_line,
+    environment,
+    environment_section,
+    fmt,
+    noisy_notes,
+    other_cpu_pct,
+    percentile_ms,
+    publish,
+    waited_notes,
+)
 
 # -- cases and their figures ----------------------------------------------------------
 
@@ -86,19 +85,13 @@ class Case:
         return self.events_done / self.duration_s if self.duration_s else 0.0
 
     def percentile_ms(self, q: float) -> float:
-        if not self.latencies_ns:
-            return float("nan")
-        ordered = sorted(self.latencies_ns)
-        index = min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))
-        return ordered[index] / 1e6
+        return percentile_ms(self.latencies_ns, q)
 
     @property
     def other_cpu(self) -> float | None:
         """Percent of a core used by anything else: the orchestrator, other jobs."""
-        if self.machine_busy is None or not self.duration_s:
-            return None
         ours = (self.server_cpu_s or 0.0) + (self.client_cpu_s or 0.0)
-        return max(0.0, (self.machine_busy - ours / self.duration_s) * 100)
+        return other_cpu_pct(self.machine_busy, self.duration_s, ours)
 
     @property
     def topology(self) -> str:
@@ -409,25 +402,13 @@ def report(
         f"* Integrity: {integrity}",
     ]
     noisy = [c for c in reference + served + sweep if (c.other_cpu or 0) > NOISY_OTHER_CPU]
-    if noisy:
-        lines.append(
-            f"* **Other jobs used more than {NOISY_OTHER_CPU:.0f}% of a core during "
-            f"{len(noisy)} case(s)** ({', '.join(c.key for c in noisy)}): rerun those "
-            "figures on a quiet machine before quoting them."
-        )
-    waited = sum(c.waited_s for c in attempts)
-    if waited:
-        lines.append(f"* The run waited {waited:.0f} s in all for other jobs to go quiet.")
+    lines += noisy_notes([c.key for c in noisy])
+    lines += waited_notes(sum(c.waited_s for c in attempts))
     errors = [c for c in reference + served + sweep if c.errors]
     for c in errors:
         lines.append(f"* **{c.title} ({c.topology}) had {c.errors} errors**: {c.first_error}")
-    lines += ["", "## Environment", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in env.items()]
-    lines += [
-        "",
-        f"Command: `python -m benchmarks.e2e {' '.join(sys.argv[1:])}`".replace("  ", " "),
-        "",
-    ]
+    lines += environment_section(env)
+    lines += ["", command_line("benchmarks.e2e"), ""]
     return "\n".join(lines)
 
 
@@ -476,11 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each case, wait up to this many seconds for other jobs to go quiet "
         "(0: never wait; default 15)",
     )
-    p.add_argument(
-        "--tmp-dir", type=Path, default=None, help="where data directories go (default: $TMPDIR)"
-    )
-    p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-write", action="store_true", help="print the report only")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = min(args.duration, 1.5), min(args.warmup, 0.5)
@@ -568,14 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         started,
         time.monotonic() - t0,
     )
-    print()
-    print(text)
-    if not args.no_write:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        suffix = "-quick" if args.quick else ""
-        path = args.output_dir / f"{results_stem(args.output_dir, 'e2e', started, suffix)}.md"
-        path.write_text(text)
-        print(f"Report written to {path}")
+    publish(text, "e2e", started, args)
     ok = head - before == acked and code == 0 and not any(c.errors for c in cases + sweep)
     return 0 if ok else 1
 

@@ -1,48 +1,33 @@
-"""Process and measurement machinery shared by the end-to-end and peer benchmarks.
+"""Process and measurement machinery shared by the e2e, subscribe and peer benchmarks.
 
-Both :mod:`benchmarks.e2e` and :mod:`benchmarks.peers` use these: CPU use read
-from ``/proc``, waiting for the machine to go quiet between cases, a pool of
-spawned load processes that speak the ready/go/result protocol of
-:mod:`benchmarks.loadgen`, ``lethedb serve`` as a subprocess on a free port,
-and the environment table of a report. Nothing here knows a workload.
+:mod:`benchmarks.e2e`, :mod:`benchmarks.subscribe` and :mod:`benchmarks.peers`
+use these: CPU use read from ``/proc`` (of a process, a process tree and the
+machine), waiting for the machine to go quiet between cases, a pool of spawned
+load processes that speak the ready/go/result protocol of
+:mod:`benchmarks.loadgen`, a free port, and ``lethedb serve`` (or any server)
+as a child process that is stopped and waited for. Nothing here knows a
+workload or writes a report (that is :mod:`benchmarks.report`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import importlib.metadata
 import multiprocessing
 import os
-import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import Result, worker_main
+from benchmarks.loadgen import Result, sleep_until, worker_main
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def results_stem(output_dir: Path, name: str, started: dt.datetime, suffix: str = "") -> str:
-    """``<name>-<date><suffix>``, or with the start time added when that report exists.
-
-    A second run on the same day must not overwrite the first: earlier
-    reports are what later ones are compared with.
-    """
-    stem = f"{name}-{started:%Y-%m-%d}{suffix}"
-    if (output_dir / f"{stem}.md").exists():
-        stem = f"{name}-{started:%Y-%m-%d-%H%M}{suffix}"
-    return stem
-
-
-REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -105,6 +90,45 @@ def machine_cpu_s() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU seconds spent over a stretch of time (see :class:`CpuMeter`)."""
+
+    server_cpu_s: float | None  # None when no server was measured
+    machine_busy_s: float  # busy CPU seconds of the whole machine, all cores
+    machine_total_s: float  # all CPU seconds of the machine, busy or idle
+
+
+class CpuMeter:
+    """CPU use of a server (a process or a process tree) and of the machine.
+
+    Created at the start of a stretch of time, read at its end. Every tool
+    measures a case this way, so a "server CPU" or an "other CPU" figure
+    means the same in each report. *server_cpu* reads a pid's CPU seconds:
+    :func:`process_cpu_s`, or :func:`tree_cpu_s` for a server made of
+    several processes (PostgreSQL).
+    """
+
+    def __init__(
+        self, server_pid: int | None, server_cpu: Callable[[int], float] = process_cpu_s
+    ) -> None:
+        self._server_pid = server_pid
+        self._server_cpu = server_cpu
+        self._server0 = server_cpu(server_pid) if server_pid else None
+        self._busy0, self._total0 = machine_cpu_s()
+
+    def read(self) -> CpuUsage:
+        """The CPU seconds spent since the meter was created."""
+        server1 = self._server_cpu(self._server_pid) if self._server_pid else None
+        busy1, total1 = machine_cpu_s()
+        server0 = self._server0
+        return CpuUsage(
+            server_cpu_s=None if server0 is None or server1 is None else server1 - server0,
+            machine_busy_s=busy1 - self._busy0,
+            machine_total_s=total1 - self._total0,
+        )
+
+
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, sample_s: float = 0.5) -> float:
     """Wait until the machine is nearly idle between cases; return the seconds waited.
 
@@ -121,12 +145,6 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, sample_s: float =
             break
         waited += sample_s
     return waited
-
-
-def sleep_until(deadline_ns: int) -> None:
-    delay = (deadline_ns - time.monotonic_ns()) / 1e9
-    if delay > 0:
-        time.sleep(delay)
 
 
 # -- worker processes -----------------------------------------------------------------
@@ -185,16 +203,12 @@ class Workers:
         for conn in conns:
             conn.send(("go", (start, end)))
         sleep_until(start)
-        server0 = server_cpu(server_pid) if server_pid else None
-        busy0, total0 = machine_cpu_s()
+        meter = CpuMeter(server_pid, server_cpu)
         sleep_until(end)
-        server1 = server_cpu(server_pid) if server_pid else None
-        busy1, total1 = machine_cpu_s()
+        spent = meter.read()
         results = [_expect(conn, "result", duration_s + 120) for conn in conns]
-        usage: dict[str, float | None] = {
-            "server_cpu_s": None if server0 is None or server1 is None else server1 - server0,
-            "machine_busy": (busy1 - busy0) / duration_s if total1 > total0 else None,
-        }
+        busy = spent.machine_busy_s / duration_s if spent.machine_total_s > 0 else None
+        usage: dict[str, float | None] = {"server_cpu_s": spent.server_cpu_s, "machine_busy": busy}
         return results, usage
 
     def call(self, job: Any, timeout: float = 3600.0, worker: int = 0) -> Any:
@@ -215,7 +229,36 @@ def _expect(conn: Connection, what: str, timeout: float) -> Any:
     return payload
 
 
-# -- the server under test ---------------------------------------------------------------
+# -- servers -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """Ask a server to stop with *sig*, kill it after a minute; its exit code.
+
+    The exit code matters: a server that did not stop cleanly on SIGTERM
+    fails the run.
+    """
+    proc.send_signal(sig)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def log_tail(path: Path, lines: int = 20, missing: str = "") -> str:
+    """The last *lines* of a server's log, for an error message."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return missing or f"(no log at {path})"
 
 
 class Server:
@@ -267,20 +310,10 @@ class Server:
         return self.proc.pid
 
     def stop(self) -> int:
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return 0 if self.proc is None else stop_process(self.proc)
 
     def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
+        return log_tail(self.log_path, lines, "(no server log)")
 
     def head(self) -> int:
         """The last global position, read back over gRPC."""
@@ -294,71 +327,6 @@ class Server:
             for response in stub.ReadAll(pb.ReadAllRequest(backwards=True, max_count=1)):
                 return int(response.events[0].position) if response.events else 0
         return 0
-
-
-def environment(tmp_root: Path) -> dict[str, str]:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty else ""
-    return {
-        "CPUs (nproc)": f"{len(os.sched_getaffinity(0))} of {os.cpu_count()}",
-        "CPU model": model,
-        "Kernel": f"{platform.system()} {platform.release()}",
-        "Data directory filesystem": filesystem_of(tmp_root),
-        "Python": platform.python_version(),
-        "grpcio": version("grpcio"),
-        "protobuf": version("protobuf"),
-        "lmdb (py-lmdb)": version("lmdb"),
-        "cryptography": version("cryptography"),
-        "msgspec": version("msgspec"),
-        "LetheDB commit": commit,
-    }
-
-
-def filesystem_of(path: Path) -> str:
-    """The type and device of the filesystem holding *path* (the path itself is a
-    throwaway temporary directory, so the report leaves it out)."""
-    best, fstype, device = "", "unknown", ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mount, kind = line.split()[:3]
-            resolved = str(path.resolve())
-            if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(
-                mount
-            ) > len(best):
-                best, fstype, device = mount, kind, dev
-    return f"{fstype} on {device}"
-
-
-def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:,.{digits}f}{suffix}"
 
 
 @contextlib.contextmanager

@@ -149,7 +149,8 @@ def _await_go(conn: Connection, window: Window) -> None:
     window.start, window.end = start, end
 
 
-def _sleep_until(deadline_ns: int) -> None:
+def sleep_until(deadline_ns: int) -> None:
+    """Sleep to a ``time.monotonic_ns`` deadline: the one clock of every process here."""
     delay = (deadline_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
         time.sleep(delay)
@@ -301,13 +302,14 @@ async def timed_window(warmup_s: float, conn: Connection, window: Window) -> flo
     """
     await asyncio.sleep(warmup_s)
     await asyncio.to_thread(_await_go, conn, window)
-    await _sleep_async_until(window.start)
+    await sleep_until_async(window.start)
     cpu0 = time.process_time()
-    await _sleep_async_until(window.end)
+    await sleep_until_async(window.end)
     return time.process_time() - cpu0
 
 
-async def _sleep_async_until(deadline_ns: int) -> None:
+async def sleep_until_async(deadline_ns: int) -> None:
+    """:func:`sleep_until` for a task on an event loop that must keep serving the load."""
     delay = (deadline_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
         await asyncio.sleep(delay)
@@ -454,9 +456,9 @@ def _inprocess(spec: Spec, conn: Connection) -> Result:
             thread.start()
         time.sleep(spec.warmup_s)
         _await_go(conn, window)
-        _sleep_until(window.start)
+        sleep_until(window.start)
         cpu0, b0, c0 = time.process_time(), writer.batches, writer.commands
-        _sleep_until(window.end)
+        sleep_until(window.end)
         cpu1, b1, c1 = time.process_time(), writer.batches, writer.commands
         for thread in threads:
             thread.join()
@@ -498,9 +500,9 @@ def _fsync(spec: Spec, conn: Connection) -> Result:
         thread.start()
         time.sleep(spec.warmup_s)
         _await_go(conn, window)
-        _sleep_until(window.start)
+        sleep_until(window.start)
         cpu0 = time.process_time()
-        _sleep_until(window.end)
+        sleep_until(window.end)
         cpu1 = time.process_time()
         thread.join()
     finally:

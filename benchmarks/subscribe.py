@@ -35,7 +35,6 @@ import datetime as dt
 import multiprocessing
 import os
 import random
-import socket
 import sys
 import time
 import urllib.request
@@ -43,21 +42,16 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from benchmarks import workload
-from benchmarks.e2e import NOISY_OTHER_CPU, Case, Settings, run_case
+from benchmarks.e2e import Case, Settings, run_case
 from benchmarks.e2e import table as e2e_table
 from benchmarks.harness import (
-    RESULTS_DIR,
+    CpuMeter,
     Server,
     Workers,
-    environment,
-    fmt,
-    machine_cpu_s,
-    process_cpu_s,
-    results_stem,
+    free_port,
     temp_root,
     wait_for_quiet,
 )
@@ -67,10 +61,23 @@ from benchmarks.loadgen import (
     Result,
     Tally,
     Window,
-    _sleep_async_until,
     merge,
+    sleep_until_async,
     stream_prefix,
     timed_window,
+)
+from benchmarks.report import (
+    NOISY_OTHER_CPU,
+    add_output_args,
+    command_line,
+    environment,
+    environment_section,
+    fmt,
+    noisy_notes,
+    other_cpu_pct,
+    percentile_ms,
+    publish,
+    waited_notes,
 )
 
 SUBSCRIBE = "/lethedb.v1.EventStore/Subscribe"
@@ -114,7 +121,7 @@ class Row:
         if self.machine_busy_s is None or not self.seconds:
             return None
         ours = (self.server_cpu_s or 0.0) + (self.client_cpu_s or 0.0)
-        return max(0.0, (self.machine_busy_s - ours) / self.seconds * 100)
+        return other_cpu_pct(self.machine_busy_s / self.seconds, self.seconds, ours)
 
 
 class Interval:
@@ -124,15 +131,14 @@ class Interval:
         self.server_pid = server_pid
         self.t0 = time.monotonic()
         self.own0 = time.process_time()
-        self.server0 = process_cpu_s(server_pid) if server_pid else None
-        self.busy0, _ = machine_cpu_s()
+        self.meter = CpuMeter(server_pid)
 
     def close(self, row: Row) -> None:
         """Fill *row*'s CPU figures; in-process rows charge this process as the 'server'."""
-        busy1, _ = machine_cpu_s()
-        row.machine_busy_s = busy1 - self.busy0
-        if self.server_pid and self.server0 is not None:
-            row.server_cpu_s = process_cpu_s(self.server_pid) - self.server0
+        spent = self.meter.read()
+        row.machine_busy_s = spent.machine_busy_s
+        if spent.server_cpu_s is not None:
+            row.server_cpu_s = spent.server_cpu_s
         else:
             row.server_cpu_s = time.process_time() - self.own0
         if not row.seconds:
@@ -466,7 +472,7 @@ async def _pace(spec: LiveSpec, conn: Connection) -> Result:
         k = i
         now = time.monotonic_ns
         while True:
-            await _sleep_async_until(due)
+            await sleep_until_async(due)
             t0 = now()
             if t0 - due > LATE_NS:
                 late[i] += 1
@@ -657,18 +663,15 @@ class LiveCase:
             return self.appends.cpu_s / self.duration_s * 100 if self.appends else None
         if which == "follow":
             return self.received.cpu_s / self.duration_s * 100 if self.received else None
-        if self.machine_busy is None:
-            return None
-        ours = sum(v or 0.0 for v in (self.cpu("server"), self.cpu("append"), self.cpu("follow")))
-        return max(0.0, self.machine_busy * 100 - ours)
-
-
-def percentile_ms(values: list[int], q: float) -> float:
-    """The e2e report's percentile (nearest rank), in milliseconds."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] / 1e6
+        ours = sum(
+            v or 0.0
+            for v in (
+                self.server_cpu_s,
+                self.appends.cpu_s if self.appends else None,
+                self.received.cpu_s if self.received else None,
+            )
+        )
+        return other_cpu_pct(self.machine_busy, self.duration_s, ours)
 
 
 def run_live(
@@ -737,12 +740,6 @@ def run_live(
 # -- the writer's own account, from the server's Prometheus metrics --------------------------
 
 _HISTOGRAMS = ("lethedb_commit_seconds", "lethedb_batch_commands", "lethedb_append_latency_seconds")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -1044,16 +1041,9 @@ def report(
     noisy = [r.key for r in [build, *catch_ups] if (r.other_cpu or 0) > NOISY_OTHER_CPU]
     noisy += [c.key for c in live if (c.cpu("other") or 0) > NOISY_OTHER_CPU]
     noisy += [max_load.key] if (max_load.other_cpu or 0) > NOISY_OTHER_CPU else []
-    if noisy:
-        lines.append(
-            f"* **Other jobs used more than {NOISY_OTHER_CPU:.0f}% of a core during "
-            f"{len(noisy)} case(s)** ({', '.join(noisy)}): rerun those figures on a quiet "
-            "machine before quoting them."
-        )
+    lines += noisy_notes(noisy)
     waited = sum(r.waited_s for r in catch_ups) + sum(c.waited_s for c in live)
-    waited += max_load.waited_s
-    if waited:
-        lines.append(f"* The run waited {waited:.0f} s in all for other jobs to go quiet.")
+    lines += waited_notes(waited + max_load.waited_s)
     if args.quick:
         lines.append(
             f"* `--quick`: a {build.events:,}-event log and {args.live_duration:g} s live "
@@ -1065,13 +1055,8 @@ def report(
     for c in live:
         for problem in c.problems:
             lines.append(f"* **{c.title}: {problem}**")
-    lines += ["", "## Environment", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in env.items()]
-    lines += [
-        "",
-        f"Command: `python -m benchmarks.subscribe {' '.join(sys.argv[1:])}`".replace("  ", " "),
-        "",
-    ]
+    lines += environment_section(env)
+    lines += ["", command_line("benchmarks.subscribe"), ""]
     return "\n".join(lines)
 
 
@@ -1132,15 +1117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each case, wait up to this many seconds for other jobs to go quiet",
     )
     p.add_argument(
-        "--tmp-dir", type=Path, default=None, help="where the data directory goes ($TMPDIR)"
-    )
-    p.add_argument(
         "--no-server-metrics",
         action="store_true",
         help="run the server without its Prometheus endpoint (no writer table in the report)",
     )
-    p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-write", action="store_true", help="print the report only")
+    add_output_args(p, tmp_help="where the data directory goes ($TMPDIR)")
     args = p.parse_args(argv)
     if args.quick:
         args.events = min(args.events, 100_000)
@@ -1298,14 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
         started,
         time.monotonic() - t0,
     )
-    print()
-    print(text)
-    if not args.no_write:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        suffix = "-quick" if args.quick else ""
-        path = args.output_dir / f"{results_stem(args.output_dir, 'subscribe', started, suffix)}.md"
-        path.write_text(text)
-        print(f"Report written to {path}")
+    publish(text, "subscribe", started, args)
     failed = (
         code != 0
         or max_load.errors

@@ -7,13 +7,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import fmt, results_stem
 from benchmarks.peers.clients import LETHE_CHANNELS
 from benchmarks.peers.run import (
     FANOUT_DELIVERIES_PER_S,
     RAW_STUB_CHANNELS,
     Results,
     fanout_rate,
+)
+from benchmarks.report import (
+    NOISY_OTHER_CPU,
+    dist_version,
+    environment_section,
+    fmt,
+    median,
+    results_stem,
 )
 
 PEERS = ["redis", "postgres", "nats"]
@@ -582,12 +589,13 @@ class Report:
                 f"{case} ({system})"
                 for (case, system), runs in r.runs.items()
                 for run in runs
-                if (run.other_cpu_pct or 0) > 25
+                if (run.other_cpu_pct or 0) > NOISY_OTHER_CPU
             }
         )
         if noisy:
             lines.append(
-                f"* Other jobs used more than 25% of a core during {len(noisy)} case(s): "
+                f"* Other jobs used more than {NOISY_OTHER_CPU:.0f}% of a core during "
+                f"{len(noisy)} case(s): "
                 + ", ".join(noisy)
                 + ". Figures taken then are less trustworthy."
             )
@@ -595,8 +603,7 @@ class Report:
             lines.append(f"* **{failure}**")
         codes = ", ".join(f"{k} {v}" for k, v in r.stop_codes.items())
         lines.append(f"* Every server was stopped at the end (exit codes: {codes}).")
-        lines += ["", "## Environment", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in r.env.items()]
+        lines += environment_section(r.env)
         for system in self.peers:
             lines.append(f"| {self.title(system)} | {r.versions.get(system, '?')} |")
         lines += [
@@ -609,21 +616,8 @@ class Report:
         return "\n".join(lines)
 
 
-def median(values: list[float]) -> float:
-    clean = sorted(v for v in values if v == v)
-    if not clean:
-        return float("nan")
-    mid = len(clean) // 2
-    return clean[mid] if len(clean) % 2 else (clean[mid - 1] + clean[mid]) / 2
-
-
 def version(dist: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
+    return dist_version(dist, missing="?")
 
 
 def write_report(results: Results, args: argparse.Namespace) -> tuple[str, Path | None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,14 +21,7 @@ from benchmarks import workload
 from benchmarks.e2e import Case as RefCase
 from benchmarks.e2e import Settings as RefSettings
 from benchmarks.e2e import run_case
-from benchmarks.harness import (
-    RESULTS_DIR,
-    Workers,
-    environment,
-    machine_cpu_s,
-    temp_root,
-    wait_for_quiet,
-)
+from benchmarks.harness import CpuMeter, CpuUsage, Workers, temp_root, wait_for_quiet
 from benchmarks.loadgen import Result
 from benchmarks.peers.servers import (
     SYSTEMS,
@@ -38,6 +30,13 @@ from benchmarks.peers.servers import (
     ensure_installed,
 )
 from benchmarks.peers.worker import Job, worker_main
+from benchmarks.report import (
+    add_output_args,
+    environment,
+    median,
+    other_cpu_pct,
+    percentile_ms,
+)
 
 ALL_SYSTEMS = ["lethedb", "redis", "postgres", "nats"]
 #: Channels of the raw-stub reference load: the end-to-end tool's default.
@@ -81,18 +80,11 @@ class Run:
     def deliveries_per_s(self) -> float:
         return self.deliveries / self.duration_s if self.duration_s else float("nan")
 
-    @staticmethod
-    def _pct(values: list[int], q: float) -> float:
-        if not values:
-            return float("nan")
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] / 1e6
-
     def call_ms(self, q: float) -> float:
-        return self._pct(self.latencies_ns, q)
+        return percentile_ms(self.latencies_ns, q)
 
     def e2e_ms(self, q: float) -> float:
-        return self._pct(self.delivery_ns, q)
+        return percentile_ms(self.delivery_ns, q)
 
     @property
     def server_cpu_pct(self) -> float | None:
@@ -104,10 +96,8 @@ class Run:
 
     @property
     def other_cpu_pct(self) -> float | None:
-        if self.machine_busy is None or not self.duration_s:
-            return None
         ours = (self.server_cpu_s or 0.0) + self.client_cpu_s
-        return max(0.0, (self.machine_busy - ours / self.duration_s) * 100)
+        return other_cpu_pct(self.machine_busy, self.duration_s, ours)
 
     def metrics(self) -> dict[str, float]:
         """Every figure the report may quote, by name (NaN where it does not apply)."""
@@ -142,7 +132,7 @@ def median_metrics(runs: list[Run]) -> dict[str, float]:
             names.setdefault(key, [])
             if value == value:
                 names[key].append(value)
-    return {k: statistics.median(v) if v else float("nan") for k, v in names.items()}
+    return {k: median(v) for k, v in names.items()}
 
 
 @dataclass
@@ -308,13 +298,12 @@ class Runner:
         run.extra["delivered_fraction"] = run.deliveries / expected if expected else float("nan")
         return run
 
-    def one_shot(self, system: str, job: Job, timeout: float = 3600) -> tuple[Result, float | None]:
-        """Run a one-shot job; also return the server's CPU seconds meanwhile."""
+    def one_shot(self, system: str, job: Job, timeout: float = 3600) -> tuple[Result, CpuUsage]:
+        """Run a one-shot job; also return the server's and the machine's CPU meanwhile."""
         server = self.servers.get(system)
-        cpu0 = server.cpu(server.pid) if server is not None else None
+        meter = CpuMeter(None) if server is None else CpuMeter(server.pid, server.cpu)
         result: Result = self.workers.call(job, timeout)
-        cpu1 = server.cpu(server.pid) if server is not None else None
-        return result, (None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
+        return result, meter.read()
 
     def catch_up(
         self, label: str, case: str, count: int, role: str = "catchup", system: str = ""
@@ -322,9 +311,7 @@ class Runner:
         """Read *count* events from the start through server *label*; file under *system*."""
         if self.s.quiet_wait_s:
             wait_for_quiet(self.s.quiet_wait_s)
-        busy0, _ = machine_cpu_s()
-        result, server_cpu = self.one_shot(label, self.job(label, role, case, count=count))
-        busy1, _ = machine_cpu_s()
+        result, spent = self.one_shot(label, self.job(label, role, case, count=count))
         elapsed = float(result.extra["elapsed_s"])
         run = Run(
             system=system or label,
@@ -332,9 +319,9 @@ class Runner:
             duration_s=elapsed,
             ops=result.ops,
             events=result.events,
-            server_cpu_s=server_cpu,
+            server_cpu_s=spent.server_cpu_s,
             client_cpu_s=result.cpu_s,
-            machine_busy=(busy1 - busy0) / elapsed if elapsed else None,
+            machine_busy=spent.machine_busy_s / elapsed if elapsed else None,
         )
         if result.events < count:
             self.results.failures.append(
@@ -634,13 +621,13 @@ def phase_forget(runner: Runner, root: Path) -> None:
         count=s.forget_subjects,
         distinct_subjects=s.forget_store_subjects,
     )
-    result, server_cpu = runner.one_shot("lethedb-forget", job, 7200)
+    result, spent = runner.one_shot("lethedb-forget", job, 7200)
     run = Run(
         system="lethedb",
         case="forget",
         duration_s=float(result.extra["forget_s"]) + float(result.extra["shred_s"]),
         ops=result.ops,
-        server_cpu_s=server_cpu,
+        server_cpu_s=spent.server_cpu_s,
         client_cpu_s=result.cpu_s,
         extra=dict(result.extra),
     )
@@ -736,11 +723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="never run apt-get; only print the command when a system is missing",
     )
-    p.add_argument(
-        "--tmp-dir", type=Path, default=None, help="where data directories go (default: $TMPDIR)"
-    )
-    p.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-write", action="store_true", help="print the report only")
+    add_output_args(p)
     args = p.parse_args(argv)
     q = args.quick
     args.repeat = args.repeat or (1 if q else 3)

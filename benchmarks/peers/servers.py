@@ -25,16 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from benchmarks.harness import Server, process_cpu_s, tree_cpu_s
+from benchmarks.harness import (
+    Server,
+    free_port,
+    log_tail,
+    process_cpu_s,
+    stop_process,
+    tree_cpu_s,
+)
+from benchmarks.report import commit
 
 APT_PACKAGES = {"redis": "redis-server", "postgres": "postgresql", "nats": "nats-server"}
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pg_bin_dir() -> Path | None:
@@ -115,10 +117,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log:
 
 
 def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
+    return log_tail(path, lines)
 
 
 def version_of(command: list[str]) -> str:
@@ -166,12 +165,7 @@ class PeerServer:
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return 0 if self.proc is None else self.proc.returncode
-        self.proc.send_signal(self.stop_signal())
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, self.stop_signal())
 
     def _popen(self, argv: list[str], user: str | None = None) -> subprocess.Popen[bytes]:
         with self.log_path.open("ab") as log:
@@ -217,9 +211,7 @@ class LetheServer(PeerServer):
 
     def start(self) -> None:
         self.server.start()
-        from benchmarks.harness import environment
-
-        self.version = f"lethedb (this tree, commit {environment(self.root)['LetheDB commit']})"
+        self.version = f"lethedb (this tree, commit {commit()})"
 
     def stop(self) -> int:
         return self.server.stop()

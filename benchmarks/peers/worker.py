@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import loadgen
-from benchmarks.loadgen import Result, Tally, Window, merge
+from benchmarks.loadgen import Result, Tally, Window, merge, sleep_until_async, timed_window
 from benchmarks.peers.clients import ADAPTERS, STAMP, RedisAdapter, stamp_of
 
 
@@ -83,16 +83,6 @@ def payload_source(job: Job) -> tuple[bytes, int]:
     return rng.randbytes(job.payload_bytes + 4096), job.payload_bytes - STAMP.size
 
 
-async def _await_go(conn: Connection, window: Window) -> None:
-    await asyncio.to_thread(loadgen._await_go, conn, window)
-
-
-async def _sleep_until(deadline_ns: int) -> None:
-    delay = (deadline_ns - time.monotonic_ns()) / 1e9
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 # -- timed jobs ----------------------------------------------------------------------------
 
 
@@ -130,7 +120,7 @@ async def _appenders(job: Job, adapter: Any, conn: Connection) -> Result:
             if interval_ns:
                 due = next_due[0]
                 next_due[0] = due + interval_ns
-                await _sleep_until(due)
+                await sleep_until_async(due)
             t0 = now()
             stamp = STAMP.pack(t0)
             payloads = [
@@ -147,14 +137,9 @@ async def _appenders(job: Job, adapter: Any, conn: Connection) -> Result:
                 return
 
     tasks = [asyncio.create_task(writer(i, t)) for i, t in enumerate(tallies)]
-    await asyncio.sleep(job.warmup_s)
-    await _await_go(conn, window)
-    await _sleep_until(window.start)
-    cpu0 = time.process_time()
-    await _sleep_until(window.end)
-    cpu1 = time.process_time()
+    cpu_s = await timed_window(job.warmup_s, conn, window)
     await asyncio.gather(*tasks)
-    return merge(tallies, cpu1 - cpu0)
+    return merge(tallies, cpu_s)
 
 
 async def _subscribers(job: Job, adapter: Any, conn: Connection) -> Result:
@@ -194,12 +179,7 @@ async def _subscribers(job: Job, adapter: Any, conn: Connection) -> Result:
                 await ready.acquire()
     for _ in range(len(tallies) - (len(tallies) // 50) * 50):
         await ready.acquire()
-    await asyncio.sleep(job.warmup_s)
-    await _await_go(conn, window)
-    await _sleep_until(window.start)
-    cpu0 = time.process_time()
-    await _sleep_until(window.end)
-    cpu1 = time.process_time()
+    cpu_s = await timed_window(job.warmup_s, conn, window)
     # Deliveries still in flight at the window's end do not count; followers that
     # are idle (nothing more to receive) would never notice the end: cancel them.
     await asyncio.sleep(0.5)
@@ -207,7 +187,7 @@ async def _subscribers(job: Job, adapter: Any, conn: Connection) -> Result:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    result = merge(tallies, cpu1 - cpu0)
+    result = merge(tallies, cpu_s)
     result.extra["subscribers"] = job.clients
     result.extra["stalled_subscribers"] = sum(1 for t in tallies if t.ops == 0)
     return result
