@@ -1,8 +1,10 @@
 """Subscriptions: the blocking and the asyncio follower of the log (I/O only).
 
 What to send, what a message means, where to resume and how long to wait all
-come from :mod:`lethedb._base` (:class:`SubscriptionCursor`,
-:class:`SubscriptionState`); this module opens the calls, waits and reconnects.
+come from :mod:`lethedb._subscription_state` (:class:`SubscriptionCursor`,
+:class:`SubscriptionState`); this module opens the calls, through the client's
+transport, waits and reconnects. The two classes are written out each, not
+generated: a thread and a task wait, wake and get cancelled differently.
 
 A subscription ends only when the caller closes it or on an error that a
 reconnect cannot cure (the server refused it, or another subscription took
@@ -22,18 +24,17 @@ from typing import TYPE_CHECKING, Self
 import grpc
 import grpc.aio
 
-from lethedb._base import (
-    RetryPolicy,
+from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
+from lethedb._subscription_state import (
     SubscriptionCursor,
     SubscriptionItem,
     SubscriptionState,
 )
-from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
 from lethedb.v1 import eventstore_pb2 as pb
 
 if TYPE_CHECKING:
-    from lethedb._async_client import AsyncClient
-    from lethedb._client import Client
+    from lethedb._async_transport import AsyncTransport
+    from lethedb._transport import Transport
 
 __all__ = ["AsyncSubscription", "Subscription"]
 
@@ -69,11 +70,9 @@ class Subscription(SubscriptionState):
     thread and ends the iteration.
     """
 
-    def __init__(
-        self, client: Client, request: pb.SubscribeRequest, policy: RetryPolicy, reconnect: bool
-    ) -> None:
-        super().__init__(SubscriptionCursor(request, policy, reconnect=reconnect))
-        self._client = client
+    def __init__(self, transport: Transport, request: pb.SubscribeRequest, reconnect: bool) -> None:
+        super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
+        self._transport = transport
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._call: grpc.CallIterator[pb.SubscribeResponse] | None = None
@@ -85,7 +84,7 @@ class Subscription(SubscriptionState):
             with self._lock:
                 if self._closed:
                     return
-                call = self._client._stub.Subscribe(cursor.request())
+                call = self._transport.events.Subscribe(cursor.request())
                 self._call = call
             try:
                 for response in call:
@@ -144,8 +143,9 @@ class Subscription(SubscriptionState):
         committed. Raises ValidationError for a subscription without a group.
         """
         request = self._commit_request(position)
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._client._stub.CommitCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.CommitCheckpoint, request, deadline)
         return response.accepted
 
     def close(self) -> None:
@@ -176,14 +176,10 @@ class AsyncSubscription(SubscriptionState):
     ``await close()`` and ``async with``; same items, same reconnects."""
 
     def __init__(
-        self,
-        client: AsyncClient,
-        request: pb.SubscribeRequest,
-        policy: RetryPolicy,
-        reconnect: bool,
+        self, transport: AsyncTransport, request: pb.SubscribeRequest, reconnect: bool
     ) -> None:
-        super().__init__(SubscriptionCursor(request, policy, reconnect=reconnect))
-        self._client = client
+        super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
+        self._transport = transport
         self._wakeup: asyncio.Event | None = None
         self._call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.SubscribeResponse] | None = (
             None
@@ -194,7 +190,7 @@ class AsyncSubscription(SubscriptionState):
         cursor = self._cursor
         self._wakeup = wakeup = asyncio.Event()
         while not self._closed:
-            call = self._client._stub.Subscribe(cursor.request())
+            call = self._transport.events.Subscribe(cursor.request())
             self._call = call
             try:
                 async for response in call:
@@ -249,8 +245,9 @@ class AsyncSubscription(SubscriptionState):
     async def commit(self, position: int | None = None, *, timeout: float | None = None) -> bool:
         """Commit this group member's progress; see :meth:`Subscription.commit`."""
         request = self._commit_request(position)
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._client._stub.CommitCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.CommitCheckpoint, request, deadline)
         return response.accepted
 
     async def close(self) -> None:
