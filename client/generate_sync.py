@@ -47,7 +47,7 @@ TOKENS = [
     (r"^import asyncio$", "import time"),
     (r"\bgrpc\.aio\.", "grpc."),
     (r"\blethedb\._async_(\w+)", r"lethedb._\1"),
-    (r"\bAsync(Client|AdminClient|Transport|Subscription|AppendSender)\b", r"\1"),
+    (r"\bAsync(Client|AdminClient|Transport|Subscription|AppendSender|ClosingContext)\b", r"\1"),
     (r"\bThe asyncio client, on ``grpc\.aio``", "The blocking client, on ``grpc``"),
 ]
 

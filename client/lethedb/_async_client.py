@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
 from lethedb._append_senders import AsyncAppendSender
 from lethedb._async_admin import AsyncAdminClient
 from lethedb._async_transport import AsyncTransport
+from lethedb._closing import AsyncClosingContext
 from lethedb._coalescing import append_retry_delay
 from lethedb._connection import PemSource
 from lethedb._cursors import AllReadCursor, ExportCursor, StreamReadCursor
@@ -66,7 +66,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 __all__ = ["AsyncClient"]
 
 
-class AsyncClient:
+class AsyncClient(AsyncClosingContext):
     """An asyncio LetheDB client; create and use it inside the one event loop it serves.
 
     Every call has a deadline (``timeout`` seconds per attempt) and is retried
@@ -136,17 +136,6 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         await self._transport.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._transport.settings.target!r})"

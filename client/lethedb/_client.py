@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
 from lethedb._admin import AdminClient
 from lethedb._append_senders import AppendSender
+from lethedb._closing import ClosingContext
 from lethedb._coalescing import append_retry_delay
 from lethedb._connection import PemSource
 from lethedb._cursors import AllReadCursor, ExportCursor, StreamReadCursor
@@ -68,7 +68,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 __all__ = ["Client"]
 
 
-class Client:
+class Client(ClosingContext):
     """A blocking LetheDB client; safe to share between threads.
 
     Every call has a deadline (``timeout`` seconds per attempt) and is retried
@@ -138,17 +138,6 @@ class Client:
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._transport.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._transport.settings.target!r})"

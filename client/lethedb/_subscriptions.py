@@ -18,12 +18,12 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncGenerator, Generator
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import grpc
 import grpc.aio
 
+from lethedb._closing import AsyncClosingContext, ClosingContext
 from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
 from lethedb._subscription_state import (
     SubscriptionCursor,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSubscription", "Subscription"]
 
 
-class Subscription(SubscriptionState):
+class Subscription(SubscriptionState, ClosingContext):
     """A live follower of the log; iterate it, and close it (or use ``with``).
 
     Iterating yields, in log order, each :class:`~lethedb.RecordedEvent` the
@@ -159,19 +159,8 @@ class Subscription(SubscriptionState):
         with contextlib.suppress(ValueError):  # being iterated by another thread right now
             self._source.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncSubscription(SubscriptionState):
+class AsyncSubscription(SubscriptionState, AsyncClosingContext):
     """The asyncio twin of :class:`Subscription`: ``async for``, ``await commit()``,
     ``await close()`` and ``async with``; same items, same reconnects."""
 
@@ -259,14 +248,3 @@ class AsyncSubscription(SubscriptionState):
             self._call.cancel()
         with contextlib.suppress(RuntimeError):  # being iterated by another task right now
             await self._source.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
