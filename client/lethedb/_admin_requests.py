@@ -8,16 +8,8 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from lethedb._checks import UINT64_LIMIT, check_name, type_name
-from lethedb._exceptions import (
-    ValidationError,
-)
-from lethedb._models import (
-    BackupResult,
-    RotateResult,
-    ShredResult,
-    StoreStats,
-    VerifyProgress,
-)
+from lethedb._exceptions import ValidationError
+from lethedb._models import BackupResult, RotateResult, ShredResult, StoreStats, VerifyProgress
 from lethedb.v1 import admin_pb2 as apb
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

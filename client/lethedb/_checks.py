@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from lethedb._exceptions import (
-    ValidationError,
-)
+from lethedb._exceptions import ValidationError
 
 UINT64_LIMIT: Final = 2**64
 

@@ -13,15 +13,12 @@ from typing import Final, Generic, Protocol, TypeAlias, TypeVar
 
 import grpc
 
-from lethedb._exceptions import (
-    LetheError,
-    ServerError,
-    error_from_status,
-)
+from lethedb._exceptions import LetheError, ServerError, error_from_status
 from lethedb._requests import error_from_append_error
 from lethedb._retry import Retrying
 from lethedb.v1 import eventstore_pb2 as pb
 
+#: Most appends coalesced into one AppendBatch call: the server's limit.
 MAX_APPENDS_PER_BATCH: Final = 1000
 #: Most request bytes coalesced into one AppendBatch call, well under the
 #: server's message limit (32 MiB by default). A larger append travels alone.

@@ -14,15 +14,8 @@ import grpc
 
 from lethedb._admin_requests import to_verify_progress
 from lethedb._checks import type_name
-from lethedb._exceptions import (
-    ServerError,
-    ValidationError,
-    error_from_rpc_error,
-)
-from lethedb._models import (
-    RecordedEvent,
-    VerifyProgress,
-)
+from lethedb._exceptions import ServerError, ValidationError, error_from_rpc_error
+from lethedb._models import RecordedEvent, VerifyProgress
 from lethedb._requests import to_recorded_event
 from lethedb._retry import Retrying, RetryPolicy
 from lethedb.v1 import admin_pb2 as apb

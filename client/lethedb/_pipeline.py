@@ -8,16 +8,8 @@ from collections.abc import Iterable
 import grpc
 
 from lethedb._checks import type_name
-from lethedb._exceptions import (
-    LetheError,
-    ServerError,
-    ValidationError,
-    error_from_rpc_error,
-)
-from lethedb._models import (
-    Append,
-    AppendResult,
-)
+from lethedb._exceptions import LetheError, ServerError, ValidationError, error_from_rpc_error
+from lethedb._models import Append, AppendResult
 from lethedb._requests import build_append_request, error_from_append_error, to_append_result
 from lethedb._retry import Retrying
 from lethedb.v1 import eventstore_pb2 as pb

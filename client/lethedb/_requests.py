@@ -23,12 +23,7 @@ import grpc
 import msgspec
 
 from lethedb._checks import UINT64_LIMIT, check_max_count, check_name, check_position, type_name
-from lethedb._exceptions import (
-    LetheError,
-    ServerError,
-    ValidationError,
-    error_from_status,
-)
+from lethedb._exceptions import LetheError, ServerError, ValidationError, error_from_status
 from lethedb._models import (
     Append,
     AppendResult,

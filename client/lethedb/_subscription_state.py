@@ -22,13 +22,7 @@ from lethedb._exceptions import (
     ValidationError,
     error_from_rpc_error,
 )
-from lethedb._models import (
-    CaughtUp,
-    Checkpoint,
-    GroupAssignment,
-    RecordedEvent,
-    SubscriptionFilter,
-)
+from lethedb._models import CaughtUp, Checkpoint, GroupAssignment, RecordedEvent, SubscriptionFilter
 from lethedb._requests import to_recorded_event
 from lethedb._retry import RetryPolicy
 from lethedb.v1 import eventstore_pb2 as pb
