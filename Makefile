@@ -7,7 +7,7 @@ DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test check lint typecheck pytest proto bench-micro bench bench-peers clean
+.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ pytest: $(STAMP)
 ## Regenerate the committed protobuf and gRPC modules from proto/.
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
+
+# The blocking SDK modules are generated from their asyncio sources.
+sync-client: $(STAMP)
+	$(BIN)/python client/generate_sync.py
 
 bench-micro: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/micro --benchmark-only -p no:cacheprovider

@@ -58,6 +58,7 @@ from lethedb._models import (
     SubscriptionFilter,
     VerifyProgress,
 )
+from lethedb._retry import RetryPolicy
 from lethedb._subscriptions import AsyncSubscription, Subscription
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "PositionBeyondHead",
     "RecordedEvent",
     "RequestTooLarge",
+    "RetryPolicy",
     "RotateResult",
     "ServerError",
     "ShredResult",

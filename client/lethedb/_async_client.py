@@ -1,36 +1,45 @@
-"""The asyncio client: the same API as :class:`lethedb.Client`, on ``grpc.aio``.
+"""The client: each public call with its deadline, retries and result (I/O only).
 
-Like the blocking client, this module only performs I/O and waits; request
-building, retry decisions and resume bookkeeping come from :mod:`lethedb._base`.
+``_async_client.py`` (asyncio, on ``grpc.aio``) is the source; ``_client.py``
+(blocking) is generated from it by ``client/generate_sync.py`` (``make
+sync-client``), which drops ``await`` and ``async`` and gives the asyncio
+calls and the ``Async`` names their blocking forms: edit the source, never
+the generated file. What to send, whether to retry and where to resume come from
+the sans-I/O modules (:mod:`lethedb._requests`, :mod:`lethedb._retry`,
+:mod:`lethedb._cursors`, :mod:`lethedb._pipeline`, :mod:`lethedb._coalescing`);
+the calls go through the client's transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from datetime import datetime
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import grpc
-import grpc.aio
 
-from lethedb._base import (
-    BACKUP_NOT_RETRIED,
-    AllReadCursor,
-    AppendCoalescer,
-    AppendOutcome,
-    AppendPipeline,
-    BaseClient,
-    ExportCursor,
-    QueuedAppend,
-    ReadCursor,
-    SendAlone,
-    StreamReadCursor,
-    VerifyWalk,
-    append_retry_delay,
+from lethedb._append_senders import AsyncAppendSender
+from lethedb._async_admin import AsyncAdminClient
+from lethedb._async_transport import AsyncTransport
+from lethedb._closing import AsyncClosingContext
+from lethedb._coalescing import append_retry_delay
+from lethedb._connection import PemSource
+from lethedb._cursors import AllReadCursor, ExportCursor, StreamReadCursor
+from lethedb._exceptions import LetheError
+from lethedb._models import (
+    ANY,
+    Append,
+    AppendResult,
+    CommitResult,
+    Event,
+    ExpectedVersion,
+    RecordedEvent,
+    SubjectReceipt,
+    SubscriptionFilter,
+)
+from lethedb._pipeline import AppendPipeline
+from lethedb._requests import (
     build_append_request,
-    build_backup_request,
     build_checkpoint_request,
     build_commit_request,
     build_export_subject_request,
@@ -39,61 +48,46 @@ from lethedb._base import (
     build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
-    build_release_legal_hold_request,
-    build_set_legal_hold_request,
-    build_subscribe_request,
-    deadline_exceeded,
     to_append_result,
-    to_backup_result,
     to_commit_result,
-    to_rotate_result,
-    to_shred_result,
-    to_store_stats,
     to_subject_receipt,
 )
-from lethedb._connection import PemSource
-from lethedb._exceptions import LetheError
-from lethedb._models import (
-    ANY,
-    Append,
-    AppendResult,
-    BackupResult,
-    CommitResult,
-    Event,
-    ExpectedVersion,
-    RecordedEvent,
-    RotateResult,
-    ShredResult,
-    StoreStats,
-    SubjectReceipt,
-    SubscriptionFilter,
-    VerifyProgress,
+from lethedb._retry import (
+    DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_RETRIES,
+    RetryPolicy,
 )
+from lethedb._settings import ClientSettings
+from lethedb._subscription_state import build_subscribe_request
 from lethedb._subscriptions import AsyncSubscription
-from lethedb.v1 import admin_pb2 as apb
-from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
 
-__all__ = ["AsyncAdminClient", "AsyncClient"]
-
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
-_Outcome = AppendOutcome
+__all__ = ["AsyncClient"]
 
 
-def _expire(waiter: asyncio.Future[_Outcome]) -> None:
-    """A queued append's own deadline passed: its caller stops waiting, as for a unary call."""
-    if not waiter.done():
-        waiter.set_result(deadline_exceeded())
-
-
-class AsyncClient(BaseClient):
+class AsyncClient(AsyncClosingContext):
     """An asyncio LetheDB client; create and use it inside the one event loop it serves.
 
-    Deadlines, retries, idempotency and the connection arguments (connection
-    strings, ``tls``, ``ca``, ``client_cert``, ``client_key``, ``token``) work
-    exactly as in :class:`lethedb.Client`, and so does ``coalesce_appends``:
-    concurrent :meth:`append` calls (from many tasks) share AppendBatch calls.
+    Every call has a deadline (``timeout`` seconds per attempt) and is retried
+    on UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff, resending
+    the identical request, so a retried append is deduplicated by the server
+    rather than written twice. ``retry`` (a :class:`~lethedb.RetryPolicy`)
+    says how often and how long to wait; ``max_retries``, ``initial_backoff``
+    and ``max_backoff`` are a shorthand for it (give one or the other).
+
+    ``target`` is ``host:port`` or a connection string
+    (``lethedb://host:port?tls=true&ca=/path/ca.pem``); ``tls``, ``ca``,
+    ``client_cert``, ``client_key`` (paths or PEM bytes) and ``token`` (a
+    bearer token, sent only over TLS or to loopback) can also be given as
+    arguments. See :mod:`lethedb._connection`.
+
+    ``coalesce_appends`` (on by default): :meth:`append` calls made at the same
+    time (from several tasks) share calls. While an append call is in
+    flight, further appends queue, and each call that completes sends the
+    queue as one AppendBatch call; a lone append is sent at once, so nothing
+    waits for a batch to fill. Each append keeps its own result, error,
+    deadline and retries. Turn it off to send every append as its own call.
     """
 
     def __init__(
@@ -101,9 +95,10 @@ class AsyncClient(BaseClient):
         target: str = "localhost:50051",
         *,
         timeout: float = 10.0,
-        max_retries: int = 5,
-        initial_backoff: float = 0.05,
-        max_backoff: float = 2.0,
+        retry: RetryPolicy | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        initial_backoff: float = DEFAULT_INITIAL_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
         channel_options: Sequence[tuple[str, Any]] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         tls: bool | None = None,
@@ -113,9 +108,10 @@ class AsyncClient(BaseClient):
         token: str | None = None,
         coalesce_appends: bool = True,
     ) -> None:
-        super().__init__(
+        settings = ClientSettings(
             target,
             timeout=timeout,
+            retry=retry,
             max_retries=max_retries,
             initial_backoff=initial_backoff,
             max_backoff=max_backoff,
@@ -128,18 +124,9 @@ class AsyncClient(BaseClient):
             token=token,
             coalesce_appends=coalesce_appends,
         )
-        self._appends: AppendCoalescer[asyncio.Future[_Outcome]] | None = (
-            AppendCoalescer() if coalesce_appends else None
-        )
-        self._batch_calls: set[asyncio.Task[None]] = set()
-        if self._channel_credentials is None:
-            self._channel = grpc.aio.insecure_channel(self._target, options=self._channel_options)
-        else:
-            self._channel = grpc.aio.secure_channel(
-                self._target, self._channel_credentials, options=self._channel_options
-            )
-        self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
-        self._admin = AsyncAdminClient(self)
+        self._transport = AsyncTransport(settings)
+        self._appends = AsyncAppendSender(self._transport) if coalesce_appends else None
+        self._admin = AsyncAdminClient(self._transport)
 
     @property
     def admin(self) -> AsyncAdminClient:
@@ -148,18 +135,10 @@ class AsyncClient(BaseClient):
 
     async def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        await self._channel.close(None)
+        await self._transport.close()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._transport.settings.target!r})"
 
     async def append(
         self,
@@ -170,95 +149,46 @@ class AsyncClient(BaseClient):
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> AppendResult:
-        """Append events to one stream, atomically; see :meth:`lethedb.Client.append`."""
+        """Append events to one stream, atomically; returns once they are durable.
+
+        Without an ``idempotency_key`` one is generated, so that the SDK's own
+        retries are never written twice. Pass your own key (and the same events)
+        to make your own retries safe too, for example after DeadlineExceeded
+        or a process restart: the server answers them with the first result.
+
+        Concurrent appends may share one AppendBatch call (see the class
+        docstring); each still commits, fails and is retried on its own.
+        """
         request = build_append_request(stream_id, events, expected_version, idempotency_key)
-        deadline = self._timeout_for(timeout)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
         if self._appends is None:
-            return to_append_result(await self._unary(self._stub.Append, request, deadline))
-        retrying = self._retry_policy.start()
+            response = await transport.unary(transport.events.Append, request, deadline)
+            return to_append_result(response)
+        retrying = transport.retry.start()
         while True:
-            outcome = await self._coalesced_append(self._appends, request, deadline)
+            outcome = await self._appends.attempt(request, deadline)
             if isinstance(outcome, pb.AppendResponse):
                 return to_append_result(outcome)
             await asyncio.sleep(append_retry_delay(retrying, outcome))
 
-    async def _coalesced_append(
-        self,
-        coalescer: AppendCoalescer[asyncio.Future[_Outcome]],
-        request: pb.AppendRequest,
-        deadline: float,
-    ) -> pb.AppendResponse | Exception:
-        """One attempt: a place in the next call, sent this loop turn if a call is free."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[_Outcome] = loop.create_future()
-        item = QueuedAppend(request, loop.time() + deadline, waiter)
-        if coalescer.queue(item):
-            loop.call_soon(self._flush_appends)
-        timer = loop.call_at(item.deadline, _expire, item.waiter)
-        try:
-            outcome = await item.waiter  # cancelling the caller cancels it: the batch skips it
-        finally:
-            timer.cancel()
-        if isinstance(outcome, SendAlone):
-            return await self._append_call(request, deadline)
-        return outcome
-
-    async def _append_call(
-        self, request: pb.AppendRequest, deadline: float
-    ) -> pb.AppendResponse | Exception:
-        try:
-            return await self._stub.Append(request, timeout=deadline)
-        except Exception as exc:  # the caller maps, retries or raises it
-            return exc
-
-    def _flush_appends(self) -> None:
-        assert self._appends is not None
-        self._send_batches(self._appends.flush())
-
-    def _send_batches(self, batches: list[list[QueuedAppend[asyncio.Future[_Outcome]]]]) -> None:
-        for batch in batches:
-            # A task of its own, so that no caller's cancellation cancels the call.
-            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
-            self._batch_calls.add(task)
-            task.add_done_callback(self._batch_calls.discard)
-
-    async def _send_batch(self, batch: list[QueuedAppend[asyncio.Future[_Outcome]]]) -> None:
-        coalescer = self._appends
-        assert coalescer is not None
-        # Each caller keeps its own deadline (see _expire); the call lasts for the longest.
-        timeout = max(
-            0.001, max(item.deadline for item in batch) - asyncio.get_running_loop().time()
-        )
-        outcomes: list[_Outcome]
-        try:
-            if len(batch) == 1:
-                outcomes = [await self._append_call(batch[0].request, timeout)]
-            else:
-                try:
-                    response = await self._stub.AppendBatch(
-                        coalescer.batch_request(batch), timeout=timeout
-                    )
-                except Exception as exc:  # the callers map, retry or raise it
-                    outcomes = coalescer.failed(batch, exc)
-                else:
-                    outcomes = coalescer.outcomes(batch, response)
-            for item, outcome in zip(batch, outcomes, strict=True):
-                if not item.waiter.done():
-                    item.waiter.set_result(outcome)
-        finally:
-            for item in batch:  # only when this task was cancelled (the loop is ending)
-                item.waiter.cancel()
-            self._send_batches(coalescer.call_done())
-
     async def append_many(
         self, items: Iterable[Append], *, timeout: float | None = None
     ) -> list[AppendResult | LetheError]:
-        """Pipeline many appends on one call; see :meth:`lethedb.Client.append_many`."""
+        """Pipeline many appends on one call; one result or error per item, in order.
+
+        Each item is committed and acknowledged separately, so a failed item
+        does not stop the others: its slot holds the exception instead of a
+        result, and nothing is raised for it. After a broken connection only
+        the unanswered items are resent (with their idempotency keys); once
+        retries are exhausted, they hold the connection error.
+        """
         pipeline = AppendPipeline(items)
-        deadline = self._timeout_for(timeout)
-        retrying = self._retry_policy.start()
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        retrying = transport.retry.start()
         while pipeline.pending:
-            call = self._stub.AppendStream(iter(pipeline.requests()), timeout=deadline)
+            call = transport.events.AppendStream(iter(pipeline.requests()), timeout=deadline)
             try:
                 async for response in call:
                     pipeline.acknowledge(response)
@@ -278,10 +208,30 @@ class AsyncClient(BaseClient):
         idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> CommitResult:
-        """Append to several streams atomically; see :meth:`lethedb.Client.commit`."""
+        """Append to several streams in one transaction: all or nothing.
+
+        Each :class:`Append` names a stream, its events and its own expected
+        version; its ``idempotency_key`` must be left ``None``, as one key
+        covers the whole commit. If any part fails (a wrong expected version,
+        a forgotten subject, invalid input), nothing of the commit is written
+        and that error is raised. The parts' events take contiguous positions,
+        in the order given. Without an ``idempotency_key`` one is generated,
+        so the SDK's own retries are never written twice; pass your own to make
+        your own retries safe: the server answers them with the first result,
+        marked ``deduplicated``. Example: claim a unique username and create
+        the user together::
+
+            db.commit([
+                Append(f"username-{name}", Event("UsernameClaimed", {"user": user_id}),
+                       expected_version=NO_STREAM),
+                Append(f"user-{user_id}", Event("UserRegistered", {...}, subject_id=user_id),
+                       expected_version=NO_STREAM),
+            ])
+        """
         request = build_commit_request(appends, idempotency_key)
-        deadline = self._timeout_for(timeout)
-        response = await self._unary(self._stub.Commit, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.Commit, request, deadline)
         return to_commit_result(response, len(request.appends))
 
     def read_stream(
@@ -293,11 +243,18 @@ class AsyncClient(BaseClient):
         max_count: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[RecordedEvent]:
-        """Iterate (``async for``) over one stream; see :meth:`lethedb.Client.read_stream`."""
+        """Iterate over one stream's events, from ``from_version`` (inclusive).
+
+        Without ``from_version``: from the first event, or from the last one
+        when reading backwards. Arguments are checked now; the call starts on
+        the first ``next()``. Raises StreamNotFound when the stream does not
+        exist.
+        """
         cursor = StreamReadCursor(
             build_read_stream_request(stream_id, from_version, backwards, max_count)
         )
-        return self._read(self._stub.ReadStream, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ReadStream, cursor, transport.deadline(timeout))
 
     def read_all(
         self,
@@ -308,33 +265,59 @@ class AsyncClient(BaseClient):
         max_count: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[RecordedEvent]:
-        """Iterate (``async for``) over the whole log; see :meth:`lethedb.Client.read_all`."""
+        """Iterate over the whole log in position order.
+
+        Start strictly ``after`` a position (a saved checkpoint) or
+        ``from_position`` inclusive; with neither, from the start (or from the
+        end when reading backwards).
+        """
         cursor = AllReadCursor(build_read_all_request(after, from_position, backwards, max_count))
-        return self._read(self._stub.ReadAll, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ReadAll, cursor, transport.deadline(timeout))
 
     async def forget_subject(
         self, subject_id: str, *, reason: str = "unspecified", timeout: float | None = None
     ) -> SubjectReceipt:
-        """Forget a data subject (right to erasure); see :meth:`lethedb.Client.forget_subject`."""
+        """Forget a data subject (right to erasure); returns its erasure receipt.
+
+        Once this returns, the subject's events read as redacted and the id
+        can never be written to again; the receipt says FORGOTTEN_PENDING_SHRED
+        until the next shred epoch has destroyed every stale copy of its keys.
+        ``reason`` is a short code (for example ``"gdpr-art17-request"``) stored
+        in clear, so it must not hold personal data. Forgetting a forgotten
+        subject changes nothing and returns its receipt, which is also why a
+        retry is safe. Raises LegalHoldActive while a legal hold is in force,
+        PermissionDenied without the admin role.
+        """
         request = build_forget_subject_request(subject_id, reason)
-        deadline = self._timeout_for(timeout)
-        return to_subject_receipt(await self._unary(self._stub.ForgetSubject, request, deadline))
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.ForgetSubject, request, deadline)
+        return to_subject_receipt(response)
 
     async def get_subject(self, subject_id: str, *, timeout: float | None = None) -> SubjectReceipt:
-        """What the store knows of a subject; see :meth:`lethedb.Client.get_subject`."""
+        """What the store knows of a subject: erasure state, event count, legal hold."""
         request = build_get_subject_request(subject_id)
-        deadline = self._timeout_for(timeout)
-        return to_subject_receipt(await self._unary(self._stub.GetSubject, request, deadline))
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.GetSubject, request, deadline)
+        return to_subject_receipt(response)
 
     def export_subject(
         self, subject_id: str, *, timeout: float | None = None
     ) -> AsyncIterator[RecordedEvent]:
-        """Iterate (``async for``) over a subject's events.
+        """Iterate over every event of a subject across all streams, decrypted, in log order.
 
-        See :meth:`lethedb.Client.export_subject`; retried only until the first event arrives.
+        For the rights of access and portability; admin only. Arguments are
+        checked now; the call starts on the first ``next()``. A dropped
+        connection is retried only until the first event arrives: the export
+        cannot resume mid-way, so a later drop is raised (start over by
+        calling again). ``timeout`` bounds each attempt, that is the whole
+        export, so give a large export a large one.
         """
         cursor = ExportCursor(build_export_subject_request(subject_id))
-        return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ExportSubject, cursor, transport.deadline(timeout))
 
     def subscribe(
         self,
@@ -348,7 +331,41 @@ class AsyncClient(BaseClient):
         reconnect: bool = True,
         batch_size: int | None = None,
     ) -> AsyncSubscription:
-        """Follow the log (``async for``); see :meth:`lethedb.Client.subscribe`."""
+        """Follow the log: catch up, then receive new events as they are committed.
+
+        Start strictly ``after`` a position (a saved checkpoint), ``from_start``
+        (the default) or ``from_end`` (only events committed from now on). An
+        unfiltered subscription delivers every position exactly once, in order,
+        including redacted events of forgotten subjects and the
+        ``$subject.forgotten`` events that tell a projection to delete what it
+        derived. ``filter`` selects events on the server (see
+        :class:`SubscriptionFilter`); skipped stretches arrive as
+        :class:`Checkpoint` items. ``batch_size`` caps the events per message.
+
+        With ``reconnect`` (the default) a lost connection (UNAVAILABLE) is
+        re-established with backoff, for as long as it takes, and delivery
+        resumes after the last position received: a server restart causes
+        no gap and no duplicate. Other errors end the iteration with their
+        exception. Arguments are checked now; the call starts on the first
+        ``next()``. See :class:`lethedb.Subscription`.
+
+        **Consumer groups.** With ``group`` the subscription joins that group:
+        its members share the events, every event of one subject to the same
+        member, in order; erasure events go to every member. ``member_id``
+        names this member (default: the server assigns one, kept across
+        reconnects). The server keeps the group's checkpoint: call
+        ``subscription.commit()`` after handling events, and a member (or a
+        restarted group) starts after the lowest position all live members
+        committed; the start given here counts only for a group that has no
+        checkpoint yet. Delivery is **at least once across a rebalance**: when a
+        member joins or leaves (or reconnects), every member restarts after the
+        group's checkpoint with its new share, so events after it may be
+        delivered again, to the same member or another; within one assignment
+        positions strictly increase. Handlers must therefore be idempotent, or
+        store the positions they applied with their effects (the projection
+        runtime in :mod:`lethedb.projections` does). The current assignment is
+        ``subscription.assignment``.
+        """
         request = build_subscribe_request(
             after=after,
             from_start=from_start,
@@ -358,13 +375,14 @@ class AsyncClient(BaseClient):
             member_id=member_id,
             batch_size=batch_size,
         )
-        return AsyncSubscription(self, request, self._retry_policy, reconnect)
+        return AsyncSubscription(self._transport, request, reconnect)
 
     async def get_checkpoint(self, group: str, *, timeout: float | None = None) -> int | None:
         """A consumer group's stored checkpoint, or None when it never stored one."""
         request = build_get_checkpoint_request(group)
-        deadline = self._timeout_for(timeout)
-        response = await self._unary(self._stub.GetCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.GetCheckpoint, request, deadline)
         return response.position if response.found else None
 
     async def set_checkpoint(
@@ -380,142 +398,6 @@ class AsyncClient(BaseClient):
         group would be new and the server keeps its maximum of groups.
         """
         request = build_checkpoint_request(group, position)
-        deadline = self._timeout_for(timeout)
-        await self._unary(self._stub.CommitCheckpoint, request, deadline)
-
-    async def _unary(
-        self,
-        method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
-        request: _Request,
-        deadline: float,
-        *,
-        no_retry: str | None = None,
-    ) -> _Response:
-        """One unary call, resending the same request on retryable failures."""
-        retrying = self._retry_policy.start(no_retry=no_retry)
-        while True:
-            try:
-                return await method(request, timeout=deadline)
-            except grpc.RpcError as exc:
-                await asyncio.sleep(retrying.delay_or_raise(exc))
-
-    async def _read(
-        self,
-        method: grpc.aio.UnaryStreamMultiCallable[Any, pb.ReadResponse],
-        cursor: ReadCursor,
-        deadline: float,
-    ) -> AsyncIterator[RecordedEvent]:
-        retrying = self._retry_policy.start()
-        while cursor.request is not None:
-            call = method(cursor.request, timeout=deadline)
-            try:
-                async for response in call:
-                    for event in cursor.track(response.events):
-                        yield event
-                return
-            except grpc.RpcError as exc:
-                await asyncio.sleep(cursor.retry_delay(exc, retrying))
-            finally:
-                # Also runs when the caller stops early and the generator is
-                # closed: free the server's read instead of waiting for the deadline.
-                call.cancel()
-
-
-class AsyncAdminClient:
-    """Operator calls of ``lethedb.v1.Admin``; get one from :attr:`AsyncClient.admin`.
-
-    The asyncio twin of :class:`lethedb._client.AdminClient`: same channel,
-    timeout and retry policy as its client, same calls, awaited.
-    """
-
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
-        self._stub = admin_pb2_grpc.AdminStub(client._channel)
-
-    async def shred(self, *, timeout: float | None = None) -> ShredResult:
-        """Run a shred epoch now; see :meth:`lethedb._client.AdminClient.shred`."""
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._stub.Shred, apb.ShredRequest(), deadline)
-        return to_shred_result(response)
-
-    async def set_legal_hold(
-        self,
-        subject_id: str,
-        reason: str,
-        *,
-        until: datetime | int | None = None,
-        timeout: float | None = None,
-    ) -> SubjectReceipt:
-        """Block forgetting a subject; see :meth:`lethedb._client.AdminClient.set_legal_hold`."""
-        request = build_set_legal_hold_request(subject_id, reason, until)
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._stub.SetLegalHold, request, deadline)
-        return to_subject_receipt(response)
-
-    async def release_legal_hold(
-        self, subject_id: str, *, timeout: float | None = None
-    ) -> SubjectReceipt:
-        """Release a subject's legal hold."""
-        request = build_release_legal_hold_request(subject_id)
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._stub.ReleaseLegalHold, request, deadline)
-        return to_subject_receipt(response)
-
-    async def backup(
-        self, destination: str, *, include_keys: bool = False, timeout: float | None = None
-    ) -> BackupResult:
-        """Write a backup on the server's machine; never retried.
-
-        See :meth:`lethedb._client.AdminClient.backup`.
-        """
-        request = build_backup_request(destination, include_keys)
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(
-            self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
-        )
-        return to_backup_result(response)
-
-    async def stats(self, *, timeout: float | None = None) -> StoreStats:
-        """Counts and sizes of the store; see :meth:`lethedb._client.AdminClient.stats`."""
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._stub.Stats, apb.StatsRequest(), deadline)
-        return to_store_stats(response)
-
-    async def verify(
-        self,
-        *,
-        progress: Callable[[VerifyProgress], None] | None = None,
-        timeout: float | None = None,
-    ) -> VerifyProgress:
-        """Walk the log on the server; see :meth:`lethedb._client.AdminClient.verify`.
-
-        ``progress`` is a plain function, called in the event loop: keep it quick.
-        """
-        walk = VerifyWalk(progress)
-        deadline = self._client._timeout_for(timeout)
-        retrying = self._client._retry_policy.start()
-        while True:
-            call = self._stub.Verify(apb.VerifyRequest(), timeout=deadline)
-            try:
-                async for message in call:
-                    if walk.track(message):
-                        break
-                return walk.finished()
-            except grpc.RpcError as exc:
-                await asyncio.sleep(walk.retry_delay(exc, retrying))
-            finally:
-                call.cancel()
-
-    async def rotate_master_key(self, *, timeout: float | None = None) -> RotateResult:
-        """Re-wrap live keys under a new master key version.
-
-        See :meth:`lethedb._client.AdminClient.rotate_master_key`.
-        """
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(
-            self._stub.RotateMasterKey, apb.RotateMasterKeyRequest(), deadline
-        )
-        return to_rotate_result(response)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._client._target!r})"
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        await transport.unary(transport.events.CommitCheckpoint, request, deadline)

@@ -1,39 +1,46 @@
-"""The blocking client: one gRPC channel, calls with deadlines and retries.
+# Generated from lethedb/_async_client.py by client/generate_sync.py: do not edit.
+# Edit the asyncio source and run `make sync-client`.
+"""The client: each public call with its deadline, retries and result (I/O only).
 
-This module only performs I/O and waits; what to send, whether to retry, how
-long to wait and where to resume all come from :mod:`lethedb._base`, shared
-with the asyncio client.
+``_async_client.py`` (asyncio, on ``grpc.aio``) is the source; ``_client.py``
+(blocking) is generated from it by ``client/generate_sync.py`` (``make
+sync-client``), which drops ``await`` and ``async`` and gives the asyncio
+calls and the ``Async`` names their blocking forms: edit the source, never
+the generated file. What to send, whether to retry and where to resume come from
+the sans-I/O modules (:mod:`lethedb._requests`, :mod:`lethedb._retry`,
+:mod:`lethedb._cursors`, :mod:`lethedb._pipeline`, :mod:`lethedb._coalescing`);
+the calls go through the client's transport.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError
-from datetime import datetime
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
-from lethedb._base import (
-    BACKUP_NOT_RETRIED,
-    AllReadCursor,
-    AppendCoalescer,
-    AppendOutcome,
-    AppendPipeline,
-    BaseClient,
-    ExportCursor,
-    QueuedAppend,
-    ReadCursor,
-    SendAlone,
-    StreamReadCursor,
-    VerifyWalk,
-    append_retry_delay,
+from lethedb._admin import AdminClient
+from lethedb._append_senders import AppendSender
+from lethedb._closing import ClosingContext
+from lethedb._coalescing import append_retry_delay
+from lethedb._connection import PemSource
+from lethedb._cursors import AllReadCursor, ExportCursor, StreamReadCursor
+from lethedb._exceptions import LetheError
+from lethedb._models import (
+    ANY,
+    Append,
+    AppendResult,
+    CommitResult,
+    Event,
+    ExpectedVersion,
+    RecordedEvent,
+    SubjectReceipt,
+    SubscriptionFilter,
+)
+from lethedb._pipeline import AppendPipeline
+from lethedb._requests import (
     build_append_request,
-    build_backup_request,
     build_checkpoint_request,
     build_commit_request,
     build_export_subject_request,
@@ -42,54 +49,34 @@ from lethedb._base import (
     build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
-    build_release_legal_hold_request,
-    build_set_legal_hold_request,
-    build_subscribe_request,
-    deadline_exceeded,
     to_append_result,
-    to_backup_result,
     to_commit_result,
-    to_rotate_result,
-    to_shred_result,
-    to_store_stats,
     to_subject_receipt,
 )
-from lethedb._connection import PemSource
-from lethedb._exceptions import LetheError, error_from_status
-from lethedb._models import (
-    ANY,
-    Append,
-    AppendResult,
-    BackupResult,
-    CommitResult,
-    Event,
-    ExpectedVersion,
-    RecordedEvent,
-    RotateResult,
-    ShredResult,
-    StoreStats,
-    SubjectReceipt,
-    SubscriptionFilter,
-    VerifyProgress,
+from lethedb._retry import (
+    DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_RETRIES,
+    RetryPolicy,
 )
+from lethedb._settings import ClientSettings
+from lethedb._subscription_state import build_subscribe_request
 from lethedb._subscriptions import Subscription
-from lethedb.v1 import admin_pb2 as apb
-from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc
+from lethedb._transport import Transport
 from lethedb.v1 import eventstore_pb2 as pb
 
-__all__ = ["AdminClient", "Client"]
-
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
+__all__ = ["Client"]
 
 
-class Client(BaseClient):
+class Client(ClosingContext):
     """A blocking LetheDB client; safe to share between threads.
 
     Every call has a deadline (``timeout`` seconds per attempt) and is retried
     on UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff, resending
     the identical request, so a retried append is deduplicated by the server
-    rather than written twice.
+    rather than written twice. ``retry`` (a :class:`~lethedb.RetryPolicy`)
+    says how often and how long to wait; ``max_retries``, ``initial_backoff``
+    and ``max_backoff`` are a shorthand for it (give one or the other).
 
     ``target`` is ``host:port`` or a connection string
     (``lethedb://host:port?tls=true&ca=/path/ca.pem``); ``tls``, ``ca``,
@@ -98,7 +85,7 @@ class Client(BaseClient):
     arguments. See :mod:`lethedb._connection`.
 
     ``coalesce_appends`` (on by default): :meth:`append` calls made at the same
-    time (from several threads) share calls. While two append calls are in
+    time (from several threads) share calls. While an append call is in
     flight, further appends queue, and each call that completes sends the
     queue as one AppendBatch call; a lone append is sent at once, so nothing
     waits for a batch to fill. Each append keeps its own result, error,
@@ -110,9 +97,10 @@ class Client(BaseClient):
         target: str = "localhost:50051",
         *,
         timeout: float = 10.0,
-        max_retries: int = 5,
-        initial_backoff: float = 0.05,
-        max_backoff: float = 2.0,
+        retry: RetryPolicy | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        initial_backoff: float = DEFAULT_INITIAL_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
         channel_options: Sequence[tuple[str, Any]] | None = None,
         channel_credentials: grpc.ChannelCredentials | None = None,
         tls: bool | None = None,
@@ -122,9 +110,10 @@ class Client(BaseClient):
         token: str | None = None,
         coalesce_appends: bool = True,
     ) -> None:
-        super().__init__(
+        settings = ClientSettings(
             target,
             timeout=timeout,
+            retry=retry,
             max_retries=max_retries,
             initial_backoff=initial_backoff,
             max_backoff=max_backoff,
@@ -137,17 +126,9 @@ class Client(BaseClient):
             token=token,
             coalesce_appends=coalesce_appends,
         )
-        self._appends: AppendCoalescer[Future[AppendOutcome]] | None = (
-            AppendCoalescer() if coalesce_appends else None
-        )
-        if self._channel_credentials is None:
-            self._channel = grpc.insecure_channel(self._target, options=self._channel_options)
-        else:
-            self._channel = grpc.secure_channel(
-                self._target, self._channel_credentials, options=self._channel_options
-            )
-        self._stub = eventstore_pb2_grpc.EventStoreStub(self._channel)
-        self._admin = AdminClient(self)
+        self._transport = Transport(settings)
+        self._appends = AppendSender(self._transport) if coalesce_appends else None
+        self._admin = AdminClient(self._transport)
 
     @property
     def admin(self) -> AdminClient:
@@ -156,18 +137,10 @@ class Client(BaseClient):
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
-        self._channel.close()
+        self._transport.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._transport.settings.target!r})"
 
     def append(
         self,
@@ -189,97 +162,17 @@ class Client(BaseClient):
         docstring); each still commits, fails and is retried on its own.
         """
         request = build_append_request(stream_id, events, expected_version, idempotency_key)
-        deadline = self._timeout_for(timeout)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
         if self._appends is None:
-            return to_append_result(self._unary(self._stub.Append, request, deadline))
-        retrying = self._retry_policy.start()
+            response = transport.unary(transport.events.Append, request, deadline)
+            return to_append_result(response)
+        retrying = transport.retry.start()
         while True:
-            outcome = self._coalesced_append(self._appends, request, deadline)
+            outcome = self._appends.attempt(request, deadline)
             if isinstance(outcome, pb.AppendResponse):
                 return to_append_result(outcome)
             time.sleep(append_retry_delay(retrying, outcome))
-
-    def _coalesced_append(
-        self,
-        coalescer: AppendCoalescer[Future[AppendOutcome]],
-        request: pb.AppendRequest,
-        deadline: float,
-    ) -> pb.AppendResponse | Exception:
-        """One attempt: a unary Append now, or a place in the next AppendBatch."""
-        item = coalescer.send_or_queue(
-            lambda: QueuedAppend(request, time.monotonic() + deadline, Future())
-        )
-        if item is None:
-            try:
-                return self._append_call(request, deadline)
-            finally:
-                self._send_batches(coalescer.call_done())
-        outcome: AppendOutcome
-        try:
-            outcome = item.waiter.result(timeout=item.deadline - time.monotonic())
-        except TimeoutError:
-            # A cancelled waiter is skipped by the batch, or its answer ignored.
-            outcome = deadline_exceeded() if item.waiter.cancel() else item.waiter.result()
-        if isinstance(outcome, SendAlone):
-            return self._append_call(request, deadline)
-        return outcome
-
-    def _append_call(
-        self, request: pb.AppendRequest, deadline: float
-    ) -> pb.AppendResponse | Exception:
-        try:
-            return self._stub.Append(request, timeout=deadline)
-        except Exception as exc:  # the caller maps, retries or raises it
-            return exc
-
-    def _send_batches(self, batches: list[list[QueuedAppend[Future[AppendOutcome]]]]) -> None:
-        """Start each batch's call; its answer is handed out from gRPC's callback thread."""
-        for batch in batches:
-            # Each caller keeps its own deadline; the call lasts for the longest.
-            timeout = max(0.001, max(item.deadline for item in batch) - time.monotonic())
-            call: grpc.Future[Any]
-            try:
-                if len(batch) == 1:
-                    call = self._stub.Append.future(batch[0].request, timeout=timeout)
-                else:
-                    assert self._appends is not None
-                    request = self._appends.batch_request(batch)
-                    call = self._stub.AppendBatch.future(request, timeout=timeout)
-            except Exception as exc:  # not even started (a closed client): hand it out
-                self._settle(batch, [exc for _ in batch])
-                assert self._appends is not None
-                self._send_batches(self._appends.call_done())
-                continue
-            call.add_done_callback(functools.partial(self._batch_done, batch))
-
-    def _batch_done(
-        self, batch: list[QueuedAppend[Future[AppendOutcome]]], call: grpc.Future[Any]
-    ) -> None:
-        coalescer = self._appends
-        assert coalescer is not None
-        outcomes: list[AppendOutcome]
-        try:
-            try:
-                response = call.result()
-            except grpc.RpcError as exc:
-                outcomes = [exc] if len(batch) == 1 else coalescer.failed(batch, exc)
-            except grpc.FutureCancelledError:  # the client was closed
-                closed = "the client was closed"
-                outcomes = [error_from_status(grpc.StatusCode.CANCELLED, closed) for _ in batch]
-            except Exception as exc:
-                outcomes = [exc for _ in batch]
-            else:
-                outcomes = [response] if len(batch) == 1 else coalescer.outcomes(batch, response)
-            self._settle(batch, outcomes)
-        finally:
-            self._send_batches(coalescer.call_done())
-
-    def _settle(
-        self, batch: list[QueuedAppend[Future[AppendOutcome]]], outcomes: list[AppendOutcome]
-    ) -> None:
-        for item, outcome in zip(batch, outcomes, strict=True):
-            with contextlib.suppress(InvalidStateError):  # its caller gave up waiting
-                item.waiter.set_result(outcome)
 
     def append_many(
         self, items: Iterable[Append], *, timeout: float | None = None
@@ -293,10 +186,11 @@ class Client(BaseClient):
         retries are exhausted, they hold the connection error.
         """
         pipeline = AppendPipeline(items)
-        deadline = self._timeout_for(timeout)
-        retrying = self._retry_policy.start()
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        retrying = transport.retry.start()
         while pipeline.pending:
-            call = self._stub.AppendStream(iter(pipeline.requests()), timeout=deadline)
+            call = transport.events.AppendStream(iter(pipeline.requests()), timeout=deadline)
             try:
                 for response in call:
                     pipeline.acknowledge(response)
@@ -337,8 +231,9 @@ class Client(BaseClient):
             ])
         """
         request = build_commit_request(appends, idempotency_key)
-        deadline = self._timeout_for(timeout)
-        response = self._unary(self._stub.Commit, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.Commit, request, deadline)
         return to_commit_result(response, len(request.appends))
 
     def read_stream(
@@ -360,7 +255,8 @@ class Client(BaseClient):
         cursor = StreamReadCursor(
             build_read_stream_request(stream_id, from_version, backwards, max_count)
         )
-        return self._read(self._stub.ReadStream, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ReadStream, cursor, transport.deadline(timeout))
 
     def read_all(
         self,
@@ -378,7 +274,8 @@ class Client(BaseClient):
         end when reading backwards).
         """
         cursor = AllReadCursor(build_read_all_request(after, from_position, backwards, max_count))
-        return self._read(self._stub.ReadAll, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ReadAll, cursor, transport.deadline(timeout))
 
     def forget_subject(
         self, subject_id: str, *, reason: str = "unspecified", timeout: float | None = None
@@ -395,14 +292,18 @@ class Client(BaseClient):
         PermissionDenied without the admin role.
         """
         request = build_forget_subject_request(subject_id, reason)
-        deadline = self._timeout_for(timeout)
-        return to_subject_receipt(self._unary(self._stub.ForgetSubject, request, deadline))
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.ForgetSubject, request, deadline)
+        return to_subject_receipt(response)
 
     def get_subject(self, subject_id: str, *, timeout: float | None = None) -> SubjectReceipt:
         """What the store knows of a subject: erasure state, event count, legal hold."""
         request = build_get_subject_request(subject_id)
-        deadline = self._timeout_for(timeout)
-        return to_subject_receipt(self._unary(self._stub.GetSubject, request, deadline))
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.GetSubject, request, deadline)
+        return to_subject_receipt(response)
 
     def export_subject(
         self, subject_id: str, *, timeout: float | None = None
@@ -417,7 +318,8 @@ class Client(BaseClient):
         export, so give a large export a large one.
         """
         cursor = ExportCursor(build_export_subject_request(subject_id))
-        return self._read(self._stub.ExportSubject, cursor, self._timeout_for(timeout))
+        transport = self._transport
+        return transport.read(transport.events.ExportSubject, cursor, transport.deadline(timeout))
 
     def subscribe(
         self,
@@ -475,13 +377,14 @@ class Client(BaseClient):
             member_id=member_id,
             batch_size=batch_size,
         )
-        return Subscription(self, request, self._retry_policy, reconnect)
+        return Subscription(self._transport, request, reconnect)
 
     def get_checkpoint(self, group: str, *, timeout: float | None = None) -> int | None:
         """A consumer group's stored checkpoint, or None when it never stored one."""
         request = build_get_checkpoint_request(group)
-        deadline = self._timeout_for(timeout)
-        response = self._unary(self._stub.GetCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.GetCheckpoint, request, deadline)
         return response.position if response.found else None
 
     def set_checkpoint(self, group: str, position: int, *, timeout: float | None = None) -> None:
@@ -495,165 +398,6 @@ class Client(BaseClient):
         group would be new and the server keeps its maximum of groups.
         """
         request = build_checkpoint_request(group, position)
-        deadline = self._timeout_for(timeout)
-        self._unary(self._stub.CommitCheckpoint, request, deadline)
-
-    def _unary(
-        self,
-        method: grpc.UnaryUnaryMultiCallable[_Request, _Response],
-        request: _Request,
-        deadline: float,
-        *,
-        no_retry: str | None = None,
-    ) -> _Response:
-        """One unary call, resending the same request on retryable failures."""
-        retrying = self._retry_policy.start(no_retry=no_retry)
-        while True:
-            try:
-                return method(request, timeout=deadline)
-            except grpc.RpcError as exc:
-                time.sleep(retrying.delay_or_raise(exc))
-
-    def _read(
-        self,
-        method: grpc.UnaryStreamMultiCallable[Any, pb.ReadResponse],
-        cursor: ReadCursor,
-        deadline: float,
-    ) -> Iterator[RecordedEvent]:
-        retrying = self._retry_policy.start()
-        while cursor.request is not None:
-            call = method(cursor.request, timeout=deadline)
-            try:
-                for response in call:
-                    yield from cursor.track(response.events)
-                return
-            except grpc.RpcError as exc:
-                time.sleep(cursor.retry_delay(exc, retrying))
-            finally:
-                # Also runs when the caller stops iterating early: free the
-                # server's read transaction instead of waiting for the deadline.
-                call.cancel()  # type: ignore[no-untyped-call]
-
-
-class AdminClient:
-    """Operator calls of ``lethedb.v1.Admin``; get one from :attr:`Client.admin`.
-
-    It shares the client's channel, timeout and retry policy, and is closed
-    with it. Every call needs the admin role (PermissionDenied otherwise).
-    """
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._stub = admin_pb2_grpc.AdminStub(client._channel)
-
-    def shred(self, *, timeout: float | None = None) -> ShredResult:
-        """Run a shred epoch now and wait for it to complete.
-
-        A new master key version wraps the live keys in a compacted key store;
-        the old store is overwritten and older master versions destroyed, so
-        every subject forgotten before the epoch becomes SHREDDED. Retrying is
-        safe (a repeat just runs another epoch); as an epoch rewrites every
-        live key, a large store may need more than the default ``timeout``.
-        """
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._stub.Shred, apb.ShredRequest(), deadline)
-        return to_shred_result(response)
-
-    def set_legal_hold(
-        self,
-        subject_id: str,
-        reason: str,
-        *,
-        until: datetime | int | None = None,
-        timeout: float | None = None,
-    ) -> SubjectReceipt:
-        """Block forgetting a subject until ``until`` or until released.
-
-        ``until`` is an aware datetime, an int of nanoseconds since the Unix
-        epoch, or ``None`` for a hold without end. Setting a hold again
-        replaces it. ``reason`` is stored in clear: no personal data.
-        """
-        request = build_set_legal_hold_request(subject_id, reason, until)
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._stub.SetLegalHold, request, deadline)
-        return to_subject_receipt(response)
-
-    def release_legal_hold(
-        self, subject_id: str, *, timeout: float | None = None
-    ) -> SubjectReceipt:
-        """Release a subject's legal hold (a subject without one is left as it is)."""
-        request = build_release_legal_hold_request(subject_id)
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._stub.ReleaseLegalHold, request, deadline)
-        return to_subject_receipt(response)
-
-    def backup(
-        self, destination: str, *, include_keys: bool = False, timeout: float | None = None
-    ) -> BackupResult:
-        """Write a consistent backup into ``destination``, a directory on the server's machine.
-
-        The directory must be missing or empty. This call is never retried:
-        a second attempt could find the first one's partial output. With
-        ``include_keys`` the backup also holds the key store, with wrapped
-        keys of subjects that a later forget erases; such a backup must never
-        be kept together with the master keyring (see docs/ERASURE.md).
-        """
-        request = build_backup_request(destination, include_keys)
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(
-            self._stub.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
-        )
-        return to_backup_result(response)
-
-    def stats(self, *, timeout: float | None = None) -> StoreStats:
-        """Counts and sizes of the store: positions, streams, subjects, erasures, files."""
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._stub.Stats, apb.StatsRequest(), deadline)
-        return to_store_stats(response)
-
-    def verify(
-        self,
-        *,
-        progress: Callable[[VerifyProgress], None] | None = None,
-        timeout: float | None = None,
-    ) -> VerifyProgress:
-        """Walk the whole log on the server, checking its hash chain and every record's tag.
-
-        ``progress`` is called with each message of the walk, about twice a
-        second, the final one included; the final one (``done``) is returned.
-        A bad record does not raise: check ``result.ok``, and
-        ``result.first_bad_position`` and ``result.problem`` say which record
-        and what is wrong. The call is retried only until the first message
-        arrives, since a walk cannot resume. ``timeout`` bounds the whole
-        walk, so give a large store a large one.
-        """
-        walk = VerifyWalk(progress)
-        deadline = self._client._timeout_for(timeout)
-        retrying = self._client._retry_policy.start()
-        while True:
-            call = self._stub.Verify(apb.VerifyRequest(), timeout=deadline)
-            try:
-                for message in call:
-                    if walk.track(message):
-                        break
-                return walk.finished()
-            except grpc.RpcError as exc:
-                time.sleep(walk.retry_delay(exc, retrying))
-            finally:
-                call.cancel()  # type: ignore[no-untyped-call]
-
-    def rotate_master_key(self, *, timeout: float | None = None) -> RotateResult:
-        """Re-wrap every live data key under a new master key version.
-
-        Older versions are kept (every key stays readable if the rotation is
-        interrupted); the next shred epoch destroys them. Retrying is safe: a
-        repeat rotates once more.
-        """
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(
-            self._stub.RotateMasterKey, apb.RotateMasterKeyRequest(), deadline
-        )
-        return to_rotate_result(response)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._client._target!r})"
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        transport.unary(transport.events.CommitCheckpoint, request, deadline)

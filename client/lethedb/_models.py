@@ -1,7 +1,7 @@
 """The values an application passes to and gets from LetheDB.
 
 These are plain msgspec Structs with no I/O and no protobuf: turning them into
-requests and back is :mod:`lethedb._base`'s job. ``repr`` of an event never
+requests and back is :mod:`lethedb._requests`'s job. ``repr`` of an event never
 shows its data or metadata, because those hold personal data and event reprs
 end up in logs and tracebacks.
 """

@@ -1,8 +1,10 @@
 """Subscriptions: the blocking and the asyncio follower of the log (I/O only).
 
 What to send, what a message means, where to resume and how long to wait all
-come from :mod:`lethedb._base` (:class:`SubscriptionCursor`,
-:class:`SubscriptionState`); this module opens the calls, waits and reconnects.
+come from :mod:`lethedb._subscription_state` (:class:`SubscriptionCursor`,
+:class:`SubscriptionState`); this module opens the calls, through the client's
+transport, waits and reconnects. The two classes are written out each, not
+generated: a thread and a task wait, wake and get cancelled differently.
 
 A subscription ends only when the caller closes it or on an error that a
 reconnect cannot cure (the server refused it, or another subscription took
@@ -16,29 +18,28 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncGenerator, Generator
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import grpc
 import grpc.aio
 
-from lethedb._base import (
-    RetryPolicy,
+from lethedb._closing import AsyncClosingContext, ClosingContext
+from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
+from lethedb._subscription_state import (
     SubscriptionCursor,
     SubscriptionItem,
     SubscriptionState,
 )
-from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
 from lethedb.v1 import eventstore_pb2 as pb
 
 if TYPE_CHECKING:
-    from lethedb._async_client import AsyncClient
-    from lethedb._client import Client
+    from lethedb._async_transport import AsyncTransport
+    from lethedb._transport import Transport
 
 __all__ = ["AsyncSubscription", "Subscription"]
 
 
-class Subscription(SubscriptionState):
+class Subscription(SubscriptionState, ClosingContext):
     """A live follower of the log; iterate it, and close it (or use ``with``).
 
     Iterating yields, in log order, each :class:`~lethedb.RecordedEvent` the
@@ -69,11 +70,9 @@ class Subscription(SubscriptionState):
     thread and ends the iteration.
     """
 
-    def __init__(
-        self, client: Client, request: pb.SubscribeRequest, policy: RetryPolicy, reconnect: bool
-    ) -> None:
-        super().__init__(SubscriptionCursor(request, policy, reconnect=reconnect))
-        self._client = client
+    def __init__(self, transport: Transport, request: pb.SubscribeRequest, reconnect: bool) -> None:
+        super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
+        self._transport = transport
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._call: grpc.CallIterator[pb.SubscribeResponse] | None = None
@@ -85,7 +84,7 @@ class Subscription(SubscriptionState):
             with self._lock:
                 if self._closed:
                     return
-                call = self._client._stub.Subscribe(cursor.request())
+                call = self._transport.events.Subscribe(cursor.request())
                 self._call = call
             try:
                 for response in call:
@@ -144,8 +143,9 @@ class Subscription(SubscriptionState):
         committed. Raises ValidationError for a subscription without a group.
         """
         request = self._commit_request(position)
-        deadline = self._client._timeout_for(timeout)
-        response = self._client._unary(self._client._stub.CommitCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = transport.unary(transport.events.CommitCheckpoint, request, deadline)
         return response.accepted
 
     def close(self) -> None:
@@ -159,31 +159,16 @@ class Subscription(SubscriptionState):
         with contextlib.suppress(ValueError):  # being iterated by another thread right now
             self._source.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class AsyncSubscription(SubscriptionState):
+class AsyncSubscription(SubscriptionState, AsyncClosingContext):
     """The asyncio twin of :class:`Subscription`: ``async for``, ``await commit()``,
     ``await close()`` and ``async with``; same items, same reconnects."""
 
     def __init__(
-        self,
-        client: AsyncClient,
-        request: pb.SubscribeRequest,
-        policy: RetryPolicy,
-        reconnect: bool,
+        self, transport: AsyncTransport, request: pb.SubscribeRequest, reconnect: bool
     ) -> None:
-        super().__init__(SubscriptionCursor(request, policy, reconnect=reconnect))
-        self._client = client
+        super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
+        self._transport = transport
         self._wakeup: asyncio.Event | None = None
         self._call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.SubscribeResponse] | None = (
             None
@@ -194,7 +179,7 @@ class AsyncSubscription(SubscriptionState):
         cursor = self._cursor
         self._wakeup = wakeup = asyncio.Event()
         while not self._closed:
-            call = self._client._stub.Subscribe(cursor.request())
+            call = self._transport.events.Subscribe(cursor.request())
             self._call = call
             try:
                 async for response in call:
@@ -249,8 +234,9 @@ class AsyncSubscription(SubscriptionState):
     async def commit(self, position: int | None = None, *, timeout: float | None = None) -> bool:
         """Commit this group member's progress; see :meth:`Subscription.commit`."""
         request = self._commit_request(position)
-        deadline = self._client._timeout_for(timeout)
-        response = await self._client._unary(self._client._stub.CommitCheckpoint, request, deadline)
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        response = await transport.unary(transport.events.CommitCheckpoint, request, deadline)
         return response.accepted
 
     async def close(self) -> None:
@@ -262,14 +248,3 @@ class AsyncSubscription(SubscriptionState):
             self._call.cancel()
         with contextlib.suppress(RuntimeError):  # being iterated by another task right now
             await self._source.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()

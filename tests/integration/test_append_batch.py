@@ -166,8 +166,8 @@ def test_a_full_batch_of_the_maximum_is_accepted(raw):
 def _run(server: ServerProcess, work: Any, **settings: Any) -> tuple[Any, CountingStub]:
     async def main() -> tuple[Any, CountingStub]:
         async with lethedb.AsyncClient(server.address, **settings) as db:
-            counting = CountingStub(db._stub)
-            db._stub = counting
+            counting = CountingStub(db._transport.events)
+            db._transport.events = counting
             return await work(db), counting
 
     return asyncio.run(main())
@@ -293,8 +293,8 @@ def test_the_blocking_client_coalesces_appends_from_many_threads(server, client)
     stream = _stream()
     results: list[lethedb.AppendResult] = []
     with lethedb.Client(server.address) as db:
-        stub = CountingStub(db._stub)
-        db._stub = stub
+        stub = CountingStub(db._transport.events)
+        db._transport.events = stub
 
         def caller() -> None:
             for _ in range(20):

@@ -26,13 +26,8 @@ from lethedb import (
     StoreStats,
     VerifyProgress,
 )
-from lethedb._base import (
-    build_commit_request,
-    to_commit_result,
-    to_rotate_result,
-    to_store_stats,
-    to_verify_progress,
-)
+from lethedb._admin_requests import to_rotate_result, to_store_stats, to_verify_progress
+from lethedb._requests import build_commit_request, to_commit_result
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
 from tests.unit.test_client_erasure import (

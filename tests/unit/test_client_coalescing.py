@@ -17,7 +17,7 @@ import pytest
 
 import lethedb
 from lethedb import Event
-from lethedb._base import (
+from lethedb._coalescing import (
     MAX_APPENDS_PER_BATCH,
     MAX_BATCH_BYTES,
     MAX_BATCH_EVENTS,
@@ -203,7 +203,7 @@ def _run(
 ) -> Any:
     async def main() -> Any:
         async with lethedb.AsyncClient("127.0.0.1:9", **{**FAST, **settings}) as db:
-            db._stub = server
+            db._transport.events = server
             return await work(db)
 
     return asyncio.run(main())

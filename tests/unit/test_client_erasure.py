@@ -18,17 +18,19 @@ import pytest
 
 import lethedb
 from lethedb import LegalHold, SubjectReceipt, SubjectState
-from lethedb._base import (
+from lethedb._admin_requests import (
     build_backup_request,
-    build_export_subject_request,
-    build_forget_subject_request,
-    build_get_subject_request,
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     legal_hold_until,
     to_backup_result,
-    to_legal_hold,
     to_shred_result,
+)
+from lethedb._requests import (
+    build_export_subject_request,
+    build_forget_subject_request,
+    build_get_subject_request,
+    to_legal_hold,
     to_subject_receipt,
 )
 from lethedb.v1 import admin_pb2 as apb
@@ -287,9 +289,9 @@ def _client(
 ) -> lethedb.Client:
     client = lethedb.Client("127.0.0.1:9", **{**FAST, **settings})
     if stub is not None:
-        client._stub = stub
+        client._transport.events = stub
     if admin is not None:
-        client.admin._stub = admin
+        client._transport.admin = admin
     return client
 
 
@@ -299,9 +301,9 @@ def _run_async(
     async def main() -> Any:
         async with lethedb.AsyncClient("127.0.0.1:9", **FAST) as db:
             if stub is not None:
-                db._stub = stub
+                db._transport.events = stub
             if admin is not None:
-                db.admin._stub = admin
+                db._transport.admin = admin
             return await work(db)
 
     return asyncio.run(main())
@@ -503,7 +505,7 @@ class TestAdmin:
     def test_admin_is_one_object_bound_to_the_client(self):
         with _client() as db:
             assert db.admin is db.admin
-            assert db.admin._client is db
+            assert db.admin._transport is db._transport
             assert repr(db.admin) == "AdminClient('127.0.0.1:9')"
 
     def test_shred_is_retried(self):

@@ -11,8 +11,8 @@ import grpc.aio
 import pytest
 
 import lethedb
-from lethedb._base import error_from_append_error
 from lethedb._exceptions import error_from_rpc_error
+from lethedb._requests import error_from_append_error
 from lethedb.v1 import eventstore_pb2 as pb
 from tests.unit.grpc_fakes import FakeRpcError
 
@@ -227,7 +227,7 @@ class TestValidationBeforeIO:
     @pytest.fixture
     def client(self):
         with lethedb.Client("127.0.0.1:9", max_retries=0) as db:
-            db._stub = self._NoCalls()
+            db._transport.events = self._NoCalls()
             yield db
 
     def test_append_with_a_negative_version_raises_without_a_call(self, client):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from lethedb import ANY, Event
-from lethedb._base import build_append_request, random_event_ids
+from lethedb._requests import build_append_request, random_event_ids
 
 
 def test_drawn_ids_are_distinct_version_4_uuids():

@@ -11,8 +11,8 @@ import pytest
 
 import lethedb
 from lethedb import ANY, NO_STREAM, STREAM_EXISTS, Append, Event, RecordedEvent, StreamState
-from lethedb._base import (
-    AppendPipeline,
+from lethedb._pipeline import AppendPipeline
+from lethedb._requests import (
     build_append_request,
     build_read_all_request,
     build_read_stream_request,
@@ -45,6 +45,7 @@ def test_public_api_is_exactly_the_documented_names():
     assert set(lethedb.__all__) == {
         "Client",
         "AsyncClient",
+        "RetryPolicy",
         "Event",
         "RecordedEvent",
         "AppendResult",

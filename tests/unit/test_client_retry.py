@@ -17,7 +17,7 @@ import pytest
 
 import lethedb
 from lethedb import NO_STREAM, Append, Event
-from lethedb._base import RetryPolicy
+from lethedb._retry import RetryPolicy
 from lethedb.v1 import eventstore_pb2 as pb
 from tests.unit.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
 
@@ -155,14 +155,14 @@ class AsyncFakeStub(FakeStub):
 
 def _client(stub: FakeStub, **settings: Any) -> lethedb.Client:
     client = lethedb.Client("127.0.0.1:9", **{**FAST, **settings})
-    client._stub = stub
+    client._transport.events = stub
     return client
 
 
 def _run_async(stub: AsyncFakeStub, work: Any, **settings: Any) -> Any:
     async def main() -> Any:
         async with lethedb.AsyncClient("127.0.0.1:9", **{**FAST, **settings}) as db:
-            db._stub = stub
+            db._transport.events = stub
             return await work(db)
 
     return asyncio.run(main())
@@ -262,6 +262,43 @@ class TestAppendRetries:
         with _client(stub, max_retries=0) as db, pytest.raises(lethedb.DeadlineExceeded):
             db.append("s", Event("A"))
         assert len(stub.append_sent) == 1
+
+    def test_a_policy_passed_as_retry_governs_the_calls(self):
+        stub = FakeStub(append=[unavailable() for _ in range(3)])
+        policy = lethedb.RetryPolicy(max_retries=2, initial_backoff=0.001, max_backoff=0.002)
+        with lethedb.Client("127.0.0.1:9", retry=policy) as db:
+            db._transport.events = stub
+            with pytest.raises(lethedb.Unavailable) as info:
+                db.append("s", Event("A"))
+        assert len(stub.append_sent) == 3
+        assert "gave up after 3 attempts" in info.value.__notes__[0]
+
+    def test_the_async_client_takes_a_policy_as_retry_too(self):
+        stub = AsyncFakeStub(append=[deadline()])
+
+        async def main() -> None:
+            async with lethedb.AsyncClient(
+                "127.0.0.1:9", retry=lethedb.RetryPolicy(max_retries=0)
+            ) as db:
+                db._transport.events = stub
+                await db.append("s", Event("A"))
+
+        with pytest.raises(lethedb.DeadlineExceeded):
+            asyncio.run(main())
+        assert len(stub.append_sent) == 1
+
+    def test_a_policy_and_the_retry_keywords_together_are_refused(self):
+        with pytest.raises(lethedb.ValidationError, match="retry and max_retries"):
+            lethedb.Client("127.0.0.1:9", retry=lethedb.RetryPolicy(), max_retries=2)
+
+    def test_a_retry_that_is_not_a_policy_is_refused(self):
+        with pytest.raises(lethedb.ValidationError, match="retry is an int"):
+            lethedb.Client("127.0.0.1:9", retry=3)  # type: ignore[arg-type]
+
+    def test_the_default_policy_is_the_keywords_defaults(self):
+        policy = lethedb.RetryPolicy()
+        assert (policy.max_retries, policy.initial_backoff, policy.max_backoff) == (5, 0.05, 2.0)
+        assert repr(policy) == "RetryPolicy(max_retries=5, initial_backoff=0.05, max_backoff=2.0)"
 
     def test_async_retry_reuses_the_same_request_bytes(self):
         stub = AsyncFakeStub(append=[unavailable(), unavailable(), _ok(7)])
@@ -464,8 +501,8 @@ def test_backoff_never_sleeps_longer_than_max_backoff():
 
 def test_an_overloaded_server_is_retried_like_an_unavailable_one():
     """Nothing was written when the server refused for load, so a retry is safe."""
-    from lethedb._base import RetryPolicy
     from lethedb._exceptions import Overloaded, StorageFull
+    from lethedb._retry import RetryPolicy
 
     assert RetryPolicy.is_retryable(Overloaded("busy"))
     assert not RetryPolicy.is_retryable(StorageFull("disk full"))

@@ -16,8 +16,9 @@ import pytest
 
 import lethedb
 from lethedb import CaughtUp, Checkpoint, RecordedEvent, SubscriptionFilter
-from lethedb._base import RetryPolicy, SubscriptionCursor, build_subscribe_request
 from lethedb._exceptions import error_from_rpc_error
+from lethedb._retry import RetryPolicy
+from lethedb._subscription_state import SubscriptionCursor, build_subscribe_request
 from lethedb.v1 import eventstore_pb2 as pb
 from tests.unit.grpc_fakes import FakeRpcError, unavailable
 
@@ -106,7 +107,7 @@ class Stub:
 
 def client_with(stub: Stub) -> lethedb.Client:
     db = lethedb.Client("localhost:1", **FAST)
-    db._stub = stub  # type: ignore[assignment]
+    db._transport.events = stub  # type: ignore[assignment]
     return db
 
 
@@ -341,7 +342,7 @@ def test_the_async_iterator_resumes_the_same_way():
 
     async def scenario() -> list[Any]:
         db = lethedb.AsyncClient("localhost:1", **FAST)
-        db._stub = stub  # type: ignore[assignment]
+        db._transport.events = stub  # type: ignore[assignment]
         got = []
         async with db.subscribe(after=0) as subscription:
             async for item in subscription:

@@ -19,7 +19,7 @@ import pytest
 import lethedb
 import lethedb_contract
 import lethedb_server
-from lethedb import _base, _exceptions
+from lethedb import _coalescing, _exceptions, _requests
 from lethedb._connection import resolve
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import errors, status, validation
@@ -92,7 +92,7 @@ def test_a_failed_pipelined_append_maps_like_a_failed_call(cls):
     error = _instance(cls)
     code, message, actual, name = status.append_error_fields(error)
     answer = pb.AppendError(code=code, message=message, actual_version=actual, error=name)
-    from_append = _base.error_from_append_error(answer)
+    from_append = _requests.error_from_append_error(answer)
     from_call = _exceptions.error_from_rpc_error(
         FakeRpcError(status.status_code(error), message, status.trailing_metadata(error))
     )
@@ -102,9 +102,9 @@ def test_a_failed_pipelined_append_maps_like_a_failed_call(cls):
 
 def test_the_limits_the_sdk_respects_are_the_servers():
     assert validation.Limits().max_request_events == lethedb_contract.DEFAULT_MAX_REQUEST_EVENTS
-    assert _base.MAX_BATCH_EVENTS == lethedb_contract.DEFAULT_MAX_REQUEST_EVENTS
+    assert _coalescing.MAX_BATCH_EVENTS == lethedb_contract.DEFAULT_MAX_REQUEST_EVENTS
     assert Config().max_message_bytes == lethedb_contract.DEFAULT_MAX_MESSAGE_BYTES
-    assert _base.MAX_BATCH_BYTES < lethedb_contract.DEFAULT_MAX_MESSAGE_BYTES
+    assert _coalescing.MAX_BATCH_BYTES < lethedb_contract.DEFAULT_MAX_MESSAGE_BYTES
     validation.check_append_batch(lethedb_contract.MAX_APPENDS_PER_BATCH)
     with pytest.raises(errors.ValidationError, match="limit is 1000 per AppendBatch"):
         validation.check_append_batch(lethedb_contract.MAX_APPENDS_PER_BATCH + 1)
