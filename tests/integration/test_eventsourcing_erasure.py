@@ -1,0 +1,163 @@
+"""Per-subject encryption and erasure for eventsourcing applications on LetheDB:
+which subject each event is stored under, and what forgetting one does."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import pytest
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+
+import lethedb
+from lethedb.eventsourcing import AggregateForgotten, forget, subject
+from tests.integration.serverproc import ServerProcess
+
+
+class Person(Aggregate):
+    """No declaration: every event's subject is the aggregate id."""
+
+    @event("Registered")
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Order(Aggregate):
+    """Every event names the customer whose data it is."""
+
+    @subject("customer_id")
+    class Event(Aggregate.Event):
+        customer_id: str
+
+    class Placed(Event, Aggregate.Created):
+        item: str
+
+    class Shipped(Event):
+        address: str
+
+    @event(Placed)
+    def __init__(self, customer_id: str, item: str) -> None:
+        self.customer_id = customer_id
+        self.item = item
+
+    @event(Shipped)
+    def ship(self, customer_id: str, address: str) -> None:
+        self.address = address
+
+
+class Parcel(Aggregate):
+    """Mixed: the label holds the recipient's data, the weighing none."""
+
+    @subject(lambda e: e.recipient.lower())
+    class Labelled(Aggregate.Created):
+        recipient: str
+
+    @subject(None)
+    class Weighed(Aggregate.Event):
+        grams: int
+
+    @event(Labelled)
+    def __init__(self, recipient: str) -> None:
+        self.recipient = recipient
+
+    @event(Weighed)
+    def weigh(self, grams: int) -> None:
+        self.grams = grams
+
+
+@pytest.fixture
+def app(server: ServerProcess) -> Iterator[Application[UUID]]:
+    env = {
+        "PERSISTENCE_MODULE": "lethedb.eventsourcing",
+        "LETHEDB_URI": server.address,
+        "LETHEDB_NAMESPACE": f"t{uuid.uuid4().hex[:12]}",
+        "IS_SNAPSHOTTING_ENABLED": "y",
+    }
+    with Application[UUID](env=env) as application:
+        yield application
+
+
+@pytest.fixture
+def db(server: ServerProcess) -> Iterator[lethedb.Client]:
+    with lethedb.Client(server.address) as client:
+        yield client
+
+
+def subjects(
+    db: lethedb.Client, app: Application[Any], purpose: str, aggregate_id: UUID
+) -> list[str]:
+    namespace = app.factory.env.get("LETHEDB_NAMESPACE")
+    stream = f"{namespace}/{purpose}/{aggregate_id}"
+    return [recorded.subject_id for recorded in db.read_stream(stream)]
+
+
+def test_by_default_the_aggregate_id_is_the_subject_and_snapshots_share_it(app, db):
+    person = Person("Ada")
+    app.save(person)
+    app.take_snapshot(person.id)
+    assert subjects(db, app, "events", person.id) == [str(person.id)]
+    assert subjects(db, app, "snapshots", person.id) == [str(person.id)]
+
+
+def test_an_attribute_names_the_subject(app, db):
+    customer = f"customer-{uuid.uuid4().hex[:8]}"
+    order = Order(customer, "teapot")
+    order.ship(customer, "1 Lovelace Lane")
+    app.save(order)
+    app.take_snapshot(order.id)
+    assert subjects(db, app, "events", order.id) == [customer, customer]
+    assert subjects(db, app, "snapshots", order.id) == [customer]  # the aggregate's subject
+
+    forget(app, customer, reason="test")
+
+    with pytest.raises(AggregateForgotten) as raised:
+        app.repository.get(order.id)
+    assert raised.value.subject_id == customer
+    assert raised.value.aggregate_id == str(order.id)
+    assert app.snapshots is not None
+    with pytest.raises(AggregateForgotten):
+        list(app.snapshots.get(order.id))
+
+
+def test_a_function_names_the_subject_and_none_means_no_personal_data(app, db):
+    recipient = f"Recipient-{uuid.uuid4().hex[:8]}"
+    parcel = Parcel(recipient)
+    parcel.weigh(1200)
+    app.save(parcel)
+    assert subjects(db, app, "events", parcel.id) == [recipient.lower(), ""]
+
+    forget(app, recipient.lower(), reason="test")
+
+    with pytest.raises(AggregateForgotten):  # one of its events is unreadable
+        app.repository.get(parcel.id)
+    weighed = list(db.read_stream(f"{app.factory.env.get('LETHEDB_NAMESPACE')}/events/{parcel.id}"))
+    assert weighed[0].redacted
+    assert not weighed[1].redacted  # the event without personal data survives
+
+
+def test_forget_empties_the_aggregate_cache(server: ServerProcess):
+    env = {
+        "PERSISTENCE_MODULE": "lethedb.eventsourcing",
+        "LETHEDB_URI": server.address,
+        "LETHEDB_NAMESPACE": f"t{uuid.uuid4().hex[:12]}",
+        "AGGREGATE_CACHE_MAXSIZE": "100",
+        "AGGREGATE_CACHE_FASTFORWARD": "n",  # a cached aggregate is returned unread
+    }
+    with Application[UUID](env=env) as app:
+        person = Person("Ada")
+        app.save(person)
+        assert app.repository.get(person.id).name == "Ada"  # now cached
+        forget(app, str(person.id))
+        with pytest.raises(AggregateForgotten):
+            app.repository.get(person.id)
+
+
+def test_forget_refuses_an_application_not_on_lethedb():
+    with (
+        Application[UUID](env={"PERSISTENCE_MODULE": "eventsourcing.popo"}) as app,
+        pytest.raises(TypeError, match=r"PERSISTENCE_MODULE=lethedb\.eventsourcing"),
+    ):
+        forget(app, "anyone")
