@@ -120,6 +120,8 @@ def test_an_attribute_names_the_subject(app, db):
     assert app.snapshots is not None
     with pytest.raises(AggregateForgotten):
         list(app.snapshots.get(order.id))
+    with pytest.raises(AggregateForgotten, match="forgotten"):  # nothing new for them
+        app.save(Order(customer, "kettle"))
 
 
 def test_a_function_names_the_subject_and_none_means_no_personal_data(app, db):
