@@ -163,3 +163,20 @@ def test_forget_refuses_an_application_not_on_lethedb():
         pytest.raises(TypeError, match=r"PERSISTENCE_MODULE=lethedb\.eventsourcing"),
     ):
         forget(app, "anyone")
+
+
+class Misdeclared(Aggregate):
+    @subject("customer_id")
+    class Created(Aggregate.Created):
+        pass
+
+    @event(Created)
+    def __init__(self) -> None:
+        pass
+
+
+def test_a_subject_attribute_the_event_lacks_is_a_clear_error_and_writes_nothing(app):
+    aggregate = Misdeclared()
+    with pytest.raises(TypeError, match="has no attribute 'customer_id'"):
+        app.save(aggregate)
+    assert app.recorder.select_events(aggregate.id) == []

@@ -68,7 +68,15 @@ def subject_of(domain_event: object) -> str:
     selector: SubjectSelector = getattr(cls, SUBJECT_ATTRIBUTE)
     if selector is None:
         return ""
-    value = getattr(domain_event, selector) if isinstance(selector, str) else selector(domain_event)
+    if isinstance(selector, str):
+        if not hasattr(domain_event, selector):
+            raise TypeError(
+                f"{cls.__qualname__} has no attribute {selector!r}, which @subject names as "
+                "the holder of its subject id"
+            )
+        value = getattr(domain_event, selector)
+    else:
+        value = selector(domain_event)
     return "" if value is None else str(value)
 
 
