@@ -21,6 +21,7 @@ application holds its ``<ns>/events/`` events and every erasure event.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
@@ -223,14 +224,15 @@ class LetheDBRecorder:
 
 
 def _key(event: RecordedEvent) -> int:
-    """The originator version (or notification id) kept in an event's metadata."""
-    value = event.metadata_json()
-    if not isinstance(value, int):
+    """The originator version (or notification id) kept in an event's metadata: a
+    JSON integer, read as ``int`` (a hot path: once per event read)."""
+    try:
+        return int(event.metadata)
+    except ValueError:
         raise DataError(
             f"event at position {event.position} in stream {event.stream_id!r} was not "
             "written by lethedb.eventsourcing (no version in its metadata)"
-        )
-    return value
+        ) from None
 
 
 class LetheDBAggregateRecorder(LetheDBRecorder, AggregateRecorder):
@@ -432,19 +434,23 @@ class LetheDBApplicationRecorder(LetheDBAggregateRecorder, ApplicationRecorder):
             return None
         if topics and event.event_type not in topics:
             return None
-        aggregate_id = event.stream_id[len(self.prefix) :]
-        originator_id: UUID | str
-        try:
-            originator_id = UUID(aggregate_id)
-        except ValueError:
-            originator_id = aggregate_id
         return Notification(
             id=event.position,
-            originator_id=originator_id,
+            originator_id=_originator_id(event.stream_id[len(self.prefix) :]),
             originator_version=_key(event),
             topic=event.event_type,
             state=event.data,
         )
+
+
+@functools.lru_cache(maxsize=65_536)
+def _originator_id(aggregate_id: str) -> UUID | str:
+    """The aggregate id in a stream id, as the UUID it was when it is one (cached:
+    an aggregate's events come together, and parsing UUIDs is a hot path)."""
+    try:
+        return UUID(aggregate_id)
+    except ValueError:
+        return aggregate_id
 
 
 class LetheDBSubscription(Subscription[LetheDBApplicationRecorder]):
