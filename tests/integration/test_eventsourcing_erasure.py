@@ -180,3 +180,17 @@ def test_a_subject_attribute_the_event_lacks_is_a_clear_error_and_writes_nothing
     with pytest.raises(TypeError, match="has no attribute 'customer_id'"):
         app.save(aggregate)
     assert app.recorder.select_events(aggregate.id) == []
+
+
+def test_writing_after_a_forgotten_subjects_event_is_refused_clearly(app, server):
+    """Another process (no cached head) appends to an aggregate whose last event is
+    redacted: its version is unreadable, so the write is refused with AggregateForgotten."""
+    recipient = f"recipient-{uuid.uuid4().hex[:8]}"
+    parcel = Parcel(recipient)
+    app.save(parcel)
+    forget(app, recipient, reason="test")
+    parcel.weigh(900)  # an event without personal data
+    env = dict(app.env)
+    with Application[UUID](env=env) as other, pytest.raises(AggregateForgotten) as raised:
+        other.save(parcel)
+    assert raised.value.subject_id == recipient

@@ -154,6 +154,13 @@ class LetheDBRecorder:
         last = self._last(stream_id)
         if last is None:
             return None
+        if last.redacted:  # its version is gone with its subject's key
+            raise AggregateForgotten(
+                f"stream {stream_id!r} ends with an event of forgotten subject "
+                f"{last.subject_id!r}: its versions can never be read again",
+                aggregate_id=stream_id.rsplit("/", 1)[-1],
+                subject_id=last.subject_id,
+            )
         return last.stream_version, _key(last)
 
     def _remember(self, stream_id: str, head: tuple[int, int] | None) -> None:
