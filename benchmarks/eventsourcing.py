@@ -9,6 +9,8 @@ The same application (``Account`` aggregates) runs the same workload on each:
 * ``update`` from 1 and from 16 threads: get an account, trigger an event, save it
   (a read of the aggregate and a one-event write);
 * ``read``: read the whole notification log, pages of 500 notifications;
+* ``read+decode``: the same, each notification also turned into its domain event
+  (on PostgreSQL that is where ``AESCipher`` decrypts; LetheDB decrypted on the server);
 * ``project``: a projection (the library's ``ProjectionRunner``, view in memory)
   catching up with the whole log from the start (not on SQLite, whose recorder
   cannot be subscribed to).
@@ -170,6 +172,7 @@ def run_system(system: str, root: Path, ops: int) -> dict[str, tuple[float, floa
             for threads in (1, 16):
                 results.update(write_cases(app, threads, ops if threads == 1 else ops * 4))
             results["read"] = read_log(app)
+            results["read+decode"] = read_log(app, decode=True)
         if system != "sqlite":  # its recorder has no subscribe(): no projection runner
             results["project"] = catch_up(env)
     return results
@@ -185,7 +188,9 @@ def write_cases(app: Accounts, threads: int, count: int) -> dict[str, tuple[floa
     return results
 
 
-def read_log(app: Accounts) -> tuple[float, float]:
+def read_log(app: Accounts, *, decode: bool = False) -> tuple[float, float]:
+    """Read the notification log in pages; with ``decode``, also turn each notification
+    into its domain event (where the library's cipher decrypts, on PostgreSQL)."""
     latencies: list[float] = []
     total = 0
     start: int | None = None
@@ -193,6 +198,9 @@ def read_log(app: Accounts) -> tuple[float, float]:
     while True:
         t0 = time.perf_counter()
         page = app.recorder.select_notifications(start, PAGE, inclusive_of_start=False)
+        if decode:
+            for notification in page:
+                app.mapper.to_domain_event(notification)
         latencies.append(time.perf_counter() - t0)
         if not page:
             break
