@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from functools import singledispatchmethod
 from typing import Any
 from uuid import UUID
 
 import pytest
-from eventsourcing.application import Application
+from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.system import ProcessApplication, SingleThreadedRunner, System
 
 import lethedb
-from lethedb.eventsourcing import AggregateForgotten, forget, subject
+from lethedb.eventsourcing import AggregateForgotten, SubjectWasForgotten, forget, subject
 from tests.integration.serverproc import ServerProcess
 
 
@@ -194,3 +196,47 @@ def test_writing_after_a_forgotten_subjects_event_is_refused_clearly(app, server
     with Application[UUID](env=env) as other, pytest.raises(AggregateForgotten) as raised:
         other.save(parcel)
     assert raised.value.subject_id == recipient
+
+
+class Greeter(ProcessApplication[UUID]):
+    """Derives a greeting from each registered person; forgets it on the erasure."""
+
+    def __init__(self, env: Any = None) -> None:
+        super().__init__(env)
+        self.greetings: dict[str, str] = {}
+
+    @singledispatchmethod
+    def policy(self, domain_event: Any, processing_event: ProcessingEvent[UUID]) -> None:
+        pass
+
+    @policy.register
+    def _(self, domain_event: Person.Registered, processing_event: ProcessingEvent[UUID]) -> None:
+        self.greetings[str(domain_event.originator_id)] = f"Hello {domain_event.name}"
+
+    @policy.register
+    def _(self, domain_event: SubjectWasForgotten, processing_event: ProcessingEvent[UUID]) -> None:
+        self.greetings.pop(domain_event.subject_id, None)
+
+
+class People(Application[UUID]):
+    pass
+
+
+def test_a_process_application_receives_the_erasure_at_its_next_pull(fresh_server):
+    system = System(pipes=[[People, Greeter]])
+    env = {"PERSISTENCE_MODULE": "lethedb.eventsourcing", "LETHEDB_URI": fresh_server.address}
+    runner = SingleThreadedRunner[UUID](system, env=env)
+    runner.start()
+    try:
+        people, greeter = runner.get(People), runner.get(Greeter)
+        ada, bob = Person("Ada"), Person("Bob")
+        people.save(ada, bob)  # prompts the greeter, which pulls and processes
+        assert greeter.greetings == {str(ada.id): "Hello Ada", str(bob.id): "Hello Bob"}
+
+        receipt = forget(people, str(ada.id), reason="test")
+        greeter.pull_and_process("People")  # a save by People would prompt the same pull
+
+        assert greeter.greetings == {str(bob.id): "Hello Bob"}
+        assert greeter.recorder.max_tracking_id("People") == receipt.tombstone_position
+    finally:
+        runner.stop()
