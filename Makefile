@@ -7,7 +7,7 @@ DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers clean
+.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-subscribe: $(STAMP) ; $(BIN)/python -m benchmarks.subscribe $(if $(QUICK),
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,dev,bench]'
 	touch $(BENCH_STAMP)
+
+## One eventsourcing application on LetheDB, PostgreSQL+AESCipher and SQLite
+## (benchmarks/eventsourcing.py; QUICK=1 for a few hundred operations per case).
+bench-eventsourcing: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.eventsourcing $(if $(QUICK),--quick,)
 
 ## LetheDB against Redis Streams, PostgreSQL and NATS JetStream (~25 min; as root it
 ## apt-get installs the missing servers). QUICK=1 for the few-minute version.

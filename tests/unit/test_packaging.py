@@ -38,17 +38,32 @@ def _providers(module: str) -> set[str]:
     return _names(packages_distributions().get(module, []))
 
 
-def _sdk_imports() -> set[str]:
-    """Top-level modules imported anywhere in the SDK's code, generated code included."""
+#: SDK subpackages that need an extra, and the extra: ``import lethedb`` never loads them.
+OPTIONAL_SUBPACKAGES = {ROOT / "client" / "lethedb" / "eventsourcing": "eventsourcing"}
+
+
+def _imports(paths: list[Path]) -> set[str]:
+    """Top-level modules imported in *paths*, less the standard library's."""
     found: set[str] = set()
-    for package in SDK_PACKAGES:
-        for path in (ROOT / "client" / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    found |= {alias.name.partition(".")[0] for alias in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    found.add(node.module.partition(".")[0])
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.partition(".")[0])
     return found - set(sys.stdlib_module_names) - {"__future__"}
+
+
+def _sdk_imports() -> set[str]:
+    """Top-level modules imported anywhere in the SDK's code, generated code included,
+    but for the optional subpackages."""
+    paths = [
+        path
+        for package in SDK_PACKAGES
+        for path in (ROOT / "client" / package).rglob("*.py")
+        if not any(path.is_relative_to(optional) for optional in OPTIONAL_SUBPACKAGES)
+    ]
+    return _imports(paths)
 
 
 def test_the_sdk_imports_only_what_its_dependencies_provide():
@@ -57,6 +72,13 @@ def test_the_sdk_imports_only_what_its_dependencies_provide():
     provided = set().union(*(_providers(module) for module in third_party))
     assert _names(PROJECT["dependencies"]) == {"grpcio", "protobuf", "msgspec"}
     assert provided == {"grpcio", "protobuf", "msgspec"}
+
+
+def test_an_optional_subpackage_imports_only_the_sdk_and_its_extra():
+    for subpackage, extra in OPTIONAL_SUBPACKAGES.items():
+        third_party = _imports(list(subpackage.rglob("*.py"))) - set(SDK_PACKAGES)
+        assert third_party == {extra}, subpackage
+        assert _providers(extra) <= _names(PROJECT["optional-dependencies"][extra])
 
 
 def test_the_server_extra_is_what_the_command_reports_missing():
