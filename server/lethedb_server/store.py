@@ -266,19 +266,13 @@ class Store:
         """
         usage: list[EnvironmentUsage] = []
         for name, env in (("log", self.log.lmdb), ("keys", self.keys.lmdb)):
-            forgets: int | None = None
             try:
-                with env.read() as txn:
-                    info = env.env.info()
-                    page = env.env.stat()["psize"]
-                    if name == "log":
-                        forgets = txn.stat(self.log.tombstones)["entries"]
+                map_bytes, used_bytes = env.usage()
+                forgets = self.log.counts()[1] if name == "log" else None
             except Exception as exc:  # a closed environment during shutdown
                 log.debug("cannot read the %s environment: %s", name, exc)
                 continue
-            usage.append(
-                EnvironmentUsage(name, info["map_size"], (info["last_pgno"] + 1) * page, forgets)
-            )
+            usage.append(EnvironmentUsage(name, map_bytes, used_bytes, forgets))
         return usage
 
     def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
@@ -302,9 +296,7 @@ class Store:
 
     def stats(self) -> StoreStats:
         """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
-        with self.log.lmdb.read() as txn:
-            streams = int(txn.stat(self.log.streams)["entries"])
-            forgotten = int(txn.stat(self.log.tombstones)["entries"])
+        streams, forgotten = self.log.counts()
         return StoreStats(
             last_position=self.log.head,
             streams=streams,
