@@ -21,7 +21,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages
 from lethedb_server.erasure import KEY_BACKUP_WARNING
 from lethedb_server.errors import ValidationError, iso_time
-from lethedb_server.model import LegalHoldCommand, ShredResult
+from lethedb_server.model import LegalHoldCommand
 from lethedb_server.rpc import Context, register, server_streaming, unary
 from lethedb_server.store import Store
 from lethedb_server.validation import Validator, check_name
@@ -37,12 +37,9 @@ class AdminService:
         self.store = store
         self.validator = validator
 
-    async def shred(self) -> ShredResult:
-        return await self.store.shred()
-
     @unary
     async def Shred(self, request: apb.ShredRequest, context: Context) -> apb.ShredResponse:  # noqa: N802
-        return messages.shred_response(await self.shred())
+        return messages.shred_response(await self.store.shred())
 
     @unary
     async def SetLegalHold(  # noqa: N802
