@@ -2,6 +2,7 @@
 PostgreSQL module with its AESCipher, and its SQLite module.
 
     python -m benchmarks.eventsourcing [--quick] [--only lethedb,postgres,sqlite]
+    python -m benchmarks.eventsourcing --stages [--quick]
 
 The same application (``Account`` aggregates) runs the same workload on each:
 
@@ -21,6 +22,13 @@ runs as `make run` does (durable appends, per-subject encryption); PostgreSQL is
 started as in the peer benchmark (``benchmarks/peers/servers.py``: fsync on,
 synchronous commit); SQLite writes a file in the run's temporary directory.
 One run on whatever machine runs it: treat the numbers as ratios, not absolutes.
+
+``--stages`` profiles LetheDB's raw notification read instead: the same pages read
+end to end, by a bounded ``ReadAll`` and by a filtered subscription through the SDK,
+the cost of one call for a small page each way, then (the server stopped, its data
+directory opened in this process) the ceiling of each stage alone: the LMDB read,
+decode + decryption, building and serialising the protobuf messages, parsing them,
+the SDK's ``RecordedEvent`` and the module's ``Notification``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
-from functools import singledispatchmethod
+from functools import partial, singledispatchmethod
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -47,6 +55,12 @@ from eventsourcing.popo import POPOTrackingRecorder
 from eventsourcing.projection import Projection, ProjectionRunner
 
 from benchmarks.peers.servers import LetheServer, PostgresServer
+from lethedb import CaughtUp, Checkpoint
+from lethedb._requests import to_recorded_event
+from lethedb.eventsourcing import LetheDBApplicationRecorder
+from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server import messages
+from lethedb_server.store import Store
 
 SYSTEMS = ("lethedb", "postgres", "sqlite")
 PAGE = 500
@@ -231,12 +245,182 @@ def len_log(app: Accounts) -> int:
     return total
 
 
+def best_of(reps: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``reps`` runs of ``fn``, in seconds (the least disturbed one)."""
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def stage_line(label: str, seconds: float, count: int) -> None:
+    print(f"{label:52} {seconds * 1e6 / count:7.2f} us/event {count / seconds:10.0f}/s", flush=True)
+
+
+def pages(read: Callable[[int], list[int]]) -> int:
+    """Read the log in pages of PAGE with ``read(after) -> positions``; the count."""
+    total, after = 0, 0
+    while page := read(after):
+        total += len(page)
+        after = page[-1]
+    return total
+
+
+def subscribed_page(recorder: LetheDBApplicationRecorder, after: int, limit: int) -> list[int]:
+    """One page as a short filtered subscription reads it (what select_notifications did)."""
+    positions: list[int] = []
+    subscription = recorder.client.subscribe(
+        after=after or None, filter=recorder.filter(()), reconnect=False, batch_size=limit
+    )
+    with subscription:
+        for item in subscription:
+            if isinstance(item, CaughtUp):
+                break
+            if not isinstance(item, Checkpoint):
+                positions.append(item.position)
+                if len(positions) >= limit:
+                    break
+    return positions
+
+
+def run_stages(root: Path, events: int) -> None:
+    """Where the time of a raw notification read goes (see the module docstring)."""
+    server = LetheServer(root)
+    server.start()
+    try:
+        env = {
+            "PERSISTENCE_MODULE": "lethedb.eventsourcing",
+            "LETHEDB_URI": server.address["target"],
+        }
+        with Accounts(env=env) as app:
+            with ThreadPoolExecutor(16) as pool:
+                ids = list(pool.map(lambda i: app.open(f"owner-{i}"), range(events // 2)))
+                list(pool.map(app.credit, ids))
+            recorder = app.recorder
+            assert isinstance(recorder, LetheDBApplicationRecorder)
+            client = recorder.client
+            recorded = list(client.read_all())
+            count = len(recorded)
+            print(f"== end to end, pages of {PAGE} ({count} events; best of 3)")
+
+            def select(after: int) -> list[int]:
+                page = recorder.select_notifications(after, PAGE, inclusive_of_start=False)
+                return [n.id for n in page]
+
+            def read_all(after: int) -> list[int]:
+                return [e.position for e in client.read_all(after=after or None, max_count=PAGE)]
+
+            readers: list[tuple[str, Callable[[int], list[int]]]] = [
+                ("select_notifications (module)", select),
+                ("ReadAll -> RecordedEvent (SDK)", read_all),
+                (
+                    "filtered subscription -> RecordedEvent (SDK)",
+                    lambda a: subscribed_page(recorder, a, PAGE),
+                ),
+            ]
+            for label, read in readers:
+                stage_line(label, best_of(3, partial(pages, read)), count)
+            print("== one call for a page of 10 (best of 3 x 50 calls)")
+            smalls: list[tuple[str, Callable[[int], list[int]]]] = [
+                ("ReadAll", lambda a: read_all_small(client, a)),
+                ("filtered subscription", lambda a: subscribed_page(recorder, a, 10)),
+            ]
+            for label, small in smalls:
+                seconds = best_of(3, partial(calls, small, 50))
+                print(f"{label:52} {seconds * 1000 / 50:7.2f} ms/call", flush=True)
+    finally:
+        server.stop()
+    stage_ceilings(server.data_dir, recorder, recorded)
+
+
+def calls(read: Callable[[int], list[int]], count: int) -> None:
+    """``count`` small pages, one call each."""
+    for i in range(count):
+        read(i * 10)
+
+
+def read_all_small(client: Any, after: int) -> list[int]:
+    return [e.position for e in client.read_all(after=after or None, max_count=10)]
+
+
+def open_pages(store: Store, starts: range) -> list[Any]:
+    return [store.reader.read_all(s, backwards=False, limit=PAGE) for s in starts]
+
+
+def stage_ceilings(
+    data_dir: Path, recorder: LetheDBApplicationRecorder, recorded: list[Any]
+) -> None:
+    """Each stage alone, in this process, on the data the server wrote (best of 5)."""
+    count = len(recorded)
+    print(f"== each stage alone, pages of {PAGE} (best of 5)")
+    store = Store.open(data_dir)
+    try:
+        starts = range(1, count + 1, PAGE)
+        read = store.log.read_all_page
+        stage_line(
+            "server: LMDB read",
+            best_of(5, lambda: [read(s, backwards=False, limit=PAGE) for s in starts]),
+            count,
+        )
+        opened: list[Any] = []
+        cold = best_of(1, lambda: opened.extend(open_pages(store, starts)))
+        stage_line("server: LMDB read + decode + decrypt, keys unwrapped", cold, count)
+        stage_line(
+            "server: LMDB read + decode + decrypt, keys cached",
+            best_of(5, partial(open_pages, store, starts)),
+            count,
+        )
+    finally:
+        store.close()
+    stage_line(
+        "server: build protobuf",
+        best_of(5, lambda: [list(messages.read_responses(p)) for p in opened]),
+        count,
+    )
+    responses = [r for p in opened for r in messages.read_responses(p)]
+    stage_line(
+        "server: serialise protobuf",
+        best_of(5, lambda: [r.SerializeToString() for r in responses]),
+        count,
+    )
+    wire = [r.SerializeToString() for r in responses]
+    stage_line(
+        "client: parse protobuf",
+        best_of(5, lambda: [pb.ReadResponse.FromString(b) for b in wire]),
+        count,
+    )
+    parsed = [m for b in wire for m in pb.ReadResponse.FromString(b).events]
+    stage_line(
+        "client: SDK RecordedEvent",
+        best_of(5, lambda: [to_recorded_event(m) for m in parsed]),
+        count,
+    )
+    stage_line(
+        "client: module Notification",
+        best_of(5, lambda: [recorder.notification(e) for e in recorded]),
+        count,
+    )
+    print(f"bytes per event on the wire: {sum(map(len, wire)) / count:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred operations per case")
     parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated systems")
+    parser.add_argument("--stages", action="store_true", help="profile LetheDB's raw read")
+    parser.add_argument(
+        "--events",
+        type=int,
+        help="with --stages: events written (two per account, one subject each)",
+    )
     args = parser.parse_args()
     ops = 300 if args.quick else 2000
+    if args.stages:
+        with tempfile.TemporaryDirectory(prefix="es-stages-") as tmp:
+            run_stages(Path(tmp), args.events or (6000 if args.quick else 20000))
+        return
     systems = [name for name in args.only.split(",") if name]
     all_results: dict[str, dict[str, tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:

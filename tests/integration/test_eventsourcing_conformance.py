@@ -12,7 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from eventsourcing.persistence import (
@@ -20,6 +20,7 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     IntegrityError,
     ProcessRecorder,
+    StoredEvent,
     Tracking,
     TrackingRecorder,
 )
@@ -222,3 +223,35 @@ def test_a_view_increment_and_its_tracking_record_are_atomic(server: ServerProce
             view.incr_created_event_counter(Tracking("upstream", 5))
         assert view.get_created_event_counter() == 1
         assert view.max_tracking_id("upstream") == 5
+
+
+def test_a_page_holds_only_this_logs_notifications_up_to_stop(server: ServerProcess) -> None:
+    """Pages are read from the whole log (another application's events skipped here),
+    and from the server's filter once most of a read is another log's: either way a
+    page holds this log's next notifications in order, up to ``limit`` and ``stop``."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    with lethedb.Client(server.address) as client:
+        mine = LetheDBApplicationRecorder(client, f"{namespace}-mine")
+        other = LetheDBApplicationRecorder(client, f"{namespace}-other")
+
+        def write(recorder: LetheDBApplicationRecorder, count: int) -> list[int]:
+            events = [StoredEvent(uuid.uuid4(), 1, "topic", b"{}") for _ in range(count)]
+            return [nid for event in events for nid in recorder.insert_events([event]) or ()]
+
+        ids = write(mine, 3)
+        write(other, 20)  # a read of 8 from ids[0] is mostly the other log's
+        ids += write(mine, 3)
+        write(other, 1)
+        ids += write(mine, 2)
+
+        def page(start: int, limit: int, **kwargs: Any) -> list[int]:
+            return [n.id for n in mine.select_notifications(start, limit, **kwargs)]
+
+        assert page(ids[0], 8) == ids
+        assert page(ids[0], 100) == ids
+        assert page(ids[0], 2) == ids[:2]
+        assert page(ids[0], 8, stop=ids[4]) == ids[:5]
+        assert page(ids[2], 8, inclusive_of_start=False) == ids[3:]
+        assert page(ids[3], 3, stop=ids[3] - 1) == []
+        assert page(ids[-1], 8, inclusive_of_start=False) == []
+        assert page(ids[-1] + 1000, 8) == []

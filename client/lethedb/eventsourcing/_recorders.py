@@ -87,6 +87,9 @@ __all__ = [
 TRACKING_EVENT_TYPE: Final = "eventsourcing.tracking"
 #: Most event types one subscription filter may hold; more topics filter here.
 MAX_FILTER_TOPICS: Final = 100
+#: ``select_notifications`` reads the whole log while at least one event in this many
+#: is this log's; below that a server-filtered subscription reads less.
+READ_ALL_MIN_SHARE: Final = 2
 #: Attempts of a write whose expected versions were stale (another writer went first).
 WRITE_ATTEMPTS: Final = 5
 #: Stream heads remembered per recorder (a guess of the expected version; a miss costs
@@ -371,13 +374,54 @@ class LetheDBApplicationRecorder(LetheDBAggregateRecorder, ApplicationRecorder):
         *,
         inclusive_of_start: bool = True,
     ) -> Sequence[Notification]:
+        """A page of the log. Without ``topics`` it is read with ``ReadAll`` (one
+        bounded read, no subscription to set up: about twice as fast) and this log's
+        events are picked here; when most of what that read returns belongs to other
+        logs, or with ``topics``, the rest comes from a server-filtered subscription."""
         after = None if start is None else (start - 1 if inclusive_of_start else start)
-        notifications: list[Notification] = []
         if limit <= 0:
-            return notifications
-        start = after if after is not None and after > 0 else None
+            return []
+        position = after if after is not None and after > 0 else 0
+        if topics:
+            return self._subscribed_page(position, limit, stop, topics)
+        notifications: list[Notification] = []
+        while len(notifications) < limit:
+            wanted = limit - len(notifications)
+            if stop is not None:
+                wanted = min(wanted, stop - position)
+                if wanted <= 0:
+                    break
+            read = matched = 0
+            with translated_errors():
+                for event in self.client.read_all(after=position or None, max_count=wanted):
+                    if stop is not None and event.position > stop:
+                        return notifications
+                    read += 1
+                    position = event.position
+                    notification = self.notification(event)
+                    if notification is not None:
+                        notifications.append(notification)
+                        matched += 1
+            if read < wanted:  # the end of the log
+                break
+            if matched * READ_ALL_MIN_SHARE < read:  # mostly other logs: filter on the server
+                rest = limit - len(notifications)
+                if rest:
+                    notifications.extend(self._subscribed_page(position, rest, stop, topics))
+                break
+        return notifications
+
+    def _subscribed_page(
+        self, after: int, limit: int, stop: int | None, topics: Sequence[str]
+    ) -> list[Notification]:
+        """Up to ``limit`` notifications after ``after``, selected by the server (one
+        short filtered subscription, ended when it catches up)."""
+        notifications: list[Notification] = []
         subscription = self.client.subscribe(
-            after=start, filter=self.filter(topics), reconnect=False, batch_size=min(limit, 1000)
+            after=after or None,
+            filter=self.filter(topics),
+            reconnect=False,
+            batch_size=min(limit, 1000),
         )
         with translated_errors(), subscription:
             try:
