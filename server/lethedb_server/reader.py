@@ -64,6 +64,7 @@ class EventReader:
         store_id = self.log.store_id
         cipher = self.keys.cipher
         decode_record = codec.decode_record
+        open_payload = open_record
         events: list[StoredEvent] = []
         append = events.append
         for position, value in page:
@@ -86,7 +87,7 @@ class EventReader:
                 append(self._redacted(position, body))
                 continue
             try:
-                payload = open_record(store_id, position, body, aead)
+                payload = open_payload(store_id, position, body, aead)
             except InvalidTag as exc:
                 raise DataLoss(
                     f"the event at position {position} fails its authentication check "
