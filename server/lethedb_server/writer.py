@@ -10,6 +10,13 @@ Many concurrent single-event appends therefore share one fsync (group commit).
 What the writer must never do: resolve a future before the commit that holds
 its result has returned, or let a failed batch leave in-memory state (head,
 chain hash) ahead of what is on disk.
+
+This module is the group committer: admission, the queue, batching, the one
+commit and settlement. What each kind of command writes is its applier's
+(:mod:`appliers`); the idempotency table is :mod:`idempotency`'s, the
+subject index merge :mod:`subject_indexer`'s, and the record format
+:mod:`record_codec`'s. Maintenance tasks and the observer are given to the
+constructor.
 """
 
 from __future__ import annotations
