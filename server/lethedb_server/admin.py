@@ -1,8 +1,9 @@
 """``lethedb.v1.Admin``: shred epochs, legal holds and backups.
 
-Everything that changes state goes through the writer, so its order against
-appends and forgets is well defined (a legal hold set before a forget in the
-queue blocks that forget).
+Everything that changes state goes through the store's writer, so its order
+against appends and forgets is well defined (a legal hold set before a forget
+in the queue blocks that forget). Like every handler, these call only the
+:class:`~lethedb_server.store.Store` façade.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import messages
 from lethedb_server.erasure import KEY_BACKUP_WARNING
 from lethedb_server.errors import ValidationError, iso_time
-from lethedb_server.model import LegalHoldCommand, RotateCommand, ShredCommand, ShredResult
+from lethedb_server.model import LegalHoldCommand
 from lethedb_server.rpc import Context, register, server_streaming, unary
 from lethedb_server.store import Store
 from lethedb_server.validation import Validator, check_name
-from lethedb_server.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,9 @@ class AdminService:
         self.store = store
         self.validator = validator
 
-    async def shred(self) -> ShredResult:
-        result: ShredResult = await self.store.writer.submit_async(ShredCommand())
-        return result
-
     @unary
     async def Shred(self, request: apb.ShredRequest, context: Context) -> apb.ShredResponse:  # noqa: N802
-        return messages.shred_response(await self.shred())
+        return messages.shred_response(await self.store.shred())
 
     @unary
     async def SetLegalHold(  # noqa: N802
@@ -67,7 +63,7 @@ class AdminService:
         return await self._hold(LegalHoldCommand(request.subject_id, release=True))
 
     async def _hold(self, command: LegalHoldCommand) -> pb.SubjectReceipt:
-        await self.store.writer.submit_async(command)
+        await self.store.set_legal_hold(command)
         receipt = await asyncio.to_thread(self.store.receipt, command.subject_id)
         return messages.subject_receipt(receipt)
 
@@ -100,7 +96,7 @@ class AdminService:
         self, request: apb.VerifyRequest, context: Context
     ) -> AsyncIterator[apb.VerifyProgress]:
         """Walk the whole log, reporting progress about twice a second."""
-        verifier = Verifier(self.store.log, self.store.reader)
+        verifier = self.store.verifier()
         last_report = time.monotonic()
         while await asyncio.to_thread(verifier.step):
             if time.monotonic() - last_report >= VERIFY_PROGRESS_S:
@@ -117,7 +113,7 @@ class AdminService:
     async def RotateMasterKey(  # noqa: N802
         self, request: apb.RotateMasterKeyRequest, context: Context
     ) -> apb.RotateMasterKeyResponse:
-        result = await self.store.writer.submit_async(RotateCommand())
+        result = await self.store.rotate()
         log.info(
             "master key rotated to version %d; %d keys re-wrapped",
             result.master_version,

@@ -414,6 +414,17 @@ class KeyStore:
 
         return self._write(delete)
 
+    def subject_count(self, *, excluding: str) -> int:
+        """How many subjects hold data keys, not counting the subject *excluding*.
+
+        The store passes its own key's subject (that of subject-less events),
+        which is not a data subject.
+        """
+        with self.lmdb.read() as txn:
+            state = self.lmdb.dbs["dek_state"]
+            subjects = int(txn.stat(state)["entries"])
+            return subjects - (txn.get(excluding.encode(), db=state) is not None)
+
     def dek_entries(self) -> int:
         with self.lmdb.read() as txn:
             return int(txn.stat(self.lmdb.dbs["deks"])["entries"])

@@ -213,6 +213,17 @@ class LmdbEnv:
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])
 
+    def usage(self) -> tuple[int, int]:
+        """(map size, bytes of the pages in use), for metrics.
+
+        Read through the read gate: the map may be growing, or the file being
+        swapped (a shred epoch replaces the key store's), right now.
+        """
+        with self.read():
+            info = self.env.info()
+            page = self.env.stat()["psize"]
+        return int(info["map_size"]), (int(info["last_pgno"]) + 1) * int(page)
+
     def reader_check(self) -> int:
         """Clear reader slots left by dead processes; return how many were cleared."""
         return int(self.env.reader_check())

@@ -292,24 +292,23 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
-        yield _gauge("lethedb_head_position", "Last committed global position.", store.log.head)
+        yield _gauge("lethedb_head_position", "Last committed global position.", store.head)
         yield _gauge(
             "lethedb_writer_queue_depth",
             "Commands waiting for the writer.",
-            store.writer.queue_depth,
+            store.queue_depth(),
         )
-        yield _counter(
-            "lethedb_dek_cache_hits", "Data keys found unwrapped in memory.", store.keys.cache_hits
-        )
+        hits, misses = store.dek_cache_counts()
+        yield _counter("lethedb_dek_cache_hits", "Data keys found unwrapped in memory.", hits)
         yield _counter(
             "lethedb_dek_cache_misses",
             "Data keys that had to be unwrapped from the key store.",
-            store.keys.cache_misses,
+            misses,
         )
         yield _counter(
             "lethedb_shred_epochs",
             "Shred epochs completed in the life of this store.",
-            store.log.meta.shred_epoch,
+            store.shred_epoch,
         )
         count, lag = SUBSCRIBERS.snapshot()
         yield _gauge("lethedb_subscribers", "Open subscriptions.", count)
@@ -323,8 +322,8 @@ class StoreCollector(Collector):
             "lethedb_file_size_bytes", "Size of the server's files.", labels=["file"]
         )
         for name, path in (
-            ("log/data.mdb", store.log.lmdb.path / "data.mdb"),
-            ("keys/data.mdb", store.keys.lmdb.path / "data.mdb"),
+            ("log/data.mdb", store.log_path / "data.mdb"),
+            ("keys/data.mdb", store.keys_path / "data.mdb"),
         ):
             size = _size(path)
             if size is not None:
@@ -339,20 +338,11 @@ class StoreCollector(Collector):
             "lethedb_lmdb_used_bytes", "LMDB pages in use, in bytes.", labels=["env"]
         )
         forgets: int | None = None
-        for name, env in (("log", self.store.log.lmdb), ("keys", self.store.keys.lmdb)):
-            try:
-                # Through the read gate: the map may be growing, or the key
-                # store being swapped by a shred epoch, right now.
-                with env.read() as txn:
-                    info = env.env.info()
-                    page = env.env.stat()["psize"]
-                    if name == "log":
-                        forgets = txn.stat(self.store.log.tombstones)["entries"]
-            except Exception as exc:  # a closed environment during shutdown
-                log.debug("metrics: cannot read %s environment: %s", name, exc)
-                continue
-            map_size.add_metric([name], info["map_size"])
-            used.add_metric([name], (info["last_pgno"] + 1) * page)
+        for env in self.store.environment_usage():
+            map_size.add_metric([env.name], env.map_bytes)
+            used.add_metric([env.name], env.used_bytes)
+            if env.forgets is not None:
+                forgets = env.forgets
         yield map_size
         yield used
         if forgets is not None:

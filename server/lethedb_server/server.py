@@ -163,15 +163,18 @@ def _why_bind_failed(listen: str) -> str:
     return f"cannot listen on {listen}"
 
 
-async def shred_on_timer(store: Store, admin: AdminService, interval_s: float) -> None:
-    """Run a shred epoch every *interval_s* seconds when forgets are pending."""
+async def shred_on_timer(store: Store, interval_s: float) -> None:
+    """Run a shred epoch every *interval_s* seconds when forgets are pending.
+
+    It calls the engine, as the Admin service's Shred does: no gRPC layer in between.
+    """
     while True:
         await asyncio.sleep(interval_s)
         try:
-            pending = await asyncio.to_thread(store.log.pending_forgets)
+            pending = await asyncio.to_thread(store.pending_forgets)
             if pending:
                 log.info("%d forgotten subjects await shredding; running a shred epoch", pending)
-                await admin.shred()
+                await store.shred()
         except LetheError as exc:
             log.error("scheduled shred epoch failed: %s", exc)
 
@@ -217,7 +220,7 @@ async def serve(config: Config) -> None:
             metrics.registry.register(StoreCollector(store))
         access.observer = metrics
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-        health, admin = add_services(server, config, store, subscriptions)
+        health, _ = add_services(server, config, store, subscriptions)
         await server.start()
         watch = _watch_connections(config, port)
         if metrics is not None:
@@ -236,15 +239,15 @@ async def serve(config: Config) -> None:
             "head position %d",
             address,
             store.data_dir.resolve(),
-            store.log.lmdb.path,
-            store.keys.lmdb.path,
+            store.log_path,
+            store.keys_path,
             config.keyring_path.resolve(),
-            store.log.head,
+            store.head,
         )
         if config.ready_file:
             _write_ready_file(Path(config.ready_file), address)
         timer = (
-            asyncio.create_task(shred_on_timer(store, admin, config.shred_interval_s))
+            asyncio.create_task(shred_on_timer(store, config.shred_interval_s))
             if config.shred_interval_s > 0
             else None
         )

@@ -1,7 +1,8 @@
 """``lethedb.v1.EventStore``: thin adapters from protobuf calls to the store.
 
 No storage logic lives here. A handler converts and validates the request,
-hands it to the writer or the reader, and converts the answer; domain errors
+calls one operation of the :class:`~lethedb_server.store.Store` façade, and
+converts the answer; domain errors
 become statuses in :mod:`lethedb_server.rpc` and :mod:`lethedb_server.status`.
 """
 
@@ -69,7 +70,7 @@ class EventStoreService:
         self._check_room(len(request.events), request)
         command = messages.append_command(request)
         self.validator.check_append(command)
-        result = await self.store.writer.submit_async(command)
+        result = await self.store.append(command)
         return messages.append_response(result)
 
     def _check_room(self, events: int, request: Message, appends: int = 1) -> None:
@@ -79,7 +80,7 @@ class EventStoreService:
         each append is still admitted on its own when it is submitted.
         """
         size = request.ByteSize() + events * EVENT_OVERHEAD
-        self.store.writer.check_room(events, size, appends)
+        self.store.check_room(events, size, appends)
 
     @unary
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:  # noqa: N802
@@ -101,7 +102,7 @@ class EventStoreService:
         events = sum([len(append.events) for append in request.appends])
         self._check_room(events, request, len(request.appends))
         outcomes: list[asyncio.Future[Any] | LetheError] = []
-        submit = self.store.writer.submit_async
+        submit = self.store.append
         for append in request.appends:
             try:
                 command = messages.append_command(append)
@@ -134,7 +135,7 @@ class EventStoreService:
         self._check_room(sum([len(part.events) for part in request.appends]), request)
         command = messages.commit_command(request)
         self.validator.check_commit(command)
-        result = await self.store.writer.submit_async(command)
+        result = await self.store.commit(command)
         return messages.commit_response(result)
 
     async def AppendStream(  # noqa: N802
@@ -173,10 +174,10 @@ class EventStoreService:
             start = request.from_version
         else:
             start = _END if backwards else 0
-        reader = self.store.reader
+        store = self.store
 
         def page(start: int, limit: int) -> list[StoredEvent]:
-            return reader.read_stream(request.stream_id, start, backwards=backwards, limit=limit)
+            return store.read_stream(request.stream_id, start, backwards=backwards, limit=limit)
 
         async for message in _paged(page, start, backwards, request.max_count, _next_version):
             yield message
@@ -190,7 +191,7 @@ class EventStoreService:
         check_name(reason, "reason", 128)
         # The caller's role from the access interceptor ("admin" when auth is off).
         command = ForgetCommand(request.subject_id, reason, by_role=caller_role())
-        await self.store.writer.submit_async(command)
+        await self.store.forget(command)
         return await self._receipt(request.subject_id)
 
     @unary
@@ -209,10 +210,10 @@ class EventStoreService:
         self, request: pb.ExportSubjectRequest, context: Context
     ) -> AsyncIterator[pb.ReadResponse]:
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
-        reader = self.store.reader
+        store = self.store
 
         def page(after: int, limit: int) -> list[StoredEvent]:
-            return reader.read_subject(request.subject_id, after - 1, limit)
+            return store.read_subject(request.subject_id, after - 1, limit)
 
         async for message in _paged(page, 1, False, 0, _next_position):
             yield message
@@ -229,10 +230,10 @@ class EventStoreService:
             start = request.after_position + (-1 if backwards else 1)
         else:
             start = _END if backwards else 1
-        reader = self.store.reader
+        store = self.store
 
         def page(start: int, limit: int) -> list[StoredEvent]:
-            return reader.read_all(start, backwards=backwards, limit=limit)
+            return store.read_all(start, backwards=backwards, limit=limit)
 
         async for message in _paged(page, start, backwards, request.max_count, _next_position):
             yield message

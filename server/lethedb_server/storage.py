@@ -423,6 +423,11 @@ class LogStore:
             info = self.stream_info(txn, stream_id)
         return None if info is None else info.last_version
 
+    def counts(self) -> tuple[int, int]:
+        """(streams, forgotten subjects) in the life of the log, in one read."""
+        with self.lmdb.read() as txn:
+            return int(txn.stat(self.streams)["entries"]), int(txn.stat(self.tombstones)["entries"])
+
     def checkpoint(self, group: str) -> int | None:
         """A consumer group's stored checkpoint, or None if it never stored one."""
         with self.lmdb.read() as txn:

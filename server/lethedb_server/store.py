@@ -1,8 +1,12 @@
 """A LetheDB data directory opened as a whole: lock, keyring, log, keys, writer.
 
 This is the one object the server (and in-process tools, tests and
-benchmarks) hold. Opening takes the directory's lock file first, so a second
-process is refused with a clear message before it touches any LMDB file.
+benchmarks) hold, and the engine's façade: the api layer (service, admin,
+subscriptions, metrics, server wiring) calls only its domain operations
+(append, commit, read, subscribe, forget, shred, legal hold, export, verify,
+stats, rotate, backup) and never the log, key store, writer or reader behind
+it. Opening takes the directory's lock file first, so a second process is
+refused with a clear message before it touches any LMDB file.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from asyncio import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from lethedb_server import custody
+from lethedb_server.codec import AppendResult
 from lethedb_server.erasure import Shredder, subject_receipt
 from lethedb_server.errors import DataDirLocked, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
@@ -23,13 +30,22 @@ from lethedb_server.keyring import FileKeyring, KeyProvider
 from lethedb_server.keys import DEFAULT_CACHE_SIZE, DEFAULT_MAX_USES, KeyStore
 from lethedb_server.model import (
     STORE_SUBJECT,
+    AppendCommand,
+    CheckpointCommand,
+    CommitCommand,
+    CommitResult,
+    ForgetCommand,
+    LegalHoldCommand,
     RotateCommand,
     RotateResult,
     ShredCommand,
+    ShredResult,
+    StoredEvent,
     SubjectReceipt,
 )
 from lethedb_server.reader import EventReader
-from lethedb_server.storage import LogStore
+from lethedb_server.storage import LogStore, RawPage
+from lethedb_server.verify import Verifier
 from lethedb_server.writer import Writer, WriterLimits, WriterObserver
 
 log = logging.getLogger(__name__)
@@ -146,6 +162,132 @@ class Store:
             raise
         return store
 
+    # -- writes: queued at the writer, in one order with every other write ---------------
+    #
+    # Each returns the writer's future at once (not a coroutine): a caller that
+    # queues several before awaiting any (AppendBatch) has them share a commit.
+
+    def append(self, command: AppendCommand) -> Future[AppendResult]:
+        """Queue an append; the future resolves after the commit that holds it."""
+        return self.writer.submit_async(command)
+
+    def commit(self, command: CommitCommand) -> Future[CommitResult]:
+        """Queue a multi-stream commit (all its appends or none)."""
+        return self.writer.submit_async(command)
+
+    def check_room(self, events: int, size: int, appends: int = 1) -> None:
+        """Raise Overloaded now if the writer has no room for *appends* of this size."""
+        self.writer.check_room(events, size, appends)
+
+    def forget(self, command: ForgetCommand) -> Future[SubjectReceipt]:
+        """Queue forgetting a subject (its keys go at the next shred epoch)."""
+        return self.writer.submit_async(command)
+
+    def set_legal_hold(self, command: LegalHoldCommand) -> Future[SubjectReceipt]:
+        """Queue setting or releasing a legal hold, ordered against forgets."""
+        return self.writer.submit_async(command)
+
+    def store_checkpoint(self, command: CheckpointCommand) -> Future[int]:
+        """Queue storing a consumer group's checkpoint; resolves to the position stored."""
+        return self.writer.submit_async(command)
+
+    def shred(self) -> Future[ShredResult]:
+        """Queue a shred epoch: keys of forgotten subjects are destroyed for good."""
+        return self.writer.submit_async(ShredCommand())
+
+    def rotate(self) -> Future[RotateResult]:
+        """Queue a master key rotation (every data key re-wrapped under the new version)."""
+        return self.writer.submit_async(RotateCommand())
+
+    # -- reads (blocking: call them off the event loop) ------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The last committed global position (0 for an empty log)."""
+        return self.log.head
+
+    def read_stream(
+        self, stream_id: str, start: int, *, backwards: bool, limit: int
+    ) -> list[StoredEvent]:
+        return self.reader.read_stream(stream_id, start, backwards=backwards, limit=limit)
+
+    def read_all(self, start: int, *, backwards: bool, limit: int) -> list[StoredEvent]:
+        return self.reader.read_all(start, backwards=backwards, limit=limit)
+
+    def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
+        """A subject's events after position *after*, in log order (for export)."""
+        return self.reader.read_subject(subject_id, after, limit)
+
+    def read_all_raw(self, start: int, limit: int) -> RawPage:
+        """Stored records from *start* on, still sealed, for a filtering subscriber."""
+        return self.log.read_all_page(start, backwards=False, limit=limit)
+
+    def open_event(self, position: int, value: bytes) -> StoredEvent:
+        """Decode and decrypt one stored record read by :meth:`read_all_raw`."""
+        return self.reader.open(position, value)
+
+    def checkpoint(self, group: str) -> int | None:
+        """A consumer group's stored checkpoint, or None if it never stored one."""
+        return self.log.checkpoint(group)
+
+    def consumer_groups(self) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        return self.log.consumer_groups()
+
+    def pending_forgets(self) -> int:
+        """Forgotten subjects whose shred epoch has not run yet."""
+        return self.log.pending_forgets()
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call *listener(head)* from the writer thread after every commit (subscriptions)."""
+        self.writer.add_head_listener(listener)
+
+    def verifier(self) -> Verifier:
+        """A walk over the whole log that checks every record, one step at a time."""
+        return Verifier(self.log, self.reader)
+
+    # -- operator state ---------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        """The log's LMDB directory."""
+        return self.log.lmdb.path
+
+    @property
+    def keys_path(self) -> Path:
+        """The key store's LMDB directory."""
+        return self.keys.lmdb.path
+
+    def queue_depth(self) -> int:
+        """Commands waiting for the writer."""
+        return self.writer.queue_depth
+
+    def dek_cache_counts(self) -> tuple[int, int]:
+        """Data keys found unwrapped in memory, and those that had to be unwrapped."""
+        return self.keys.cache_hits, self.keys.cache_misses
+
+    @property
+    def shred_epoch(self) -> int:
+        """Shred epochs completed in the life of this store."""
+        return self.log.meta.shred_epoch
+
+    def environment_usage(self) -> list[EnvironmentUsage]:
+        """Map size and pages in use of each LMDB environment (a closed one is left out).
+
+        Each is read through its read gate: the map may be growing, or the key
+        store being swapped by a shred epoch, right now.
+        """
+        usage: list[EnvironmentUsage] = []
+        for name, env in (("log", self.log.lmdb), ("keys", self.keys.lmdb)):
+            try:
+                map_bytes, used_bytes = env.usage()
+                forgets = self.log.counts()[1] if name == "log" else None
+            except Exception as exc:  # a closed environment during shutdown
+                log.debug("cannot read the %s environment: %s", name, exc)
+                continue
+            usage.append(EnvironmentUsage(name, map_bytes, used_bytes, forgets))
+        return usage
+
     def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
         """Copy the log (and, if asked, the key store) compacted into *destination*.
 
@@ -167,18 +309,12 @@ class Store:
 
     def stats(self) -> StoreStats:
         """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
-        with self.log.lmdb.read() as txn:
-            streams = int(txn.stat(self.log.streams)["entries"])
-            forgotten = int(txn.stat(self.log.tombstones)["entries"])
-        with self.keys.lmdb.read() as txn:
-            state = self.keys.lmdb.dbs["dek_state"]
-            subjects = int(txn.stat(state)["entries"])
-            # The store key of subject-less events is not a data subject.
-            subjects -= txn.get(STORE_SUBJECT.encode(), db=state) is not None
+        streams, forgotten = self.log.counts()
         return StoreStats(
             last_position=self.log.head,
             streams=streams,
-            subjects=subjects,
+            # The store key of subject-less events is not a data subject.
+            subjects=self.keys.subject_count(excluding=STORE_SUBJECT),
             forgotten_subjects=forgotten,
             pending_shred=self.log.pending_forgets(),
             shred_epoch=self.log.meta.shred_epoch,
@@ -214,6 +350,17 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class EnvironmentUsage:
+    """One LMDB environment's size, for metrics."""
+
+    name: str  # "log" or "keys"
+    map_bytes: int
+    used_bytes: int
+    #: Subjects forgotten in the life of the store (the log's tombstones); log only.
+    forgets: int | None = None
 
 
 @dataclass(frozen=True)

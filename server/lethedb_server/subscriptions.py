@@ -205,8 +205,8 @@ class _LoopHead:
         self.loop = loop
         self.event = asyncio.Event()
         self.users = 0
-        self._log = store.log
-        self._seen = store.log.head
+        self._store = store
+        self._seen = store.head
         self._scheduled = False
         self._reads: dict[tuple[int, int], asyncio.Future[Page]] = {}
         self._inline_page: tuple[tuple[int, int], Page] | None = None
@@ -224,7 +224,7 @@ class _LoopHead:
         # Clear the flag before reading the head: a commit after this line
         # schedules a new delivery; one before it is seen by this one.
         self._scheduled = False
-        head = self._log.head
+        head = self._store.head
         if head > self._seen:  # checkpoint-only commits do not wake anyone
             self._seen = head
             self.wake()
@@ -338,7 +338,7 @@ class Subscription:
     async def messages(self) -> AsyncGenerator[SubscriptionMessage, None]:
         """The subscription loop; see the module docstring."""
         limits = self._engine.limits
-        log_store = self._engine.store.log
+        store = self._engine.store
         now = self._head.loop.time
         last_sent = last_report = now()
         caught_up = False
@@ -357,9 +357,9 @@ class Subscription:
                 yield assignment
                 continue
             waiter = self._head.event  # taken before the head is compared: see module doc
-            if log_store.head > self.position:
+            if store.head > self.position:
                 start = self.position + 1
-                events, scanned = await self._page(start, log_store.head, assignment)
+                events, scanned = await self._page(start, store.head, assignment)
                 if self._replaced or assignment is not self._next_assignment:
                     continue  # the member's share changed while reading: the page is stale
                 if scanned < start:
@@ -396,7 +396,7 @@ class Subscription:
                     last_report = last_sent
                     yield Checkpoint(self.position)
                 else:
-                    yield Heartbeat(log_store.head)
+                    yield Heartbeat(store.head)
                 continue
             try:
                 async with asyncio.timeout(delay):
@@ -418,15 +418,15 @@ class Subscription:
         limit = engine.limits.page_size
         selector = self.spec.filter
         if selector is None and assignment is None:
-            events = _before_damage(engine.store.reader.read_all, start, limit)
+            events = _before_damage(engine.store.read_all, start, limit)
             if events and events[0].position != start:
                 raise _missing(start)
             return events, events[-1].position if events else start - 1
-        page = engine.store.log.read_all_page(start, backwards=False, limit=limit)
+        page = engine.store.read_all_raw(start, limit)
         if page and page[0][0] != start:
             raise _missing(start)
         selected: list[StoredEvent] = []
-        open_event = engine.store.reader.open
+        open_event = engine.store.open_event
         for position, value in page:
             try:
                 body = codec.decode_record(value)
@@ -499,7 +499,7 @@ class SubscriptionEngine:
         self._count = 0
         self._groups: dict[str, _Group] = {}
         self.closing = False
-        store.writer.add_head_listener(self._on_commit)
+        store.on_commit(self._on_commit)
 
     @property
     def subscriber_count(self) -> int:
@@ -538,7 +538,7 @@ class SubscriptionEngine:
                 loop_head = self._loops[loop] = _LoopHead(loop, self.store)
                 self._published = tuple(self._loops.values())
             loop_head.users += 1
-        head = self.store.log.head
+        head = self.store.head
         if spec.from_end:
             start = head
         elif spec.after > head:
@@ -585,12 +585,12 @@ class SubscriptionEngine:
         name = subscription.spec.group
         group = self._groups.get(name)
         if group is None:
-            stored = await asyncio.to_thread(self.store.log.checkpoint, name)
+            stored = await asyncio.to_thread(self.store.checkpoint, name)
             if stored is None:
                 await self._check_room_for_a_group()
             group = self._groups.get(name)  # another member may have created it meanwhile
             if group is None:
-                head = self.store.log.head
+                head = self.store.head
                 if stored is not None and stored > head:
                     raise PositionBeyondHead(f"the checkpoint of group {name!r}", stored, head)
                 start = subscription.position if stored is None else stored
@@ -636,7 +636,7 @@ class SubscriptionEngine:
         tells a joining member now rather than at its first commit.
         """
         limit = self.limits.max_consumer_groups
-        if limit and await asyncio.to_thread(self.store.log.consumer_groups) >= limit:
+        if limit and await asyncio.to_thread(self.store.consumer_groups) >= limit:
             raise TooManyGroups(limit)
 
     async def commit_checkpoint(
@@ -661,7 +661,7 @@ class SubscriptionEngine:
                     "its checkpoint is committed by them (with member_id and generation), "
                     "or set without a member once they have left"
                 )
-            head = self.store.log.head
+            head = self.store.head
             if position > head:
                 raise PositionBeyondHead("position", position, head)
             await self._store_checkpoint(group_name, position, rewind=may_rewind)
@@ -687,7 +687,7 @@ class SubscriptionEngine:
         command = CheckpointCommand(
             group, position, rewind=rewind, max_groups=self.limits.max_consumer_groups
         )
-        await self.store.writer.submit_async(command)
+        await self.store.store_checkpoint(command)
 
     async def get_checkpoint(self, group: str) -> int | None:
-        return await asyncio.to_thread(self.store.log.checkpoint, group)
+        return await asyncio.to_thread(self.store.checkpoint, group)

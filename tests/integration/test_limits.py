@@ -82,7 +82,15 @@ def test_streaming_calls_beyond_the_per_connection_limit_are_refused_and_others_
                 assert (await call.read()).HasField("ok")  # established and counted
                 open_calls.append(call)
 
-            extra = stub.AppendStream(held_open("one-too-many"), timeout=30)
+            async def silent() -> AsyncIterator[pb.AppendRequest]:
+                # The refusal comes when the call starts. A request written
+                # meanwhile races the server's close, and grpc.aio then reports
+                # its own INTERNAL send failure instead of the server's status.
+                await done.wait()
+                return
+                yield
+
+            extra = stub.AppendStream(silent(), timeout=30)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await extra.read()
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

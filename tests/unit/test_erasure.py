@@ -6,6 +6,7 @@ they can search every byte the store writes for them.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from lethedb_server.model import (
     SubjectState,
 )
 from lethedb_server.reader import EventReader
+from lethedb_server.server import shred_on_timer
 from lethedb_server.storage import LogStore
 from lethedb_server.store import Store, StoreOptions
 
@@ -150,6 +152,25 @@ def test_receipt_moves_from_pending_shred_to_shredded(store):
     assert shredded.state is SubjectState.SHREDDED
     assert shredded.shred_epoch == result.epoch == 1
     assert shredded.shredded_at == result.completed_at
+
+
+def test_the_shred_timer_runs_an_epoch_through_the_engine_when_forgets_are_pending(store):
+    """The scheduled epoch calls the store itself: no gRPC service is needed for it."""
+    _append(store, "user-1", FORGOTTEN, "a")
+    _forget(store)
+    assert store.pending_forgets() == 1
+
+    async def until_shredded() -> None:
+        timer = asyncio.create_task(shred_on_timer(store, 0.01))
+        try:
+            while await asyncio.to_thread(store.pending_forgets):
+                await asyncio.sleep(0.01)
+        finally:
+            timer.cancel()
+
+    asyncio.run(asyncio.wait_for(until_shredded(), 30))  # a bound against a hang, not timing
+    assert store.receipt(FORGOTTEN).state is SubjectState.SHREDDED
+    assert store.shred_epoch == 1
 
 
 def test_legal_hold_blocks_forget_until_released(store):

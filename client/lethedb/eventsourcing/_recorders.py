@@ -74,6 +74,7 @@ from lethedb.eventsourcing._erasure import (
     AggregateForgotten,
     forgotten_state,
 )
+from lethedb_contract import ERASURE_STREAM
 
 __all__ = [
     "LetheDBAggregateRecorder",
@@ -83,7 +84,6 @@ __all__ = [
     "LetheDBTrackingRecorder",
 ]
 
-ERASURE_STREAM: Final = "$erasures"
 TRACKING_EVENT_TYPE: Final = "eventsourcing.tracking"
 #: Most event types one subscription filter may hold; more topics filter here.
 MAX_FILTER_TOPICS: Final = 100
