@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lethedb_server.store import Store, StoreOptions
+from lethedb_server.writer import WriterObserver
 
 StoreFactory = Callable[..., Store]
 
@@ -26,14 +27,19 @@ def data_dir(tmp_path: Path) -> Path:
 def open_store(data_dir: Path) -> Iterator[StoreFactory]:
     """Open stores on *data_dir* (or another directory); close any left open at teardown.
 
-    ``open_store(options=None, path=None)`` returns an open :class:`Store`. A test
+    ``open_store(options=None, path=None, observer=None)`` returns an open
+    :class:`Store` (*observer*: its writer's observer). A test
     may close a store itself (to reopen it or to inspect its files): ``close`` is
     idempotent, so the teardown closing it again is harmless.
     """
     opened: list[Store] = []
 
-    def factory(options: StoreOptions | None = None, path: Path | None = None) -> Store:
-        store = Store.open(path or data_dir, options)
+    def factory(
+        options: StoreOptions | None = None,
+        path: Path | None = None,
+        observer: WriterObserver | None = None,
+    ) -> Store:
+        store = Store.open(path or data_dir, options, observer=observer)
         opened.append(store)
         return store
 

@@ -20,10 +20,10 @@ import pytest
 from benchmarks import workload
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import codec, messages
-from lethedb_server.codec import RecordBody
-from lethedb_server.crypto import AESGCM, event_aad, new_key, new_nonce
-from lethedb_server.model import AppendCommand
+from lethedb_server.crypto import AESGCM, new_key, new_nonce
+from lethedb_server.model import AppendCommand, ProposedEvent
 from lethedb_server.reader import DEFAULT_PAGE
+from lethedb_server.record_codec import RecordSealer
 from lethedb_server.store import Store
 from lethedb_server.validation import Validator
 
@@ -33,41 +33,17 @@ SUBJECT = "3f0b6c1e-9d3a-4c55-8a31-0d6e2f7b9a10"
 STREAM = "order-42"
 
 
-def seal_event(aead: AESGCM, data: bytes, position: int, chain: bytes) -> tuple[bytes, bytes]:
-    """The per-event work of ``Writer._apply`` without the LMDB puts."""
-    nonce = new_nonce()
-    aad = event_aad(
-        STORE_ID,
-        position,
-        STREAM,
-        7,
-        workload.EVENT_TYPE,
-        SUBJECT,
-        EVENT_ID,
-        1,
-        workload.CONTENT_TYPE,
-        0,
-    )
-    body = RecordBody(
-        format=codec.RECORD_FORMAT,
-        stream_id=STREAM,
-        stream_version=7,
-        event_id=EVENT_ID,
-        event_type=workload.EVENT_TYPE,
-        subject_id=SUBJECT,
-        content_type=workload.CONTENT_TYPE,
-        recorded_at=1_700_000_000_000_000_000,
-        dek_version=1,
-        nonce=nonce,
-        ciphertext=aead.encrypt(nonce, codec.encode(codec.Payload(data, b"")), aad),
-    )
-    return codec.seal_record(chain, body)
-
-
 def test_seal_one_256_byte_event(benchmark, rng: random.Random):
+    """The per-event work of an append without the LMDB puts, with the writer's sealer."""
     aead = AESGCM(new_key())
     data = workload.payload(rng)
-    value, _ = benchmark(seal_event, aead, data, 43, codec.GENESIS_HASH)
+    event = ProposedEvent(EVENT_ID, workload.EVENT_TYPE, SUBJECT, workload.CONTENT_TYPE, data, b"")
+    seal = RecordSealer(STORE_ID, STREAM, 1_700_000_000_000_000_000).seal
+
+    def seal_event() -> tuple[bytes, bytes]:
+        return seal(codec.GENESIS_HASH, 43, 7, event, EVENT_ID, 1, aead, new_nonce())
+
+    value, _ = benchmark(seal_event)
     assert len(value) > len(data) + codec.HASH_SIZE
 
 

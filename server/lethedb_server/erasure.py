@@ -1,6 +1,6 @@
 """Erasure by crypto-shredding: shred epochs, their crash recovery, receipts.
 
-Forgetting a subject (see ``Writer._apply_forget``) commits the erasure event
+Forgetting a subject (see ``appliers.ForgetApplier``) commits the erasure event
 and the tombstone, then deletes the subject's wrapped keys. Deleting is not
 enough on its own: LMDB does not zero freed pages, and a backup of the key
 store may hold the wrapped key. A **shred epoch** closes that gap:

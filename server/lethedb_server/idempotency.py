@@ -1,4 +1,4 @@
-"""Idempotency fingerprints: how a request is fingerprinted, and old entries upgraded.
+"""Idempotency: the table of answered keys, how a request is fingerprinted, old entries upgraded.
 
 An idempotency entry keeps a fingerprint of the request that first used its
 key, so that a retry (same request) is answered from the entry and a key
@@ -20,11 +20,16 @@ dropped when its request names a forgotten subject (a retry answers
 SubjectForgotten before any comparison) or its events are not in the log.
 LMDB keeps a replaced value's bytes in free pages until it reuses them; see
 docs/ERASURE.md for what that means and how to be rid of them.
+
+The table itself (:class:`IdempotencyTable`: look a key up, remember an
+answer, sweep expired entries) is used by the writer's appliers, inside the
+writer's transactions.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Final
 
@@ -32,9 +37,9 @@ import lmdb
 import msgspec
 
 from lethedb_server import codec
-from lethedb_server.codec import KEYED_DIGEST, IdempotencyEntry
+from lethedb_server.codec import KEYED_DIGEST, AppendResult, IdempotencyEntry
 from lethedb_server.crypto import keyed_fingerprint
-from lethedb_server.errors import DataLoss
+from lethedb_server.errors import DataLoss, IdempotencyConflict
 from lethedb_server.faults import fault_point
 from lethedb_server.keys import KeyStore
 from lethedb_server.model import STORE_SUBJECT
@@ -61,6 +66,99 @@ def fingerprint(keys: KeyStore, request_hash: bytes, subjects: Iterable[str]) ->
     """
     distinct = dict.fromkeys(s or STORE_SUBJECT for s in subjects)
     return keyed_fingerprint(request_hash, keys.fingerprint_keys(distinct))
+
+
+class IdempotencyTable:
+    """The ``idempotency`` table and its expiry index, within a window of *window_ns*.
+
+    An entry maps a key to the fingerprint of the request that first used it
+    and its answer; ``idempotency_expiry`` holds ``u64(created_at) || key``
+    for each, so the sweeper deletes the oldest first without a full scan.
+    Every method but :meth:`sweep` runs in the caller's write transaction.
+    """
+
+    def __init__(self, log_store: LogStore, window_ns: int, sweep_chunk: int) -> None:
+        self.log = log_store
+        self.window_ns = window_ns
+        self.sweep_chunk = sweep_chunk
+        #: ``time.monotonic()`` of the last sweep.
+        self.last_sweep = 0.0
+
+    def entry(
+        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
+    ) -> IdempotencyEntry | None:
+        """The live entry stored under *key*; raise if it belongs to another request."""
+        raw = txn.get(key.encode(), db=self.log.idempotency)
+        if raw is None:
+            return None
+        entry = codec.decode_idempotency(raw)
+        if entry.created_at + self.window_ns < now:
+            return None  # expired: the sweeper has not reached it yet
+        if entry.digest_format != codec.KEYED_DIGEST:
+            return None  # never compared: start-up re-keys or drops unkeyed entries
+        if entry.digest != digest:
+            raise IdempotencyConflict(key)
+        return entry
+
+    def append_result(
+        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
+    ) -> AppendResult | None:
+        """The answer remembered for an append under *key*, marked deduplicated; or None."""
+        entry = self.entry(txn, key, digest, now)
+        if entry is None:
+            return None
+        r = entry.result
+        return AppendResult(
+            r.first_position, r.last_position, r.first_version, r.last_version,
+            r.recorded_at, deduplicated=True,
+        )  # fmt: skip
+
+    def remember(
+        self,
+        txn: lmdb.Transaction,
+        key: str,
+        digest: bytes,
+        result: AppendResult,
+        now: int,
+        commit: tuple[AppendResult, ...] = (),
+    ) -> None:
+        """Store the answer to the request fingerprinted *digest* under *key*."""
+        raw_key = key.encode()
+        old = txn.get(raw_key, db=self.log.idempotency)
+        if old is not None:  # an expired entry being replaced
+            txn.delete(
+                codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
+                db=self.log.idempotency_expiry,
+            )
+        entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
+        txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
+        txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
+
+    def sweep_due(self, interval_s: float) -> bool:
+        return time.monotonic() - self.last_sweep > interval_s
+
+    def sweep(self, now: int) -> int:
+        """Delete entries older than the window, a bounded chunk, in its own transaction."""
+        self.last_sweep = time.monotonic()
+        cutoff = codec.u64(max(0, now - self.window_ns))
+        removed = 0
+        try:
+            with self.log.lmdb.begin_write() as txn:
+                cursor = txn.cursor(db=self.log.idempotency_expiry)
+                cursor.first()
+                while removed < self.sweep_chunk:
+                    key = bytes(cursor.key())
+                    if not key or key[:8] >= cutoff:
+                        break
+                    txn.delete(key[8:], db=self.log.idempotency)
+                    cursor.delete()
+                    removed += 1
+        except lmdb.Error as exc:
+            log.warning("idempotency sweep skipped: %s", exc)
+            return 0
+        if removed:
+            log.debug("expired %d idempotency keys", removed)
+        return removed
 
 
 def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, int]:

@@ -10,10 +10,11 @@ as :class:`DataLoss` naming its position; it is never returned wrong.
 from __future__ import annotations
 
 from lethedb_server import codec
-from lethedb_server.crypto import InvalidTag, event_aad
+from lethedb_server.crypto import InvalidTag
 from lethedb_server.errors import DataLoss, StreamNotFound
 from lethedb_server.keys import KeyStore
 from lethedb_server.model import STORE_SUBJECT, StoredEvent
+from lethedb_server.record_codec import open_record
 from lethedb_server.storage import REMEDY, LogStore, RawPage
 
 #: Events per read transaction: short enough never to pin old pages for long.
@@ -63,7 +64,7 @@ class EventReader:
         store_id = self.log.store_id
         cipher = self.keys.cipher
         decode_record = codec.decode_record
-        decode_payload = codec.decode_payload
+        open_payload = open_record
         events: list[StoredEvent] = []
         append = events.append
         for position, value in page:
@@ -85,12 +86,8 @@ class EventReader:
             if aead is None:
                 append(self._redacted(position, body))
                 continue
-            aad = event_aad(
-                store_id, position, body.stream_id, body.stream_version, body.event_type,
-                subject_id, body.event_id, body.dek_version, body.content_type, body.recorded_at,
-            )  # fmt: skip
             try:
-                payload = decode_payload(aead.decrypt(body.nonce, body.ciphertext, aad))
+                payload = open_payload(store_id, position, body, aead)
             except InvalidTag as exc:
                 raise DataLoss(
                     f"the event at position {position} fails its authentication check "

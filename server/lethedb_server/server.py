@@ -32,7 +32,7 @@ from lethedb_server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.admin import AdminService, add_admin
 from lethedb_server.config import Config
 from lethedb_server.errors import LetheError, ListenFailed
-from lethedb_server.metrics import Metrics, MetricsServer, metrics_host
+from lethedb_server.metrics import Metrics, MetricsServer, StoreCollector, metrics_host
 from lethedb_server.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.store import Store
 from lethedb_server.subscriptions import SubscriptionEngine
@@ -206,15 +206,18 @@ async def serve(config: Config) -> None:
     )
     server = new_server(config, access)
     address, port = bind(server, config.listen, certificates)
+    # The metrics observe the writer from its first batch, so they exist
+    # before the store; the store's gauges join them once it is open.
+    metrics = Metrics() if config.metrics_port else None
     try:
-        store = Store.open(config.data_dir, config.store_options())
+        store = Store.open(config.data_dir, config.store_options(), observer=metrics)
     except BaseException:
         await server.stop(None)  # release the address: nothing was served
         raise
     metrics_server: MetricsServer | None = None
     try:
-        metrics = Metrics(store) if config.metrics_port else None
-        store.writer.observer = metrics
+        if metrics is not None:
+            metrics.registry.register(StoreCollector(store))
         access.observer = metrics
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
         health, _ = add_services(server, config, store, subscriptions)

@@ -46,7 +46,7 @@ from lethedb_server.model import (
 from lethedb_server.reader import EventReader
 from lethedb_server.storage import LogStore, RawPage
 from lethedb_server.verify import Verifier
-from lethedb_server.writer import Writer, WriterLimits
+from lethedb_server.writer import Writer, WriterLimits, WriterObserver
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,13 @@ class Store:
         data_dir: Path,
         options: StoreOptions | None = None,
         provider: KeyProvider | None = None,
+        observer: WriterObserver | None = None,
     ) -> Store:
+        """Open (or create) the store in *data_dir*, recover it, start its writer.
+
+        *observer* is told of every batch the writer commits and every
+        command it refuses (the metrics); None: nobody is.
+        """
         opts = options or StoreOptions()
         make_private_dir(data_dir)
         lock = _take_lock(data_dir / LOCK_FILE)
@@ -137,9 +143,16 @@ class Store:
             raise
         for line in wide_modes([data_dir]):
             log.warning("%s", line)
-        writer = Writer(log_store, keys, opts.writer)
-        writer.maintenance[ShredCommand] = shredder.run
-        writer.maintenance[RotateCommand] = lambda: RotateResult(*keys.rotate())
+        writer = Writer(
+            log_store,
+            keys,
+            opts.writer,
+            maintenance={
+                ShredCommand: shredder.run,
+                RotateCommand: lambda: RotateResult(*keys.rotate()),
+            },
+            observer=observer,
+        )
         writer.start()
         store = cls(data_dir, lock, provider, log_store, keys, writer)
         try:

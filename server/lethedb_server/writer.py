@@ -10,6 +10,13 @@ Many concurrent single-event appends therefore share one fsync (group commit).
 What the writer must never do: resolve a future before the commit that holds
 its result has returned, or let a failed batch leave in-memory state (head,
 chain hash) ahead of what is on disk.
+
+This module is the group committer: admission, the queue, batching, the one
+commit and settlement. What each kind of command writes is its applier's
+(:mod:`appliers`); the idempotency table is :mod:`idempotency`'s, the
+subject index merge :mod:`subject_indexer`'s, and the record format
+:mod:`record_codec`'s. Maintenance tasks and the observer are given to the
+constructor.
 """
 
 from __future__ import annotations
@@ -21,60 +28,31 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 import lmdb
-import msgspec
 
-from lethedb_server import codec
-from lethedb_server.codec import (
-    AppendResult,
-    IdempotencyEntry,
-    LegalHold,
-    LogMeta,
-    RecordBody,
-    Tombstone,
-)
-from lethedb_server.crypto import event_aad, new_nonces
-from lethedb_server.errors import (
-    ForkedProcess,
-    IdempotencyConflict,
-    LegalHoldActive,
-    LetheError,
-    Overloaded,
-    PermissionDenied,
-    ShuttingDown,
-    StorageFull,
-    SubjectForgotten,
-    TooManyGroups,
-    WrongExpectedVersion,
-)
+from lethedb_server import appliers
+from lethedb_server.appliers import ApplyContext, BatchState, sealed_under
+from lethedb_server.codec import AppendResult, Tombstone
+from lethedb_server.errors import ForkedProcess, LetheError, Overloaded, ShuttingDown, StorageFull
 from lethedb_server.faults import fault_point
-from lethedb_server.idempotency import fingerprint
+from lethedb_server.idempotency import IdempotencyTable
 from lethedb_server.keys import KeyStore
 from lethedb_server.lmdbenv import is_disk_full
 from lethedb_server.model import (
-    ERASURE_EVENT_TYPE,
-    ERASURE_STREAM,
     MAINTENANCE,
-    STORE_SUBJECT,
     AppendCommand,
-    CheckpointCommand,
     Command,
     CommitCommand,
-    CommitResult,
-    ExpectedState,
     ForgetCommand,
-    LegalHoldCommand,
-    ProposedEvent,
-    SubjectReceipt,
-    SubjectState,
     human_size,
 )
-from lethedb_server.storage import KnownIndexKeys, LogStore
+from lethedb_server.storage import LogStore
+from lethedb_server.subject_indexer import SubjectIndexer
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +60,9 @@ HeadListener = Callable[[int], None]
 #: Runs one maintenance command (a shred epoch, a master key rotation) in the
 #: writer thread, between batches, so it is ordered against every write.
 MaintenanceTask = Callable[[], Any]
-#: A CheckpointCommand's result is the position it stored.
-Result = AppendResult | CommitResult | SubjectReceipt | int
+#: What a command applied in a batch answers (see :mod:`appliers`).
+Result: TypeAlias = appliers.Result
 _STOP: Final = object()
-_ERASURE_CONTENT_TYPE = "application/json"
-#: Seconds between attempts after a subject index merge failed.
-_MERGE_RETRY_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,17 +146,6 @@ def _settle_waiters(items: list[tuple[asyncio.Future[Any], Any]]) -> None:
             waiter.set_result(outcome)
 
 
-@dataclass
-class _BatchState:
-    """What applying a batch changes besides the transaction: undone on failure."""
-
-    meta: LogMeta
-    forgotten: dict[str, Tombstone]
-    commit_seconds: float = 0.0
-    #: The ``subject_index`` keys of the events written, in position order.
-    index_keys: list[bytes] = field(default_factory=list)
-
-
 class Writer:
     """Owns the log's write transactions; see the module docstring."""
 
@@ -191,30 +155,35 @@ class Writer:
         keys: KeyStore,
         limits: WriterLimits | None = None,
         clock: Callable[[], int] = time.time_ns,
+        *,
+        maintenance: Mapping[type[Command], MaintenanceTask] | None = None,
+        observer: WriterObserver | None = None,
     ) -> None:
+        """*maintenance* runs each maintenance command kind (a shred, a rotation)
+        alone between batches; one without a task is answered "not configured".
+        *observer* is told of every batch and refusal (None: nobody is)."""
         self.log = log_store
         self.keys = keys
         self.limits = limits or WriterLimits()
-        self.clock = clock
+        self.maintenance: dict[type[Command], MaintenanceTask] = dict(maintenance or {})
+        self.observer = observer
+        self._idempotency = IdempotencyTable(
+            log_store, self.limits.idempotency_window_ns, self.limits.sweep_chunk
+        )
+        self._context = ApplyContext(log_store, keys, self._idempotency, clock)
+        self._appliers = appliers.default_appliers(self._context)
+        self._indexer = SubjectIndexer(log_store, self.limits.index_chunk)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._listeners: list[HeadListener] = []
         self._thread = threading.Thread(target=self._run, name="lethedb-writer", daemon=True)
         self._accepting = True
-        self._last_sweep = 0.0
-        self.maintenance: dict[type[Command], MaintenanceTask] = {}
-        self._last_now = 0
         self._pid = os.getpid()
         self.batches = 0
         self.commands = 0
-        self.observer: WriterObserver | None = None
         self._inflight = 0
         self._inflight_events = 0
         self._inflight_bytes = 0
         self._inflight_lock = threading.Lock()
-        self._merge_retry_at = 0.0
-        self._known_keys = KnownIndexKeys(
-            log_store.meta.last_position + 1, cap=4 * self.limits.index_chunk
-        )
 
     # -- public API -------------------------------------------------------------
 
@@ -367,28 +336,32 @@ class Writer:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def _now(self) -> int:
-        """Wall-clock time that never goes backwards within this process.
+    @property
+    def clock(self) -> Callable[[], int]:
+        """The wall clock every command's time is read from (the appliers' clock)."""
+        return self._context.clock
 
-        Positions and versions never depend on time; this only keeps
-        ``recorded_at`` non-decreasing in log order when the clock is set back.
-        """
-        now = max(self.clock(), self._last_now)
-        self._last_now = now
-        return now
+    @clock.setter
+    def clock(self, clock: Callable[[], int]) -> None:
+        self._context.clock = clock
+
+    def _now(self) -> int:
+        """Wall-clock time that never goes backwards (see ``ApplyContext.now``)."""
+        return self._context.now()
 
     # -- the loop -----------------------------------------------------------------
 
     def _run(self) -> None:
         stopping = False
+        indexer = self._indexer
         while not stopping:
-            unindexed = self._unindexed()
+            unindexed = indexer.unindexed()
             idle = self.limits.index_idle_s if unindexed else self.limits.sweep_interval_s
             try:
                 first = self._queue.get(timeout=idle)
             except queue.Empty:
                 if unindexed:  # at rest: complete the index, so readers scan no tail
-                    self._merge_subject_index(self.limits.index_chunk)
+                    indexer.merge()
                 if not unindexed or self._sweep_due():
                     self._sweep_idempotency()
                 continue
@@ -399,11 +372,9 @@ class Writer:
                 # Each forget's receipt counts the subject's events, and a count
                 # scans the unindexed tail, which a stream of forgets only grows:
                 # index it first, so the receipts scan only this batch's events.
-                self._index_whole_tail()
+                indexer.merge_whole_tail()
             self._process(batch)
-            while self._unindexed() >= self.limits.index_chunk:
-                if not self._merge_subject_index(self.limits.index_chunk):
-                    break
+            indexer.catch_up()
             if self._sweep_due():
                 self._sweep_idempotency()
         # Drain what raced with stop(): it was queued before _accepting fell.
@@ -414,49 +385,10 @@ class Writer:
                 break
             if isinstance(item, _Pending):
                 self._process([item])
-        self._index_whole_tail()  # a store closed cleanly is fully indexed
-
-    def _index_whole_tail(self) -> None:
-        """Merge chunk after chunk until the index is complete (or a merge fails)."""
-        while self._unindexed() and self._merge_subject_index(self.limits.index_chunk):
-            pass
+        indexer.merge_whole_tail()  # a store closed cleanly is fully indexed
 
     def _sweep_due(self) -> bool:
-        return time.monotonic() - self._last_sweep > self.limits.sweep_interval_s
-
-    def _unindexed(self) -> int:
-        """Events after the position through which the subject index is complete."""
-        meta = self.log.meta
-        return meta.last_position - meta.subject_indexed
-
-    def _merge_subject_index(self, limit: int) -> bool:
-        """Merge up to *limit* unindexed events into the subject index; False if it failed.
-
-        Runs in its own write transaction between batches. A failure (a full
-        disk, a damaged record) loses nothing: readers scan the tail, and a
-        merge is tried again after a pause, so a lasting failure costs no
-        work per batch.
-        """
-        if time.monotonic() < self._merge_retry_at:
-            return False
-        log_store = self.log
-
-        def merge(txn: lmdb.Transaction) -> LogMeta:
-            merged = log_store.merge_subject_index(txn, log_store.meta, limit, self._known_keys)
-            fault_point("index.merge_before_commit")
-            return merged
-
-        try:
-            self.log.meta = self.log.lmdb.write(merge)
-        except (LetheError, lmdb.Error) as exc:
-            log.warning("subject index merge failed; readers scan the tail meanwhile: %s", exc)
-        except Exception:
-            log.exception("subject index merge failed; readers scan the tail meanwhile")
-        else:
-            self._known_keys.merged_through(self.log.meta.subject_indexed)
-            return True
-        self._merge_retry_at = time.monotonic() + _MERGE_RETRY_S
-        return False
+        return self._idempotency.sweep_due(self.limits.sweep_interval_s)
 
     def _collect(self, first: object) -> tuple[list[_Pending], bool]:
         """Everything queued, up to the limits; a maintenance command is taken alone."""
@@ -538,7 +470,7 @@ class Writer:
                 log.error("batch of %d commands failed: %s", len(live), exc)
                 self._fail_all(live, error)
                 return
-        self._known_keys.record(self.log.meta.last_position + 1, state.index_keys)
+        self._indexer.written(self.log.meta.last_position + 1, state.index_keys)
         self.log.meta = state.meta
         self.batches += 1
         self.commands += len(live)
@@ -574,9 +506,9 @@ class Writer:
     def _fail_all(self, batch: list[_Pending], error: LetheError) -> None:
         self._settle([(pending, error) for pending in batch])
 
-    def _try_batch(self, batch: list[_Pending]) -> tuple[list[Result | LetheError], _BatchState]:
+    def _try_batch(self, batch: list[_Pending]) -> tuple[list[Result | LetheError], BatchState]:
         """Apply the batch in one transaction and commit it; raise LMDB errors as-is."""
-        state = _BatchState(self.log.meta, {})
+        state = BatchState(self.log.meta, {})
         txn = self.log.lmdb.begin_write()
         try:
             self.keys.reserve(self._key_demand(batch))
@@ -609,324 +541,19 @@ class Writer:
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""
-        demand = Counter(s for pending in batch for s in _sealed_under(pending.command))
+        demand = Counter(s for pending in batch for s in sealed_under(pending.command))
         is_forgotten = self.keys.is_forgotten
         return {s: n for s, n in demand.items() if not is_forgotten(s)}
 
-    def _is_forgotten(self, subject_id: str, batch: _BatchState) -> bool:
-        """Whether *subject_id* has a tombstone, committed or earlier in this batch.
-
-        No LMDB lookup: the writer is the only writer of tombstones, the key
-        store's set holds every committed one (start-up re-applies them all,
-        and each forget adds its subjects right after its commit), and the
-        batch's own forgets are in ``batch.forgotten``.
-        """
-        return self.keys.is_forgotten(subject_id) or subject_id in batch.forgotten
-
-    def _apply(self, txn: lmdb.Transaction, command: Command, state: _BatchState) -> Result:
-        if isinstance(command, AppendCommand):
-            result, state.meta = self._apply_append(txn, command, state.meta, state)
-            return result
-        if isinstance(command, CommitCommand):
-            return self._apply_commit(txn, command, state)
-        if isinstance(command, ForgetCommand):
-            return self._apply_forget(txn, command, state)
-        if isinstance(command, LegalHoldCommand):
-            return self._apply_legal_hold(txn, command)
-        if isinstance(command, CheckpointCommand):
-            return self._apply_checkpoint(txn, command)
-        raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
-
-    def _apply_checkpoint(self, txn: lmdb.Transaction, command: CheckpointCommand) -> int:
-        """Store a group's checkpoint: forward only unless rewound, new groups up to the limit.
-
-        A checkpoint moved back makes a group replay; one moved forward past
-        an erasure event hides it from the group's projection: so moving back
-        is for admins, and each group is a row kept for ever, so their number
-        is bounded.
-        """
-        stored = self.log.stored_checkpoint(txn, command.group)
-        if stored is None:
-            if command.max_groups and self.log.checkpoint_count(txn) >= command.max_groups:
-                raise TooManyGroups(command.max_groups)
-        elif command.position < stored and not command.rewind:
-            raise PermissionDenied(
-                f"the checkpoint of group {command.group!r} is {stored}; moving it back to "
-                f"{command.position} needs the admin role (a group's checkpoint only moves "
-                "forward otherwise)"
-            )
-        self.log.put_checkpoint(txn, command.group, command.position)
-        return command.position
-
-    def _apply_commit(
-        self, txn: lmdb.Transaction, command: CommitCommand, state: _BatchState
-    ) -> CommitResult:
-        """Every stream's append or none: a failing part aborts the nested transaction.
-
-        A forgotten subject in any part is refused before the idempotency
-        entry is looked at (see :meth:`_apply_append`).
-        """
-        now = self._now()
-        subjects = dict.fromkeys(e.subject_id for part in command.appends for e in part.events)
-        self._refuse_forgotten(subjects, state)
-        digest = b""
-        if command.idempotency_key:
-            digest = fingerprint(self.keys, command.request_hash(), subjects)
-            entry = self._idempotency_entry(txn, command.idempotency_key, digest, now)
-            if entry is not None:
-                replayed = tuple(
-                    msgspec.structs.replace(r, deduplicated=True) for r in entry.commit
-                )
-                return CommitResult(replayed, deduplicated=True)
-        meta = state.meta
-        results = []
-        for part in command.appends:
-            result, meta = self._apply_append(txn, part, meta, state, now)
-            results.append(result)
-        state.meta = meta
-        if command.idempotency_key:
-            self._remember(txn, command.idempotency_key, digest, results[0], now, tuple(results))
-        return CommitResult(tuple(results))
-
-    # -- erasure ------------------------------------------------------------------
-
-    def _apply_forget(
-        self, txn: lmdb.Transaction, command: ForgetCommand, state: _BatchState
-    ) -> SubjectReceipt:
-        """Step one of a forget: the erasure event and the tombstone, in one commit."""
-        subject = command.subject_id
-        tombstone, hold = self.log.subject_records(txn, subject)
-        now = self._now()
-        if tombstone is None:
-            if hold is not None and hold.active(now):
-                raise LegalHoldActive(subject, hold.reason, hold.until)
-            data = msgspec.json.encode(
-                {"subject_id": subject, "reason": command.reason, "forgotten_by": command.by_role}
-            )
-            erasure = AppendCommand(
-                ERASURE_STREAM,
-                (ProposedEvent(b"", ERASURE_EVENT_TYPE, "", _ERASURE_CONTENT_TYPE, data, b""),),
-            )
-            result, state.meta = self._apply_append(txn, erasure, state.meta, state)
-            tombstone = Tombstone(
-                result.first_position, now, command.reason, state.meta.shred_epoch + 1
-            )
-            txn.put(subject.encode(), codec.encode(tombstone), db=self.log.tombstones)
-            state.forgotten[subject] = tombstone
-        return _pending_receipt(subject, tombstone, hold)
-
-    def _apply_legal_hold(self, txn: lmdb.Transaction, command: LegalHoldCommand) -> SubjectReceipt:
-        key = command.subject_id.encode()
-        if command.release:
-            txn.delete(key, db=self.log.legal_holds)
-        else:
-            hold = LegalHold(command.reason, self._now(), command.until)
-            txn.put(key, codec.encode(hold), db=self.log.legal_holds)
-        tombstone, hold_now = self.log.subject_records(txn, command.subject_id)
-        return _pending_receipt(command.subject_id, tombstone, hold_now)
-
-    # -- one append -------------------------------------------------------------
-
-    def _apply_append(
-        self,
-        txn: lmdb.Transaction,
-        command: AppendCommand,
-        meta: LogMeta,
-        batch: _BatchState,
-        now: int = 0,
-    ) -> tuple[AppendResult, LogMeta]:
-        """Append one stream's events after *meta*; their index keys go to *batch*.
-
-        *now* lets a commit give all its parts one time.
-
-        A forgotten subject is refused before the idempotency entry is looked
-        at: a retry after a forget must not learn whether its data matches
-        the first attempt's (IdempotencyConflict against deduplicated would
-        confirm a guess at erased data).
-        """
-        now = now or self._now()
-        events = command.events
-        subjects = dict.fromkeys(event.subject_id for event in events)
-        self._refuse_forgotten(subjects, batch)
-        digest = b""
-        if command.idempotency_key:
-            digest = fingerprint(self.keys, command.request_hash(), subjects)
-            previous = self._idempotent_result(txn, command.idempotency_key, digest, now)
-            if previous is not None:
-                return previous, meta
-        stream_id = command.stream_id
-        info = self.log.stream_info(txn, stream_id)
-        self._check_expected(command, None if info is None else info.last_version)
-
-        version = 0 if info is None else info.last_version + 1
-        position = meta.last_position + 1
-        chain = meta.chain_head
-        first_position, first_version = position, version
-        # Per-event costs are what this loop is about: randomness comes from
-        # one urandom call per append, keys and key prefixes are looked up
-        # once per subject, and names are bound once.
-        store_id, put_event, u64 = meta.store_id, self.log.put_event, codec.u64
-        remember_key = batch.index_keys.append
-        stream_key = codec.stream_prefix(stream_id)
-        index_prefixes = {s: codec.subject_prefix(s) for s in subjects}
-        ciphers = self.keys.take_each([e.subject_id or STORE_SUBJECT for e in events])
-        nonces = new_nonces(len(events))
-        new_ids = _new_event_ids(len(events)) if any(not e.event_id for e in events) else ()
-        for i, event in enumerate(events):
-            dek_version, aead = ciphers[i]
-            event_id = event.event_id or new_ids[i]
-            nonce = nonces[i]
-            aad = event_aad(
-                store_id, position, stream_id, version, event.event_type,
-                event.subject_id, event_id, dek_version, event.content_type, now,
-            )  # fmt: skip
-            plaintext = codec.encode(codec.Payload(event.data, event.metadata))
-            body = RecordBody(
-                codec.RECORD_FORMAT, stream_id, version, event_id, event.event_type,
-                event.subject_id, event.content_type, now, dek_version, nonce,
-                aead.encrypt(nonce, plaintext, aad),
-            )  # fmt: skip
-            value, chain = codec.seal_record(chain, body)
-            position_key = u64(position)
-            put_event(txn, position_key, value, stream_key + u64(version))
-            remember_key(index_prefixes[event.subject_id] + position_key)
-            position += 1
-            version += 1
-
-        created_at = now if info is None else info.created_at
-        first = first_position if info is None else info.first_position
-        txn.put(
-            command.stream_id.encode(),
-            codec.encode(codec.StreamInfo(version - 1, first, created_at)),
-            db=self.log.streams,
-        )
-        result = AppendResult(first_position, position - 1, first_version, version - 1, now)
-        if command.idempotency_key:
-            self._remember(txn, command.idempotency_key, digest, result, now)
-        new_meta = LogMeta(
-            meta.format, meta.store_id, position - 1, chain, meta.shred_epoch,
-            meta.subject_indexed,
-        )  # fmt: skip
-        return result, new_meta
-
-    def _refuse_forgotten(self, subjects: Iterable[str], batch: _BatchState) -> None:
-        """Raise SubjectForgotten for the first forgotten subject, in request order."""
-        for subject_id in subjects:
-            if subject_id and self._is_forgotten(subject_id, batch):
-                raise SubjectForgotten(subject_id)
-
-    @staticmethod
-    def _check_expected(command: AppendCommand, last_version: int | None) -> None:
-        state = command.expected_state
-        ok = (
-            state is ExpectedState.ANY
-            or (state is ExpectedState.NO_STREAM and last_version is None)
-            or (state is ExpectedState.STREAM_EXISTS and last_version is not None)
-            or (state is ExpectedState.EXACT and last_version == command.expected_version)
-        )
-        if not ok:
-            raise WrongExpectedVersion(command.stream_id, command.describe_expected(), last_version)
-
-    # -- idempotency --------------------------------------------------------------
-
-    def _idempotency_entry(
-        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
-    ) -> IdempotencyEntry | None:
-        """The live entry stored under *key*; raise if it belongs to another request."""
-        raw = txn.get(key.encode(), db=self.log.idempotency)
-        if raw is None:
-            return None
-        entry = codec.decode_idempotency(raw)
-        if entry.created_at + self.limits.idempotency_window_ns < now:
-            return None  # expired: the sweeper has not reached it yet
-        if entry.digest_format != codec.KEYED_DIGEST:
-            return None  # never compared: start-up re-keys or drops unkeyed entries
-        if entry.digest != digest:
-            raise IdempotencyConflict(key)
-        return entry
-
-    def _idempotent_result(
-        self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
-    ) -> AppendResult | None:
-        entry = self._idempotency_entry(txn, key, digest, now)
-        if entry is None:
-            return None
-        r = entry.result
-        return AppendResult(
-            r.first_position, r.last_position, r.first_version, r.last_version,
-            r.recorded_at, deduplicated=True,
-        )  # fmt: skip
-
-    def _remember(
-        self,
-        txn: lmdb.Transaction,
-        key: str,
-        digest: bytes,
-        result: AppendResult,
-        now: int,
-        commit: tuple[AppendResult, ...] = (),
-    ) -> None:
-        raw_key = key.encode()
-        old = txn.get(raw_key, db=self.log.idempotency)
-        if old is not None:  # an expired entry being replaced
-            txn.delete(
-                codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
-                db=self.log.idempotency_expiry,
-            )
-        entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
-        txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
-        txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
+    def _apply(self, txn: lmdb.Transaction, command: Command, state: BatchState) -> Result:
+        applier = self._appliers.get(type(command))
+        if applier is None:
+            raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")
+        return applier.apply(txn, command, state)
 
     def _sweep_idempotency(self) -> int:
         """Delete idempotency entries older than the window, a bounded chunk at a time."""
-        self._last_sweep = time.monotonic()
-        cutoff = codec.u64(max(0, self._now() - self.limits.idempotency_window_ns))
-        removed = 0
-        try:
-            with self.log.lmdb.begin_write() as txn:
-                cursor = txn.cursor(db=self.log.idempotency_expiry)
-                cursor.first()
-                while removed < self.limits.sweep_chunk:
-                    key = bytes(cursor.key())
-                    if not key or key[:8] >= cutoff:
-                        break
-                    txn.delete(key[8:], db=self.log.idempotency)
-                    cursor.delete()
-                    removed += 1
-        except lmdb.Error as exc:
-            log.warning("idempotency sweep skipped: %s", exc)
-            return 0
-        if removed:
-            log.debug("expired %d idempotency keys", removed)
-        return removed
-
-
-def _sealed_under(command: Command) -> Iterator[str]:
-    """The subject whose key seals each event *command* writes (a forget writes one)."""
-    if isinstance(command, ForgetCommand):
-        yield STORE_SUBJECT  # the erasure event holds no personal data
-        return
-    if isinstance(command, AppendCommand):
-        parts: tuple[AppendCommand, ...] = (command,)
-    elif isinstance(command, CommitCommand):
-        parts = command.appends
-    else:
-        return
-    for part in parts:
-        for event in part.events:
-            yield event.subject_id or STORE_SUBJECT
-
-
-def _new_event_ids(count: int) -> list[bytes]:
-    """*count* random (version 4) UUIDs as bytes, from one urandom call.
-
-    ``uuid.uuid4().bytes`` costs a system call and a UUID object per event;
-    this sets the same version and variant bits on one block of randomness.
-    """
-    raw = bytearray(os.urandom(16 * count))
-    raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4
-    raw[8::16] = bytes(b & 0x3F | 0x80 for b in raw[8::16])  # RFC 4122 variant
-    return [bytes(raw[i : i + 16]) for i in range(0, len(raw), 16)]
+        return self._idempotency.sweep(self._now())
 
 
 def _counts_in_flight(command: Command) -> bool:
@@ -945,24 +572,3 @@ def _event_count(command: Command) -> int:
     if isinstance(command, CommitCommand):
         return command.event_count()
     return 0
-
-
-def _pending_receipt(
-    subject_id: str, tombstone: Tombstone | None, hold: LegalHold | None = None
-) -> SubjectReceipt:
-    """A receipt from what a write transaction can see (no counts, no epoch times)."""
-    base = SubjectReceipt(subject_id, SubjectState.ACTIVE)
-    if tombstone is not None:
-        base = SubjectReceipt(
-            subject_id,
-            SubjectState.FORGOTTEN_PENDING_SHRED,
-            tombstone_position=tombstone.position,
-            forgotten_at=tombstone.forgotten_at,
-            reason=tombstone.reason,
-            shred_epoch=tombstone.shred_epoch,
-        )
-    if hold is None:
-        return base
-    return msgspec.structs.replace(
-        base, hold_reason=hold.reason, hold_set_at=hold.set_at, hold_until=hold.until, on_hold=True
-    )

@@ -17,9 +17,9 @@ import lethedb_server
 PARTS = frozenset({"log", "keys", "writer", "reader", "provider"})
 #: Names under which the server holds a Store.
 STORE_NAMES = frozenset({"store", "_store"})
-#: Wiring that is not an operation: the metrics observer is set on the writer at
-#: start-up (to become a constructor argument of the writer).
-ALLOWED = frozenset({("server.py", "store.writer.observer")})
+#: Wiring that is not an operation, (file, expression): none; the metrics
+#: observer is a constructor argument (``Store.open(..., observer=)``).
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 def _holds_store(node: ast.expr) -> bool:

@@ -23,11 +23,12 @@ import lmdb
 import pytest
 
 from lethedb_server import codec, storage
+from lethedb_server.appliers import _new_event_ids
 from lethedb_server.audit import _dek_versions
 from lethedb_server.faults import ENV_VAR, EXIT_CODE
 from lethedb_server.model import AppendCommand, ExpectedState, ForgetCommand, ProposedEvent
 from lethedb_server.store import Store, StoreOptions
-from lethedb_server.writer import WriterLimits, _new_event_ids
+from lethedb_server.writer import WriterLimits
 from tests.conftest import StoreFactory
 
 ALICE, BOB = "subj-alice", "subj-bob"

@@ -34,7 +34,8 @@ def append(stream: str, data: bytes = b"x") -> AppendCommand:
 @pytest.fixture
 def blocked(open_store):
     """A store whose writer is held inside a maintenance command until released."""
-    store = open_store(StoreOptions(writer=WriterLimits(max_inflight_appends=3)))
+    limits = WriterLimits(max_inflight_appends=3)
+    store = open_store(StoreOptions(writer=limits), observer=Recorder())
     entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -83,8 +84,8 @@ class Recorder:
 
 def test_the_observer_sees_each_command_its_outcome_and_the_commit_time(blocked):
     store, release = blocked
-    recorder = Recorder()
-    store.writer.observer = recorder
+    recorder = store.writer.observer
+    assert isinstance(recorder, Recorder)
     ok = store.writer.submit(append("obs"))
     conflict = store.writer.submit(
         AppendCommand("obs", append("obs").events, ExpectedState.NO_STREAM)
