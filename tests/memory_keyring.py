@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lethedb_server.crypto import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
-from lethedb_server.keyring import KeyProvider, MasterKeyUnavailable, WrappedKey, key_check_value
+from lethedb_server.crypto.aead import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
+from lethedb_server.crypto.keyring import (
+    KeyProvider,
+    MasterKeyUnavailable,
+    WrappedKey,
+    key_check_value,
+)
 
 
 class MemoryKeyring(KeyProvider):

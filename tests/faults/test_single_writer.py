@@ -29,7 +29,7 @@ REFUSAL_WITHIN_S = 20.0
 
 def _second_serve(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve",
+        [sys.executable, "-m", "lethedb_server", "serve",
          "--data", str(data), "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

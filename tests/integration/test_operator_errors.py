@@ -22,11 +22,11 @@ import pytest
 
 import lethedb
 from lethedb.v1 import admin_pb2, admin_pb2_grpc
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.pki import CertificateAuthority
 from tests.integration.serverproc import ServerProcess
 
-CLI = [sys.executable, "-m", "lethedb_server.cli"]
+CLI = [sys.executable, "-m", "lethedb_server"]
 #: The environment of a process started the way an operator starts one: no
 #: gRPC debugging variables inherited from whoever runs the tests.
 PLAIN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_VERB")}
@@ -324,8 +324,8 @@ def test_ctrl_c_during_verify_ends_the_progress_line(tmp_path):
     """On a terminal the progress line is rewritten in place; Ctrl-C must still end it."""
     import pty
 
-    from lethedb_server.model import AppendCommand, ProposedEvent
-    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.engine.model import AppendCommand, ProposedEvent
+    from lethedb_server.engine.store import Store, StoreOptions
 
     data, keyring = tmp_path / "data", tmp_path / "master.keyring"
     event = ProposedEvent(b"", "E", "", "", b"x" * 32, b"")

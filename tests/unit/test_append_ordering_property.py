@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lethedb_server.codec import AppendResult
+from lethedb_server.engine.model import AppendCommand, ExpectedState, ProposedEvent
+from lethedb_server.engine.store import Store, StoreOptions
 from lethedb_server.errors import StreamNotFound, WrongExpectedVersion
-from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.storage.codec import AppendResult
 
 # "s-b" is a prefix of "s-bb": their index ranges must never mix.
 STREAMS = ("s-a", "s-b", "s-bb")

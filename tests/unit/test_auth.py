@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from lethedb.v1 import admin_pb2, eventstore_pb2
-from lethedb_server import auth
+from lethedb_server.api import auth
+from lethedb_server.api.tokens import TokenStore, create_token
 from lethedb_server.errors import ValidationError
-from lethedb_server.tokens import TokenStore, create_token
 
 PROTO_METHODS = [
     f"/{service.full_name}/{method.name}"
@@ -177,7 +177,7 @@ def test_refusals_beyond_the_burst_are_summarised_per_peer_host_and_reason(caplo
             limiter("/lethedb.v1.EventStore/Append", "ipv6:[::1]:6000", LOW_ROLE)
         await asyncio.sleep(0.5)  # the attack stops: the window's end still writes the summary
 
-    with caplog.at_level(logging.WARNING, logger="lethedb_server.auth"):
+    with caplog.at_level(logging.WARNING, logger="lethedb_server.api.auth"):
         asyncio.run(attack())
     refused = [r for r in caplog.records if r.getMessage().startswith("refused /")]
     assert len(refused) == 3
@@ -189,7 +189,7 @@ def test_refusals_beyond_the_burst_are_summarised_per_peer_host_and_reason(caplo
 def test_the_summary_of_an_attack_from_many_hosts_stays_a_few_lines(caplog):
     now = [0.0]
     limiter = auth._RateLimitedLog(burst=2, window_s=10.0, max_summaries=5, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="lethedb_server.auth"):
+    with caplog.at_level(logging.WARNING, logger="lethedb_server.api.auth"):
         for host in range(500):
             limiter("/m", f"ipv4:10.1.{host // 256}.{host % 256}:1", BAD_TOKEN)
         now[0] = 10.0

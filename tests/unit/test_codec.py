@@ -9,8 +9,8 @@ import msgspec
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lethedb_server import codec
-from lethedb_server.codec import RecordBody
+from lethedb_server.storage import codec
+from lethedb_server.storage.codec import RecordBody
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 U32 = st.integers(min_value=0, max_value=2**32 - 1)

@@ -14,12 +14,12 @@ from dataclasses import fields
 import pytest
 
 import lethedb_contract
-from lethedb_server import config
-from lethedb_server.keys import DEFAULT_MAX_USES, KeyStore
-from lethedb_server.store import StoreOptions
-from lethedb_server.subscriptions import SubscriptionLimits
-from lethedb_server.validation import Limits
-from lethedb_server.writer import WriterLimits
+from lethedb_server.api.validation import Limits
+from lethedb_server.engine.store import StoreOptions
+from lethedb_server.engine.subscriptions import SubscriptionLimits
+from lethedb_server.engine.writer import WriterLimits
+from lethedb_server.ops import config
+from lethedb_server.storage.keys import DEFAULT_MAX_USES, KeyStore
 
 #: Config option -> the engine default it configures.
 ENGINE_DEFAULTS = {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lethedb_server import config
-from lethedb_server.cli import build_parser
 from lethedb_server.errors import ValidationError
+from lethedb_server.ops import config
+from lethedb_server.ops.cli import build_parser
 
 
 def test_defaults_are_secure_and_local():

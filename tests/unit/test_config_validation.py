@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lethedb_server import config
 from lethedb_server.errors import ValidationError
+from lethedb_server.ops import config
 
 BAD_VALUES = [
     ("subject_id_pattern", "([a-z]"),

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from lethedb_server import connections
-from lethedb_server.connections import ConnectionWatch, effective_max_connections
+from lethedb_server.api import connections
+from lethedb_server.api.connections import ConnectionWatch, effective_max_connections
 
 
 @pytest.fixture

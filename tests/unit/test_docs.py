@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server import config
+from lethedb_server.ops import config
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

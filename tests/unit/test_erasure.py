@@ -15,19 +15,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lethedb_server import codec
-from lethedb_server.crypto import wrap_aad
-from lethedb_server.errors import (
-    DataLoss,
-    KeyringMismatch,
-    LegalHoldActive,
-    RestoredLog,
-    SubjectForgotten,
-)
-from lethedb_server.idempotency import FORMAT_KEY
-from lethedb_server.keyring import FileKeyring, WrappedKey
-from lethedb_server.keys import KeyStore
-from lethedb_server.model import (
+from lethedb_server.crypto.aead import wrap_aad
+from lethedb_server.crypto.keyring import FileKeyring, WrappedKey
+from lethedb_server.engine.idempotency import FORMAT_KEY
+from lethedb_server.engine.model import (
     ERASURE_EVENT_TYPE,
     ERASURE_STREAM,
     AppendCommand,
@@ -37,10 +28,19 @@ from lethedb_server.model import (
     ShredCommand,
     SubjectState,
 )
-from lethedb_server.reader import EventReader
-from lethedb_server.server import shred_on_timer
-from lethedb_server.storage import LogStore
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.reader import EventReader
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.errors import (
+    DataLoss,
+    KeyringMismatch,
+    LegalHoldActive,
+    RestoredLog,
+    SubjectForgotten,
+)
+from lethedb_server.ops.server import shred_on_timer
+from lethedb_server.storage import codec
+from lethedb_server.storage.keys import KeyStore
+from lethedb_server.storage.log import LogStore
 
 FORGOTTEN, KEPT = "subj-forgotten", "subj-kept"
 
@@ -217,7 +217,7 @@ def test_no_raw_key_of_the_subject_is_ever_on_disk_and_no_wrapped_one_after_shre
 def _audit(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run ``lethedb audit-erasure`` as operators do: a process of its own."""
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure", *map(str, args)],
+        [sys.executable, "-m", "lethedb_server", "audit-erasure", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -13,12 +13,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lethedb_server import codec
-from lethedb_server.crypto import fingerprint_key, keyed_fingerprint, wrap_aad
-from lethedb_server.errors import IdempotencyConflict, SubjectForgotten
-from lethedb_server.idempotency import FORMAT_KEY
-from lethedb_server.keyring import WrappedKey
-from lethedb_server.model import (
+from lethedb_server.crypto.aead import fingerprint_key, keyed_fingerprint, wrap_aad
+from lethedb_server.crypto.keyring import WrappedKey
+from lethedb_server.engine.idempotency import FORMAT_KEY
+from lethedb_server.engine.model import (
     STORE_SUBJECT,
     AppendCommand,
     CommitCommand,
@@ -26,7 +24,9 @@ from lethedb_server.model import (
     ProposedEvent,
     ShredCommand,
 )
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.errors import IdempotencyConflict, SubjectForgotten
+from lethedb_server.storage import codec
 
 SUBJECT, OTHER = "subj-a", "subj-b"
 

@@ -17,17 +17,17 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lethedb_server.erasure import NEXT_KEYS, OLD_KEYS_FILE, Shredder, _Journal
-from lethedb_server.errors import KeyringMismatch
-from lethedb_server.keyring import FileKeyring, KeyProvider
-from lethedb_server.model import (
+from lethedb_server.crypto.keyring import FileKeyring, KeyProvider
+from lethedb_server.engine.erasure import NEXT_KEYS, OLD_KEYS_FILE, Shredder, _Journal
+from lethedb_server.engine.model import (
     AppendCommand,
     ForgetCommand,
     ProposedEvent,
     RotateCommand,
     ShredCommand,
 )
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.errors import KeyringMismatch
 from tests.memory_keyring import MemoryKeyring
 
 Snapshot = dict[str, tuple[int, int, str]]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server.crypto import AESGCM, InvalidTag, new_key, wrap_aad
+from lethedb_server.crypto.aead import AESGCM, InvalidTag, new_key, wrap_aad
+from lethedb_server.crypto.keyring import FileKeyring, KeyProvider, MasterKeyUnavailable, WrappedKey
 from lethedb_server.errors import DataDirDamaged
-from lethedb_server.keyring import FileKeyring, KeyProvider, MasterKeyUnavailable, WrappedKey
 from tests.memory_keyring import MemoryKeyring
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
+from lethedb_server.engine.store import Store
 from lethedb_server.errors import DataDirDamaged, StorageFull
-from lethedb_server.lmdbenv import LmdbEnv, check_data_file
-from lethedb_server.model import AppendCommand, ProposedEvent
-from lethedb_server.store import Store
+from lethedb_server.storage.lmdbenv import LmdbEnv, check_data_file
 
 PAGE = 4096
 

@@ -14,13 +14,13 @@ import lmdb
 import msgspec
 import pytest
 
-from lethedb_server import codec
-from lethedb_server.crypto import KEY_SIZE, wrap_aad
+from lethedb_server.crypto.aead import KEY_SIZE, wrap_aad
+from lethedb_server.crypto.keyring import FileKeyring, WrappedKey
+from lethedb_server.engine.model import AppendCommand, ExpectedState, ProposedEvent
+from lethedb_server.engine.store import Store, StoreOptions
 from lethedb_server.errors import WrongExpectedVersion
-from lethedb_server.keyring import FileKeyring, WrappedKey
-from lethedb_server.lmdbenv import LmdbEnv
-from lethedb_server.model import AppendCommand, ExpectedState, ProposedEvent
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.storage import codec
+from lethedb_server.storage.lmdbenv import LmdbEnv
 
 CANARY_PREFIX = b"CANARY-"
 #: A clear field the scanner must find, to prove it reads the files it should.

@@ -13,9 +13,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from lethedb_server import pagecheck
-from lethedb_server.lmdbenv import LmdbEnv
-from lethedb_server.storage import LOG_DBS
+from lethedb_server.storage import pagecheck
+from lethedb_server.storage.lmdbenv import LmdbEnv
+from lethedb_server.storage.log import LOG_DBS
 
 PAGE = 4096
 TABLES = ("small", "large", "gone")

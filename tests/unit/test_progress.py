@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from lethedb_server.progress import LOG_INTERVAL_S, ProgressBar
+from lethedb_server.ops.progress import LOG_INTERVAL_S, ProgressBar
 
 
 class Clock:

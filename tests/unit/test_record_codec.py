@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from lethedb_server import codec
-from lethedb_server.crypto import AESGCM, InvalidTag, new_key, new_nonce
-from lethedb_server.model import ProposedEvent
-from lethedb_server.record_codec import RecordSealer, open_record
+from lethedb_server.crypto.aead import AESGCM, InvalidTag, new_key, new_nonce
+from lethedb_server.engine.model import ProposedEvent
+from lethedb_server.engine.record_codec import RecordSealer, open_record
+from lethedb_server.storage import codec
 
 STORE_ID = bytes(range(16))
 EVENT_ID = bytes(16)

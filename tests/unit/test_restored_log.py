@@ -17,14 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server import config, custody
-from lethedb_server.errors import (
-    DataDirDamaged,
-    KeyringMismatch,
-    RestoredLog,
-    SubjectForgotten,
-)
-from lethedb_server.model import (
+from lethedb_server.engine import custody
+from lethedb_server.engine.model import (
     ERASURE_STREAM,
     AppendCommand,
     ForgetCommand,
@@ -32,8 +26,15 @@ from lethedb_server.model import (
     ShredCommand,
     SubjectState,
 )
-from lethedb_server.restore import restore
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.restore import restore
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.errors import (
+    DataDirDamaged,
+    KeyringMismatch,
+    RestoredLog,
+    SubjectForgotten,
+)
+from lethedb_server.ops import config
 from tests.unit.test_key_custody import snapshot
 
 ACCEPT = StoreOptions(accept_restored_log=True)
@@ -214,7 +215,7 @@ def test_erasures_since_the_backup_hold_and_are_written_into_the_restored_log(tm
         assert len(erasures) == 3  # one from the backup, two written again at start-up
 
     audit = subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure", "--data", str(data)],
+        [sys.executable, "-m", "lethedb_server", "audit-erasure", "--data", str(data)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -18,8 +18,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from lethedb_server import codec
-from lethedb_server.codec import AppendResult, Tombstone
+from lethedb_server.crypto.keyring import FileKeyring
+from lethedb_server.engine.model import (
+    AppendCommand,
+    ExpectedState,
+    ForgetCommand,
+    ProposedEvent,
+    StoredEvent,
+)
+from lethedb_server.engine.reader import EventReader
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.engine.writer import Writer, WriterLimits
 from lethedb_server.errors import (
     DataDirLocked,
     DataLoss,
@@ -29,19 +38,10 @@ from lethedb_server.errors import (
     SubjectForgotten,
     WrongExpectedVersion,
 )
-from lethedb_server.keyring import FileKeyring
-from lethedb_server.keys import KeyStore
-from lethedb_server.model import (
-    AppendCommand,
-    ExpectedState,
-    ForgetCommand,
-    ProposedEvent,
-    StoredEvent,
-)
-from lethedb_server.reader import EventReader
-from lethedb_server.storage import LogStore
-from lethedb_server.store import Store, StoreOptions
-from lethedb_server.writer import Writer, WriterLimits
+from lethedb_server.storage import codec
+from lethedb_server.storage.codec import AppendResult, Tombstone
+from lethedb_server.storage.keys import KeyStore
+from lethedb_server.storage.log import LogStore
 
 StoreFactory = Callable[..., Store]
 

@@ -22,13 +22,14 @@ from typing import Any
 import lmdb
 import pytest
 
-from lethedb_server import codec, storage
-from lethedb_server.appliers import _new_event_ids
-from lethedb_server.audit import _dek_versions
+from lethedb_server.engine.appliers import _new_event_ids
+from lethedb_server.engine.audit import _dek_versions
+from lethedb_server.engine.model import AppendCommand, ExpectedState, ForgetCommand, ProposedEvent
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.engine.writer import WriterLimits
 from lethedb_server.faults import ENV_VAR, EXIT_CODE
-from lethedb_server.model import AppendCommand, ExpectedState, ForgetCommand, ProposedEvent
-from lethedb_server.store import Store, StoreOptions
-from lethedb_server.writer import WriterLimits
+from lethedb_server.storage import codec
+from lethedb_server.storage import log as storage
 from tests.conftest import StoreFactory
 
 ALICE, BOB = "subj-alice", "subj-bob"
@@ -161,9 +162,9 @@ _CRASHING_WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from lethedb_server.model import AppendCommand, ProposedEvent
-    from lethedb_server.store import Store, StoreOptions
-    from lethedb_server.writer import WriterLimits
+    from lethedb_server.engine.model import AppendCommand, ProposedEvent
+    from lethedb_server.engine.store import Store, StoreOptions
+    from lethedb_server.engine.writer import WriterLimits
 
     options = StoreOptions(writer=WriterLimits(index_chunk=4, index_idle_s=3600.0))
     store = Store.open(Path(sys.argv[1]), options)

@@ -16,17 +16,14 @@ from typing import Any
 
 import pytest
 
-from lethedb_server.errors import (
-    NotGroupMember,
-    PermissionDenied,
-    PositionBeyondHead,
-    SubscriptionReplaced,
-    TooManyGroups,
-    TooManySubscribers,
+from lethedb_server.engine.model import (
+    AppendCommand,
+    CheckpointCommand,
+    ForgetCommand,
+    ProposedEvent,
 )
-from lethedb_server.model import AppendCommand, CheckpointCommand, ForgetCommand, ProposedEvent
-from lethedb_server.store import Store
-from lethedb_server.subscriptions import (
+from lethedb_server.engine.store import Store
+from lethedb_server.engine.subscriptions import (
     Assignment,
     CaughtUp,
     Checkpoint,
@@ -38,6 +35,14 @@ from lethedb_server.subscriptions import (
     SubscriptionMessage,
     SubscriptionSpec,
     partition_of,
+)
+from lethedb_server.errors import (
+    NotGroupMember,
+    PermissionDenied,
+    PositionBeyondHead,
+    SubscriptionReplaced,
+    TooManyGroups,
+    TooManySubscribers,
 )
 
 TIMEOUT = 10.0

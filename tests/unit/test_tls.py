@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server import tls
+from lethedb_server.api import tls
 from lethedb_server.errors import ValidationError
 from tests.integration.pki import CertificateAuthority
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server import tokens
+from lethedb_server.api import tokens
 from lethedb_server.errors import ValidationError
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from lethedb_server import validation
+from lethedb_server.api import validation
+from lethedb_server.api.validation import Limits, Validator, human_size
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
+from lethedb_server.engine.subscriptions import EventFilter, SubscriptionSpec
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, ProposedEvent
-from lethedb_server.subscriptions import EventFilter, SubscriptionSpec
-from lethedb_server.validation import Limits, Validator, human_size
 
 MiB = 1 << 20
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"

@@ -6,7 +6,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server.wire import count_events
+from lethedb_server.api.wire import count_events
 
 EVENT = pb.ProposedEvent(event_type="T", data=b"{}")
 

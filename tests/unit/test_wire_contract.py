@@ -22,8 +22,9 @@ import lethedb_server
 from lethedb import _coalescing, _exceptions, _requests
 from lethedb._connection import resolve
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import errors, status, validation
-from lethedb_server.config import Config
+from lethedb_server import errors
+from lethedb_server.api import status, validation
+from lethedb_server.ops.config import Config
 from tests.unit.grpc_fakes import FakeRpcError
 
 ROOT = Path(__file__).resolve().parents[2]

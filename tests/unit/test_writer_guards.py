@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
 from lethedb_server.errors import ForkedProcess
-from lethedb_server.model import AppendCommand, ProposedEvent
 
 HOUR = 3600 * 10**9
 

@@ -11,10 +11,7 @@ import grpc.aio
 import pytest
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server.codec import AppendResult
-from lethedb_server.config import Config
-from lethedb_server.errors import LetheError, Overloaded, WrongExpectedVersion
-from lethedb_server.model import (
+from lethedb_server.engine.model import (
     AppendCommand,
     Command,
     ExpectedState,
@@ -22,9 +19,12 @@ from lethedb_server.model import (
     ProposedEvent,
     ShredCommand,
 )
-from lethedb_server.server import build_server
-from lethedb_server.store import StoreOptions
-from lethedb_server.writer import WriterLimits
+from lethedb_server.engine.store import StoreOptions
+from lethedb_server.engine.writer import WriterLimits
+from lethedb_server.errors import LetheError, Overloaded, WrongExpectedVersion
+from lethedb_server.ops.config import Config
+from lethedb_server.ops.server import build_server
+from lethedb_server.storage.codec import AppendResult
 
 
 def append(stream: str, data: bytes = b"x") -> AppendCommand:
