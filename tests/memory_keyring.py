@@ -1,7 +1,7 @@
 """A :class:`KeyProvider` that keeps its master keys in memory.
 
 It stands for any provider other than the file keyring (a KMS, an HSM): the
-shared contract in ``tests/unit/test_keyring.py`` runs against it, and the
+shared contract in ``tests/unit/server/test_keyring.py`` runs against it, and the
 store's start-up checks are tested with it, so nothing of them depends on the
 keyring being a file.
 """

@@ -6,7 +6,7 @@ an exclusive lock on ``<data>/lethedb.lock`` before it touches LMDB, so a
 second one must exit at once, non-zero, with a message that says who holds
 the directory, and without disturbing the first. (A process *forked* from a
 running server is refused by the writer itself: see
-tests/unit/test_writer_guards.py.)
+tests/unit/server/test_writer_guards.py.)
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 
 import lethedb
 from tests.integration.serverproc import ServerProcess
-from tests.unit.test_key_custody import snapshot
+from tests.unit.server.test_key_custody import snapshot
 
 
 def _serve(data: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ import lethedb
 from lethedb import NO_STREAM, Append, Event
 from lethedb._retry import RetryPolicy
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
+from tests.unit.client.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
 

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 COMMITTED = REPO_ROOT / "client" / "lethedb" / "v1"
 FIX = "run `make proto` and commit the result"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lethedb_server._entry import MISSING_SERVER, SERVER_MODULES
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 SDK_PACKAGES = ("lethedb", "lethedb_contract")
 

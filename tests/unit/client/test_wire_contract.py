@@ -25,9 +25,9 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server import errors
 from lethedb_server.api import status, validation
 from lethedb_server.ops.config import Config
-from tests.unit.grpc_fakes import FakeRpcError
+from tests.unit.client.grpc_fakes import FakeRpcError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SOURCES = [
     *sorted((ROOT / "client" / "lethedb").rglob("*.py")),
     *sorted((ROOT / "server" / "lethedb_server").rglob("*.py")),

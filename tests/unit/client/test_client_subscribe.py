@@ -20,7 +20,7 @@ from lethedb._exceptions import error_from_rpc_error
 from lethedb._retry import RetryPolicy
 from lethedb._subscription_state import SubscriptionCursor, build_subscribe_request
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.grpc_fakes import FakeRpcError, unavailable
+from tests.unit.client.grpc_fakes import FakeRpcError, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
 

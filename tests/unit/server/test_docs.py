@@ -11,7 +11,7 @@ import pytest
 
 from lethedb_server.ops import config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 README = (ROOT / "README.md").read_text()
 CONFIGURATION = (ROOT / "docs" / "CONFIGURATION.md").read_text()
 

@@ -35,7 +35,7 @@ from lethedb._requests import (
 )
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
+from tests.unit.client.grpc_fakes import AsyncCall, FakeRpcError, SyncCall, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
 NS = 1_000_000_000

@@ -26,7 +26,7 @@ from lethedb._coalescing import (
     QueuedAppend,
 )
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.grpc_fakes import FakeRpcError, unavailable
+from tests.unit.client.grpc_fakes import FakeRpcError, unavailable
 
 FAST = {"initial_backoff": 0.001, "max_backoff": 0.002}
 

@@ -35,7 +35,7 @@ from lethedb_server.errors import (
     SubjectForgotten,
 )
 from lethedb_server.ops import config
-from tests.unit.test_key_custody import snapshot
+from tests.unit.server.test_key_custody import snapshot
 
 ACCEPT = StoreOptions(accept_restored_log=True)
 

@@ -14,7 +14,7 @@ import lethedb
 from lethedb._exceptions import error_from_rpc_error
 from lethedb._requests import error_from_append_error
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.grpc_fakes import FakeRpcError
+from tests.unit.client.grpc_fakes import FakeRpcError
 
 
 def _server_error(code: grpc.StatusCode, name: str, details: str = "msg") -> FakeRpcError:

@@ -30,7 +30,7 @@ from lethedb._admin_requests import to_rotate_result, to_store_stats, to_verify_
 from lethedb._requests import build_commit_request, to_commit_result
 from lethedb.v1 import admin_pb2 as apb
 from lethedb.v1 import eventstore_pb2 as pb
-from tests.unit.test_client_erasure import (
+from tests.unit.client.test_client_erasure import (
     FakeRpcError,
     ScriptedStub,
     _client,

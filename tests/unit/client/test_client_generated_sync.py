@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "client" / "generate_sync.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "client" / "generate_sync.py"
 
 
 def _generator() -> ModuleType:
