@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from lethedb.v1 import admin_pb2, admin_pb2_grpc
 from lethedb_server.api.tokens import create_token
 from tests.integration.pki import CertificateAuthority
 from tests.integration.serverproc import ServerProcess
+from tests.ports import free_port
 
 CLI = [sys.executable, "-m", "lethedb_server"]
 #: The environment of a process started the way an operator starts one: no
@@ -45,12 +45,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("lethedb: "), result.stderr
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- start-up: nothing is created when the server cannot start ---------------------------
