@@ -59,8 +59,8 @@ from lethedb import CaughtUp, Checkpoint
 from lethedb._requests import to_recorded_event
 from lethedb.eventsourcing import LetheDBApplicationRecorder
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import messages
-from lethedb_server.store import Store
+from lethedb_server.api import messages
+from lethedb_server.engine.store import Store
 
 SYSTEMS = ("lethedb", "postgres", "sqlite")
 PAGE = 500

@@ -279,7 +279,7 @@ class Server:
                 [
                     sys.executable,
                     "-m",
-                    "lethedb_server.cli",
+                    "lethedb_server",
                     "serve",
                     "--data",
                     str(self.data_dir),

@@ -416,7 +416,7 @@ def run_threaded(spec: Spec, conn: Connection) -> Result:
 def _inprocess(spec: Spec, conn: Connection) -> Result:
     """*spec.clients* threads, each appending *spec.events*-event commands in a loop."""
     from benchmarks import workload
-    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.engine.store import Store, StoreOptions
 
     window = Window()
     tallies = [Tally() for _ in range(spec.clients)]

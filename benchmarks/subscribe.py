@@ -151,7 +151,7 @@ class Interval:
 def build_log(store: Any, events: int, subjects: list[str], payload_bytes: int) -> Row:
     """Append *events* in 100-event commands, 64 in flight so the writer group-commits."""
     rng = random.Random(7)
-    from lethedb_server.model import AppendCommand
+    from lethedb_server.engine.model import AppendCommand
 
     templates = [
         AppendCommand(
@@ -183,8 +183,8 @@ def build_log(store: Any, events: int, subjects: list[str], payload_bytes: int) 
 
 def reference_scans(store: Any, payload_bytes: int, page_size: int) -> list[Callable[[], Row]]:
     """The three in-process scans of the whole log, each a callable making one Row."""
-    from lethedb_server import messages
-    from lethedb_server.subscriptions import Events
+    from lethedb_server.api import messages
+    from lethedb_server.engine.subscriptions import Events
 
     head = store.log.head
 
@@ -1133,7 +1133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--payload-bytes must be at least {_STAMP_BYTES} (the send stamp)")
     if not 0 < args.load <= 1:
         p.error("--load is a fraction of the maximum append rate, in (0, 1]")
-    from lethedb_server.subscriptions import SubscriptionLimits
+    from lethedb_server.engine.subscriptions import SubscriptionLimits
 
     args.page_size = SubscriptionLimits().page_size
     return args
@@ -1157,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     subjects = workload.subject_pool(args.subjects)
-    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.engine.store import Store, StoreOptions
 
     integrity: list[str] = []
     with temp_root(args.tmp_dir, prefix="lethedb-subscribe-") as root:

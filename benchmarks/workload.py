@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import uuid
 
-from lethedb_server.model import AppendCommand, ProposedEvent
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
 
 PAYLOAD_BYTES = 256
 SUBJECTS = 1000

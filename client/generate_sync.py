@@ -4,7 +4,7 @@ The asyncio client is the source; each blocking module is the same code with
 ``await``, ``async for`` and the ``Async`` names replaced by their blocking
 forms, then import-sorted and formatted by ruff. Run it after editing a
 source (``make sync-client``); ``--check`` exits 1 when a generated file is
-stale, and tests/unit/test_client_generated_sync.py fails then too.
+stale, and tests/unit/client/test_client_generated_sync.py fails then too.
 """
 
 from __future__ import annotations

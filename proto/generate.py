@@ -1,7 +1,7 @@
 """Regenerate the committed protobuf and gRPC modules (``make proto``).
 
 The generated code lives in ``client/lethedb/v1`` so that the SDK and the
-server import the same modules. ``tests/unit/test_generated_code.py`` runs
+server import the same modules. ``tests/unit/client/test_generated_code.py`` runs
 :func:`generate` into a temporary directory and fails when the committed
 files differ, so a proto change cannot land without its generated code.
 """

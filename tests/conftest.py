@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lethedb_server.store import Store, StoreOptions
-from lethedb_server.writer import WriterObserver
+from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.engine.writer import WriterObserver
 
 StoreFactory = Callable[..., Store]
 

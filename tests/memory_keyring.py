@@ -1,7 +1,7 @@
 """A :class:`KeyProvider` that keeps its master keys in memory.
 
 It stands for any provider other than the file keyring (a KMS, an HSM): the
-shared contract in ``tests/unit/test_keyring.py`` runs against it, and the
+shared contract in ``tests/unit/server/test_keyring.py`` runs against it, and the
 store's start-up checks are tested with it, so nothing of them depends on the
 keyring being a file.
 """
@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lethedb_server.crypto import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
-from lethedb_server.keyring import KeyProvider, MasterKeyUnavailable, WrappedKey, key_check_value
+from lethedb_server.crypto.aead import AESGCM, NONCE_SIZE, InvalidTag, new_key, new_nonce
+from lethedb_server.crypto.keyring import (
+    KeyProvider,
+    MasterKeyUnavailable,
+    WrappedKey,
+    key_check_value,
+)
 
 
 class MemoryKeyring(KeyProvider):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import workload
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.store import Store, StoreOptions
 
 
 @pytest.hookimpl(tryfirst=True)

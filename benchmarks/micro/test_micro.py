@@ -19,13 +19,14 @@ import pytest
 
 from benchmarks import workload
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import codec, messages
-from lethedb_server.crypto import AESGCM, new_key, new_nonce
-from lethedb_server.model import AppendCommand, ProposedEvent
-from lethedb_server.reader import DEFAULT_PAGE
-from lethedb_server.record_codec import RecordSealer
-from lethedb_server.store import Store
-from lethedb_server.validation import Validator
+from lethedb_server.api import messages
+from lethedb_server.api.validation import Validator
+from lethedb_server.crypto.aead import AESGCM, new_key, new_nonce
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
+from lethedb_server.engine.reader import DEFAULT_PAGE
+from lethedb_server.engine.record_codec import RecordSealer
+from lethedb_server.engine.store import Store
+from lethedb_server.storage import codec
 
 STORE_ID = bytes(16)
 EVENT_ID = bytes(range(16))

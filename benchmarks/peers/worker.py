@@ -244,8 +244,8 @@ def build_lethe_log(job: Job) -> Result:
     own seal, LMDB puts and fsynced commits, without gRPC. With
     *job.distinct_subjects*, event k belongs to subject k (one key each).
     """
-    from lethedb_server.model import AppendCommand, ProposedEvent
-    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.engine.model import AppendCommand, ProposedEvent
+    from lethedb_server.engine.store import Store, StoreOptions
 
     per_command = 1000
     filler, body = payload_source(job)
@@ -308,8 +308,8 @@ def scan_lethe_log(job: Job) -> Result:
     LMDB read transaction per page, AES-GCM open of every event) on one
     thread, with no gRPC and no protobuf.
     """
-    from lethedb_server.store import Store, StoreOptions
-    from lethedb_server.subscriptions import SubscriptionLimits
+    from lethedb_server.engine.store import Store, StoreOptions
+    from lethedb_server.engine.subscriptions import SubscriptionLimits
 
     page_size = SubscriptionLimits().page_size
     with Store.open(Path(job.data_dir), StoreOptions()) as store:

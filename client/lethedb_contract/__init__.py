@@ -4,7 +4,7 @@ What both sides must agree on beyond the messages in ``proto/``, written once
 and imported by both: the trailing-metadata keys that carry a domain error
 across a gRPC status, the error class names the server sends in them, the
 limits the SDK must respect when it builds requests, the reserved names, and
-which addresses count as local. tests/unit/test_wire_contract.py checks each
+which addresses count as local. tests/unit/client/test_wire_contract.py checks each
 side against it (the server's error tree, the SDK's exception map).
 
 A package of its own, importing only the standard library, so the server's

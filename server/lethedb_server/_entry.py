@@ -28,7 +28,7 @@ MISSING_SERVER: Final = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from lethedb_server.cli import main as server_main
+        from lethedb_server.ops.cli import main as server_main
     except ModuleNotFoundError as error:
         if (error.name or "").partition(".")[0] not in SERVER_MODULES:
             raise

@@ -2,7 +2,7 @@
 
 Every layer below the gRPC service raises these and nothing else for
 conditions a client can cause or must learn about. They carry no gRPC
-knowledge: :mod:`lethedb_server.status` is the one place that maps them to
+knowledge: :mod:`lethedb_server.api.status` is the one place that maps them to
 status codes. Messages are written for the person reading them: they name the
 field, the limit and what was found, and never contain event data or keys.
 

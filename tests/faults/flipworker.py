@@ -26,8 +26,8 @@ from pathlib import Path
 
 import lmdb
 
-from lethedb_server import cli
-from lethedb_server.storage import LOG_DBS
+from lethedb_server.ops import cli
+from lethedb_server.storage.log import LOG_DBS
 
 
 def verify(data_dir: str) -> dict[str, object]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server.store import Store
-from lethedb_server.verify import Verifier
+from lethedb_server.engine.store import Store
+from lethedb_server.engine.verify import Verifier
 
 EVENT_STORE = "/lethedb.v1.EventStore/"
 CALL_TIMEOUT = 10.0

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 import lethedb
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -43,10 +43,10 @@ import pytest
 
 from lethedb.v1 import admin_pb2, admin_pb2_grpc, eventstore_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import codec
-from lethedb_server.model import AppendCommand, ProposedEvent
-from lethedb_server.storage import LogStore
-from lethedb_server.store import Store
+from lethedb_server.engine.model import AppendCommand, ProposedEvent
+from lethedb_server.engine.store import Store
+from lethedb_server.storage import codec
+from lethedb_server.storage.log import LogStore
 from tests.faults import flipworker
 from tests.faults.support import verify_offline
 from tests.integration.serverproc import ServerProcess
@@ -104,7 +104,7 @@ def data(template: Path, tmp_path: Path) -> Path:
 
 def _serve(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve",
+        [sys.executable, "-m", "lethedb_server", "serve",
          "--data", str(data), "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -225,7 +225,7 @@ def _verify_online(channel: grpc.Channel) -> admin_pb2.VerifyProgress:
 
 def _verify_cli(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "verify", "--data", str(data)],
+        [sys.executable, "-m", "lethedb_server", "verify", "--data", str(data)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -791,7 +791,7 @@ def test_a_damaged_record_read_through_its_stream_delivers_the_versions_before_i
 
 def _cli_read(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "read", "--server", address, *args],
+        [sys.executable, "-m", "lethedb_server", "read", "--server", address, *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

@@ -68,7 +68,7 @@ def _expect_death(proc: ServerProcess, call) -> None:
 
 def _audit(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure", "--data", str(data),
+        [sys.executable, "-m", "lethedb_server", "audit-erasure", "--data", str(data),
          "--canary", "CANARY-GONE"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

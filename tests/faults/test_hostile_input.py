@@ -62,8 +62,8 @@ from hypothesis import strategies as st
 
 from lethedb.v1 import admin_pb2, eventstore_pb2
 from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server.api.validation import Validator, check_name
 from lethedb_server.errors import ValidationError
-from lethedb_server.validation import Validator, check_name
 from tests.faults.support import head, rss_kib, verify_offline
 from tests.integration.serverproc import ServerProcess
 

@@ -19,12 +19,12 @@ import lmdb
 import msgspec
 import pytest
 
-from lethedb_server import codec
+from lethedb_server.engine.idempotency import FORMAT_KEY
+from lethedb_server.engine.model import AppendCommand, ForgetCommand, ProposedEvent
+from lethedb_server.engine.store import Store
 from lethedb_server.errors import SubjectForgotten
 from lethedb_server.faults import ENV_VAR, EXIT_CODE
-from lethedb_server.idempotency import FORMAT_KEY
-from lethedb_server.model import AppendCommand, ForgetCommand, ProposedEvent
-from lethedb_server.store import Store
+from lethedb_server.storage import codec
 
 #: More than one upgrade chunk (2,048 entries).
 ENTRIES = 2_300
@@ -85,7 +85,7 @@ def test_an_upgrade_killed_between_chunks_is_finished_at_the_next_start(tmp_path
         [
             sys.executable,
             "-c",
-            "import pathlib, sys\nfrom lethedb_server.store import Store\n"
+            "import pathlib, sys\nfrom lethedb_server.engine.store import Store\n"
             "Store.open(pathlib.Path(sys.argv[1]))",
             str(data),
         ],

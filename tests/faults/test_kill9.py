@@ -35,8 +35,8 @@ import grpc
 import pytest
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server import codec
-from lethedb_server.storage import LogStore
+from lethedb_server.storage import codec
+from lethedb_server.storage.log import LogStore
 from tests.faults.support import EVENT_STORE, raw_unary, read_all, verify_offline
 from tests.integration.serverproc import ServerProcess
 

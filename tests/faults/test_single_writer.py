@@ -6,7 +6,7 @@ an exclusive lock on ``<data>/lethedb.lock`` before it touches LMDB, so a
 second one must exit at once, non-zero, with a message that says who holds
 the directory, and without disturbing the first. (A process *forked* from a
 running server is refused by the writer itself: see
-tests/unit/test_writer_guards.py.)
+tests/unit/server/test_writer_guards.py.)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ REFUSAL_WITHIN_S = 20.0
 
 def _second_serve(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve",
+        [sys.executable, "-m", "lethedb_server", "serve",
          "--data", str(data), "--listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -40,7 +40,7 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "lethedb_server.cli", "serve",
+                sys.executable, "-m", "lethedb_server", "serve",
                 "--data", str(self.data_dir),
                 "--listen", listen,
                 "--ready-file", str(ready),

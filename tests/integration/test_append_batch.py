@@ -23,7 +23,7 @@ import lethedb
 from lethedb import NO_STREAM, Event
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
-from lethedb_server.validation import MAX_APPENDS_PER_BATCH
+from lethedb_server.api.validation import MAX_APPENDS_PER_BATCH
 from tests.integration.serverproc import ServerProcess
 
 

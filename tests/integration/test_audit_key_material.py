@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 import lethedb
+from lethedb_server.engine.model import AppendCommand, ForgetCommand, ProposedEvent, ShredCommand
+from lethedb_server.engine.store import Store, StoreOptions
 from lethedb_server.errors import ValidationError
-from lethedb_server.model import AppendCommand, ForgetCommand, ProposedEvent, ShredCommand
-from lethedb_server.store import Store, StoreOptions
 from tests.integration.serverproc import ServerProcess
 
 ALICE, BOB, CAROL = "subj-alice", "subj-bob", "subj-carol"
@@ -36,7 +36,7 @@ ALICE, BOB, CAROL = "subj-alice", "subj-bob", "subj-carol"
 
 def _audit(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure", *map(str, args)],
+        [sys.executable, "-m", "lethedb_server", "audit-erasure", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -240,7 +240,7 @@ def test_lethedb_backup_into_the_data_directory_is_refused(tmp_path: Path) -> No
     proc = ServerProcess(tmp_path / "data").start()
     try:
         backup = subprocess.run(
-            [sys.executable, "-m", "lethedb_server.cli", "backup",
+            [sys.executable, "-m", "lethedb_server", "backup",
              str(tmp_path / "data" / "backup"), "--server", proc.address],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip

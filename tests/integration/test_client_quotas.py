@@ -20,7 +20,7 @@ import pytest
 import lethedb
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
 
 SUBSCRIPTIONS_PER_CLIENT = 2

@@ -21,7 +21,8 @@ import pytest
 
 import lethedb
 from lethedb import NO_STREAM, Append, Event
-from lethedb_server import cli, codec
+from lethedb_server.ops import cli
+from lethedb_server.storage import codec
 
 
 def _claim(user_id: str) -> Event:
@@ -46,7 +47,7 @@ def _versions(db: lethedb.Client, stream: str) -> list[int] | None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", *args],
+        [sys.executable, "-m", "lethedb_server", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

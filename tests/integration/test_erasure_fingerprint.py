@@ -25,8 +25,8 @@ import msgspec
 import pytest
 
 from lethedb.v1 import admin_pb2, admin_pb2_grpc, eventstore_pb2, eventstore_pb2_grpc
-from lethedb_server.crypto import InvalidTag, fingerprint_key, keyed_fingerprint, wrap_aad
-from lethedb_server.keyring import FileKeyring, MasterKeyUnavailable, WrappedKey
+from lethedb_server.crypto.aead import InvalidTag, fingerprint_key, keyed_fingerprint, wrap_aad
+from lethedb_server.crypto.keyring import FileKeyring, MasterKeyUnavailable, WrappedKey
 from tests.integration.serverproc import ServerProcess
 
 PIN = "4711"

@@ -29,7 +29,7 @@ def _event(subject: str, text: str) -> eventstore_pb2.ProposedEvent:
 
 def _cli(server, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", *args, "--server", server.address],
+        [sys.executable, "-m", "lethedb_server", *args, "--server", server.address],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -167,7 +167,7 @@ def test_cli_forget_subject_shred_and_audit(server, stubs, stream_id):
     assert receipt["event_count"] == 1
 
     audit = subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "audit-erasure",
+        [sys.executable, "-m", "lethedb_server", "audit-erasure",
          "--data", str(server.data_dir), "--canary", canary.decode()],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

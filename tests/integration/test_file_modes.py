@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import lethedb
-from lethedb_server.store import Store, StoreOptions
+from lethedb_server.engine.store import Store, StoreOptions
 from tests.integration.serverproc import ServerProcess
 
 PRIVATE_DIR = 0o700
@@ -52,7 +52,7 @@ def _wider_than_private(*roots: Path) -> dict[str, str]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", *args],
+        [sys.executable, "-m", "lethedb_server", *args],
         capture_output=True,
         text=True,
         timeout=60,

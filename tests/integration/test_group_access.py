@@ -26,7 +26,7 @@ from examples.users_read_model import Users as ReadModel
 from lethedb.projections import ProjectionError, ProjectionRunner
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
 
 ROLES = ("reader", "consumer", "writer", "admin")

@@ -19,13 +19,13 @@ import pytest
 
 import lethedb
 from tests.integration.serverproc import ServerProcess
-from tests.unit.test_key_custody import snapshot
+from tests.unit.server.test_key_custody import snapshot
 
 
 def _serve(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``lethedb serve`` as an operator runs it; a refused start returns at once."""
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve", "--data", str(data),
+        [sys.executable, "-m", "lethedb_server", "serve", "--data", str(data),
          "--listen", "127.0.0.1:0", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

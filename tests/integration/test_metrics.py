@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -12,16 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import lethedb
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
+from tests.ports import free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> tuple[str, Samples]:

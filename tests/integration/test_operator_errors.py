@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,11 +21,12 @@ import pytest
 
 import lethedb
 from lethedb.v1 import admin_pb2, admin_pb2_grpc
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.pki import CertificateAuthority
 from tests.integration.serverproc import ServerProcess
+from tests.ports import free_port
 
-CLI = [sys.executable, "-m", "lethedb_server.cli"]
+CLI = [sys.executable, "-m", "lethedb_server"]
 #: The environment of a process started the way an operator starts one: no
 #: gRPC debugging variables inherited from whoever runs the tests.
 PLAIN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_VERB")}
@@ -45,12 +45,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("lethedb: "), result.stderr
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- start-up: nothing is created when the server cannot start ---------------------------
@@ -324,8 +318,8 @@ def test_ctrl_c_during_verify_ends_the_progress_line(tmp_path):
     """On a terminal the progress line is rewritten in place; Ctrl-C must still end it."""
     import pty
 
-    from lethedb_server.model import AppendCommand, ProposedEvent
-    from lethedb_server.store import Store, StoreOptions
+    from lethedb_server.engine.model import AppendCommand, ProposedEvent
+    from lethedb_server.engine.store import Store, StoreOptions
 
     data, keyring = tmp_path / "data", tmp_path / "master.keyring"
     event = ProposedEvent(b"", "E", "", "", b"x" * 32, b"")

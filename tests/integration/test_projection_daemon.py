@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def project(server: ServerProcess, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "lethedb_server.cli", "project",
+        [sys.executable, "-m", "lethedb_server", "project",
          "examples.users_read_model:Users", "--server", server.address, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -135,7 +135,7 @@ def test_rebuild_replays_from_zero_with_a_progress_line(server: ServerProcess, t
 
 def test_a_bad_projection_argument_is_a_clear_error(server: ServerProcess):
     proc = subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "project", "examples.nothing:Here",
+        [sys.executable, "-m", "lethedb_server", "project", "examples.nothing:Here",
          "--server", server.address],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip

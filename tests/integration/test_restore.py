@@ -28,7 +28,7 @@ GONE_BEFORE, GONE_AFTER, GONE_NEW = "gone-before", "gone-after", "gone-new"
 
 def lethedb_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", *map(str, args)],
+        [sys.executable, "-m", "lethedb_server", *map(str, args)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

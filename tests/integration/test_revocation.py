@@ -28,7 +28,7 @@ import pytest
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
 
 #: How soon after the tokens file changed an affected stream must have ended.
@@ -93,7 +93,7 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 def revoke_with_cli(path: Path, name: str) -> float:
     """``lethedb token revoke``; the time its change to the file was in place."""
     subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "token", "revoke", name,
+        [sys.executable, "-m", "lethedb_server", "token", "revoke", name,
          "--tokens-file", str(path)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip

@@ -22,7 +22,7 @@ import pytest
 
 import lethedb
 from lethedb import CaughtUp, Checkpoint, Event, RecordedEvent, SubscriptionFilter
-from lethedb_server.subscriptions import partition_of
+from lethedb_server.engine.subscriptions import partition_of
 from tests.integration.serverproc import ServerProcess
 
 #: A restarted server is found again quickly (gRPC's default first backoff is 1 s).

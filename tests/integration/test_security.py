@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import lethedb
 from lethedb.v1 import admin_pb2, eventstore_pb2
-from lethedb_server.tokens import create_token
+from lethedb_server.api.tokens import create_token
 from tests.integration.pki import CertificateAuthority
 from tests.integration.serverproc import ServerProcess
 
@@ -288,7 +288,7 @@ def test_token_cli_creates_lists_and_revokes_and_the_server_follows(tmp_path):
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "lethedb_server.cli", "token", *args,
+            [sys.executable, "-m", "lethedb_server", "token", *args,
              "--tokens-file", str(path)],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
@@ -436,7 +436,7 @@ def test_replaced_certificate_files_are_used_for_new_connections(tmp_path, pki):
 
 def test_a_non_loopback_address_without_tls_and_tokens_is_refused(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve",
+        [sys.executable, "-m", "lethedb_server", "serve",
          "--data", str(tmp_path / "data"), "--listen", "0.0.0.0:0"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -457,7 +457,7 @@ def test_insecure_serves_a_non_loopback_address_with_a_loud_warning(tmp_path):
 
 def test_print_config_shows_paths_never_secrets(tmp_path, tokens):
     result = subprocess.run(
-        [sys.executable, "-m", "lethedb_server.cli", "serve", "--print-config",
+        [sys.executable, "-m", "lethedb_server", "serve", "--print-config",
          "--tokens-file", str(tokens["path"]), "--tls-key", "/etc/lethedb/server.key",
          "--insecure"],
         capture_output=True, text=True, timeout=60, check=True,
@@ -536,7 +536,7 @@ def test_the_cli_sends_the_token_from_the_environment(auth_server, tokens):
         if token is not None:
             env["LETHEDB_TOKEN"] = token
         return subprocess.run(
-            [sys.executable, "-m", "lethedb_server.cli", *args, "--server", auth_server.address],
+            [sys.executable, "-m", "lethedb_server", *args, "--server", auth_server.address],
             capture_output=True, text=True, timeout=60, check=False, env=env,
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb_server.subscriptions import partition_of
+from lethedb_server.engine.subscriptions import partition_of
 from tests.integration.serverproc import ServerProcess
 from tests.integration.subscribing import (
     Received,

@@ -1,0 +1,1 @@
+"""Encryption: the AEAD helpers and the keyring (master keys, KeyProvider)."""

@@ -1,0 +1,460 @@
+"""A LetheDB data directory opened as a whole: lock, keyring, log, keys, writer.
+
+This is the one object the server (and in-process tools, tests and
+benchmarks) hold, and the engine's façade: the api layer (service, admin,
+subscriptions, metrics, server wiring) calls only its domain operations
+(append, commit, read, subscribe, forget, shred, legal hold, export, verify,
+stats, rotate, backup) and never the log, key store, writer or reader behind
+it. Opening takes the directory's lock file first, so a second process is
+refused with a clear message before it touches any LMDB file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from asyncio import Future
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from lethedb_server.crypto.keyring import FileKeyring, KeyProvider
+from lethedb_server.engine import custody
+from lethedb_server.engine.erasure import Shredder, subject_receipt
+from lethedb_server.engine.idempotency import upgrade_unkeyed_entries
+from lethedb_server.engine.model import (
+    STORE_SUBJECT,
+    AppendCommand,
+    CheckpointCommand,
+    CommitCommand,
+    CommitResult,
+    ForgetCommand,
+    LegalHoldCommand,
+    RotateCommand,
+    RotateResult,
+    ShredCommand,
+    ShredResult,
+    StoredEvent,
+    SubjectReceipt,
+)
+from lethedb_server.engine.reader import EventReader
+from lethedb_server.engine.verify import Verifier
+from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
+from lethedb_server.errors import DataDirLocked, ValidationError
+from lethedb_server.files import make_private_dir, open_private, wide_modes
+from lethedb_server.storage.codec import AppendResult
+from lethedb_server.storage.keys import DEFAULT_CACHE_SIZE, DEFAULT_MAX_USES, KeyStore
+from lethedb_server.storage.log import LogStore, RawPage
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "lethedb.lock"
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    keyring_path: Path | None = None  # default: <data>/master.keyring
+    dek_cache_size: int = DEFAULT_CACHE_SIZE
+    dek_max_uses: int = DEFAULT_MAX_USES
+    log_map_size: int = 64 << 20
+    max_map_size: int = 1 << 42
+    #: Serve a log that is behind its key store (restored from an older backup).
+    accept_restored_log: bool = False
+    writer: WriterLimits = field(default_factory=WriterLimits)
+
+
+class Store:
+    """An open data directory. Use :meth:`open`; close with :meth:`close`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        lock: IO[bytes],
+        provider: KeyProvider,
+        log_store: LogStore,
+        keys: KeyStore,
+        writer: Writer,
+    ) -> None:
+        self.data_dir = data_dir
+        self._lock = lock
+        self.provider = provider
+        self.log = log_store
+        self.keys = keys
+        self.writer = writer
+        self.reader = EventReader(log_store, keys)
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        options: StoreOptions | None = None,
+        provider: KeyProvider | None = None,
+        observer: WriterObserver | None = None,
+    ) -> Store:
+        """Open (or create) the store in *data_dir*, recover it, start its writer.
+
+        *observer* is told of every batch the writer commits and every
+        command it refuses (the metrics); None: nobody is.
+        """
+        opts = options or StoreOptions()
+        make_private_dir(data_dir)
+        lock = _take_lock(data_dir / LOCK_FILE)
+        try:
+            # Nothing is written (not even the pid) until the keyring, the key
+            # store and the log are known to belong together.
+            plan = custody.preflight(
+                data_dir,
+                opts.keyring_path or data_dir / "master.keyring",
+                provider,
+                opts.accept_restored_log,
+            )
+            _write_pid(lock)
+            provider = custody.provide(plan)
+            if isinstance(provider, FileKeyring) and _is_within(provider.path, data_dir):
+                log.warning("%s", keyring_inside_data_warning(provider.path, data_dir))
+            log_store = LogStore(
+                data_dir / "log", map_size=opts.log_map_size, max_map_size=opts.max_map_size
+            )
+            keys = KeyStore(
+                data_dir / "keys",
+                provider,
+                cache_size=opts.dek_cache_size,
+                max_uses=opts.dek_max_uses,
+                max_map_size=opts.max_map_size,
+            )
+        except BaseException:
+            lock.close()
+            raise
+        try:
+            custody.settle(plan, log_store, keys)
+            shredder = Shredder(data_dir, log_store, keys, provider)
+            shredder.recover()
+            if shredder.reapply_tombstones():
+                shredder.run()
+            # After the tombstones: an entry of a forgotten subject is dropped.
+            upgrade_unkeyed_entries(log_store, keys)
+        except BaseException:
+            log_store.close()
+            keys.close()
+            lock.close()
+            raise
+        for line in wide_modes([data_dir]):
+            log.warning("%s", line)
+        writer = Writer(
+            log_store,
+            keys,
+            opts.writer,
+            maintenance={
+                ShredCommand: shredder.run,
+                RotateCommand: lambda: RotateResult(*keys.rotate()),
+            },
+            observer=observer,
+        )
+        writer.start()
+        store = cls(data_dir, lock, provider, log_store, keys, writer)
+        try:
+            custody.record_missing_erasures(log_store, keys, writer)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    # -- writes: queued at the writer, in one order with every other write ---------------
+    #
+    # Each returns the writer's future at once (not a coroutine): a caller that
+    # queues several before awaiting any (AppendBatch) has them share a commit.
+
+    def append(self, command: AppendCommand) -> Future[AppendResult]:
+        """Queue an append; the future resolves after the commit that holds it."""
+        return self.writer.submit_async(command)
+
+    def commit(self, command: CommitCommand) -> Future[CommitResult]:
+        """Queue a multi-stream commit (all its appends or none)."""
+        return self.writer.submit_async(command)
+
+    def check_room(self, events: int, size: int, appends: int = 1) -> None:
+        """Raise Overloaded now if the writer has no room for *appends* of this size."""
+        self.writer.check_room(events, size, appends)
+
+    def forget(self, command: ForgetCommand) -> Future[SubjectReceipt]:
+        """Queue forgetting a subject (its keys go at the next shred epoch)."""
+        return self.writer.submit_async(command)
+
+    def set_legal_hold(self, command: LegalHoldCommand) -> Future[SubjectReceipt]:
+        """Queue setting or releasing a legal hold, ordered against forgets."""
+        return self.writer.submit_async(command)
+
+    def store_checkpoint(self, command: CheckpointCommand) -> Future[int]:
+        """Queue storing a consumer group's checkpoint; resolves to the position stored."""
+        return self.writer.submit_async(command)
+
+    def shred(self) -> Future[ShredResult]:
+        """Queue a shred epoch: keys of forgotten subjects are destroyed for good."""
+        return self.writer.submit_async(ShredCommand())
+
+    def rotate(self) -> Future[RotateResult]:
+        """Queue a master key rotation (every data key re-wrapped under the new version)."""
+        return self.writer.submit_async(RotateCommand())
+
+    # -- reads (blocking: call them off the event loop) ------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The last committed global position (0 for an empty log)."""
+        return self.log.head
+
+    def read_stream(
+        self, stream_id: str, start: int, *, backwards: bool, limit: int
+    ) -> list[StoredEvent]:
+        return self.reader.read_stream(stream_id, start, backwards=backwards, limit=limit)
+
+    def read_all(self, start: int, *, backwards: bool, limit: int) -> list[StoredEvent]:
+        return self.reader.read_all(start, backwards=backwards, limit=limit)
+
+    def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
+        """A subject's events after position *after*, in log order (for export)."""
+        return self.reader.read_subject(subject_id, after, limit)
+
+    def read_all_raw(self, start: int, limit: int) -> RawPage:
+        """Stored records from *start* on, still sealed, for a filtering subscriber."""
+        return self.log.read_all_page(start, backwards=False, limit=limit)
+
+    def open_event(self, position: int, value: bytes) -> StoredEvent:
+        """Decode and decrypt one stored record read by :meth:`read_all_raw`."""
+        return self.reader.open(position, value)
+
+    def checkpoint(self, group: str) -> int | None:
+        """A consumer group's stored checkpoint, or None if it never stored one."""
+        return self.log.checkpoint(group)
+
+    def consumer_groups(self) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        return self.log.consumer_groups()
+
+    def pending_forgets(self) -> int:
+        """Forgotten subjects whose shred epoch has not run yet."""
+        return self.log.pending_forgets()
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Call *listener(head)* from the writer thread after every commit (subscriptions)."""
+        self.writer.add_head_listener(listener)
+
+    def verifier(self) -> Verifier:
+        """A walk over the whole log that checks every record, one step at a time."""
+        return Verifier(self.log, self.reader)
+
+    # -- operator state ---------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        """The log's LMDB directory."""
+        return self.log.lmdb.path
+
+    @property
+    def keys_path(self) -> Path:
+        """The key store's LMDB directory."""
+        return self.keys.lmdb.path
+
+    def queue_depth(self) -> int:
+        """Commands waiting for the writer."""
+        return self.writer.queue_depth
+
+    def dek_cache_counts(self) -> tuple[int, int]:
+        """Data keys found unwrapped in memory, and those that had to be unwrapped."""
+        return self.keys.cache_hits, self.keys.cache_misses
+
+    @property
+    def shred_epoch(self) -> int:
+        """Shred epochs completed in the life of this store."""
+        return self.log.meta.shred_epoch
+
+    def environment_usage(self) -> list[EnvironmentUsage]:
+        """Map size and pages in use of each LMDB environment (a closed one is left out).
+
+        Each is read through its read gate: the map may be growing, or the key
+        store being swapped by a shred epoch, right now.
+        """
+        usage: list[EnvironmentUsage] = []
+        for name, env in (("log", self.log.lmdb), ("keys", self.keys.lmdb)):
+            try:
+                map_bytes, used_bytes = env.usage()
+                forgets = self.log.counts()[1] if name == "log" else None
+            except Exception as exc:  # a closed environment during shutdown
+                log.debug("cannot read the %s environment: %s", name, exc)
+                continue
+            usage.append(EnvironmentUsage(name, map_bytes, used_bytes, forgets))
+        return usage
+
+    def backup(self, destination: Path, include_keys: bool) -> tuple[int, int, int]:
+        """Copy the log (and, if asked, the key store) compacted into *destination*.
+
+        Returns (log bytes, key-store bytes, last position in the copy). The
+        master keyring is never part of a backup, nor put where a copy of the
+        keyring's directory would take the backup along (see
+        :func:`_refuse_beside_keyring`).
+        """
+        _refuse_beside_keyring(destination, self.provider)
+        make_private_dir(destination)
+        if any(destination.iterdir()):
+            raise ValueError(f"{destination} is not empty")
+        head = self.log.head
+        log_bytes = self.log.lmdb.copy_to(destination / "log")
+        key_bytes = self.keys.lmdb.copy_to(destination / "keys") if include_keys else 0
+        if include_keys:
+            custody.align_backup(destination)
+        return log_bytes, key_bytes, head
+
+    def stats(self) -> StoreStats:
+        """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
+        streams, forgotten = self.log.counts()
+        return StoreStats(
+            last_position=self.log.head,
+            streams=streams,
+            # The store key of subject-less events is not a data subject.
+            subjects=self.keys.subject_count(excluding=STORE_SUBJECT),
+            forgotten_subjects=forgotten,
+            pending_shred=self.log.pending_forgets(),
+            shred_epoch=self.log.meta.shred_epoch,
+            master_version=self.provider.current_version(),
+            log_file_bytes=_file_size(self.log.lmdb.path / "data.mdb"),
+            log_map_bytes=self.log.lmdb.map_size(),
+            key_file_bytes=_file_size(self.keys.lmdb.path / "data.mdb"),
+            store_id=self.log.store_id,
+            **_restore_record(self.keys),
+        )
+
+    def receipt(self, subject_id: str) -> SubjectReceipt:
+        return subject_receipt(self.log, self.keys, subject_id)
+
+    def close(self) -> None:
+        """Finish queued writes, then close LMDB and release the lock."""
+        self.writer.stop()
+        self._record_clean_close()
+        self.log.close()
+        self.keys.close()
+        self._lock.close()
+
+    def _record_clean_close(self) -> None:
+        """Both high-water marks at a clean stop: the key store saw the head, the log the keys."""
+        if self._closed:
+            return
+        self._closed = True
+        self.keys.mark_position()
+        custody.record_key_generation(self.log, self.keys)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class EnvironmentUsage:
+    """One LMDB environment's size, for metrics."""
+
+    name: str  # "log" or "keys"
+    map_bytes: int
+    used_bytes: int
+    #: Subjects forgotten in the life of the store (the log's tombstones); log only.
+    forgets: int | None = None
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    last_position: int
+    streams: int
+    subjects: int
+    forgotten_subjects: int
+    pending_shred: int
+    shred_epoch: int
+    master_version: int
+    log_file_bytes: int
+    log_map_bytes: int
+    key_file_bytes: int
+    store_id: bytes
+    restored_from: int = 0
+    restored_to: int = 0
+    restored_at: int = 0
+
+
+def _restore_record(keys: KeyStore) -> dict[str, int]:
+    """The last restored log an operator accepted, as recorded by the key store."""
+    meta = keys.meta
+    if meta is None or not meta.restored_at:
+        return {}
+    return {
+        "restored_from": meta.restored_from,
+        "restored_to": meta.restored_to,
+        "restored_at": meta.restored_at,
+    }
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def keyring_inside_data_warning(keyring_path: Path, data_dir: Path) -> str:
+    """What a keyring inside the data directory means for every copy of that directory."""
+    return (
+        f"master keyring {keyring_path} is inside the data directory {data_dir}: any copy of "
+        f"{data_dir} (a backup, a snapshot, cp -a) decrypts every subject not yet shredded "
+        "when it was made, for ever, whatever is forgotten later; keep the keyring outside "
+        "the data directory (move it while the server is stopped and start with "
+        "--keyring PATH)"
+    )
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    resolved, top = path.resolve(), directory.resolve()
+    return resolved == top or top in resolved.parents
+
+
+def _refuse_beside_keyring(destination: Path, provider: KeyProvider) -> None:
+    """Refuse a backup destination inside the master keyring's directory.
+
+    The keyring is never copied, but a backup stored in the keyring's
+    directory (with the default layout: in the data directory) travels with
+    it in any copy of that directory, and the two together are exactly what
+    erasure must never leave behind.
+    """
+    if not isinstance(provider, FileKeyring):
+        return
+    keyring_dir = provider.path.parent
+    if _is_within(destination, keyring_dir):
+        raise ValidationError(
+            f"backup destination {destination} is inside {keyring_dir}, the directory of the "
+            f"master keyring {provider.path}: a copy of {keyring_dir} would carry the backup "
+            "and the keyring together, which decrypts every subject not yet shredded when the "
+            "copy is made, for ever; choose a destination outside it"
+        )
+
+
+def _take_lock(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on *path* for the life of the process's store."""
+    handle = open(open_private(path, os.O_RDWR), "r+b")  # noqa: SIM115 (held for the life of the store)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "unknown"
+        handle.close()
+        raise DataDirLocked(
+            f"the data directory {path.parent} is in use by another LetheDB process "
+            f"(pid {holder}); stop it first or choose another --data directory"
+        ) from None
+    return handle
+
+
+def _write_pid(handle: IO[bytes]) -> None:
+    """Name this process in the lock file (for the message another process gets)."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()).encode())
+    handle.flush()

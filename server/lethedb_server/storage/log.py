@@ -1,0 +1,638 @@
+"""The log environment (``<data>/log/``): events, indexes and log metadata.
+
+The log never holds a key and never holds plaintext personal data: event
+payloads arrive here already sealed. Reads use short LMDB read transactions
+(MVCC, so they never block the writer); writes happen only in the writer
+thread, in the transaction it passes in.
+
+Named databases (see docs/ARCHITECTURE.md for the value formats):
+
+* ``events``: u64 BE position -> RecordBody || chain hash
+* ``streams``: stream id -> StreamInfo
+* ``stream_index``: length-prefixed stream id + u64 BE version -> u64 BE position
+* ``subject_index``: length-prefixed subject id + u64 BE position -> empty
+  (complete through ``LogMeta.subject_indexed``; see below)
+* ``tombstones``: subject id -> Tombstone
+* ``legal_holds``: subject id -> LegalHold
+* ``epochs``: u64 BE shred epoch -> EpochRecord
+* ``idempotency``: idempotency key -> IdempotencyEntry
+* ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
+* ``checkpoints``: consumer group -> u64 BE position
+* ``meta``: ``log`` -> LogMeta
+
+The subject index is completed in chunks, not with each event. An append
+touches the end of the ``events`` tree, but its events' subject index keys
+land on as many different leaf pages as it has subjects, and every dirty page
+is copied, written and fsynced: inserting per event cost as much as the rest
+of the append together. So an append writes no index entry; the writer later
+merges the unindexed tail (``LogMeta.subject_indexed``, head] in one sorted
+pass per chunk (:meth:`LogStore.merge_subject_index`), in one transaction that
+also advances ``subject_indexed``, so a crash leaves either the whole chunk or
+none of it. Whoever reads the index must combine it with a scan of the tail,
+in the same read transaction, reading the meta inside it
+(:meth:`LogStore.subject_positions`; ``audit._dek_versions`` does the same).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final, cast
+
+import lmdb
+import msgspec
+
+from lethedb_server.errors import DataLoss
+from lethedb_server.storage import codec
+from lethedb_server.storage.codec import EpochRecord, LegalHold, LogMeta, StreamInfo, Tombstone
+from lethedb_server.storage.lmdbenv import LmdbEnv
+
+LOG_DBS = (
+    "events",
+    "streams",
+    "stream_index",
+    "subject_index",
+    "tombstones",
+    "legal_holds",
+    "epochs",
+    "idempotency",
+    "idempotency_expiry",
+    "checkpoints",
+    "meta",
+)
+#: The records of the ``meta`` table: the log meta (``LogMeta``), the key-store
+#: generation the log last saw (see custody.py) and the format of the
+#: idempotency fingerprints (see idempotency.py). Nothing else belongs there.
+META_LOG: Final = b"log"
+META_KEY_STORE_MARK: Final = b"keys"
+META_IDEMPOTENCY_FORMAT: Final = b"idempotency_format"
+META_RECORDS: Final = frozenset({META_LOG, META_KEY_STORE_MARK, META_IDEMPOTENCY_FORMAT})
+_META_KEY = META_LOG
+
+#: A page of raw events: (position, stored value).
+RawPage = list[tuple[int, bytes]]
+
+#: What a reader should do about a damaged record, appended to every DataLoss message.
+REMEDY = (
+    "run `lethedb verify` to find every damaged record, and restore from a backup "
+    "(docs/OPERATIONS.md)"
+)
+#: Records scanned at most to find the true position of a damaged stream index entry.
+_LOCATE_SCAN = 4096
+#: How far before a position a read that missed it starts walking towards it.
+_SEEK_BACK = 512
+
+
+class KnownIndexKeys:
+    """The ``subject_index`` keys of a run of recent positions, kept in memory.
+
+    The writer records each event's key as it commits it, so a merge need not
+    read every record back to learn its subject: that read was most of a
+    merge's cost, and a merge stalls appends. The run covers positions
+    ``first`` to ``first + len - 1``. A gap (a restart, or the run reaching
+    *cap* keys while merges fail) starts a new run; positions before it are
+    read back from the log as before.
+    """
+
+    def __init__(self, first: int, cap: int) -> None:
+        self.first = first
+        self._keys: list[bytes] = []
+        self._cap = cap
+
+    def record(self, first: int, keys: list[bytes]) -> None:
+        """Remember *keys*, those of the committed positions from *first* on."""
+        if first != self.first + len(self._keys) or len(self._keys) + len(keys) > self._cap:
+            self.first, self._keys = first, []
+        self._keys.extend(keys)
+
+    def between(self, start: int, end: int) -> list[bytes] | None:
+        """A copy of the keys of positions *start*..*end*, or None unless all are known."""
+        if start < self.first or end >= self.first + len(self._keys):
+            return None
+        return self._keys[start - self.first : end - self.first + 1]
+
+    def merged_through(self, position: int) -> None:
+        """Drop the keys up to *position*, which the index now holds."""
+        if position >= self.first:
+            del self._keys[: position - self.first + 1]
+            self.first = position + 1
+
+
+class LogStore:
+    """The event log environment."""
+
+    def __init__(
+        self, path: Path, *, map_size: int = 64 << 20, max_map_size: int = 1 << 42
+    ) -> None:
+        self.lmdb = LmdbEnv(path, LOG_DBS, map_size=map_size, max_map_size=max_map_size)
+        db = self.lmdb.dbs
+        self.events = db["events"]
+        self.streams = db["streams"]
+        self.stream_index = db["stream_index"]
+        self.subject_index = db["subject_index"]
+        self.tombstones = db["tombstones"]
+        self.legal_holds = db["legal_holds"]
+        self.epochs = db["epochs"]
+        self.idempotency = db["idempotency"]
+        self.idempotency_expiry = db["idempotency_expiry"]
+        self.checkpoints = db["checkpoints"]
+        self.meta_db = db["meta"]
+        self.meta = self._load_or_init_meta()
+
+    def close(self) -> None:
+        self.lmdb.close()
+
+    def _load_or_init_meta(self) -> LogMeta:
+        with self.lmdb.read() as txn:
+            raw = txn.get(_META_KEY, db=self.meta_db)
+        if raw is not None:
+            return codec.decode_meta(raw)
+        meta = LogMeta(
+            format=codec.RECORD_FORMAT,
+            store_id=os.urandom(16),
+            last_position=0,
+            chain_head=codec.GENESIS_HASH,
+            shred_epoch=0,
+            subject_indexed=0,
+        )
+        with self.lmdb.begin_write() as txn:
+            txn.put(_META_KEY, codec.encode(meta), db=self.meta_db)
+        return meta
+
+    @property
+    def store_id(self) -> bytes:
+        return self.meta.store_id
+
+    @property
+    def head(self) -> int:
+        """The last committed global position (0 for an empty log)."""
+        return self.meta.last_position
+
+    # -- writer-side helpers (called with the writer's transaction) ------------
+
+    def put_meta(self, txn: lmdb.Transaction, meta: LogMeta) -> None:
+        txn.put(_META_KEY, codec.encode(meta), db=self.meta_db)
+
+    def stream_info(self, txn: lmdb.Transaction, stream_id: str) -> StreamInfo | None:
+        raw = txn.get(stream_id.encode(), db=self.streams)
+        return None if raw is None else codec.decode_stream(raw)
+
+    def put_checkpoint(self, txn: lmdb.Transaction, group: str, position: int) -> None:
+        txn.put(group.encode(), codec.u64(position), db=self.checkpoints)
+
+    def stored_checkpoint(self, txn: lmdb.Transaction, group: str) -> int | None:
+        raw = txn.get(group.encode(), db=self.checkpoints)
+        return None if raw is None else codec.from_u64(raw)
+
+    def checkpoint_count(self, txn: lmdb.Transaction) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        return int(txn.stat(self.checkpoints)["entries"])
+
+    def put_event(
+        self, txn: lmdb.Transaction, position_key: bytes, value: bytes, stream_version_key: bytes
+    ) -> None:
+        """Put a sealed event and its ``stream_index`` entry.
+
+        The caller builds the keys (it reuses the position key in the subject
+        index key, and the stream prefix for a whole append). No
+        ``subject_index`` entry: :meth:`merge_subject_index` adds it later, in
+        bulk.
+        """
+        # append=True: positions only grow, so LMDB can skip the tree search.
+        txn.put(position_key, value, db=self.events, append=True)
+        txn.put(stream_version_key, position_key, db=self.stream_index)
+
+    def merge_subject_index(
+        self,
+        txn: lmdb.Transaction,
+        meta: LogMeta,
+        limit: int,
+        known: KnownIndexKeys | None = None,
+    ) -> LogMeta:
+        """Index up to *limit* events after ``meta.subject_indexed``; return the new meta.
+
+        The keys come from *known* when it covers the chunk (the writer keeps
+        the keys of the events it wrote), else from reading each record's
+        subject back. They are sorted before they are put, so each subject's
+        leaf page is dirtied once per chunk rather than once per event. The
+        new meta is put in *txn*: the entries and the advanced
+        ``subject_indexed`` commit together or not at all.
+        """
+        start = meta.subject_indexed + 1
+        end = min(meta.last_position, meta.subject_indexed + limit)
+        if end < start:
+            return meta
+        keys = known.between(start, end) if known is not None else None
+        if keys is None:
+            keys = self._read_index_keys(txn, start, end)
+        keys.sort()
+        txn.cursor(db=self.subject_index).putmulti([(k, b"") for k in keys])
+        merged = msgspec.structs.replace(meta, subject_indexed=end)
+        self.put_meta(txn, merged)
+        return merged
+
+    def _read_index_keys(self, txn: lmdb.Transaction, start: int, end: int) -> list[bytes]:
+        """The ``subject_index`` keys of events *start*..*end*, read back from their records."""
+        keys: list[bytes] = []
+        prefixes: dict[str, bytes] = {}  # a chunk names each subject many times
+        position = start
+        cursor = txn.cursor(db=self.events)
+        if cursor.set_key(codec.position_key(start)):
+            for key, value in _pairs(cursor.iternext()):
+                position_key = codec.position_key(position)
+                if key != position_key:
+                    break
+                subject = _subject_of(position, value)
+                prefix = prefixes.get(subject)
+                if prefix is None:
+                    prefix = prefixes[subject] = codec.subject_prefix(subject)
+                keys.append(prefix + position_key)
+                if position == end:
+                    break
+                position += 1
+        if len(keys) != end - start + 1:
+            raise DataLoss(f"events {start}..{end} are not all in the log; run `lethedb verify`")
+        return keys
+
+    # -- reads ------------------------------------------------------------------
+
+    def read_all_page(self, start: int, *, backwards: bool, limit: int) -> RawPage:
+        """Up to *limit* events from position *start* (inclusive) in one direction.
+
+        The positions must be contiguous up to the head the log meta records
+        in the same transaction. LMDB has no checksums, so a damaged key
+        would otherwise shift, skip or invent a position silently: a key that
+        is not the next position is :class:`DataLoss` naming the position
+        that cannot be read.
+        """
+        page: RawPage = []
+        if start < 1 and backwards:
+            return page
+        with self.lmdb.read() as txn:
+            head = self.head_in(txn)
+            expected = min(start, head) if backwards else max(start, 1)
+            if not 1 <= expected <= head:
+                return page
+            cursor = txn.cursor(db=self.events)
+            if not cursor.set_key(codec.position_key(expected)):
+                _seek(cursor, expected, head, backwards)
+            if backwards:
+                items, step, end = _pairs(cursor.iterprev()), -1, 0
+            else:
+                items, step, end = _pairs(cursor.iternext()), 1, head + 1
+            for key, value in items:
+                if _position_or_none(key) != expected:
+                    raise _misplaced(expected, key)
+                page.append((expected, value))
+                expected += step
+                if len(page) >= limit or expected == end:
+                    break
+            else:
+                raise _misplaced(expected, None)
+        return page
+
+    def head_in(self, txn: lmdb.Transaction) -> int:
+        """The head as *txn* sees it (the meta is committed with every append)."""
+        raw = txn.get(_META_KEY, db=self.meta_db)
+        try:
+            return codec.decode_meta(cast(bytes, raw)).last_position
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(f"the log meta record is damaged ({exc}); {REMEDY}") from exc
+
+    def read_stream_page(
+        self, stream_id: str, start: int, *, backwards: bool, limit: int
+    ) -> RawPage | None:
+        """Up to *limit* events of a stream from version *start*; None if no stream.
+
+        The stream's versions must be contiguous, and each index entry must
+        name the record of that stream and version: a damaged entry is
+        :class:`DataLoss` naming the version and, when it can be found, the
+        event's true position.
+        """
+        page: RawPage = []
+        prefix = codec.stream_prefix(stream_id)
+        with self.lmdb.read() as txn:
+            raw_info = txn.get(stream_id.encode(), db=self.streams)
+            if raw_info is None:
+                return None
+            try:
+                last = codec.decode_stream(raw_info).last_version
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                raise DataLoss(
+                    f"the record of stream {stream_id!r} is damaged ({exc}); {REMEDY}"
+                ) from exc
+            if start < 0:
+                return page
+            expected = min(start, last) if backwards else start
+            if expected > last:
+                return page
+            index = txn.cursor(db=self.stream_index)
+            found = index.set_range(codec.stream_version_key(stream_id, expected))
+            if backwards:
+                key = bytes(index.key())
+                if not found or not key.startswith(prefix) or codec.from_u64(key[-8:]) > expected:
+                    found = index.prev() if found else index.last()
+                items = _pairs(index.iterprev()) if found else iter(())
+            else:
+                items = _pairs(index.iternext()) if found else iter(())
+            step = -1 if backwards else 1
+            head = codec.record_head(stream_id)
+            for key, position_raw in items:
+                if key != prefix + codec.u64(expected):
+                    break
+                page.append(self._stream_event(txn, stream_id, expected, position_raw, head))
+                expected += step
+                if len(page) >= limit or not 0 <= expected <= last:
+                    return page
+            raise self._version_lost(txn, stream_id, expected)
+        return page
+
+    def _stream_event(
+        self,
+        txn: lmdb.Transaction,
+        stream_id: str,
+        version: int,
+        position_raw: bytes,
+        head: bytes = b"",
+    ) -> tuple[int, bytes]:
+        """The record a stream index entry names, checked to be that stream's version.
+
+        *head* is :func:`codec.record_head` of the stream: a record that starts
+        with it and the version's encoding is that stream's version without
+        being decoded (the common case, on the hot path of stream reads).
+        """
+        raw = txn.get(position_raw, db=self.events) if len(position_raw) == 8 else None
+        if raw is not None:
+            value = cast(bytes, raw)  # every transaction here is opened with buffers=False
+            position = codec.from_u64(position_raw)
+            if (
+                head
+                and value.startswith(head)
+                and value.startswith(codec.encode(version), len(head))
+            ):
+                return position, value
+            try:
+                found = codec.decode_record_subject(value)
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                raise DataLoss(
+                    f"the record at position {position} (stream {stream_id!r}, version "
+                    f"{version}) cannot be decoded ({exc}); {REMEDY}"
+                ) from exc
+            if (found.stream_id, found.stream_version) == (stream_id, version):
+                return position, value
+        raise self._version_lost(txn, stream_id, version)
+
+    def _version_lost(self, txn: lmdb.Transaction, stream_id: str, version: int) -> DataLoss:
+        """The error for a stream version whose index entry is damaged or missing."""
+        position = self._locate(txn, stream_id, version)
+        where = f"position {position}" if position else "its position is unknown"
+        return DataLoss(
+            f"stream {stream_id!r} version {version} ({where}) cannot be read: its stream "
+            f"index entry is damaged; {REMEDY}"
+        )
+
+    def _locate(self, txn: lmdb.Transaction, stream_id: str, version: int) -> int | None:
+        """Find a stream version's record by scanning from the previous version's position.
+
+        Only on the error path, and bounded: a stream's events are usually
+        close together, and an unbounded scan could read the whole log.
+        """
+        if version == 0:
+            info = codec.decode_stream(cast(bytes, txn.get(stream_id.encode(), db=self.streams)))
+            after = info.first_position - 1
+        else:
+            raw = txn.get(codec.stream_version_key(stream_id, version - 1), db=self.stream_index)
+            if raw is None or len(raw) != 8:
+                return None
+            after = codec.from_u64(raw)
+        cursor = txn.cursor(db=self.events)
+        if not cursor.set_range(codec.position_key(after + 1)):
+            return None
+        for _, (key, value) in zip(range(_LOCATE_SCAN), _pairs(cursor.iternext()), strict=False):
+            try:
+                head = codec.decode_record_subject(value)
+            except Exception:  # msgspec raises several types for damaged bytes
+                continue
+            if (head.stream_id, head.stream_version) == (stream_id, version):
+                return _position_or_none(key)
+        return None
+
+    def last_version(self, stream_id: str) -> int | None:
+        with self.lmdb.read() as txn:
+            info = self.stream_info(txn, stream_id)
+        return None if info is None else info.last_version
+
+    def counts(self) -> tuple[int, int]:
+        """(streams, forgotten subjects) in the life of the log, in one read."""
+        with self.lmdb.read() as txn:
+            return int(txn.stat(self.streams)["entries"]), int(txn.stat(self.tombstones)["entries"])
+
+    def checkpoint(self, group: str) -> int | None:
+        """A consumer group's stored checkpoint, or None if it never stored one."""
+        with self.lmdb.read() as txn:
+            return self.stored_checkpoint(txn, group)
+
+    def consumer_groups(self) -> int:
+        """How many consumer groups have a stored checkpoint."""
+        with self.lmdb.read() as txn:
+            return self.checkpoint_count(txn)
+
+    def is_forgotten(self, subject_id: str) -> bool:
+        with self.lmdb.read() as txn:
+            return txn.get(subject_id.encode(), db=self.tombstones) is not None
+
+    # -- subjects and erasure ---------------------------------------------------
+
+    def subject_positions(self, subject_id: str, after: int, limit: int) -> list[int]:
+        """Positions of the subject's events after *after*, in log order.
+
+        The index answers through ``subject_indexed``; the unindexed tail after
+        it is scanned. The meta is read in the same transaction as both, so a
+        merge committing meanwhile can neither hide an event nor show it twice.
+        """
+        with self.lmdb.read() as txn:
+            indexed = self.subject_indexed(txn)
+            positions = indexed_subject_positions(
+                txn, self.subject_index, subject_id, after, indexed, limit
+            )
+            if len(positions) < limit:
+                positions += tail_subject_positions(
+                    txn, self.events, subject_id, max(after, indexed), limit - len(positions)
+                )
+        return positions
+
+    def subject_indexed(self, txn: lmdb.Transaction) -> int:
+        """The position through which ``subject_index`` is complete, as *txn* sees it."""
+        return codec.decode_meta(cast(bytes, txn.get(_META_KEY, db=self.meta_db))).subject_indexed
+
+    def read_positions(self, positions: list[int]) -> RawPage:
+        """The records at *positions*; one that is not there is DataLoss (a damaged index)."""
+        page: RawPage = []
+        with self.lmdb.read() as txn:
+            for p in positions:
+                value = txn.get(codec.position_key(p), db=self.events)
+                if value is None:
+                    raise DataLoss(
+                        f"position {p}, which the subject index names, holds no event: the "
+                        f"index entry or the record is damaged; {REMEDY}"
+                    )
+                page.append((p, cast(bytes, value)))
+        return page
+
+    def count_subject_events(self, subject_id: str) -> int:
+        count, after, page = 0, 0, 10_000
+        while True:
+            batch = self.subject_positions(subject_id, after, page)
+            count += len(batch)
+            if len(batch) < page:  # the last page: asking again would rescan the tail
+                return count
+            after = batch[-1]
+
+    def subject_records(
+        self, txn: lmdb.Transaction, subject_id: str
+    ) -> tuple[Tombstone | None, LegalHold | None]:
+        tomb = txn.get(subject_id.encode(), db=self.tombstones)
+        hold = txn.get(subject_id.encode(), db=self.legal_holds)
+        try:
+            return (
+                None if tomb is None else codec.decode_tombstone(tomb),
+                None if hold is None else codec.decode_legal_hold(hold),
+            )
+        except Exception as exc:  # msgspec raises several types for damaged bytes
+            raise DataLoss(
+                f"the tombstone or legal hold record of subject {subject_id!r} is damaged "
+                f"({exc}); {REMEDY}"
+            ) from exc
+
+    def subject_status(self, subject_id: str) -> tuple[Tombstone | None, LegalHold | None]:
+        with self.lmdb.read() as txn:
+            return self.subject_records(txn, subject_id)
+
+    def all_tombstones(self) -> list[tuple[str, Tombstone]]:
+        with self.lmdb.read() as txn:
+            return [
+                (bytes(k).decode(), codec.decode_tombstone(v))
+                for k, v in txn.cursor(db=self.tombstones)
+            ]
+
+    def epoch(self, epoch: int) -> EpochRecord | None:
+        with self.lmdb.read() as txn:
+            raw = txn.get(codec.u64(epoch), db=self.epochs)
+        return None if raw is None else codec.decode_epoch(raw)
+
+    def pending_forgets(self) -> int:
+        """Tombstones whose shred epoch has not run yet."""
+        epoch = self.meta.shred_epoch
+        return sum(1 for _, t in self.all_tombstones() if t.shred_epoch > epoch)
+
+
+def indexed_subject_positions(
+    txn: lmdb.Transaction, index: Any, subject_id: str, after: int, indexed: int, limit: int
+) -> list[int]:
+    """Positions in (*after*, *indexed*] that ``subject_index`` lists for the subject.
+
+    Entries past *indexed* cannot exist (a merge commits them together with
+    the meta), but reading stops there anyway: the tail scan covers the rest.
+    """
+    positions: list[int] = []
+    if after >= indexed:
+        return positions
+    prefix = codec.subject_prefix(subject_id)
+    last = codec.subject_position_key(subject_id, indexed)
+    cursor = txn.cursor(db=index)
+    if not cursor.set_range(codec.subject_position_key(subject_id, after + 1)):
+        return positions
+    for key in cursor.iternext(values=False):
+        raw = bytes(key)
+        if not raw.startswith(prefix) or raw > last:
+            break
+        positions.append(codec.from_u64(raw[-8:]))
+        if len(positions) >= limit:
+            break
+    return positions
+
+
+def tail_subject_positions(
+    txn: lmdb.Transaction, events: Any, subject_id: str, after: int, limit: int
+) -> list[int]:
+    """Positions after *after* whose record names the subject, by scanning ``events``.
+
+    Used only for the unindexed tail, which the writer keeps short. A record
+    is decoded only when the subject id's msgpack bytes occur in it at all.
+    """
+    positions: list[int] = []
+    needle = codec.encode(subject_id)
+    cursor = txn.cursor(db=events)
+    if not cursor.set_range(codec.position_key(after + 1)):
+        return positions
+    for key, value in _pairs(cursor.iternext()):
+        if needle in value and _subject_of(codec.position_from_key(key), value) == subject_id:
+            positions.append(codec.position_from_key(key))
+            if len(positions) >= limit:
+                break
+    return positions
+
+
+def _subject_of(position: int, value: bytes) -> str:
+    """The record's subject id; a record that cannot be decoded is DataLoss, never skipped."""
+    try:
+        return codec.record_subject(value)
+    except msgspec.DecodeError as exc:
+        raise DataLoss(f"the record at position {position} cannot be decoded: {exc}") from exc
+
+
+def _position_or_none(key: bytes | memoryview) -> int | None:
+    """The position an events key names, or None if it is not one (a damaged key)."""
+    return codec.position_from_key(key) if len(key) == 8 else None
+
+
+def _seek(cursor: lmdb.Cursor, target: int, head: int, backwards: bool) -> None:
+    """Put *cursor* on position *target*, which a direct lookup did not find.
+
+    A damaged key breaks the order LMDB's binary search relies on, so the
+    lookup may miss a record that is there, or land beside the damage. Only
+    on this error path: walk towards the target in the read's direction from
+    a little before it, where the order is intact, and report the first
+    position out of sequence on the way.
+    """
+    step = -1 if backwards else 1
+    begin = min(head, target + _SEEK_BACK) if backwards else max(1, target - _SEEK_BACK)
+    found = cursor.set_range(codec.position_key(begin))
+    position = _position_or_none(cursor.key()) if found else None
+    if position is None or position > head or (position - target) * step > 0:
+        # Start from the end the read comes from instead: always where LMDB says.
+        if not (cursor.last() if backwards else cursor.first()):
+            raise _misplaced(head if backwards else 1, None)
+        position = _position_or_none(cursor.key())
+        edge = head if backwards else 1
+        if position != edge:
+            raise _misplaced(edge, bytes(cursor.key()))
+    move = cursor.prev if backwards else cursor.next
+    while position != target:
+        if not move():
+            raise _misplaced(position + step, None)
+        following = _position_or_none(cursor.key())
+        if following != position + step:
+            raise _misplaced(position + step, bytes(cursor.key()))
+        position = following
+
+
+def _misplaced(position: int, key: bytes | None) -> DataLoss:
+    """Position *position* is not where it must be: its key (or LMDB's page) is damaged."""
+    if key is None:
+        found = "the log ends before it"
+    else:
+        shown = _position_or_none(key)
+        found = f"key {shown if shown is not None else '0x' + key.hex()} is stored where it belongs"
+    return DataLoss(
+        f"the event at position {position} cannot be read: {found} (a damaged key or page); "
+        f"{REMEDY}"
+    )
+
+
+def _pairs(
+    items: Iterator[tuple[bytes | memoryview, bytes | memoryview]],
+) -> Iterator[tuple[bytes, bytes]]:
+    """Cursor items as bytes: every transaction here is opened with buffers=False."""
+    return cast(Iterator[tuple[bytes, bytes]], items)
