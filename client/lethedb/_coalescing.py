@@ -33,7 +33,8 @@ MAX_BATCH_EVENTS: Final = DEFAULT_MAX_REQUEST_EVENTS
 #: smaller call that the writer committed as a batch of its own, and every
 #: commit costs the server about the same CPU whatever its size; at half the
 #: maximum load that was a third more server CPU and a 40% higher p99
-#: acknowledgement time, for the same maximum (docs/ARCHITECTURE.md).
+#: acknowledgement time, for the same maximum (benchmarks/README.md, "One append
+#: call in flight per client").
 APPEND_CALLS_IN_FLIGHT: Final = 1
 
 
