@@ -212,10 +212,8 @@ class AppendApplier:
 
         created_at = now if info is None else info.created_at
         first = first_position if info is None else info.first_position
-        txn.put(
-            command.stream_id.encode(),
-            codec.encode(codec.StreamInfo(version - 1, first, created_at)),
-            db=self.log.streams,
+        self.log.put_stream_info(
+            txn, command.stream_id, codec.StreamInfo(version - 1, first, created_at)
         )
         result = AppendResult(first_position, position - 1, first_version, version - 1, now)
         if command.idempotency_key:
@@ -319,7 +317,7 @@ class ForgetApplier:
             tombstone = Tombstone(
                 result.first_position, now, command.reason, batch.meta.shred_epoch + 1
             )
-            txn.put(subject.encode(), codec.encode(tombstone), db=log_store.tombstones)
+            log_store.put_tombstone(txn, subject, tombstone)
             batch.forgotten[subject] = tombstone
         return _pending_receipt(subject, tombstone, hold)
 
@@ -332,12 +330,11 @@ class LegalHoldApplier:
 
     def apply(self, txn: lmdb.Transaction, command: LegalHoldCommand, batch: BatchState) -> Result:
         log_store = self.ctx.log
-        key = command.subject_id.encode()
         if command.release:
-            txn.delete(key, db=log_store.legal_holds)
+            log_store.delete_legal_hold(txn, command.subject_id)
         else:
             hold = LegalHold(command.reason, self.ctx.now(), command.until)
-            txn.put(key, codec.encode(hold), db=log_store.legal_holds)
+            log_store.put_legal_hold(txn, command.subject_id, hold)
         tombstone, hold_now = log_store.subject_records(txn, command.subject_id)
         return _pending_receipt(command.subject_id, tombstone, hold_now)
 

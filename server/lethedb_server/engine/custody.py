@@ -201,8 +201,8 @@ def record_key_generation(log_store: LogStore, keys: KeyStore) -> None:
     """Tell the log which key store generation it goes with (start-up, clean close)."""
     if keys.meta is None:
         return
-    mark = codec.encode(codec.KeyStoreMark(keys.meta.generation))
-    log_store.lmdb.write(lambda txn: txn.put(LOG_MARK_KEY, mark, db=log_store.meta_db))
+    mark = codec.KeyStoreMark(keys.meta.generation)
+    log_store.lmdb.write(lambda txn: log_store.put_key_store_mark(txn, mark))
 
 
 def record_missing_erasures(log_store: LogStore, keys: KeyStore, writer: Writer) -> int:

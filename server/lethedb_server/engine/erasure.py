@@ -36,7 +36,6 @@ from lethedb_server.crypto.keyring import KeyProvider
 from lethedb_server.engine.model import ShredResult, SubjectReceipt, SubjectState
 from lethedb_server.faults import fault_point
 from lethedb_server.files import fsync_dir, overwrite_and_remove, write_atomically
-from lethedb_server.storage import codec
 from lethedb_server.storage.codec import EpochRecord, Tombstone
 from lethedb_server.storage.keys import KeyStore
 from lethedb_server.storage.log import LogStore
@@ -123,7 +122,7 @@ class Shredder:
         new_meta = msgspec.structs.replace(meta, shred_epoch=epoch)
 
         def record_epoch(txn: lmdb.Transaction) -> None:
-            txn.put(codec.u64(epoch), codec.encode(record), db=self.log.epochs)
+            self.log.put_epoch(txn, epoch, record)
             self.log.put_meta(txn, new_meta)
 
         self.log.lmdb.write(record_epoch)

@@ -88,10 +88,9 @@ class IdempotencyTable:
         self, txn: lmdb.Transaction, key: str, digest: bytes, now: int
     ) -> IdempotencyEntry | None:
         """The live entry stored under *key*; raise if it belongs to another request."""
-        raw = txn.get(key.encode(), db=self.log.idempotency)
-        if raw is None:
+        entry = self.log.idempotency_entry(txn, key.encode())
+        if entry is None:
             return None
-        entry = codec.decode_idempotency(raw)
         if entry.created_at + self.window_ns < now:
             return None  # expired: the sweeper has not reached it yet
         if entry.digest_format != codec.KEYED_DIGEST:
@@ -123,16 +122,8 @@ class IdempotencyTable:
         commit: tuple[AppendResult, ...] = (),
     ) -> None:
         """Store the answer to the request fingerprinted *digest* under *key*."""
-        raw_key = key.encode()
-        old = txn.get(raw_key, db=self.log.idempotency)
-        if old is not None:  # an expired entry being replaced
-            txn.delete(
-                codec.u64(codec.decode_idempotency(old).created_at) + raw_key,
-                db=self.log.idempotency_expiry,
-            )
         entry = IdempotencyEntry(digest, result, now, commit, codec.KEYED_DIGEST)
-        txn.put(raw_key, codec.encode(entry), db=self.log.idempotency)
-        txn.put(codec.u64(now) + raw_key, b"", db=self.log.idempotency_expiry)
+        self.log.put_idempotency(txn, key.encode(), entry)
 
     def sweep_due(self, interval_s: float) -> bool:
         return time.monotonic() - self.last_sweep > interval_s
@@ -140,19 +131,10 @@ class IdempotencyTable:
     def sweep(self, now: int) -> int:
         """Delete entries older than the window, a bounded chunk, in its own transaction."""
         self.last_sweep = time.monotonic()
-        cutoff = codec.u64(max(0, now - self.window_ns))
-        removed = 0
+        cutoff = max(0, now - self.window_ns)
         try:
             with self.log.lmdb.begin_write() as txn:
-                cursor = txn.cursor(db=self.log.idempotency_expiry)
-                cursor.first()
-                while removed < self.sweep_chunk:
-                    key = bytes(cursor.key())
-                    if not key or key[:8] >= cutoff:
-                        break
-                    txn.delete(key[8:], db=self.log.idempotency)
-                    cursor.delete()
-                    removed += 1
+                removed = self.log.expire_idempotency(txn, cutoff, self.sweep_chunk)
         except lmdb.Error as exc:
             log.warning("idempotency sweep skipped: %s", exc)
             return 0
@@ -171,9 +153,9 @@ def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, i
     """
     env = log_store.lmdb
     with env.read() as txn:
-        raw = txn.get(FORMAT_KEY, db=log_store.meta_db)
-        entries = int(txn.stat(log_store.idempotency)["entries"])
-    if raw is not None and codec.from_u64(raw) >= KEYED_DIGEST:
+        digest_format = log_store.idempotency_format(txn)
+        entries = log_store.idempotency_count(txn)
+    if digest_format is not None and digest_format >= KEYED_DIGEST:
         return 0, 0
     if entries:
         log.info(
@@ -190,11 +172,11 @@ def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, i
         def apply(txn: lmdb.Transaction, plans: list[tuple[bytes, bytes | None]] = plans) -> None:
             for key, value in plans:
                 if value is None:
-                    _drop(txn, log_store, key)
+                    log_store.delete_idempotency(txn, key)
                 else:
-                    txn.put(key, value, db=log_store.idempotency)
+                    log_store.replace_idempotency(txn, key, value)
             if len(plans) < _CHUNK:
-                txn.put(FORMAT_KEY, codec.u64(KEYED_DIGEST), db=log_store.meta_db)
+                log_store.put_idempotency_format(txn, KEYED_DIGEST)
 
         env.write(apply)
         fault_point("idempotency.upgrade_chunk_committed")
@@ -218,20 +200,6 @@ def upgrade_unkeyed_entries(log_store: LogStore, keys: KeyStore) -> tuple[int, i
 _Unkeyed = tuple[bytes, IdempotencyEntry | None, list[str] | None]
 
 
-def _drop(txn: lmdb.Transaction, log_store: LogStore, key: bytes) -> None:
-    """Delete an entry and its expiry index key."""
-    old = txn.get(key, db=log_store.idempotency)
-    if old is None:
-        return
-    try:
-        created = codec.decode_idempotency(old).created_at
-    except msgspec.DecodeError:
-        pass  # no expiry key can be found for it; the sweeper skips a missing entry
-    else:
-        txn.delete(codec.u64(created) + key, db=log_store.idempotency_expiry)
-    txn.delete(key, db=log_store.idempotency)
-
-
 def _unkeyed_chunk(log_store: LogStore, after: bytes) -> list[_Unkeyed]:
     """Up to _CHUNK unkeyed entries after key *after*, with their subjects from the log.
 
@@ -240,13 +208,9 @@ def _unkeyed_chunk(log_store: LogStore, after: bytes) -> list[_Unkeyed]:
     """
     found: list[_Unkeyed] = []
     with log_store.lmdb.read() as txn:
-        cursor = txn.cursor(db=log_store.idempotency)
-        positioned = cursor.set_range(after) if after else cursor.first()
-        if positioned and after and bytes(cursor.key()) == after:
-            positioned = cursor.next()
-        while positioned and len(found) < _CHUNK:
-            key, value = bytes(cursor.key()), bytes(cursor.value())
-            positioned = cursor.next()
+        for key, value in log_store.idempotency_entries_after(txn, after):
+            if len(found) >= _CHUNK:
+                break
             try:
                 entry = codec.decode_idempotency(value)
             except msgspec.DecodeError:
@@ -265,10 +229,10 @@ def _request_subjects(
     subjects: dict[str, None] = {}
     for result in entry.commit or (entry.result,):
         for position in range(result.first_position, result.last_position + 1):
-            value = txn.get(codec.position_key(position), db=log_store.events)
+            value = log_store.record_at(txn, position)
             if value is None:
                 return None
-            subjects.setdefault(codec.record_subject(bytes(value)) or STORE_SUBJECT)
+            subjects.setdefault(codec.record_subject(value) or STORE_SUBJECT)
     return list(subjects)
 
 

@@ -45,7 +45,14 @@ import msgspec
 
 from lethedb_server.errors import DataLoss
 from lethedb_server.storage import codec
-from lethedb_server.storage.codec import EpochRecord, LegalHold, LogMeta, StreamInfo, Tombstone
+from lethedb_server.storage.codec import (
+    EpochRecord,
+    IdempotencyEntry,
+    LegalHold,
+    LogMeta,
+    StreamInfo,
+    Tombstone,
+)
 from lethedb_server.storage.lmdbenv import LmdbEnv
 
 LOG_DBS = (
@@ -188,6 +195,108 @@ class LogStore:
     def checkpoint_count(self, txn: lmdb.Transaction) -> int:
         """How many consumer groups have a stored checkpoint."""
         return int(txn.stat(self.checkpoints)["entries"])
+
+    def put_stream_info(self, txn: lmdb.Transaction, stream_id: str, info: StreamInfo) -> None:
+        txn.put(stream_id.encode(), codec.encode(info), db=self.streams)
+
+    def put_tombstone(self, txn: lmdb.Transaction, subject_id: str, tombstone: Tombstone) -> None:
+        txn.put(subject_id.encode(), codec.encode(tombstone), db=self.tombstones)
+
+    def put_legal_hold(self, txn: lmdb.Transaction, subject_id: str, hold: LegalHold) -> None:
+        txn.put(subject_id.encode(), codec.encode(hold), db=self.legal_holds)
+
+    def delete_legal_hold(self, txn: lmdb.Transaction, subject_id: str) -> None:
+        txn.delete(subject_id.encode(), db=self.legal_holds)
+
+    def put_epoch(self, txn: lmdb.Transaction, epoch: int, record: EpochRecord) -> None:
+        txn.put(codec.u64(epoch), codec.encode(record), db=self.epochs)
+
+    def put_key_store_mark(self, txn: lmdb.Transaction, mark: codec.KeyStoreMark) -> None:
+        """Record which key store generation this log goes with."""
+        txn.put(META_KEY_STORE_MARK, codec.encode(mark), db=self.meta_db)
+
+    def record_at(self, txn: lmdb.Transaction, position: int) -> bytes | None:
+        """The sealed record at *position*, undecoded; None when it is missing."""
+        value = txn.get(codec.position_key(position), db=self.events)
+        return None if value is None else bytes(value)
+
+    # -- the idempotency table and its expiry index ----------------------------
+    #
+    # ``idempotency`` maps a key to its encoded entry; ``idempotency_expiry``
+    # holds ``u64(created_at) || key`` for each, so the oldest are found first
+    # without a full scan. The methods below keep the two in step.
+
+    def idempotency_entry(self, txn: lmdb.Transaction, key: bytes) -> IdempotencyEntry | None:
+        """The entry stored under *key*, expired or not (the caller judges)."""
+        raw = txn.get(key, db=self.idempotency)
+        return None if raw is None else codec.decode_idempotency(raw)
+
+    def put_idempotency(self, txn: lmdb.Transaction, key: bytes, entry: IdempotencyEntry) -> None:
+        """Store *entry* under *key*, replacing (and un-indexing) an expired one."""
+        old = txn.get(key, db=self.idempotency)
+        if old is not None:  # an expired entry being replaced
+            txn.delete(
+                codec.u64(codec.decode_idempotency(old).created_at) + key,
+                db=self.idempotency_expiry,
+            )
+        txn.put(key, codec.encode(entry), db=self.idempotency)
+        txn.put(codec.u64(entry.created_at) + key, b"", db=self.idempotency_expiry)
+
+    def replace_idempotency(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+        """Overwrite an entry's value in place (same ``created_at``: its expiry key stands)."""
+        txn.put(key, value, db=self.idempotency)
+
+    def delete_idempotency(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """Delete an entry and its expiry index key (an undecodable one has none to find)."""
+        old = txn.get(key, db=self.idempotency)
+        if old is None:
+            return
+        try:
+            created = codec.decode_idempotency(old).created_at
+        except msgspec.DecodeError:
+            pass  # no expiry key can be found for it; the sweeper skips a missing entry
+        else:
+            txn.delete(codec.u64(created) + key, db=self.idempotency_expiry)
+        txn.delete(key, db=self.idempotency)
+
+    def expire_idempotency(self, txn: lmdb.Transaction, cutoff: int, limit: int) -> int:
+        """Delete up to *limit* entries created before *cutoff*, oldest first; return how many."""
+        before = codec.u64(cutoff)
+        removed = 0
+        cursor = txn.cursor(db=self.idempotency_expiry)
+        cursor.first()
+        while removed < limit:
+            key = bytes(cursor.key())
+            if not key or key[:8] >= before:
+                break
+            txn.delete(key[8:], db=self.idempotency)
+            cursor.delete()
+            removed += 1
+        return removed
+
+    def idempotency_entries_after(
+        self, txn: lmdb.Transaction, after: bytes
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, encoded entry) with a key after *after* (b"": from the first), in order."""
+        cursor = txn.cursor(db=self.idempotency)
+        positioned = cursor.set_range(after) if after else cursor.first()
+        if positioned and after and bytes(cursor.key()) == after:
+            positioned = cursor.next()
+        while positioned:
+            key, value = bytes(cursor.key()), bytes(cursor.value())
+            positioned = cursor.next()
+            yield key, value
+
+    def idempotency_count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self.idempotency)["entries"])
+
+    def idempotency_format(self, txn: lmdb.Transaction) -> int | None:
+        """The digest format every entry has (None: written before keyed digests)."""
+        raw = txn.get(META_IDEMPOTENCY_FORMAT, db=self.meta_db)
+        return None if raw is None else codec.from_u64(raw)
+
+    def put_idempotency_format(self, txn: lmdb.Transaction, digest_format: int) -> None:
+        txn.put(META_IDEMPOTENCY_FORMAT, codec.u64(digest_format), db=self.meta_db)
 
     def put_event(
         self, txn: lmdb.Transaction, position_key: bytes, value: bytes, stream_version_key: bytes
