@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from lethedb_server.engine import custody
-from lethedb_server.engine.store import LOCK_FILE, _take_lock
+from lethedb_server.engine.store import lock_data_dir
 from lethedb_server.errors import DataDirDamaged, LetheError, RestoredLog, ValidationError
 from lethedb_server.files import fsync_dir
 
@@ -44,7 +44,7 @@ def restore(
     if not (backup / "log" / "data.mdb").is_file():
         raise ValidationError(f"{backup} is not a LetheDB backup: it has no log/data.mdb")
     data_dir.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(data_dir / LOCK_FILE)
+    lock = lock_data_dir(data_dir)
     try:
         lines = _put_back(backup, data_dir)
         return _outlook(data_dir, keyring_path, lines)

@@ -101,7 +101,7 @@ class Store:
         """
         opts = options or StoreOptions()
         make_private_dir(data_dir)
-        lock = _take_lock(data_dir / LOCK_FILE)
+        lock = lock_data_dir(data_dir)
         try:
             # Nothing is written (not even the pid) until the keyring, the key
             # store and the log are known to belong together.
@@ -436,8 +436,13 @@ def _refuse_beside_keyring(destination: Path, provider: KeyProvider) -> None:
         )
 
 
-def _take_lock(path: Path) -> IO[bytes]:
-    """Hold an exclusive lock on *path* for the life of the process's store."""
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold the data directory's exclusive lock (``LOCK_FILE``) until the handle is closed.
+
+    The server, ``verify --data`` and ``restore`` all take it, so none of them
+    reads or replaces files another LetheDB process is writing.
+    """
+    path = data_dir / LOCK_FILE
     handle = open(open_private(path, os.O_RDWR), "r+b")  # noqa: SIM115 (held for the life of the store)
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

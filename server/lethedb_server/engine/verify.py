@@ -188,10 +188,10 @@ def verify_data_dir(
     only the first. The directory lock is held throughout, so a running
     server is refused rather than read mid-write.
     """
-    from lethedb_server.engine.store import LOCK_FILE, _take_lock
+    from lethedb_server.engine.store import lock_data_dir
 
     report = DataReport(data_dir)
-    lock = _take_lock(data_dir / LOCK_FILE)
+    lock = lock_data_dir(data_dir)
     try:
         log_file = pagecheck.check_file(data_dir / "log" / "data.mdb", LOG_DBS)
         _report_pages(report, log_file, "log")
