@@ -32,6 +32,7 @@ size limit. The raw gRPC text stays in ``.details``.
     ├── PositionBeyondHead       a subscription's start (or checkpoint) is beyond the log's head
     ├── NotGroupMember           a group checkpoint commit the group's membership does not allow
     ├── SubscriptionReplaced     another subscription took over this group member's id
+    ├── NotLeader                a write reached a follower (.leader: the leader's address)
     └── ServerError              anything else the server reported
 
 This module must not import the generated protobuf modules: it knows statuses,
@@ -55,6 +56,7 @@ __all__ = [
     "LegalHoldActive",
     "LetheError",
     "NotGroupMember",
+    "NotLeader",
     "Overloaded",
     "PermissionDenied",
     "PositionBeyondHead",
@@ -216,6 +218,26 @@ class SubscriptionReplaced(LetheError):
     """A newer subscription with the same group and member id took over this one."""
 
 
+class NotLeader(LetheError):
+    """A write reached a follower; ``leader`` is the leader's address ("" if unknown).
+
+    The SDK follows it itself (the same request, with the same idempotency
+    key, sent to the leader); it reaches the caller only when no leader could
+    be found within the call's deadline.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        details: str | None = None,
+        leader: str = "",
+    ) -> None:
+        super().__init__(message, code=code, details=details)
+        self.leader = leader
+
+
 class ServerError(LetheError):
     """The server reported an error the SDK has no more specific type for."""
 
@@ -248,6 +270,10 @@ _BY_NAME: Final[dict[str, type[LetheError]]] = {
     "PositionBeyondHead": PositionBeyondHead,
     "NotGroupMember": NotGroupMember,
     "SubscriptionReplaced": SubscriptionReplaced,
+    "NotLeader": NotLeader,
+    "NotEnoughReplicas": Unavailable,  # not acknowledged; retry with the same key
+    "CatchingUp": Unavailable,  # a follower not caught up yet; retry or read elsewhere
+    "ReplicationRefused": ServerError,
 }
 
 # FAILED_PRECONDITION is deliberately absent: it means several different

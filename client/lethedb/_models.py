@@ -352,7 +352,9 @@ class StoreStats(msgspec.Struct, frozen=True):
     log's LMDB map (its current ceiling) and the key-store file. When an
     operator accepted a restored log (``accept_restored_log``), positions
     after ``restored_to`` up to ``restored_from`` were lost with the newer
-    log, at ``restored_at`` (ns since the epoch; 0: never).
+    log, at ``restored_at`` (ns since the epoch; 0: never). ``role`` is
+    "single", "leader" or "follower" ("" from an older server); on a leader
+    the ``max_follower_lag_*`` fields give its slowest follower's lag.
     """
 
     last_position: int
@@ -369,6 +371,9 @@ class StoreStats(msgspec.Struct, frozen=True):
     restored_from: int = 0
     restored_to: int = 0
     restored_at: int = 0
+    role: str = ""
+    max_follower_lag_positions: int = 0
+    max_follower_lag_seconds: float = 0.0
 
 
 class VerifyProgress(msgspec.Struct, frozen=True):

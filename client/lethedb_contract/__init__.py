@@ -26,6 +26,7 @@ __all__ = [
     "ERASURE_STREAM",
     "ERROR_KEY",
     "ERROR_NAMES",
+    "LEADER_KEY",
     "MAX_APPENDS_PER_BATCH",
     "RESERVED_PREFIX",
     "is_loopback_address",
@@ -39,6 +40,10 @@ ERROR_KEY: Final = "lethedb-error"
 #: stream does not exist). A pipelined append's AppendError carries the same
 #: two values in its ``error`` and ``actual_version`` fields.
 ACTUAL_VERSION_KEY: Final = "lethedb-actual-version"
+#: ... and, for NotLeader (a write sent to a follower), the leader's client
+#: address (host:port), empty when the follower does not know it. The SDK
+#: retries the write there with the same idempotency key.
+LEADER_KEY: Final = "lethedb-leader"
 
 #: Every name the server may send under ERROR_KEY (or in AppendError.error):
 #: the class name of each of its domain errors. The SDK maps every one to an
@@ -71,6 +76,10 @@ ERROR_NAMES: Final = frozenset(
         "PositionBeyondHead",
         "NotGroupMember",
         "SubscriptionReplaced",
+        "NotLeader",
+        "NotEnoughReplicas",
+        "CatchingUp",
+        "ReplicationRefused",
     }
 )
 

@@ -28,6 +28,10 @@ field, the limit and what was found, and never contain event data or keys.
     ├── SubscriptionReplaced     a newer subscription took over the same group member
     ├── Overloaded               a server limit on work in flight is reached; retry later
     ├── ShuttingDown             the server is draining and takes no new work
+    ├── NotLeader                a write reached a follower; it names the leader
+    ├── NotEnoughReplicas        a synchronous write did not reach its copies in time
+    ├── CatchingUp               a follower has not caught up with its leader yet
+    ├── ReplicationRefused       a leader's commit (or a follower) that does not fit this log
     └── ListenFailed             the server cannot bind its address (start-up only)
 """
 
@@ -195,6 +199,40 @@ class SubscriptionReplaced(LetheError):
 
 class Overloaded(LetheError):
     """A limit on work in flight is reached; nothing was done, a later retry may succeed."""
+
+
+class NotLeader(LetheError):
+    """A write reached a follower, which never writes on its own.
+
+    ``leader`` is the leader's client address (host:port), empty when the
+    follower does not know it (it is not connected): retry elsewhere.
+    """
+
+    def __init__(self, leader: str) -> None:
+        self.leader = leader
+        where = f"the leader is {leader}" if leader else "the leader is not known right now"
+        super().__init__(f"this node is a follower and takes no writes; {where}")
+
+
+class NotEnoughReplicas(LetheError):
+    """A write committed on the leader did not become durable on enough followers in time.
+
+    It was not acknowledged: retry it with the same idempotency key (a retry
+    that finds it committed is deduplicated).
+    """
+
+
+class CatchingUp(LetheError):
+    """A follower cannot answer yet: it has not caught up with its leader (or the
+    position a read asked for with ``min_position``)."""
+
+
+class ReplicationRefused(LetheError):
+    """A replication peer sent something that does not fit this node's log.
+
+    A commit whose position, chain hash or term does not follow this log, or
+    a follower of another store: nothing of it is written.
+    """
 
 
 class KeyringMismatch(DataDirDamaged):

@@ -3,8 +3,10 @@
 isort:skip_file
 Operator API of LetheDB: erasure maintenance, legal holds, backups."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -200,6 +202,9 @@ class StatsResponse(_message.Message):
     RESTORED_FROM_FIELD_NUMBER: _builtins.int
     RESTORED_TO_FIELD_NUMBER: _builtins.int
     RESTORED_AT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    MAX_FOLLOWER_LAG_POSITIONS_FIELD_NUMBER: _builtins.int
+    MAX_FOLLOWER_LAG_SECONDS_FIELD_NUMBER: _builtins.int
     last_position: _builtins.int
     """Last committed global position."""
     streams: _builtins.int
@@ -222,6 +227,12 @@ class StatsResponse(_message.Message):
     """
     restored_to: _builtins.int
     restored_at: _builtins.int
+    role: _builtins.str
+    """Replication (see ClusterStatus for the whole picture): this node's
+    role, and on a leader the lag of its slowest follower.
+    """
+    max_follower_lag_positions: _builtins.int
+    max_follower_lag_seconds: _builtins.float
     def __init__(
         self,
         *,
@@ -239,14 +250,138 @@ class StatsResponse(_message.Message):
         restored_from: _builtins.int = ...,
         restored_to: _builtins.int = ...,
         restored_at: _builtins.int = ...,
+        role: _builtins.str = ...,
+        max_follower_lag_positions: _builtins.int = ...,
+        max_follower_lag_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten_subjects", b"forgotten_subjects", "key_file_bytes", b"key_file_bytes", "last_position", b"last_position", "log_file_bytes", b"log_file_bytes", "log_map_bytes", b"log_map_bytes", "master_version", b"master_version", "pending_shred", b"pending_shred", "restored_at", b"restored_at", "restored_from", b"restored_from", "restored_to", b"restored_to", "shred_epoch", b"shred_epoch", "store_id", b"store_id", "streams", b"streams", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forgotten_subjects", b"forgotten_subjects", "key_file_bytes", b"key_file_bytes", "last_position", b"last_position", "log_file_bytes", b"log_file_bytes", "log_map_bytes", b"log_map_bytes", "master_version", b"master_version", "max_follower_lag_positions", b"max_follower_lag_positions", "max_follower_lag_seconds", b"max_follower_lag_seconds", "pending_shred", b"pending_shred", "restored_at", b"restored_at", "restored_from", b"restored_from", "restored_to", b"restored_to", "role", b"role", "shred_epoch", b"shred_epoch", "store_id", b"store_id", "streams", b"streams", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class ClusterStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatusRequest: _TypeAlias = ClusterStatusRequest  # noqa: Y015
+
+@_typing.final
+class ClusterStatusResponse(_message.Message):
+    """The cluster as this node sees it (`lethedb cluster status`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    FOLLOWERS_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    LAG_POSITIONS_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    SYNC_REPLICAS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    role: _builtins.str
+    """"leader", "follower" or "single" (no replication configured)."""
+    term: _builtins.int
+    leader: _builtins.str
+    """The leader's client address (host:port); empty when unknown."""
+    commit: _builtins.int
+    position: _builtins.int
+    connected: _builtins.bool
+    """On a follower: whether it is connected to the leader and has caught up
+    once (it serves reads only then), and its lag.
+    """
+    caught_up: _builtins.bool
+    lag_positions: _builtins.int
+    lag_seconds: _builtins.float
+    sync_replicas: _builtins.int
+    @_builtins.property
+    def followers(self) -> _containers.RepeatedCompositeFieldContainer[Global___FollowerStatus]:
+        """On a leader: every follower it knows. On a follower: empty."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        role: _builtins.str = ...,
+        term: _builtins.int = ...,
+        leader: _builtins.str = ...,
+        commit: _builtins.int = ...,
+        position: _builtins.int = ...,
+        followers: _abc.Iterable[Global___FollowerStatus] | None = ...,
+        connected: _builtins.bool = ...,
+        caught_up: _builtins.bool = ...,
+        lag_positions: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        sync_replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "commit", b"commit", "connected", b"connected", "followers", b"followers", "lag_positions", b"lag_positions", "lag_seconds", b"lag_seconds", "leader", b"leader", "node_id", b"node_id", "position", b"position", "role", b"role", "sync_replicas", b"sync_replicas", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatusResponse: _TypeAlias = ClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class FollowerStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    ADVERTISE_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    LAG_POSITIONS_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    SHREDDED_THROUGH_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    advertise: _builtins.str
+    connected: _builtins.bool
+    connected_since: _builtins.int
+    """ns since the epoch; 0 when not connected."""
+    commit: _builtins.int
+    position: _builtins.int
+    lag_positions: _builtins.int
+    lag_seconds: _builtins.float
+    shredded_through: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        advertise: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+        connected_since: _builtins.int = ...,
+        commit: _builtins.int = ...,
+        position: _builtins.int = ...,
+        lag_positions: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        shredded_through: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertise", b"advertise", "commit", b"commit", "connected", b"connected", "connected_since", b"connected_since", "lag_positions", b"lag_positions", "lag_seconds", b"lag_seconds", "node_id", b"node_id", "position", b"position", "shredded_through", b"shredded_through"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowerStatus: _TypeAlias = FollowerStatus  # noqa: Y015
 
 @_typing.final
 class VerifyRequest(_message.Message):

@@ -70,6 +70,11 @@ class AdminStub:
                 request_serializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.SerializeToString,
                 response_deserializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.FromString,
                 _registered_method=True)
+        self.ClusterStatus = channel.unary_unary(
+                '/lethedb.v1.Admin/ClusterStatus',
+                request_serializer=lethedb_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
+                response_deserializer=lethedb_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -122,6 +127,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClusterStatus(self, request, context):
+        """This node's role, term, positions and, on a leader, every follower's lag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +171,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RotateMasterKey,
                     request_deserializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.FromString,
                     response_serializer=lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.SerializeToString,
+            ),
+            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterStatus,
+                    request_deserializer=lethedb_dot_v1_dot_admin__pb2.ClusterStatusRequest.FromString,
+                    response_serializer=lethedb_dot_v1_dot_admin__pb2.ClusterStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +367,33 @@ class Admin:
             '/lethedb.v1.Admin/RotateMasterKey',
             lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyRequest.SerializeToString,
             lethedb_dot_v1_dot_admin__pb2.RotateMasterKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lethedb.v1.Admin/ClusterStatus',
+            lethedb_dot_v1_dot_admin__pb2.ClusterStatusRequest.SerializeToString,
+            lethedb_dot_v1_dot_admin__pb2.ClusterStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,8 @@ class AdminStub:
     """Re-wrap every live data key under a new master key version; older
     versions are kept (a shred epoch is what destroys them).
     """
+    ClusterStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ClusterStatusRequest, _admin_pb2.ClusterStatusResponse]
+    """This node's role, term, positions and, on a leader, every follower's lag."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -64,6 +66,8 @@ class AdminAsyncStub(AdminStub):
     """Re-wrap every live data key under a new master key version; older
     versions are kept (a shred epoch is what destroys them).
     """
+    ClusterStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.ClusterStatusRequest, _admin_pb2.ClusterStatusResponse]  # type: ignore[assignment]
+    """This node's role, term, positions and, on a leader, every follower's lag."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -121,5 +125,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Re-wrap every live data key under a new master key version; older
         versions are kept (a shred epoch is what destroys them).
         """
+
+    @_abc_1.abstractmethod
+    def ClusterStatus(
+        self,
+        request: _admin_pb2.ClusterStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ClusterStatusResponse, _abc.Awaitable[_admin_pb2.ClusterStatusResponse]]:
+        """This node's role, term, positions and, on a leader, every follower's lag."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

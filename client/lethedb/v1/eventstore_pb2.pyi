@@ -379,6 +379,7 @@ class ReadStreamRequest(_message.Message):
     FROM_VERSION_FIELD_NUMBER: _builtins.int
     BACKWARDS_FIELD_NUMBER: _builtins.int
     MAX_COUNT_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     from_version: _builtins.int
     """First version to return. Unset: the first event (forwards) or the last
@@ -387,6 +388,10 @@ class ReadStreamRequest(_message.Message):
     backwards: _builtins.bool
     max_count: _builtins.int
     """0 means no limit."""
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     def __init__(
         self,
         *,
@@ -394,10 +399,11 @@ class ReadStreamRequest(_message.Message):
         from_version: _builtins.int | None = ...,
         backwards: _builtins.bool = ...,
         max_count: _builtins.int = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_from_version", b"_from_version", "from_version", b"from_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_version", b"_from_version", "backwards", b"backwards", "from_version", b"from_version", "max_count", b"max_count", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_from_version", b"_from_version", "backwards", b"backwards", "from_version", b"from_version", "max_count", b"max_count", "min_position", b"min_position", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__from_version: _TypeAlias = _typing.Literal["from_version"]  # noqa: Y015
     _WhichOneofArgType__from_version: _TypeAlias = _typing.Literal["_from_version", b"_from_version"]  # noqa: Y015
@@ -413,6 +419,7 @@ class ReadAllRequest(_message.Message):
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     BACKWARDS_FIELD_NUMBER: _builtins.int
     MAX_COUNT_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     from_position: _builtins.int
     """Return events at and after (before, backwards) this position."""
     after_position: _builtins.int
@@ -420,6 +427,10 @@ class ReadAllRequest(_message.Message):
     backwards: _builtins.bool
     max_count: _builtins.int
     """0 means no limit."""
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     def __init__(
         self,
         *,
@@ -427,10 +438,11 @@ class ReadAllRequest(_message.Message):
         after_position: _builtins.int = ...,
         backwards: _builtins.bool = ...,
         max_count: _builtins.int = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "from_position", b"from_position", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "backwards", b"backwards", "from_position", b"from_position", "max_count", b"max_count", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "backwards", b"backwards", "from_position", b"from_position", "max_count", b"max_count", "min_position", b"min_position", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["from_position", "after_position"]  # noqa: Y015
     _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
@@ -575,15 +587,21 @@ class GetSubjectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     def __init__(
         self,
         *,
         subject_id: _builtins.str = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_position", b"min_position", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -594,15 +612,21 @@ class ExportSubjectRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     def __init__(
         self,
         *,
         subject_id: _builtins.str = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_position", b"min_position", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,6 +673,7 @@ class SubjectReceipt(_message.Message):
     SHREDDED_AT_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     LEGAL_HOLD_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     state: Global___SubjectState.ValueType
     tombstone_position: _builtins.int
@@ -664,6 +689,12 @@ class SubjectReceipt(_message.Message):
     def legal_hold(self) -> Global___LegalHold:
         """Set while a legal hold blocks forgetting the subject."""
 
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeErasure]:
+        """Asked of a leader: the erasure state on each node it knows (itself
+        first). Empty on a single node and when asked of a follower.
+        """
+
     def __init__(
         self,
         *,
@@ -676,14 +707,45 @@ class SubjectReceipt(_message.Message):
         shredded_at: _builtins.int = ...,
         event_count: _builtins.int = ...,
         legal_hold: Global___LegalHold | None = ...,
+        nodes: _abc.Iterable[Global___NodeErasure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["legal_hold", b"legal_hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forgotten_at", b"forgotten_at", "legal_hold", b"legal_hold", "reason", b"reason", "shred_epoch", b"shred_epoch", "shredded_at", b"shredded_at", "state", b"state", "subject_id", b"subject_id", "tombstone_position", b"tombstone_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "forgotten_at", b"forgotten_at", "legal_hold", b"legal_hold", "nodes", b"nodes", "reason", b"reason", "shred_epoch", b"shred_epoch", "shredded_at", b"shredded_at", "state", b"state", "subject_id", b"subject_id", "tombstone_position", b"tombstone_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubjectReceipt: _TypeAlias = SubjectReceipt  # noqa: Y015
+
+@_typing.final
+class NodeErasure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    state: Global___SubjectState.ValueType
+    """SUBJECT_ACTIVE: the node has not received the forget yet;
+    FORGOTTEN_PENDING_SHRED: tombstone applied and keys deleted there, its
+    shred epoch not yet run; SHREDDED: done on that node.
+    """
+    connected: _builtins.bool
+    """False when the node is not connected now (its state is as last reported)."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        state: Global___SubjectState.ValueType = ...,
+        connected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "node_id", b"node_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeErasure: _TypeAlias = NodeErasure  # noqa: Y015
 
 @_typing.final
 class SubscriptionFilter(_message.Message):
@@ -747,6 +809,7 @@ class SubscribeRequest(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     after_position: _builtins.int
     """Deliver the events after this position (0: every event). A position
     beyond the head is refused with OUT_OF_RANGE: the subscriber's
@@ -770,6 +833,10 @@ class SubscribeRequest(_message.Message):
     """
     max_events_per_message: _builtins.int
     """Most events in one EventBatch message; 0: the server's default (512)."""
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     @_builtins.property
     def filter(self) -> Global___SubscriptionFilter:
         """Unset: every event."""
@@ -784,10 +851,11 @@ class SubscribeRequest(_message.Message):
         group: _builtins.str = ...,
         member_id: _builtins.str = ...,
         max_events_per_message: _builtins.int = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "filter", b"filter", "from_end", b"from_end", "from_start", b"from_start", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "filter", b"filter", "from_end", b"from_end", "from_start", b"from_start", "group", b"group", "max_events_per_message", b"max_events_per_message", "member_id", b"member_id", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "filter", b"filter", "from_end", b"from_end", "from_start", b"from_start", "group", b"group", "max_events_per_message", b"max_events_per_message", "member_id", b"member_id", "min_position", b"min_position", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["after_position", "from_start", "from_end"]  # noqa: Y015
     _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
@@ -1050,15 +1118,21 @@ class GetCheckpointRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GROUP_FIELD_NUMBER: _builtins.int
+    MIN_POSITION_FIELD_NUMBER: _builtins.int
     group: _builtins.str
+    min_position: _builtins.int
+    """Read-your-writes on a follower: wait (up to the call's deadline) until
+    this node holds this position; 0: do not wait.
+    """
     def __init__(
         self,
         *,
         group: _builtins.str = ...,
+        min_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "min_position", b"min_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,8 @@ wire contract, :mod:`lethedb_contract`):
 
 * ``lethedb-error``: the domain exception's class name;
 * ``lethedb-actual-version``: for WrongExpectedVersion, the stream's last
-  version, or ``-1`` when the stream does not exist.
+  version, or ``-1`` when the stream does not exist;
+* ``lethedb-leader``: for NotLeader, the leader's address (may be empty).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Final
 
 import grpc
 
-from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY
+from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY, LEADER_KEY
 from lethedb_server import errors
 
 _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
@@ -37,6 +38,10 @@ _CODES: Final[dict[type[errors.LetheError], grpc.StatusCode]] = {
     errors.PositionBeyondHead: grpc.StatusCode.OUT_OF_RANGE,
     errors.NotGroupMember: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SubscriptionReplaced: grpc.StatusCode.ABORTED,
+    errors.NotLeader: grpc.StatusCode.UNAVAILABLE,
+    errors.NotEnoughReplicas: grpc.StatusCode.UNAVAILABLE,
+    errors.CatchingUp: grpc.StatusCode.UNAVAILABLE,
+    errors.ReplicationRefused: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -53,6 +58,8 @@ def trailing_metadata(error: errors.LetheError) -> tuple[tuple[str, str], ...]:
     if isinstance(error, errors.WrongExpectedVersion):
         actual = -1 if error.actual_version is None else error.actual_version
         items.append((ACTUAL_VERSION_KEY, str(actual)))
+    elif isinstance(error, errors.NotLeader):
+        items.append((LEADER_KEY, error.leader))
     return tuple(items)
 
 

@@ -87,6 +87,7 @@ def test_public_api_is_exactly_the_documented_names():
         "TooManySubscribers",
         "PositionBeyondHead",
         "NotGroupMember",
+        "NotLeader",
         "Overloaded",
         "SubscriptionReplaced",
     }

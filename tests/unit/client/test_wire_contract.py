@@ -54,6 +54,8 @@ def _instance(cls: type[errors.LetheError]) -> errors.LetheError:
     Exception.__init__(error, f"a {cls.__name__} for the test")
     if isinstance(error, errors.WrongExpectedVersion):
         error.actual_version = 7
+    if isinstance(error, errors.NotLeader):
+        error.leader = "127.0.0.1:7001"
     return error
 
 
