@@ -92,9 +92,11 @@ class NodeRouter:
                 return current
             count = len(self._hosts)
             for step in range(1, count):
-                host = self._hosts[(self._current + step) % count]
-                if host != self.leader:
-                    return host
+                index = (self._current + step) % count
+                if self._hosts[index] != self.leader:
+                    # It becomes the host in use, so that a failure passes it over.
+                    self._current = index
+                    return self._hosts[index]
             return current
 
     def wrote(self, address: str) -> None:

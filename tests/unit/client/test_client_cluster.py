@@ -18,7 +18,9 @@ import pytest
 
 import lethedb
 from lethedb import Append, AsyncClient, Client, Event, RetryPolicy
+from lethedb._cluster import NodeRouter
 from lethedb._exceptions import error_from_status
+from lethedb._retry import Retrying
 from tests.unit.client.fake_cluster import FakeCluster, FakeNode
 
 #: Quick retries, so that a test that must give up does so fast.
@@ -67,6 +69,94 @@ def test_not_leader_that_names_no_leader_has_an_empty_leader() -> None:
     )
     assert isinstance(error, lethedb.NotLeader)
     assert error.leader == ""
+
+
+# -- the router and the retry budget, without I/O -----------------------------------------
+
+
+def not_leader(leader: str) -> lethedb.NotLeader:
+    return lethedb.NotLeader("a follower", leader=leader)
+
+
+def test_the_router_sends_writes_to_the_leader_it_last_heard_of() -> None:
+    router = NodeRouter(("a:1", "b:1", "c:1"))
+    assert router.for_write() == "a:1"
+    router.observe("a:1", not_leader("c:1"))
+    assert router.for_write() == "c:1"
+    router.observe("c:1", lethedb.Unavailable("down"))  # the leader died: back to the hosts
+    assert router.leader is None
+    assert router.for_write() == "a:1"
+    router.observe("a:1", not_leader(""))  # a follower that knows no leader: next host
+    assert router.for_write() == "b:1"
+    router.wrote("b:1")
+    assert router.leader == "b:1"
+
+
+def test_a_burst_of_failures_from_one_node_moves_the_router_one_host() -> None:
+    router = NodeRouter(("a:1", "b:1", "c:1"))
+    for _ in range(5):
+        router.observe("a:1", lethedb.Unavailable("down"))
+    assert router.for_write() == "b:1"
+
+
+def test_a_leader_named_outside_the_connection_string_becomes_a_known_host() -> None:
+    router = NodeRouter(("a:1",))
+    assert not router.clustered
+    router.observe("a:1", not_leader("z:9"))
+    assert router.hosts == ("a:1", "z:9")
+    assert router.clustered
+
+
+def test_reads_preferring_a_follower_avoid_the_known_leader() -> None:
+    router = NodeRouter(("a:1", "b:1", "c:1"), prefer="follower")
+    router.wrote("a:1")
+    assert router.for_read() == "b:1"
+    assert router.for_read("leader") == "a:1"
+    assert router.for_read("any") == "b:1"  # the host in use
+    router.observe("b:1", lethedb.Unavailable("catching up"))
+    assert router.for_read() == "c:1"
+    assert router.for_write() == "a:1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_in_a_cluster_retries_go_on_past_the_policy_count_until_the_deadline() -> None:
+    clock = Clock()
+    router = NodeRouter(("a:1", "b:1"))
+    retrying = Retrying(QUICK, budget=1.0, cluster=router, clock=clock)
+    waits = []
+    while (delay := retrying.next_delay(lethedb.Unavailable("failover"))) is not None:
+        waits.append(delay)
+        clock.now += delay
+    assert len(waits) > QUICK.max_retries
+    assert clock.now < 1.0
+
+
+def test_a_single_host_keeps_the_policy_count() -> None:
+    retrying = Retrying(QUICK, budget=60.0, cluster=NodeRouter(("a:1",)), clock=Clock())
+    waits = []
+    while (delay := retrying.next_delay(lethedb.Unavailable("down"))) is not None:
+        waits.append(delay)
+    assert len(waits) == QUICK.max_retries
+
+
+def test_the_first_redirect_is_followed_at_once_and_later_ones_back_off() -> None:
+    retrying = Retrying(QUICK, budget=60.0, clock=Clock())
+    assert retrying.next_delay(not_leader("b:1")) == 0.0
+    delay = retrying.next_delay(not_leader("a:1"))
+    assert delay is not None
+    assert delay > 0
+
+
+def test_no_retry_is_kept_even_for_a_redirect() -> None:
+    retrying = Retrying(QUICK, no_retry="a backup", budget=60.0, clock=Clock())
+    assert retrying.next_delay(not_leader("b:1")) is None
 
 
 # -- writes follow NotLeader to the leader ---------------------------------------------
@@ -335,6 +425,42 @@ def test_a_subscription_that_loses_its_node_resumes_on_another_without_gap_or_du
     resumed = second.received("Subscribe")[0]
     assert resumed.after_position == 5
     assert resumed.min_position == 5
+
+
+def test_an_asyncio_subscription_resumes_on_another_node_too(cluster: FakeCluster) -> None:
+    first, second, _ = cluster.nodes
+    cluster.make_leader(first)
+    cluster.append_events(3)
+
+    async def main() -> list[int]:
+        positions: list[int] = []
+        async with (
+            AsyncClient(cluster.hosts(first, second), prefer="any", retry=QUICK) as db,
+            db.subscribe(from_start=True) as subscription,
+        ):
+            async for item in subscription:
+                positions.append(item.position)
+                if item.position == 3:
+                    await asyncio.to_thread(cluster.stop, first)
+                    await asyncio.to_thread(cluster.append_events, 3)
+                if item.position == 6:
+                    break
+        return positions
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
+    assert second.received("Subscribe")[0].after_position == 3
+
+
+def test_a_read_preferring_followers_skips_one_that_is_catching_up(cluster: FakeCluster) -> None:
+    leader, lagging, current = cluster.nodes
+    cluster.make_leader(leader)
+    lagging.catching_up = True
+    with Client(cluster.hosts(), prefer="follower", retry=QUICK) as db:
+        db.append("orders-1", Event("Placed"))
+        db.get_subject("user-1")
+    assert len(lagging.received("GetSubject")) == 1
+    assert len(current.received("GetSubject")) == 1
+    assert leader.received("GetSubject") == []
 
 
 # -- cluster status --------------------------------------------------------------------
