@@ -231,6 +231,21 @@ class Store:
         raise NotImplementedError
 
     @property
+    def chain_head(self) -> bytes:
+        """The chain hash of the last record (the genesis hash for an empty log)."""
+        raise NotImplementedError
+
+    def adopt_store_id(self, store_id: bytes) -> None:
+        """Make this follower a copy of store *store_id* (the leader's welcome names it).
+
+        An empty follower (no record, no journal entry) takes the id, in its log
+        meta and its key store's binding; one that already holds the same id is
+        unchanged; any other is ReplicationRefused ("this data directory holds
+        another store"). Call it before the first :meth:`apply_replicated`.
+        """
+        raise NotImplementedError
+
+    @property
     def term(self) -> int:
         """This node's term: its last journal entry's term (0 when the journal is empty)."""
         raise NotImplementedError
