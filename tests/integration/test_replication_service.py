@@ -21,11 +21,9 @@ import grpc
 import pytest
 
 from lethedb.v1 import admin_pb2 as apb
-from lethedb.v1 import admin_pb2_grpc
+from lethedb.v1 import admin_pb2_grpc, eventstore_pb2_grpc, replication_pb2_grpc
 from lethedb.v1 import eventstore_pb2 as pb
-from lethedb.v1 import eventstore_pb2_grpc
 from lethedb.v1 import replication_pb2 as rpb
-from lethedb.v1 import replication_pb2_grpc
 from lethedb_contract import ERROR_KEY, LEADER_KEY
 from lethedb_server.api.tokens import create_token
 from tests.integration.serverproc import ServerProcess
@@ -143,7 +141,8 @@ def test_appends_on_the_leader_appear_identical_on_the_follower(cluster: Cluster
         apb.VerifyRequest(), metadata=cluster.bearer("admin"), timeout=WAIT_S
     )
     final = list(verify)[-1]
-    assert final.done and not final.problem, final
+    assert final.done, final
+    assert not final.problem, final
     assert final.checked >= head
 
 
@@ -199,6 +198,11 @@ def test_a_read_with_min_position_fails_catching_up_at_its_deadline(cluster: Clu
     assert trailer(refused, ERROR_KEY) == "CatchingUp"
 
 
+REPLICA_WRITE = pb.AppendRequest(
+    stream_id="repl-replica", events=[pb.ProposedEvent(event_type="E", data=b"{}")]
+)
+
+
 def test_a_replica_token_cannot_use_the_event_store(cluster: Cluster):
     replica = cluster.bearer("replica")
     for server in (cluster.leader, cluster.follower):
@@ -206,10 +210,7 @@ def test_a_replica_token_cannot_use_the_event_store(cluster: Cluster):
         reads = stub.ReadAll(pb.ReadAllRequest(), metadata=replica, timeout=5)
         refused = refusal(lambda reads=reads: list(reads))
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
-        request = pb.AppendRequest(
-            stream_id="repl-replica", events=[pb.ProposedEvent(event_type="E", data=b"{}")]
-        )
-        refused = refusal(lambda stub=stub: stub.Append(request, metadata=replica, timeout=5))
+        refused = refusal(lambda stub=stub: stub.Append(REPLICA_WRITE, metadata=replica, timeout=5))
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
