@@ -146,6 +146,28 @@ def test_appends_on_the_leader_appear_identical_on_the_follower(cluster: Cluster
     assert final.checked >= head
 
 
+def test_a_subscription_on_the_follower_receives_the_leader_s_new_commits(cluster: Cluster):
+    head = append(cluster, 1)
+    read_all(cluster, cluster.follower, min_position=head)
+    request = pb.SubscribeRequest(from_end=True)
+    responses = events_stub(cluster.follower).Subscribe(
+        request, metadata=cluster.bearer("reader"), timeout=WAIT_S
+    )
+    try:
+        stream = iter(responses)
+        # The live phase has begun once the subscription reports it caught up.
+        while next(stream).WhichOneof("message") != "caught_up":
+            pass
+        last = append(cluster, 3)
+        received: list[int] = []
+        while not received or received[-1] < last:
+            message = next(stream)
+            received += [event.position for event in message.events.events]
+        assert received == [last - 2, last - 1, last]
+    finally:
+        responses.cancel()
+
+
 def test_a_write_to_the_follower_fails_not_leader_naming_the_leader(cluster: Cluster):
     stub = events_stub(cluster.follower)
     request = pb.AppendRequest(
