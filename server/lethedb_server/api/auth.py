@@ -10,7 +10,8 @@ the role of a follower node's token, which may call the
 ``lethedb.v1.Replication`` methods and nothing else, and no other role may
 call those (an admin token cannot pull a copy of the log with its keys).
 :data:`METHOD_ROLES` names the least role of every ``lethedb.v1.EventStore``
-method; every ``lethedb.v1.Admin`` method needs admin; the standard health and reflection services are open to all. Any
+and ``lethedb.v1.Replication`` method; every ``lethedb.v1.Admin`` method needs
+admin; the standard health and reflection services are open to all. Any
 other method is refused to every token (a new RPC must be added to the table
 before anybody can call it: a secure default, and a unit test compares the
 table with the protos). A few requests need more than their method's role

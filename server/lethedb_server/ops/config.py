@@ -105,8 +105,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     @property
     def role(self) -> str:
-        """"follower" with ``follow``; else "leader" when writes wait for followers, else
-        "single" (which serves followers too: a node needs no flag to be followed)."""
+        """This node's part: ``follower`` with ``follow``; else ``leader`` when writes wait
+        for followers, else ``single`` (which serves followers too: no flag is needed to
+        be followed)."""
         if self.follow:
             return "follower"
         return "leader" if self.sync_replicas else "single"
@@ -367,8 +368,7 @@ def _check_address(name: str, address: str) -> None:
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise ValidationError(
-            f"configuration: {name} is {address!r}; expected host:port (port 1-65535) or "
-            "[v6]:port"
+            f"configuration: {name} is {address!r}; expected host:port (port 1-65535) or [v6]:port"
         )
     if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
         raise ValidationError(

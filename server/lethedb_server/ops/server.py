@@ -116,7 +116,7 @@ def add_services(
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
     if cluster is None:
         cluster = cluster_node(config)
-    add_event_store(server, EventStoreService(store, validator, subscriptions, cluster))
+    add_event_store(server, EventStoreService(store, validator, subscriptions, cluster=cluster))
     admin = AdminService(store, validator, cluster)
     add_admin(server, admin)
     health = HealthServicer()
