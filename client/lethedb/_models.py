@@ -27,11 +27,9 @@ __all__ = [
     "BackupResult",
     "CaughtUp",
     "Checkpoint",
-    "ClusterStatus",
     "CommitResult",
     "Event",
     "ExpectedVersion",
-    "FollowerStatus",
     "GroupAssignment",
     "LegalHold",
     "NodeErasure",
@@ -394,51 +392,6 @@ class StoreStats(msgspec.Struct, frozen=True):
     role: str = ""
     max_follower_lag_positions: int = 0
     max_follower_lag_seconds: float = 0.0
-
-
-class FollowerStatus(msgspec.Struct, frozen=True):
-    """One follower as its leader sees it (an item of ``ClusterStatus.followers``).
-
-    ``commit`` and ``position`` are the last commit (and its log head) the
-    follower acknowledged as durable; ``lag_positions`` and ``lag_seconds``
-    how far behind the leader it is (the age of the oldest commit it lacks).
-    ``connected_since`` is in ns since the epoch, 0 while not connected.
-    ``shredded_through``: every tombstone up to it is shredded on the follower.
-    """
-
-    node_id: str
-    advertise: str
-    connected: bool
-    connected_since: int
-    commit: int
-    position: int
-    lag_positions: int
-    lag_seconds: float
-    shredded_through: int
-
-
-class ClusterStatus(msgspec.Struct, frozen=True):
-    """The cluster as one node sees it (``admin.cluster_status()``).
-
-    ``role`` is "leader", "follower" or "single"; ``commit`` and ``position``
-    are this node's last commit (journal entry) and log head. A leader lists
-    every follower it has seen since it started. A follower names its
-    ``leader`` and says whether it is ``connected`` to it, whether it has
-    ``caught_up`` once (it serves reads only then) and its lag.
-    """
-
-    node_id: str
-    role: str
-    term: int
-    leader: str
-    commit: int
-    position: int
-    followers: tuple[FollowerStatus, ...]
-    connected: bool
-    caught_up: bool
-    lag_positions: int
-    lag_seconds: float
-    sync_replicas: int
 
 
 class VerifyProgress(msgspec.Struct, frozen=True):

@@ -77,8 +77,6 @@ def test_public_api_is_exactly_the_documented_names():
         "BackupResult",
         "CommitResult",
         "StoreStats",
-        "ClusterStatus",
-        "FollowerStatus",
         "VerifyProgress",
         "RotateResult",
         "Subscription",
