@@ -27,9 +27,11 @@ __all__ = [
     "BackupResult",
     "CaughtUp",
     "Checkpoint",
+    "ClusterStatus",
     "CommitResult",
     "Event",
     "ExpectedVersion",
+    "FollowerStatus",
     "GroupAssignment",
     "LegalHold",
     "NodeErasure",
@@ -392,6 +394,54 @@ class StoreStats(msgspec.Struct, frozen=True):
     role: str = ""
     max_follower_lag_positions: int = 0
     max_follower_lag_seconds: float = 0.0
+
+
+class FollowerStatus(msgspec.Struct, frozen=True):
+    """One follower as its leader sees it (an item of :attr:`ClusterStatus.followers`).
+
+    ``advertise`` is the address clients use for it; ``connected_since`` is
+    in ns since the epoch (0 when not connected). ``commit`` and ``position``
+    are the last commit and log position it acknowledged as durable; its lag
+    is ``lag_positions`` behind the leader's head, and ``lag_seconds`` the age
+    of the oldest commit it lacks. ``shredded_through``: every erasure at or
+    before this position is shredded on that node.
+    """
+
+    node_id: str
+    advertise: str
+    connected: bool
+    connected_since: int
+    commit: int
+    position: int
+    lag_positions: int
+    lag_seconds: float
+    shredded_through: int
+
+
+class ClusterStatus(msgspec.Struct, frozen=True):
+    """The cluster as one node sees it (``admin.cluster_status()``, ``lethedb cluster status``).
+
+    ``role`` is "leader", "follower" or "single" (no replication); ``term``
+    the leadership term; ``leader`` the leader's client address ("" when
+    unknown); ``commit`` and ``position`` this node's last commit and log
+    position. A leader lists every follower it knows in ``followers``, and
+    ``sync_replicas`` is how many must hold a write before it is
+    acknowledged. A follower says whether it is ``connected`` to its leader,
+    whether it has ``caught_up`` once (it serves reads only then) and its lag.
+    """
+
+    node_id: str
+    role: str
+    term: int
+    leader: str
+    commit: int
+    position: int
+    followers: tuple[FollowerStatus, ...]
+    connected: bool
+    caught_up: bool
+    lag_positions: int
+    lag_seconds: float
+    sync_replicas: int
 
 
 class VerifyProgress(msgspec.Struct, frozen=True):

@@ -77,6 +77,8 @@ def test_public_api_is_exactly_the_documented_names():
         "BackupResult",
         "CommitResult",
         "StoreStats",
+        "ClusterStatus",
+        "FollowerStatus",
         "VerifyProgress",
         "RotateResult",
         "Subscription",
