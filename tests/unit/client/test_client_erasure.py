@@ -24,6 +24,7 @@ from lethedb._admin_requests import (
     build_set_legal_hold_request,
     legal_hold_until,
     to_backup_result,
+    to_cluster_status,
     to_shred_result,
 )
 from lethedb._requests import (
@@ -265,6 +266,41 @@ class TestResults:
         )
         assert result == lethedb.BackupResult(
             destination="/b", last_position=9, log_bytes=4096, key_bytes=0
+        )
+
+    def test_cluster_status_of_a_leader_with_one_follower_gone(self):
+        follower = apb.FollowerStatus(
+            node_id="db-b",
+            advertise="db-b:7000",
+            connected=False,
+            commit=11,
+            position=40,
+            lag_positions=2,
+            lag_seconds=1.5,
+            shredded_through=30,
+        )
+        status = to_cluster_status(
+            apb.ClusterStatusResponse(
+                node_id="db-a", role="leader", term=1, commit=12, position=42,
+                followers=[follower], sync_replicas=1,
+            )
+        )  # fmt: skip
+        assert (status.node_id, status.role, status.term, status.leader) == (
+            "db-a", "leader", 1, ""
+        )  # fmt: skip
+        assert (status.commit, status.position, status.sync_replicas) == (12, 42, 1)
+        assert status.followers == (
+            lethedb.FollowerStatus(
+                node_id="db-b",
+                advertise="db-b:7000",
+                connected=False,
+                connected_since=0,
+                commit=11,
+                position=40,
+                lag_positions=2,
+                lag_seconds=1.5,
+                shredded_through=30,
+            ),
         )
 
 
