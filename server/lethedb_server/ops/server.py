@@ -184,7 +184,7 @@ class Cluster:
         reads = ReadGate(store, watch, follower=True)
         settings = follow_settings(config, advertise)
         follower = Follower(store, settings, watch, reads)
-        node = ClusterNode(settings.node_id, config.sync_replicas)
+        node = ClusterNode(settings.node_id, config.sync_replicas, follower)
         replication = _replication(config, store, watch, advertise)
         return cls(watch, reads, replication, node, follower)
 
