@@ -186,10 +186,11 @@ def test_the_leaders_receipt_follows_the_erasure_onto_each_node(cluster):
         with follower.client() as on_follower:
             on_follower.admin.shred()
             assert on_follower.get_subject("u-7").nodes == ()  # a follower knows no nodes
+        done = lethedb.SubjectState.SHREDDED
         shredded = wait_for("the follower's shred on the leader's receipt",
                             lambda: db.get_subject("u-7"),
-                            lambda r: r.nodes[1].state is lethedb.SubjectState.SHREDDED)  # fmt: skip
-        assert shredded.nodes[0].state is lethedb.SubjectState.SHREDDED
+                            lambda r: r.nodes[1].state is done)  # fmt: skip
+        assert shredded.nodes[0].state is done
 
         follower.proc.stop()
         receipt = wait_for("the follower's disconnection", lambda: db.get_subject("u-7"),
