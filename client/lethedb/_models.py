@@ -34,6 +34,7 @@ __all__ = [
     "FollowerStatus",
     "GroupAssignment",
     "LegalHold",
+    "NodeErasure",
     "RecordedEvent",
     "RotateResult",
     "ShredResult",
@@ -290,6 +291,20 @@ class LegalHold(msgspec.Struct, frozen=True):
     until: int | None = None
 
 
+class NodeErasure(msgspec.Struct, frozen=True):
+    """A subject's erasure on one node of a cluster, as the leader last heard of it.
+
+    ACTIVE there: the node has not received the forget yet;
+    FORGOTTEN_PENDING_SHRED: applied and its keys deleted there, that node's
+    shred epoch not yet run; SHREDDED: done on that node. ``connected`` is
+    False when the node is not connected to the leader now.
+    """
+
+    node_id: str
+    state: SubjectState
+    connected: bool
+
+
 class SubjectReceipt(msgspec.Struct, frozen=True):
     """The erasure receipt: what the store knows of one data subject.
 
@@ -301,7 +316,9 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     ``shredded_at`` is that epoch's completion time, 0 until it has run. Times
     are nanoseconds since the Unix epoch. ``event_count`` counts the subject's
     events in the log (they stay there, redacted, after a forget).
-    ``legal_hold`` is set while a hold is in force.
+    ``legal_hold`` is set while a hold is in force. Asked of a leader,
+    ``nodes`` gives the subject's state on every node of the cluster, the
+    leader first; it is empty from a follower or a server without followers.
     """
 
     subject_id: str
@@ -313,6 +330,7 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     shredded_at: int = 0
     event_count: int = 0
     legal_hold: LegalHold | None = None
+    nodes: tuple[NodeErasure, ...] = ()
 
 
 class ShredResult(msgspec.Struct, frozen=True):

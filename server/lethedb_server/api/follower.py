@@ -32,6 +32,8 @@ import collections
 import contextlib
 import logging
 import random
+import threading
+import time
 from asyncio import Future
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from lethedb.v1 import replication_pb2_grpc as rpb_grpc
 from lethedb_contract import ERROR_KEY, LEADER_KEY
 from lethedb_server.api.frames import commit_frame
 from lethedb_server.api.head_watch import HeadWatch, ReadGate
+from lethedb_server.engine.cluster import LeaderLink
 from lethedb_server.engine.model import CheckpointCommand
 from lethedb_server.engine.store import Store
 from lethedb_server.errors import (
@@ -109,6 +112,10 @@ class Follower:
         #: The leader's head as its last welcome or heartbeat said (lag).
         self.leader_position = 0
         self.leader_commit = 0
+        #: (commit, committed_at) of commits received and maybe not durable here yet: the
+        #: oldest one this node lacks dates its lag in seconds (:meth:`link`).
+        self._received: collections.deque[tuple[int, int]] = collections.deque()
+        self._received_lock = threading.Lock()
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
         )
@@ -218,6 +225,7 @@ class Follower:
                 kind = response.WhichOneof("message")
                 if kind == "commit":
                     frame = commit_frame(response.commit)
+                    self._note_received(frame.commit, frame.committed_at)
                     await applying.put(store.apply_replicated(frame), frame.last_position)
                 elif kind == "heartbeat":
                     beat = response.heartbeat
@@ -232,6 +240,33 @@ class Follower:
                 with contextlib.suppress(BaseException):
                     await acker
             call.cancel()
+
+    # -- what ClusterStatus and the metrics show ---------------------------------------------
+
+    def _note_received(self, commit: int, committed_at: int) -> None:
+        with self._received_lock:
+            self._received.append((commit, committed_at))
+
+    def link(self) -> LeaderLink:
+        """This node's link to its leader now: connected, caught up, and how far behind.
+
+        The lag in positions is against the leader's head as its last welcome or
+        heartbeat said; in seconds, the age (by the leader's clock) of the
+        oldest commit received but not yet durable here (0 when there is none).
+        Thread-safe: the metrics read it from their own thread.
+        """
+        held = self.store.journal_head()
+        with self._received_lock:
+            while self._received and self._received[0][0] <= held:
+                self._received.popleft()
+            oldest = self._received[0][1] if self._received else 0
+        seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+        return LeaderLink(
+            connected=self.connected,
+            caught_up=self.reads.caught_up,
+            lag_positions=max(0, self.leader_position - self.store.head),
+            lag_seconds=seconds,
+        )
 
     def _hello(self) -> rpb.FollowerHello:
         store = self.store

@@ -48,11 +48,18 @@ from lethedb_server.api.replication import ReplicationService, add_replication
 from lethedb_server.api.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.api.tokens import TokenStore
 from lethedb_server.api.validation import Validator
+from lethedb_server.engine.cluster import ClusterNode
 from lethedb_server.engine.store import Store
 from lethedb_server.engine.subscriptions import SubscriptionEngine
 from lethedb_server.errors import LetheError, ListenFailed, ValidationError
 from lethedb_server.ops.config import Config
-from lethedb_server.ops.metrics import Metrics, MetricsServer, StoreCollector, metrics_host
+from lethedb_server.ops.metrics import (
+    ClusterCollector,
+    Metrics,
+    MetricsServer,
+    StoreCollector,
+    metrics_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +125,12 @@ def add_services(
         cluster = Cluster.single(config, store)
     if subscriptions is None:
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-    add_event_store(server, EventStoreService(store, validator, subscriptions, cluster.reads))
+    add_event_store(
+        server,
+        EventStoreService(store, validator, subscriptions, cluster.reads, cluster=cluster.node),
+    )
     add_replication(server, cluster.replication)
-    admin = AdminService(store, validator)
+    admin = AdminService(store, validator, cluster.node)
     add_admin(server, admin)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -146,11 +156,14 @@ class Cluster:
         watch: HeadWatch,
         reads: ReadGate,
         replication: ReplicationService,
+        node: ClusterNode,
         follower: Follower | None = None,
     ) -> None:
         self.watch = watch
         self.reads = reads
         self.replication = replication
+        #: This node's identity and views, shared by the services and the metrics.
+        self.node = node
         self.follower = follower
         self._task: asyncio.Task[None] | None = None
 
@@ -159,7 +172,8 @@ class Cluster:
         """For a node without ``follow``: no follower loop, reads served at once."""
         watch = HeadWatch(store)
         reads = ReadGate(store, watch, follower=False)
-        return cls(watch, reads, _replication(config, store, watch, advertise))
+        node = ClusterNode(node_name(config, advertise), config.sync_replicas)
+        return cls(watch, reads, _replication(config, store, watch, advertise), node)
 
     @classmethod
     def of(cls, config: Config, store: Store, advertise: str) -> Cluster:
@@ -170,7 +184,9 @@ class Cluster:
         reads = ReadGate(store, watch, follower=True)
         settings = follow_settings(config, advertise)
         follower = Follower(store, settings, watch, reads)
-        return cls(watch, reads, _replication(config, store, watch, advertise), follower)
+        node = ClusterNode(settings.node_id, config.sync_replicas, follower)
+        replication = _replication(config, store, watch, advertise)
+        return cls(watch, reads, replication, node, follower)
 
     def start(self) -> None:
         self.watch.attach()
@@ -380,10 +396,11 @@ async def serve(config: Config) -> None:
         raise
     metrics_server: MetricsServer | None = None
     try:
+        cluster = Cluster.of(config, store, config.advertise or address)
         if metrics is not None:
             metrics.registry.register(StoreCollector(store))
+            metrics.registry.register(ClusterCollector(store, cluster.node))
         access.observer = metrics
-        cluster = Cluster.of(config, store, config.advertise or address)
         subscriptions = SubscriptionEngine(
             store,
             config.subscription_limits(),

@@ -72,6 +72,7 @@ def test_public_api_is_exactly_the_documented_names():
         "SubjectReceipt",
         "SubjectState",
         "LegalHold",
+        "NodeErasure",
         "ShredResult",
         "BackupResult",
         "CommitResult",
