@@ -220,16 +220,18 @@ class EtcdClient:
             raise EtcdError(f"etcd lease grant: {response.error}")
         return response.ID, response.TTL
 
-    async def keep_alive_once(self, lease_id: int) -> int:
+    async def keep_alive_once(self, lease_id: int, timeout_s: float | None = None) -> int:
         """Renew a lease once: its TTL from now on, or 0 when etcd no longer knows it.
 
         One short stream per renewal: nothing to resynchronise after a broken
-        connection or an etcd restart, and the caller times each renewal itself.
+        connection or an etcd restart, and the caller times each renewal itself
+        (*timeout_s*, default the client's).
         """
+        timeout = timeout_s if timeout_s is not None else self.timeout_s
 
         async def renew(member: _Member) -> int:
             call = member.lease.LeaseKeepAlive(
-                iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout_s
+                iter([rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)]), timeout=timeout
             )
             try:
                 async for response in call:
