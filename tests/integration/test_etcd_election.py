@@ -24,8 +24,9 @@ from lethedb_server.coord.election import (
     Outcome,
     Progress,
 )
-from lethedb_server.coord.etcd import EtcdClient
+from lethedb_server.coord.etcd import EtcdClient, EtcdUnavailable
 from tests.etcdproc import EtcdProcess, etcd_binary
+from tests.ports import free_port
 
 TTL_S = 2
 MARGIN_S = 0.8
@@ -276,5 +277,141 @@ def test_elections_carry_on_after_etcd_restarts(own_etcd: EtcdProcess):
             assert cluster.leaders_now() == ["b"]
         finally:
             await cluster.close()
+
+    run(body)
+
+
+def test_a_leader_paused_out_of_its_lease_is_replaced_in_a_higher_term(own_etcd: EtcdProcess):
+    async def body() -> None:
+        cluster = Cluster(own_etcd.endpoint)
+        try:
+            a, b = await cluster.join("a"), await cluster.join("b")
+            old_term = await a.campaign_until_elected()
+
+            own_etcd.pause()  # longer than the TTL: etcd lets every lease run out on resume
+            await eventually(lambda: not a.is_leader_now(), 2 * TTL_S, "a steps down")
+            await asyncio.sleep(TTL_S + 0.5)
+            own_etcd.resume()
+            winner = await asyncio.wait_for(
+                asyncio.wait(
+                    [asyncio.create_task(m.campaign_until_elected()) for m in (a, b)],
+                    return_when=asyncio.FIRST_COMPLETED,
+                ),
+                4 * TTL_S,
+            )
+
+            (done,), pending = winner
+            for task in pending:
+                task.cancel()
+            assert done.result() > old_term
+            await eventually(lambda: len(cluster.leaders_now()) == 1, TTL_S, "one leader")
+        finally:
+            await cluster.close()
+
+    run(body)
+
+
+def test_a_leader_whose_key_is_deleted_steps_down(shared_etcd: EtcdProcess):
+    async def body() -> None:
+        cluster = Cluster(shared_etcd.endpoint)
+        try:
+            a = await cluster.join("a")
+            await a.campaign_until_elected()
+
+            async with EtcdClient(shared_etcd.endpoint) as operator:
+                assert await operator.delete(a.keys.leader) == 1
+
+            await eventually(lambda: not a.is_leader_now(), 2 * TTL_S, "a steps down")
+            assert a.term is None
+        finally:
+            await cluster.close()
+
+    run(body)
+
+
+def test_after_the_leader_dies_the_majority_elects_the_node_holding_the_most(
+    shared_etcd: EtcdProcess,
+):
+    """3 nodes, sync_replicas 1, quorum 2: the last acknowledged write is on the leader and b."""
+
+    async def body() -> None:
+        cluster = Cluster(shared_etcd.endpoint, quorum=2)
+        try:
+            old = await cluster.join("old", Progress(term=2, commit=12, position=40))
+            b = await cluster.join("b", Progress(term=2, commit=12, position=40))
+            c = await cluster.join("c", Progress(term=2, commit=11, position=38))
+            assert (await c.campaign()).outcome is Outcome.TOO_FEW  # c publishes, alone
+            assert (await old.campaign()).elected  # with c's position: a quorum of 2
+
+            await old.abandon()
+            new_term = await asyncio.wait_for(
+                race(b.campaign_until_elected(), c.campaign_until_elected()), 4 * TTL_S
+            )
+
+            assert cluster.leaders_now() == ["b"]
+            assert await c.leader() == Leader(b.node, new_term)
+        finally:
+            await cluster.close()
+
+    run(body)
+
+
+async def race(*campaigns: Awaitable[int]) -> int:
+    """The term of the first campaign to win; the others are cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in campaigns]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return next(iter(done)).result()
+
+
+def test_the_watch_carries_on_across_an_etcd_restart(own_etcd: EtcdProcess):
+    async def body() -> None:
+        cluster = Cluster(own_etcd.endpoint)
+        try:
+            a, b, watcher = [await cluster.join(n) for n in ("a", "b", "w")]
+            seen: list[Leader | None] = []
+
+            async def watch() -> None:
+                async for leader in watcher.observe(retry_s=0.05):
+                    seen.append(leader)
+
+            watching = asyncio.create_task(watch())
+            term_a = await a.campaign_until_elected()
+            await eventually(lambda: Leader(a.node, term_a) in seen, 5, "the watcher sees a")
+
+            own_etcd.restart()
+            await a.resign()
+            term_b = await asyncio.wait_for(b.campaign_until_elected(), 4 * TTL_S)
+
+            await eventually(
+                lambda: seen[-1] == Leader(b.node, term_b), 4 * TTL_S, f"b last, got {seen}"
+            )
+            watching.cancel()
+        finally:
+            await cluster.close()
+
+    run(body)
+
+
+def test_the_client_moves_to_another_endpoint_when_one_is_down(shared_etcd: EtcdProcess):
+    async def body() -> None:
+        down = f"http://127.0.0.1:{free_port()}"
+        async with EtcdClient([down, shared_etcd.endpoint], timeout_s=1.0) as client:
+            key = f"/lethedb-test/{uuid.uuid4().hex}".encode()
+            revision = await client.put(key, b"v")
+            found, _ = await client.get(key)
+
+        assert found is not None
+        assert (found.value, found.mod_revision) == (b"v", revision)
+
+    run(body)
+
+
+def test_a_client_without_a_reachable_endpoint_says_so(shared_etcd: EtcdProcess):
+    async def body() -> None:
+        async with EtcdClient(f"127.0.0.1:{free_port()}", timeout_s=0.5) as client:
+            with pytest.raises(EtcdUnavailable, match="no member answered"):
+                await client.get(b"/anything")
 
     run(body)

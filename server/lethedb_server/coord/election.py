@@ -212,6 +212,7 @@ class Election:
         self._lease_valid_until = 0.0  # own clock: the lease cannot expire in etcd before
         self._term: int | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._renewing = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -297,8 +298,10 @@ class Election:
 
     async def campaign(self) -> CampaignResult:
         """Try once to become leader; the result says why not when it did not."""
-        if not self._lease:
-            await self._new_lease()
+        if self._clock() >= self._lease_valid_until:
+            # Unrenewed for a while (etcd was out of reach): the lease may be gone, or
+            # about to be, with the leader key it holds; know which before going on.
+            await self._renew()
         (leader_kv, term_kv), _ = await self.client.get_many(self.keys.leader, self.keys.term)
         if leader_kv is not None:
             return self._found_leader(leader_kv)
@@ -393,24 +396,24 @@ class Election:
                 log.warning("etcd lease renewal failed: %s", error)
 
     async def _renew(self) -> None:
-        """Renew the lease; then, if leading, check the leader key is still this node's."""
-        if not self._lease:
-            await self._new_lease()
-            return
-        sent_at = self._clock()
-        ttl = await self.client.keep_alive_once(self._lease, self.options.renew_interval_s)
-        if ttl <= 0:
-            log.warning("etcd lease of node %s expired", self.node.node_id)
-            self._lease = 0
-            self._step_down("its lease expired")
-            await self._new_lease()
-            return
-        if self._term is not None:
-            kv, _ = await self.client.get(self.keys.leader)
-            if kv is None or kv.create_revision != self._term:
-                self._step_down("the leader key is no longer its own")
+        """Renew the lease (one renewal at a time); if leading, check the key is still its own."""
+        async with self._renewing:
+            if not self._lease:
+                await self._new_lease()
                 return
-        self._lease_valid_until = sent_at + ttl - self.options.margin_s
+            sent_at = self._clock()
+            ttl = await self.client.keep_alive_once(self._lease, self.options.renew_interval_s)
+            if ttl <= 0:
+                log.warning("etcd lease of node %s expired", self.node.node_id)
+                self._lease = 0
+                self._step_down("its lease expired")
+                await self._new_lease()
+                return
+            if self._term is not None:
+                kv, _ = await self.client.get(self.keys.leader)
+                if kv is None or kv.create_revision != self._term:
+                    self._step_down("the leader key is no longer its own")
+            self._lease_valid_until = sent_at + ttl - self.options.margin_s
 
     def _note(self, current: Leader | None) -> None:
         """A leader seen in etcd: if this node led another term, that term is over."""
