@@ -184,6 +184,32 @@ def decode_published(kv: KeyValue) -> PublishedNode:
     )
 
 
+def campaign_refusal(
+    me: NodeInfo, mine: Progress, nodes: list[PublishedNode], last_term: int, quorum: int
+) -> CampaignResult | None:
+    """Why *me* (at *mine*) may not campaign, or None when it may.
+
+    *nodes*: every live node's publication (*me*'s included); *last_term*: the
+    last term, seen over together with the leader key's absence. Refused when
+    a live node is more advanced, whatever its publication's age (it only
+    grows), or when fewer than *quorum* publications were read after
+    *last_term* ended.
+    """
+    ahead = [n for n in nodes if n.node.node_id != me.node_id and n.progress.rank() > mine.rank()]
+    if ahead:
+        best = max(ahead, key=lambda n: n.progress.rank())
+        reason = (
+            f"node {best.node.node_id} is at term {best.progress.term} commit"
+            f" {best.progress.commit}, this node at term {mine.term} commit {mine.commit}"
+        )
+        return CampaignResult(Outcome.BEHIND, reason=reason)
+    fresh = sum(1 for n in nodes if n.after_term == last_term)
+    if fresh < quorum:
+        reason = f"{fresh} of the {quorum} positions needed since term {last_term}"
+        return CampaignResult(Outcome.TOO_FEW, reason=reason)
+    return None
+
+
 class Election:
     """One node's part in its cluster's election: its lease, its published progress, its term.
 
@@ -312,7 +338,9 @@ class Election:
             encode_published(self.node, mine, last_term),
             self._lease,
         )
-        refusal = self._refusal(await self.nodes(), mine, last_term)
+        refusal = campaign_refusal(
+            self.node, mine, await self.nodes(), last_term, self.options.quorum
+        )
         if refusal is not None:
             return refusal
         result = await self.client.put_if_absent(
@@ -325,28 +353,6 @@ class Election:
         if result.kv is not None:
             return self._found_leader(result.kv)
         return CampaignResult(Outcome.RACED, reason="a leader came and went meanwhile")
-
-    def _refusal(
-        self, nodes: list[PublishedNode], mine: Progress, last_term: int
-    ) -> CampaignResult | None:
-        """Why this node may not campaign now, or None when it may."""
-        ahead = [
-            n
-            for n in nodes
-            if n.node.node_id != self.node.node_id and n.progress.rank() > mine.rank()
-        ]
-        if ahead:
-            best = max(ahead, key=lambda n: n.progress.rank())
-            reason = (
-                f"node {best.node.node_id} is at term {best.progress.term} commit"
-                f" {best.progress.commit}, this node at term {mine.term} commit {mine.commit}"
-            )
-            return CampaignResult(Outcome.BEHIND, reason=reason)
-        fresh = sum(1 for n in nodes if n.after_term == last_term)
-        if fresh < self.options.quorum:
-            reason = f"{fresh} of the {self.options.quorum} positions needed since term {last_term}"
-            return CampaignResult(Outcome.TOO_FEW, reason=reason)
-        return None
 
     def _found_leader(self, kv: KeyValue) -> CampaignResult:
         leader = decode_leader(kv)
