@@ -415,3 +415,28 @@ def test_a_client_without_a_reachable_endpoint_says_so(shared_etcd: EtcdProcess)
                 await client.get(b"/anything")
 
     run(body)
+
+
+def test_a_revoked_lease_takes_its_keys_and_renews_no_more(shared_etcd: EtcdProcess):
+    async def body() -> None:
+        async with EtcdClient(shared_etcd.endpoint) as client:
+            key = f"/lethedb-test/{uuid.uuid4().hex}".encode()
+            lease, granted = await client.grant_lease(TTL_S)
+            first = await client.put_if_absent(key, b"mine", lease)
+            second = await client.put_if_absent(key, b"theirs", lease)
+            renewed = await client.keep_alive_once(lease)
+
+            await client.revoke_lease(lease)
+            await client.revoke_lease(lease)  # already gone: no error
+            after_revoke, _ = await client.get(key)
+
+            assert granted >= TTL_S
+            assert first.created
+            assert not second.created
+            assert second.kv is not None
+            assert (second.kv.value, second.kv.create_revision) == (b"mine", first.revision)
+            assert renewed >= TTL_S
+            assert after_revoke is None
+            assert await client.keep_alive_once(lease) == 0
+
+    run(body)

@@ -34,7 +34,14 @@ RETRY_ELSEWHERE = frozenset(
 
 
 class EtcdError(Exception):
-    """etcd answered, but not as a call expects (a refused request, a bad answer)."""
+    """etcd answered, but not as a call expects (a refused request, a bad answer).
+
+    ``code`` is the gRPC status etcd answered with, when it did.
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EtcdUnavailable(EtcdError):
@@ -200,7 +207,7 @@ class EtcdClient:
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RETRY_ELSEWHERE:
                     raise EtcdError(
-                        f"etcd {what}: {error.code().name}: {error.details()}"
+                        f"etcd {what}: {error.code().name}: {error.details()}", error.code()
                     ) from None
                 failures.append(f"{member.address}: {error.code().name}")
             except _NoAnswer as error:
@@ -250,7 +257,7 @@ class EtcdClient:
                 "lease revoke", lambda m: m.lease.LeaseRevoke(request, timeout=self.timeout_s)
             )
         except EtcdError as error:
-            if "NOT_FOUND" not in str(error):
+            if error.code is not grpc.StatusCode.NOT_FOUND:
                 raise
 
     # -- keys ----------------------------------------------------------------
