@@ -5,8 +5,12 @@
 suffices are described there).
 
 **Roles.** ``reader`` < ``consumer`` < ``writer`` < ``admin``; each role may
-do what the roles below it may. :data:`METHOD_ROLES` names the least role of
-every ``lethedb.v1.EventStore`` method; every ``lethedb.v1.Admin`` method needs
+do what the roles below it may. ``replica`` stands outside that ladder: it is
+the role of a follower node's token, which may call the
+``lethedb.v1.Replication`` methods and nothing else, and no other role may
+call those (an admin token cannot pull a copy of the log with its keys).
+:data:`METHOD_ROLES` names the least role of every ``lethedb.v1.EventStore``
+and ``lethedb.v1.Replication`` method; every ``lethedb.v1.Admin`` method needs
 admin; the standard health and reflection services are open to all. Any
 other method is refused to every token (a new RPC must be added to the table
 before anybody can call it: a secure default, and a unit test compares the
@@ -58,12 +62,12 @@ import grpc.aio
 from lethedb_contract import is_loopback_address
 from lethedb_server.api import status
 from lethedb_server.api.limits import ConnectionStreams
-from lethedb_server.api.tokens import ROLES, Identity, Role, TokenStore
+from lethedb_server.api.tokens import LADDER, Identity, Role, TokenStore
 from lethedb_server.errors import PermissionDenied, TooManySubscribers, ValidationError
 
 log = logging.getLogger(__name__)
 
-_RANK: Final[dict[str, int]] = {role: rank for rank, role in enumerate(ROLES)}
+_RANK: Final[dict[str, int]] = {role: rank for rank, role in enumerate(LADDER)}
 
 #: The least role each method needs. Every method of ADMIN_SERVICE needs admin.
 METHOD_ROLES: Final[dict[str, Role]] = {
@@ -79,6 +83,8 @@ METHOD_ROLES: Final[dict[str, Role]] = {
     "/lethedb.v1.EventStore/Commit": "writer",
     "/lethedb.v1.EventStore/ForgetSubject": "admin",
     "/lethedb.v1.EventStore/ExportSubject": "admin",
+    "/lethedb.v1.Replication/Follow": "replica",
+    "/lethedb.v1.Replication/ForwardCheckpoint": "replica",
 }
 ADMIN_SERVICE: Final = "lethedb.v1.Admin"
 #: Services any caller may use, with or without a token.
@@ -108,6 +114,9 @@ def required_role(method: str) -> Role | None:
 
 
 def role_allows(role: str, needed: Role) -> bool:
+    """Whether *role* may do what *needed* may: up the ladder, or exactly ``replica``."""
+    if needed not in _RANK:
+        return role == needed
     return _RANK.get(role, -1) >= _RANK[needed]
 
 
@@ -149,7 +158,7 @@ def require_role(needed: Role, what: str) -> None:
             f"{what} needs the {needed} role; token {identity.name!r} has the {identity.role} role"
         )
     call = _LIVE_CALL.get()
-    if call is not None and _RANK[needed] > _RANK[call.needed]:
+    if call is not None and _RANK[needed] > _RANK.get(call.needed, -1):
         call.needed, call.needed_for = needed, what
 
 

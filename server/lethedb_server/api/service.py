@@ -4,6 +4,13 @@ No storage logic lives here. A handler converts and validates the request,
 calls one operation of the :class:`~lethedb_server.engine.store.Store` façade, and
 converts the answer; domain errors
 become statuses in :mod:`lethedb_server.api.rpc` and :mod:`lethedb_server.api.status`.
+
+On a follower (docs/CLUSTERING.md) every write fails with NotLeader, which
+names the leader (the store raises it; the status carries the address in the
+``lethedb-leader`` trailer); the streaming write, AppendStream, ends whole
+with it rather than answer each append with an error. Reads pass the
+:class:`~lethedb_server.api.head_watch.ReadGate` first: CatchingUp before the
+follower's first catch-up, and the ``min_position`` wait.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_contract import MAX_APPENDS_PER_BATCH
 from lethedb_server.api import messages, status, wire
 from lethedb_server.api.auth import caller_may, caller_role, require_role
+from lethedb_server.api.head_watch import HeadWatch, ReadGate
 from lethedb_server.api.rpc import (
     Context,
     Precheck,
@@ -41,7 +49,7 @@ from lethedb_server.engine.model import EVENT_OVERHEAD, ForgetCommand, StoredEve
 from lethedb_server.engine.reader import DEFAULT_PAGE
 from lethedb_server.engine.store import Store
 from lethedb_server.engine.subscriptions import Events, SubscriptionEngine, SubscriptionMessage
-from lethedb_server.errors import DataLoss, LetheError, ValidationError
+from lethedb_server.errors import DataLoss, LetheError, NotLeader, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +67,25 @@ class EventStoreService:
         store: Store,
         validator: Validator,
         subscriptions: SubscriptionEngine | None = None,
+        reads: ReadGate | None = None,
     ) -> None:
         self.store = store
         self.validator = validator
         self.subscriptions = subscriptions or SubscriptionEngine(store)
+        self.reads = reads or ReadGate(store, HeadWatch(store), follower=False)
         self._last_page: tuple[list[StoredEvent], int, list[pb.SubscribeResponse]] | None = None
+
+    async def _admit_read(self, min_position: int, context: Context) -> None:
+        await self.reads.admit(min_position, context.time_remaining())
+
+    def _check_leader(self) -> None:
+        """NotLeader at once on a follower, before a write is converted or validated."""
+        if self.store.role == "follower":
+            raise NotLeader(self.store.leader)
 
     async def _append(self, request: pb.AppendRequest | Undecodable) -> pb.AppendResponse:
         request = decoded(request)
+        self._check_leader()
         self._check_room(len(request.events), request)
         command = messages.append_command(request)
         self.validator.check_append(command)
@@ -96,6 +115,7 @@ class EventStoreService:
         they share its next group commit; an invalid one takes its slot as an
         error and is never queued. The answer waits for every append.
         """
+        self._check_leader()  # one NotLeader for the call, not one error per append
         check_append_batch(len(request.appends))
         # Refused whole, before any append is converted, when the writer has
         # no room for all of it.
@@ -132,6 +152,7 @@ class EventStoreService:
 
     @unary
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:  # noqa: N802
+        self._check_leader()
         self._check_room(sum([len(part.events) for part in request.appends]), request)
         command = messages.commit_command(request)
         self.validator.check_commit(command)
@@ -141,7 +162,12 @@ class EventStoreService:
     async def AppendStream(  # noqa: N802
         self, requests: AsyncIterator[pb.AppendRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.AppendResult]:
-        """Pipelined appends: a reader task submits, this generator answers in order."""
+        """Pipelined appends: a reader task submits, this generator answers in order.
+
+        On a follower the call ends with NotLeader before it reads a request.
+        """
+        if self.store.role == "follower":
+            await status.abort(context, NotLeader(self.store.leader))
         answers: asyncio.Queue[asyncio.Task[pb.AppendResponse] | None] = asyncio.Queue(
             STREAM_IN_FLIGHT
         )
@@ -169,6 +195,7 @@ class EventStoreService:
         self, request: pb.ReadStreamRequest, context: Context
     ) -> AsyncIterator[pb.ReadResponse]:
         self.validator.check_stream_id(request.stream_id)
+        await self._admit_read(request.min_position, context)
         backwards = request.backwards
         if request.HasField("from_version"):
             start = request.from_version
@@ -186,6 +213,7 @@ class EventStoreService:
     async def ForgetSubject(  # noqa: N802
         self, request: pb.ForgetSubjectRequest, context: Context
     ) -> pb.SubjectReceipt:
+        self._check_leader()
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
         reason = request.reason or "unspecified"
         check_name(reason, "reason", 128)
@@ -199,6 +227,7 @@ class EventStoreService:
         self, request: pb.GetSubjectRequest, context: Context
     ) -> pb.SubjectReceipt:
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        await self._admit_read(request.min_position, context)
         return await self._receipt(request.subject_id)
 
     async def _receipt(self, subject_id: str) -> pb.SubjectReceipt:
@@ -210,6 +239,7 @@ class EventStoreService:
         self, request: pb.ExportSubjectRequest, context: Context
     ) -> AsyncIterator[pb.ReadResponse]:
         self.validator.check_subject_id(request.subject_id, "subject_id", required=True)
+        await self._admit_read(request.min_position, context)
         store = self.store
 
         def page(after: int, limit: int) -> list[StoredEvent]:
@@ -222,6 +252,7 @@ class EventStoreService:
     async def ReadAll(  # noqa: N802
         self, request: pb.ReadAllRequest, context: Context
     ) -> AsyncIterator[pb.ReadResponse]:
+        await self._admit_read(request.min_position, context)
         backwards = request.backwards
         which = request.WhichOneof("start")
         if which == "from_position":
@@ -249,6 +280,7 @@ class EventStoreService:
             # A member takes a share of the group's events and moves its
             # checkpoint: more than reading.
             require_role("consumer", "joining a consumer group")
+        await self._admit_read(request.min_position, context)
         max_events = request.max_events_per_message or DEFAULT_PAGE
         subscription = await self.subscriptions.open(spec)
         try:
@@ -283,6 +315,9 @@ class EventStoreService:
     ) -> pb.CommitCheckpointResponse:
         check_group(request.group)
         check_name(request.member_id, "member_id", MAX_GROUP_BYTES, required=False)
+        # A follower forwards the checkpoint to its leader (the subscription
+        # engine's checkpoint sink); it must have caught up to judge the position.
+        self.reads.check()
         result = await self.subscriptions.commit_checkpoint(
             request.group,
             request.position,
@@ -297,6 +332,7 @@ class EventStoreService:
         self, request: pb.GetCheckpointRequest, context: Context
     ) -> pb.GetCheckpointResponse:
         check_group(request.group)
+        await self._admit_read(request.min_position, context)
         position = await self.subscriptions.get_checkpoint(request.group)
         return pb.GetCheckpointResponse(found=position is not None, position=position or 0)
 

@@ -58,9 +58,13 @@ from lethedb_server.files import make_private_dir, open_private, write_atomicall
 
 log = logging.getLogger(__name__)
 
-Role = Literal["reader", "consumer", "writer", "admin"]
-#: Every role, least first; each role may do what the roles before it may.
-ROLES: Final[tuple[Role, ...]] = ("reader", "consumer", "writer", "admin")
+Role = Literal["reader", "consumer", "writer", "admin", "replica"]
+#: The ladder of client roles, least first; each may do what the roles before it may.
+LADDER: Final[tuple[Role, ...]] = ("reader", "consumer", "writer", "admin")
+#: Every role: the ladder, then ``replica``, which stands outside it (a
+#: follower node's token may call the Replication service and nothing else;
+#: no client role may replicate, not even admin).
+ROLES: Final[tuple[Role, ...]] = (*LADDER, "replica")
 #: Seconds between checks of the tokens file for changes: a revoked token's
 #: calls must end within a second, and a stat() four times a second is free.
 RECHECK_S: Final = 0.25

@@ -16,6 +16,7 @@ import msgspec
 from lethedb_contract import ERASURE_EVENT_TYPE as ERASURE_EVENT_TYPE
 from lethedb_contract import ERASURE_STREAM as ERASURE_STREAM
 from lethedb_contract import RESERVED_PREFIX
+from lethedb_server.engine.replication import CommitFrame
 from lethedb_server.storage.codec import AppendResult
 
 #: Subject id under which subject-less events are encrypted. Client ids may
@@ -207,6 +208,18 @@ class RotateCommand(msgspec.Struct, frozen=True):
         return 0
 
 
+class ReplicatedCommitCommand(msgspec.Struct, frozen=True):
+    """Apply one leader commit on a follower; resolves to the frame's commit number."""
+
+    frame: CommitFrame
+
+    def size(self) -> int:
+        frame = self.frame
+        return 256 + sum(len(r) for r in frame.records) + sum(
+            len(c.key) + len(c.value or b"") for c in frame.changes
+        )
+
+
 class RotateResult(msgspec.Struct, frozen=True):
     master_version: int
     rewrapped_keys: int
@@ -251,6 +264,7 @@ Command = (
     | CheckpointCommand
     | ShredCommand
     | RotateCommand
+    | ReplicatedCommitCommand
 )
 #: Commands the writer runs alone, between batches.
 MAINTENANCE = (ShredCommand, RotateCommand)

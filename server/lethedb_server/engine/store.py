@@ -40,6 +40,7 @@ from lethedb_server.engine.model import (
     SubjectReceipt,
 )
 from lethedb_server.engine.reader import EventReader
+from lethedb_server.engine.replication import CommitFrame, FollowerState
 from lethedb_server.engine.verify import Verifier
 from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
 from lethedb_server.errors import DataDirLocked, ValidationError
@@ -63,6 +64,15 @@ class StoreOptions:
     #: Serve a log that is behind its key store (restored from an older backup).
     accept_restored_log: bool = False
     writer: WriterLimits = field(default_factory=WriterLimits)
+    #: "single" (no followers), "leader" (followers may connect) or "follower"
+    #: (applies a leader's commits, refuses writes with NotLeader).
+    role: str = "single"
+    #: The leader's client address (host:port) a follower names in NotLeader.
+    leader: str = ""
+    #: Followers that must hold a commit before a write is acknowledged (0: none).
+    sync_replicas: int = 0
+    #: How long a write waits for them before it fails with NotEnoughReplicas.
+    sync_timeout_s: float = 10.0
 
 
 class Store:
@@ -198,6 +208,102 @@ class Store:
     def rotate(self) -> Future[RotateResult]:
         """Queue a master key rotation (every data key re-wrapped under the new version)."""
         return self.writer.submit_async(RotateCommand())
+
+    # -- replication (see engine/replication.py) ---------------------------------------------
+
+    @property
+    def role(self) -> str:
+        """"single", "leader" or "follower"."""
+        raise NotImplementedError
+
+    @property
+    def leader(self) -> str:
+        """The leader's client address a follower names in NotLeader ("" if unknown)."""
+        raise NotImplementedError
+
+    @leader.setter
+    def leader(self, address: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def store_id(self) -> bytes:
+        """The store id every node of a cluster shares (the leader's, adopted by followers)."""
+        raise NotImplementedError
+
+    @property
+    def chain_head(self) -> bytes:
+        """The chain hash of the last record (the genesis hash for an empty log)."""
+        raise NotImplementedError
+
+    def adopt_store_id(self, store_id: bytes) -> None:
+        """Make this follower a copy of store *store_id* (the leader's welcome names it).
+
+        An empty follower (no record, no journal entry) takes the id, in its log
+        meta and its key store's binding; one that already holds the same id is
+        unchanged; any other is ReplicationRefused ("this data directory holds
+        another store"). Call it before the first :meth:`apply_replicated`.
+        """
+        raise NotImplementedError
+
+    @property
+    def term(self) -> int:
+        """This node's term: its last journal entry's term (0 when the journal is empty)."""
+        raise NotImplementedError
+
+    def journal_head(self) -> int:
+        """The commit number of the last journal entry (0 when the journal is empty)."""
+        raise NotImplementedError
+
+    def on_journal(self, listener: Callable[[int], None]) -> None:
+        """Call *listener(commit)* from the writer thread after each commit that wrote a
+        journal entry (the Replication service wakes its streams with it)."""
+        raise NotImplementedError
+
+    def frames_after(
+        self,
+        commit: int,
+        sent_keys: set[tuple[str, int]],
+        max_frames: int = 256,
+        max_bytes: int = 8 << 20,
+    ) -> list[CommitFrame]:
+        """The commits after *commit*, in order, read in one read transaction (blocking).
+
+        Each frame carries its records byte for byte, the current value of every
+        row its journal entry touched, and the raw data keys of its records
+        that are not in *sent_keys* (which it adds them to: one set per stream).
+        A forgotten subject's key no longer exists and is never sent. At least
+        one frame when there is one, then up to *max_frames* / *max_bytes*.
+        """
+        raise NotImplementedError
+
+    def apply_replicated(self, frame: CommitFrame) -> Future[int]:
+        """Queue a leader's commit (a follower only); resolves to its commit number once
+        durable. A frame that does not fit this log fails with ReplicationRefused and
+        writes nothing; one already held succeeds as a no-op."""
+        raise NotImplementedError
+
+    def replica_connected(self, node_id: str, advertise: str) -> None:
+        """A follower's stream opened (the Replication service)."""
+        raise NotImplementedError
+
+    def replica_acked(
+        self, node_id: str, commit: int, position: int, shredded_through: int
+    ) -> None:
+        """A follower holds *commit* (log head *position*) durably; may release sync writes."""
+        raise NotImplementedError
+
+    def replica_disconnected(self, node_id: str) -> None:
+        """A follower's stream closed (it stays listed, not connected)."""
+        raise NotImplementedError
+
+    def followers(self) -> list[FollowerState]:
+        """Every follower seen since start, with its lag."""
+        raise NotImplementedError
+
+    def shredded_through(self) -> int:
+        """The log head at the start of this node's last completed shred epoch: every
+        tombstone at or before it is shredded here."""
+        raise NotImplementedError
 
     # -- reads (blocking: call them off the event loop) ------------------------------------
 

@@ -46,7 +46,7 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -65,6 +65,9 @@ from lethedb_server.errors import (
 )
 from lethedb_server.storage import codec
 from lethedb_server.storage.log import REMEDY
+
+#: Stores a consumer group's checkpoint; resolves to the position stored.
+CheckpointSink = Callable[[CheckpointCommand], Awaitable[int]]
 
 log = logging.getLogger(__name__)
 
@@ -489,9 +492,17 @@ class SubscriptionEngine:
     belongs to one loop (the server's); it is only touched from there.
     """
 
-    def __init__(self, store: Store, limits: SubscriptionLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: SubscriptionLimits | None = None,
+        checkpoint_sink: CheckpointSink | None = None,
+    ) -> None:
+        """*checkpoint_sink* stores a group's checkpoint: the store's writer by default;
+        on a follower, which never writes on its own, its leader (the server wires it)."""
         self.store = store
         self.limits = limits or SubscriptionLimits()
+        self._checkpoint_sink: CheckpointSink = checkpoint_sink or store.store_checkpoint
         self._lock = threading.Lock()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopHead] = {}
         #: Read by the writer thread without the lock: replaced, never mutated.
@@ -687,7 +698,7 @@ class SubscriptionEngine:
         command = CheckpointCommand(
             group, position, rewind=rewind, max_groups=self.limits.max_consumer_groups
         )
-        await self.store.store_checkpoint(command)
+        await self._checkpoint_sink(command)
 
     async def get_checkpoint(self, group: str) -> int | None:
         return await asyncio.to_thread(self.store.checkpoint, group)

@@ -51,6 +51,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         switch: dict[str, Any] = {"nargs": "?", "const": "true"} if name in switches else {}
         p.add_argument(
             "--" + name.replace("_", "-"),
+            *config_module.FLAG_ALIASES.get(name, ()),
             dest=name,
             default=None,
             help=f"{config_module.HELP[name]} (env {config_module.ENV_PREFIX}{name.upper()})",

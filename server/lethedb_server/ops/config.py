@@ -84,6 +84,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_connections_per_peer: Annotated[int, msgspec.Meta(ge=0)] = 256
     handshake_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     connection_idle_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    # replication (docs/CLUSTERING.md)
+    follow: str = ""
+    node_id: str = ""
+    advertise: str = ""
+    sync_replicas: Annotated[int, msgspec.Meta(ge=0)] = StoreOptions.sync_replicas
+    sync_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = StoreOptions.sync_timeout_s
+    follow_token_file: str = ""
+    follow_tls_ca: str = ""
+    follow_tls_cert: str = ""
+    follow_tls_key: str = ""
 
     @property
     def data_dir(self) -> Path:
@@ -93,8 +103,21 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def keyring_path(self) -> Path:
         return Path(self.keyring) if self.keyring else self.data_dir / "master.keyring"
 
+    @property
+    def role(self) -> str:
+        """This node's part: ``follower`` with ``follow``; else ``leader`` when writes wait
+        for followers, else ``single`` (which serves followers too: no flag is needed to
+        be followed)."""
+        if self.follow:
+            return "follower"
+        return "leader" if self.sync_replicas else "single"
+
     def store_options(self) -> StoreOptions:
         return StoreOptions(
+            role=self.role,
+            leader=self.follow,
+            sync_replicas=self.sync_replicas,
+            sync_timeout_s=self.sync_timeout_s,
             keyring_path=self.keyring_path,
             dek_cache_size=self.dek_cache_size,
             dek_max_uses=self.dek_max_uses,
@@ -202,7 +225,30 @@ HELP: dict[str, str] = {
     "connection_idle_timeout_s": (
         "seconds without calls after which a connection is closed (GOAWAY); 0: never"
     ),
+    "follow": "leader address (host:port) to replicate from; makes this node a read-only follower",
+    "node_id": (
+        "this node's name in the cluster (default: the host name and a digest of the data "
+        "directory's path)"
+    ),
+    "advertise": "host:port clients use to reach this node (default: the bound listen address)",
+    "sync_replicas": (
+        "followers that must hold a write durably before it is acknowledged (0: asynchronous)"
+    ),
+    "sync_timeout_s": (
+        "seconds a write waits for sync_replicas followers before it fails NotEnoughReplicas"
+    ),
+    "follow_token_file": "file holding the replica-role bearer token this follower sends",
+    "follow_tls_ca": (
+        "PEM CA bundle that signed the leader's certificate (default: the system roots; "
+        "plaintext only to a loopback leader)"
+    ),
+    "follow_tls_cert": "PEM client certificate this follower presents to the leader (mTLS)",
+    "follow_tls_key": "PEM private key of follow_tls_cert",
 }
+
+
+#: Shorter flags some options also answer to (the option keeps its one name elsewhere).
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"sync_timeout_s": ("--sync-timeout",)}
 
 
 def field_names() -> tuple[str, ...]:
@@ -283,6 +329,62 @@ def check(config: Config) -> None:
         raise ValidationError(
             f"configuration: ready_file {config.ready_file!r}: its directory does not exist"
         )
+    _check_replication(config)
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1", "0.0.0.0", "[::]", ""})
+
+
+def _check_replication(config: Config) -> None:
+    """The replication options: addresses, names and the TLS files of the follower link."""
+    if config.node_id and not _NODE_ID.fullmatch(config.node_id):
+        raise ValidationError(
+            f"configuration: node_id is {config.node_id[:80]!r}; it must be 1-64 letters, "
+            "digits, '.', '_' or '-'"
+        )
+    if config.advertise:
+        _check_address("advertise", config.advertise)
+    if bool(config.follow_tls_cert) != bool(config.follow_tls_key):
+        raise ValidationError(
+            "configuration: follow_tls_cert and follow_tls_key go together; give both or neither"
+        )
+    for name in ("follow_token_file", "follow_tls_ca", "follow_tls_cert", "follow_tls_key"):
+        path = getattr(config, name)
+        if path and not Path(path).is_file():
+            raise ValidationError(f"configuration: {name} {path!r} is not a readable file")
+    if not config.follow:
+        return
+    _check_address("follow", config.follow)
+    if _same_node(config.follow, config.listen) or _same_node(config.follow, config.advertise):
+        raise ValidationError(
+            f"configuration: follow is {config.follow!r}, this node's own address; name the "
+            "leader's address (a node cannot follow itself)"
+        )
+
+
+def _check_address(name: str, address: str) -> None:
+    """``host:port`` or ``[v6]:port`` with a port 1-65535 (an address to dial)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValidationError(
+            f"configuration: {name} is {address!r}; expected host:port (port 1-65535) or [v6]:port"
+        )
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ValidationError(
+            f"configuration: {name} is {address!r}; write an IPv6 host in brackets: [::1]:50051"
+        )
+
+
+def _same_node(follow: str, own: str) -> bool:
+    """Whether *follow* names *own* (the same host and port, or a local host and its port)."""
+    if not own or own.startswith("unix:"):
+        return False
+    host, _, port = follow.rpartition(":")
+    own_host, _, own_port = own.rpartition(":")
+    if port != own_port:
+        return False
+    return host == own_host or (host in _LOCAL_HOSTS and own_host in _LOCAL_HOSTS)
 
 
 def _check_listen(listen: str) -> None:

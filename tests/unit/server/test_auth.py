@@ -9,14 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from lethedb.v1 import admin_pb2, eventstore_pb2
+from lethedb.v1 import admin_pb2, eventstore_pb2, replication_pb2
 from lethedb_server.api import auth
-from lethedb_server.api.tokens import TokenStore, create_token
+from lethedb_server.api.tokens import ROLES, TokenStore, create_token
 from lethedb_server.errors import ValidationError
 
 PROTO_METHODS = [
     f"/{service.full_name}/{method.name}"
-    for file in (eventstore_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR)
+    for file in (eventstore_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR, replication_pb2.DESCRIPTOR)
     for service in file.services_by_name.values()
     for method in service.methods
 ]
@@ -45,12 +45,22 @@ def test_the_role_table_names_only_real_rpcs():
         ("/lethedb.v1.EventStore/ExportSubject", "admin"),
         ("/lethedb.v1.Admin/Shred", "admin"),
         ("/lethedb.v1.Admin/SomethingAddedLater", "admin"),
+        ("/lethedb.v1.Replication/Follow", "replica"),
+        ("/lethedb.v1.Replication/ForwardCheckpoint", "replica"),
         ("/lethedb.v1.EventStore/SomethingAddedLater", None),
         ("/other.Service/Method", None),
     ],
 )
 def test_required_roles(method, role):
     assert auth.required_role(method) == role
+
+
+def test_the_replica_role_stands_outside_the_ladder():
+    """A follower's token replicates and does nothing else; no client role replicates."""
+    assert auth.role_allows("replica", "replica")
+    for role in ("reader", "consumer", "writer", "admin"):
+        assert not auth.role_allows("replica", role)
+        assert not auth.role_allows(role, "replica")
 
 
 def test_roles_include_the_roles_below_them():
@@ -90,7 +100,7 @@ def test_bearer_token_parsing(metadata, expected):
 @pytest.fixture
 def interceptor(tmp_path: Path) -> tuple[auth.AccessInterceptor, dict[str, str]]:
     path = tmp_path / "tokens.json"
-    tokens = {role: create_token(path, role, f"t-{role}")[0] for role in auth.ROLES}
+    tokens = {role: create_token(path, role, f"t-{role}")[0] for role in ROLES}
     return auth.AccessInterceptor(TokenStore.open(path)), tokens
 
 

@@ -65,3 +65,51 @@ def test_good_listen_addresses_are_accepted(listen):
 
 def test_the_defaults_are_valid():
     config.check(config.Config())
+
+
+@pytest.mark.parametrize(
+    ("flags", "option"),
+    [
+        ({"follow": "leader"}, "follow"),
+        ({"follow": "leader:0"}, "follow"),
+        ({"follow": "::1:50051"}, "follow"),
+        ({"follow": "127.0.0.1:50051", "listen": "127.0.0.1:50051"}, "follow"),
+        ({"follow": "localhost:7000", "listen": "0.0.0.0:7000"}, "follow"),
+        ({"follow": "db-a:7000", "advertise": "db-a:7000"}, "follow"),
+        ({"advertise": "db-a"}, "advertise"),
+        ({"node_id": "a node"}, "node_id"),
+        ({"sync_replicas": "-1"}, "sync_replicas"),
+        ({"sync_timeout_s": "0"}, "sync_timeout_s"),
+        ({"follow": "db-a:7000", "follow_tls_cert": "/nonexistent.pem"}, "follow_tls_cert"),
+        ({"follow": "db-a:7000", "follow_token_file": "/nonexistent-token"}, "follow_token_file"),
+    ],
+)
+def test_a_bad_replication_setting_is_refused_in_one_line(flags, option):
+    with pytest.raises(ValidationError) as refused:
+        config.load(flags, environ={})
+    assert option in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_follower_refuses_to_follow_itself_with_a_clear_reason():
+    with pytest.raises(ValidationError, match="cannot follow itself"):
+        config.load({"follow": "127.0.0.1:50051"}, environ={})
+
+
+def test_waiting_for_replicas_without_any_follower_configured_is_allowed():
+    """Writes then wait and fail NotEnoughReplicas: a runtime state, not a bad configuration."""
+    loaded = config.load({"sync_replicas": "2"}, environ={})
+    options = loaded.store_options()
+    assert (options.role, options.sync_replicas) == ("leader", 2)
+
+
+def test_follow_makes_the_node_a_follower_of_that_leader():
+    options = config.load({"follow": "db-a:7000"}, environ={}).store_options()
+    assert (options.role, options.leader) == ("follower", "db-a:7000")
+
+
+def test_the_client_tls_files_of_the_follower_go_together(tmp_path):
+    cert = tmp_path / "node.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ValidationError, match="follow_tls_key"):
+        config.load({"follow": "db-a:7000", "follow_tls_cert": str(cert)}, environ={})

@@ -139,7 +139,21 @@ def test_the_consumer_role_is_accepted_by_the_file_and_the_command(tmp_path: Pat
     assert tokens.run_token_command(args, out, err) == 0
     store = tokens.TokenStore.open(path)
     assert store.authenticate(out.getvalue().strip()) == tokens.Identity("proj", "consumer")
-    assert tokens.ROLES == ("reader", "consumer", "writer", "admin")
+    assert tokens.LADDER == ("reader", "consumer", "writer", "admin")
+
+
+def test_the_replica_role_is_accepted_by_the_command(tmp_path: Path):
+    """A follower node's token: `lethedb token create --role replica`."""
+    path = tmp_path / "tokens.json"
+    parser = argparse.ArgumentParser()
+    tokens.add_token_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["token", "create", "--role", "replica", "--name", "node-b", "--tokens-file", str(path)]
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert tokens.run_token_command(args, out, err) == 0
+    store = tokens.TokenStore.open(path)
+    assert store.authenticate(out.getvalue().strip()) == tokens.Identity("node-b", "replica")
 
 
 def test_the_watcher_reloads_a_changed_file_by_itself_and_tells_the_listeners(tmp_path: Path):
