@@ -21,6 +21,7 @@ from lethedb._admin_requests import (
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     to_backup_result,
+    to_cluster_status,
     to_rotate_result,
     to_shred_result,
     to_store_stats,
@@ -28,6 +29,7 @@ from lethedb._admin_requests import (
 from lethedb._cursors import VerifyWalk
 from lethedb._models import (
     BackupResult,
+    ClusterStatus,
     RotateResult,
     ShredResult,
     StoreStats,
@@ -120,6 +122,14 @@ class AdminClient:
         deadline = transport.deadline(timeout)
         response = transport.unary(transport.admin.Stats, apb.StatsRequest(), deadline)
         return to_store_stats(response)
+
+    def cluster_status(self, *, timeout: float | None = None) -> ClusterStatus:
+        """The cluster as this node sees it: role, term, positions, each follower's lag."""
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        request = apb.ClusterStatusRequest()
+        response = transport.unary(transport.admin.ClusterStatus, request, deadline)
+        return to_cluster_status(response)
 
     def verify(
         self,

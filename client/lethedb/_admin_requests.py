@@ -9,7 +9,15 @@ import msgspec
 
 from lethedb._checks import UINT64_LIMIT, check_name, type_name
 from lethedb._exceptions import ValidationError
-from lethedb._models import BackupResult, RotateResult, ShredResult, StoreStats, VerifyProgress
+from lethedb._models import (
+    BackupResult,
+    ClusterStatus,
+    FollowerStatus,
+    RotateResult,
+    ShredResult,
+    StoreStats,
+    VerifyProgress,
+)
 from lethedb.v1 import admin_pb2 as apb
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -98,6 +106,12 @@ def to_backup_result(response: apb.BackupResponse) -> BackupResult:
 
 def to_store_stats(response: apb.StatsResponse) -> StoreStats:
     return _struct_from(StoreStats, response)
+
+
+def to_cluster_status(response: apb.ClusterStatusResponse) -> ClusterStatus:
+    fields = {name: getattr(response, name) for name in ClusterStatus.__struct_fields__}
+    fields["followers"] = tuple(_struct_from(FollowerStatus, f) for f in response.followers)
+    return ClusterStatus(**fields)
 
 
 def to_verify_progress(message: apb.VerifyProgress) -> VerifyProgress:

@@ -19,6 +19,7 @@ from lethedb._admin_requests import (
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     to_backup_result,
+    to_cluster_status,
     to_rotate_result,
     to_shred_result,
     to_store_stats,
@@ -27,6 +28,7 @@ from lethedb._async_transport import AsyncTransport
 from lethedb._cursors import VerifyWalk
 from lethedb._models import (
     BackupResult,
+    ClusterStatus,
     RotateResult,
     ShredResult,
     StoreStats,
@@ -118,6 +120,14 @@ class AsyncAdminClient:
         deadline = transport.deadline(timeout)
         response = await transport.unary(transport.admin.Stats, apb.StatsRequest(), deadline)
         return to_store_stats(response)
+
+    async def cluster_status(self, *, timeout: float | None = None) -> ClusterStatus:
+        """The cluster as this node sees it: role, term, positions, each follower's lag."""
+        transport = self._transport
+        deadline = transport.deadline(timeout)
+        request = apb.ClusterStatusRequest()
+        response = await transport.unary(transport.admin.ClusterStatus, request, deadline)
+        return to_cluster_status(response)
 
     async def verify(
         self,

@@ -27,11 +27,14 @@ __all__ = [
     "BackupResult",
     "CaughtUp",
     "Checkpoint",
+    "ClusterStatus",
     "CommitResult",
     "Event",
     "ExpectedVersion",
+    "FollowerStatus",
     "GroupAssignment",
     "LegalHold",
+    "NodeErasure",
     "RecordedEvent",
     "RotateResult",
     "ShredResult",
@@ -288,6 +291,20 @@ class LegalHold(msgspec.Struct, frozen=True):
     until: int | None = None
 
 
+class NodeErasure(msgspec.Struct, frozen=True):
+    """A subject's erasure on one node of a cluster, as the leader last heard of it.
+
+    ACTIVE there: the node has not received the forget yet;
+    FORGOTTEN_PENDING_SHRED: applied and its keys deleted there, that node's
+    shred epoch not yet run; SHREDDED: done on that node. ``connected`` is
+    False when the node is not connected to the leader now.
+    """
+
+    node_id: str
+    state: SubjectState
+    connected: bool
+
+
 class SubjectReceipt(msgspec.Struct, frozen=True):
     """The erasure receipt: what the store knows of one data subject.
 
@@ -299,7 +316,9 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     ``shredded_at`` is that epoch's completion time, 0 until it has run. Times
     are nanoseconds since the Unix epoch. ``event_count`` counts the subject's
     events in the log (they stay there, redacted, after a forget).
-    ``legal_hold`` is set while a hold is in force.
+    ``legal_hold`` is set while a hold is in force. Asked of a leader,
+    ``nodes`` gives the subject's state on every node of the cluster, the
+    leader first; it is empty from a follower or a server without followers.
     """
 
     subject_id: str
@@ -311,6 +330,7 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     shredded_at: int = 0
     event_count: int = 0
     legal_hold: LegalHold | None = None
+    nodes: tuple[NodeErasure, ...] = ()
 
 
 class ShredResult(msgspec.Struct, frozen=True):
@@ -374,6 +394,51 @@ class StoreStats(msgspec.Struct, frozen=True):
     role: str = ""
     max_follower_lag_positions: int = 0
     max_follower_lag_seconds: float = 0.0
+
+
+class FollowerStatus(msgspec.Struct, frozen=True):
+    """One follower as its leader sees it (an item of ``ClusterStatus.followers``).
+
+    ``commit`` and ``position`` are the last commit (and its log head) the
+    follower acknowledged as durable; ``lag_positions`` and ``lag_seconds``
+    how far behind the leader it is (the age of the oldest commit it lacks).
+    ``connected_since`` is in ns since the epoch, 0 while not connected.
+    ``shredded_through``: every tombstone up to it is shredded on the follower.
+    """
+
+    node_id: str
+    advertise: str
+    connected: bool
+    connected_since: int
+    commit: int
+    position: int
+    lag_positions: int
+    lag_seconds: float
+    shredded_through: int
+
+
+class ClusterStatus(msgspec.Struct, frozen=True):
+    """The cluster as one node sees it (``admin.cluster_status()``).
+
+    ``role`` is "leader", "follower" or "single"; ``commit`` and ``position``
+    are this node's last commit (journal entry) and log head. A leader lists
+    every follower it has seen since it started. A follower names its
+    ``leader`` and says whether it is ``connected`` to it, whether it has
+    ``caught_up`` once (it serves reads only then) and its lag.
+    """
+
+    node_id: str
+    role: str
+    term: int
+    leader: str
+    commit: int
+    position: int
+    followers: tuple[FollowerStatus, ...]
+    connected: bool
+    caught_up: bool
+    lag_positions: int
+    lag_seconds: float
+    sync_replicas: int
 
 
 class VerifyProgress(msgspec.Struct, frozen=True):

@@ -31,6 +31,7 @@ from lethedb._models import (
     Event,
     ExpectedVersion,
     LegalHold,
+    NodeErasure,
     RecordedEvent,
     StreamState,
     SubjectReceipt,
@@ -417,15 +418,9 @@ def to_legal_hold(hold: pb.LegalHold) -> LegalHold:
 
 
 def to_subject_receipt(receipt: pb.SubjectReceipt) -> SubjectReceipt:
-    state = _SUBJECT_STATES.get(receipt.state)
-    if state is None:
-        raise ServerError(
-            f"the server sent subject state {receipt.state} for subject {receipt.subject_id!r}, "
-            "which this SDK does not know; upgrade lethedb"
-        )
     return SubjectReceipt(
         subject_id=receipt.subject_id,
-        state=state,
+        state=_subject_state(receipt.state, receipt.subject_id),
         tombstone_position=receipt.tombstone_position,
         forgotten_at=receipt.forgotten_at,
         reason=receipt.reason,
@@ -433,7 +428,21 @@ def to_subject_receipt(receipt: pb.SubjectReceipt) -> SubjectReceipt:
         shredded_at=receipt.shredded_at,
         event_count=receipt.event_count,
         legal_hold=to_legal_hold(receipt.legal_hold) if receipt.HasField("legal_hold") else None,
+        nodes=tuple(
+            NodeErasure(n.node_id, _subject_state(n.state, receipt.subject_id), n.connected)
+            for n in receipt.nodes
+        ),
     )
+
+
+def _subject_state(state: int, subject_id: str) -> SubjectState:
+    known = _SUBJECT_STATES.get(state)
+    if known is None:
+        raise ServerError(
+            f"the server sent subject state {state} for subject {subject_id!r}, "
+            "which this SDK does not know; upgrade lethedb"
+        )
+    return known
 
 
 def _encode_json(value: Any, field: str) -> bytes:

@@ -1,4 +1,4 @@
-"""``lethedb.v1.Admin``: shred epochs, legal holds and backups.
+"""``lethedb.v1.Admin``: shred epochs, legal holds, backups, stats and cluster status.
 
 Everything that changes state goes through the store's writer, so its order
 against appends and forgets is well defined (a legal hold set before a forget
@@ -21,6 +21,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.api import messages
 from lethedb_server.api.rpc import Context, register, server_streaming, unary
 from lethedb_server.api.validation import Validator, check_name
+from lethedb_server.engine.cluster import ClusterNode
 from lethedb_server.engine.erasure import KEY_BACKUP_WARNING
 from lethedb_server.engine.model import LegalHoldCommand
 from lethedb_server.engine.store import Store
@@ -33,9 +34,12 @@ VERIFY_PROGRESS_S = 0.5
 
 
 class AdminService:
-    def __init__(self, store: Store, validator: Validator) -> None:
+    def __init__(
+        self, store: Store, validator: Validator, cluster: ClusterNode | None = None
+    ) -> None:
         self.store = store
         self.validator = validator
+        self.cluster = cluster if cluster is not None else ClusterNode()
 
     @unary
     async def Shred(self, request: apb.ShredRequest, context: Context) -> apb.ShredResponse:  # noqa: N802
@@ -89,7 +93,18 @@ class AdminService:
 
     @unary
     async def Stats(self, request: apb.StatsRequest, context: Context) -> apb.StatsResponse:  # noqa: N802
-        return messages.stats_response(await asyncio.to_thread(self.store.stats))
+        return await asyncio.to_thread(self._stats)
+
+    def _stats(self) -> apb.StatsResponse:
+        store = self.store
+        return messages.stats_response(store.stats(), store.role, self.cluster.follower_lag(store))
+
+    @unary
+    async def ClusterStatus(  # noqa: N802
+        self, request: apb.ClusterStatusRequest, context: Context
+    ) -> apb.ClusterStatusResponse:
+        view = await asyncio.to_thread(self.cluster.view, self.store)
+        return messages.cluster_status_response(view)
 
     @server_streaming
     async def Verify(  # noqa: N802
@@ -142,6 +157,10 @@ def add_admin(server: grpc.aio.Server, service: AdminService) -> None:
             "RotateMasterKey": (
                 "unary", service.RotateMasterKey, apb.RotateMasterKeyRequest,
                 apb.RotateMasterKeyResponse,
+            ),
+            "ClusterStatus": (
+                "unary", service.ClusterStatus, apb.ClusterStatusRequest,
+                apb.ClusterStatusResponse,
             ),
         },
     )  # fmt: skip

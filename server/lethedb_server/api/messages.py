@@ -14,6 +14,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from lethedb.v1 import admin_pb2
 from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server.engine.cluster import ClusterView, FollowerLag, NodeErasure
 from lethedb_server.engine.model import (
     AppendCommand,
     CommitCommand,
@@ -24,6 +25,7 @@ from lethedb_server.engine.model import (
     StoredEvent,
     SubjectReceipt,
 )
+from lethedb_server.engine.replication import FollowerState
 from lethedb_server.engine.store import StoreStats
 from lethedb_server.engine.subscriptions import (
     CaughtUp,
@@ -115,7 +117,10 @@ def read_responses(events: Sequence[StoredEvent]) -> Iterator[pb.ReadResponse]:
         yield response
 
 
-def subject_receipt(receipt: SubjectReceipt) -> pb.SubjectReceipt:
+def subject_receipt(
+    receipt: SubjectReceipt, nodes: Sequence[NodeErasure] = ()
+) -> pb.SubjectReceipt:
+    """The receipt; *nodes*: on a leader, the subject's erasure state on every node."""
     message = pb.SubjectReceipt(
         subject_id=receipt.subject_id,
         state=int(receipt.state),  # type: ignore[arg-type]
@@ -125,6 +130,7 @@ def subject_receipt(receipt: SubjectReceipt) -> pb.SubjectReceipt:
         shred_epoch=receipt.shred_epoch,
         shredded_at=receipt.shredded_at,
         event_count=receipt.event_count,
+        nodes=[node_erasure(node) for node in nodes],
     )
     if receipt.on_hold:
         message.legal_hold.CopyFrom(
@@ -139,8 +145,55 @@ def shred_response(result: ShredResult) -> admin_pb2.ShredResponse:
     return admin_pb2.ShredResponse(**msgspec.structs.asdict(result))
 
 
-def stats_response(stats: StoreStats) -> admin_pb2.StatsResponse:
-    return admin_pb2.StatsResponse(**dataclasses.asdict(stats))
+def node_erasure(node: NodeErasure) -> pb.NodeErasure:
+    return pb.NodeErasure(
+        node_id=node.node_id,
+        state=int(node.state),  # type: ignore[arg-type]
+        connected=node.connected,
+    )
+
+
+def stats_response(stats: StoreStats, role: str, lag: FollowerLag) -> admin_pb2.StatsResponse:
+    """The store's counts, this node's *role* and, on a leader, its slowest follower's *lag*."""
+    fields = dataclasses.asdict(stats)
+    fields.update(
+        role=role,
+        max_follower_lag_positions=lag.positions,
+        max_follower_lag_seconds=lag.seconds,
+    )
+    return admin_pb2.StatsResponse(**fields)
+
+
+def cluster_status_response(view: ClusterView) -> admin_pb2.ClusterStatusResponse:
+    link = view.link
+    return admin_pb2.ClusterStatusResponse(
+        node_id=view.node_id,
+        role=view.role,
+        term=view.term,
+        leader=view.leader,
+        commit=view.commit,
+        position=view.position,
+        followers=[follower_status(f) for f in view.followers],
+        connected=link.connected,
+        caught_up=link.caught_up,
+        lag_positions=link.lag_positions,
+        lag_seconds=link.lag_seconds,
+        sync_replicas=view.sync_replicas,
+    )
+
+
+def follower_status(follower: FollowerState) -> admin_pb2.FollowerStatus:
+    return admin_pb2.FollowerStatus(
+        node_id=follower.node_id,
+        advertise=follower.advertise,
+        connected=follower.connected,
+        connected_since=follower.connected_since if follower.connected else 0,
+        commit=follower.commit,
+        position=follower.position,
+        lag_positions=follower.lag_positions,
+        lag_seconds=follower.lag_seconds,
+        shredded_through=follower.shredded_through,
+    )
 
 
 def verify_progress(verifier: Verifier, *, done: bool) -> admin_pb2.VerifyProgress:

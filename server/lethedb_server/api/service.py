@@ -45,6 +45,7 @@ from lethedb_server.api.validation import (
     check_group,
     check_name,
 )
+from lethedb_server.engine.cluster import ClusterNode
 from lethedb_server.engine.model import EVENT_OVERHEAD, ForgetCommand, StoredEvent
 from lethedb_server.engine.reader import DEFAULT_PAGE
 from lethedb_server.engine.store import Store
@@ -68,11 +69,14 @@ class EventStoreService:
         validator: Validator,
         subscriptions: SubscriptionEngine | None = None,
         reads: ReadGate | None = None,
+        *,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.store = store
         self.validator = validator
         self.subscriptions = subscriptions or SubscriptionEngine(store)
         self.reads = reads or ReadGate(store, HeadWatch(store), follower=False)
+        self.cluster = cluster if cluster is not None else ClusterNode()
         self._last_page: tuple[list[StoredEvent], int, list[pb.SubscribeResponse]] | None = None
 
     async def _admit_read(self, min_position: int, context: Context) -> None:
@@ -231,8 +235,12 @@ class EventStoreService:
         return await self._receipt(request.subject_id)
 
     async def _receipt(self, subject_id: str) -> pb.SubjectReceipt:
-        receipt = await asyncio.to_thread(self.store.receipt, subject_id)
-        return messages.subject_receipt(receipt)
+        """The receipt; on a leader with the subject's erasure state on every node."""
+        return await asyncio.to_thread(self._receipt_now, subject_id)
+
+    def _receipt_now(self, subject_id: str) -> pb.SubjectReceipt:
+        receipt = self.store.receipt(subject_id)
+        return messages.subject_receipt(receipt, self.cluster.subject_nodes(self.store, receipt))
 
     @server_streaming
     async def ExportSubject(  # noqa: N802

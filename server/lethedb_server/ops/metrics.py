@@ -12,11 +12,15 @@ Three sources feed one registry, served on ``metrics_port`` (off when 0) at
 * :class:`StoreCollector`, read at scrape time: head position, writer queue
   depth, DEK cache hits and misses, subjects forgotten and shred epochs so far
   (both persisted, so they survive restarts), LMDB map size and use, file
-  sizes, and the subscriptions reported through :data:`SUBSCRIBERS`.
+  sizes, and the subscriptions reported through :data:`SUBSCRIBERS`;
+* :class:`ClusterCollector`, read at scrape time too: this node's role, term
+  and journal head; on a leader each follower's lag and connection; on a
+  follower its own lag behind the leader.
 
 Labels never carry stream ids, subject ids, event types, token names or any
 other client-chosen text: metrics are not a side channel for personal data,
-and their cardinality stays fixed.
+and their cardinality stays fixed. The one label naming something is a
+follower's ``node_id``, which operators choose (one series per follower).
 
 For subscription code (no Prometheus knowledge needed)::
 
@@ -48,6 +52,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lethedb_server.engine.cluster import FOLLOWER, LEADER, SINGLE, ClusterNode
 from lethedb_server.engine.model import AppendCommand, Command, CommitCommand, CommitResult
 from lethedb_server.errors import LetheError
 from lethedb_server.storage.codec import AppendResult
@@ -55,6 +60,8 @@ from lethedb_server.storage.codec import AppendResult
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from lethedb_server.engine.cluster import LeaderLink
+    from lethedb_server.engine.replication import FollowerState
     from lethedb_server.engine.store import Store
     from lethedb_server.engine.writer import Result
 
@@ -349,6 +356,91 @@ class StoreCollector(Collector):
             yield _counter(
                 "lethedb_forgets", "Subjects forgotten in the life of this store.", forgets
             )
+
+
+class ClusterCollector(Collector):
+    """Replication gauges, read from the store (and the follower loop) when scraped.
+
+    Every node: ``lethedb_role{role}`` (1 for this node's role, 0 for the
+    others), ``lethedb_term``, ``lethedb_journal_head``. A leader (or a single
+    node a follower joined): ``lethedb_followers_connected`` and, per
+    follower, ``lethedb_follower_connected``, ``lethedb_follower_lag_positions``
+    and ``lethedb_follower_lag_seconds``. A follower: ``lethedb_leader_connected``,
+    ``lethedb_caught_up`` and ``lethedb_replication_lag_positions`` / ``_seconds``.
+    """
+
+    def __init__(self, store: Store, cluster: ClusterNode) -> None:
+        self.store = store
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        view = self.cluster.view(self.store)
+        role = GaugeMetricFamily(
+            "lethedb_role", "This node's role: 1 for the one it has.", labels=["role"]
+        )
+        for name in (LEADER, FOLLOWER, SINGLE):
+            role.add_metric([name], 1 if view.role == name else 0)
+        yield role
+        yield _gauge("lethedb_term", "This node's term (its last journal entry's).", view.term)
+        yield _gauge(
+            "lethedb_journal_head", "The last commit (journal entry) this node holds.", view.commit
+        )
+        if view.role == FOLLOWER:
+            yield from _leader_link(view.link)
+        else:
+            yield from _followers(view.followers)
+
+
+def _leader_link(link: LeaderLink) -> Iterator[Metric]:
+    yield _gauge(
+        "lethedb_leader_connected", "1 while this follower is connected to its leader.",
+        int(link.connected),
+    )  # fmt: skip
+    yield _gauge(
+        "lethedb_caught_up",
+        "1 once this follower has caught up with its leader (it serves reads).",
+        int(link.caught_up),
+    )
+    yield _gauge(
+        "lethedb_replication_lag_positions",
+        "Positions the leader holds that this follower has not applied yet.",
+        link.lag_positions,
+    )
+    yield _gauge(
+        "lethedb_replication_lag_seconds",
+        "Age of the oldest leader commit this follower has not applied yet (0 when none).",
+        link.lag_seconds,
+    )
+
+
+def _followers(followers: Sequence[FollowerState]) -> Iterator[Metric]:
+    yield _gauge(
+        "lethedb_followers_connected",
+        "Followers connected to this node now.",
+        sum(1 for f in followers if f.connected),
+    )
+    connected = GaugeMetricFamily(
+        "lethedb_follower_connected",
+        "1 while the follower is connected (every follower seen since start is listed).",
+        labels=["node_id"],
+    )
+    positions = GaugeMetricFamily(
+        "lethedb_follower_lag_positions",
+        "Positions this node holds that the follower has not acknowledged as durable.",
+        labels=["node_id"],
+    )
+    seconds = GaugeMetricFamily(
+        "lethedb_follower_lag_seconds",
+        "Age of the oldest commit the follower has not acknowledged (0 when none).",
+        labels=["node_id"],
+    )
+    for f in followers:
+        connected.add_metric([f.node_id], int(f.connected))
+        positions.add_metric([f.node_id], f.lag_positions)
+        seconds.add_metric([f.node_id], f.lag_seconds)
+    yield connected
+    yield positions
+    yield seconds
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import os
 import resource
@@ -34,11 +35,18 @@ from lethedb_server.api.admin import AdminService, add_admin
 from lethedb_server.api.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.api.tokens import TokenStore
 from lethedb_server.api.validation import Validator
+from lethedb_server.engine.cluster import ClusterNode
 from lethedb_server.engine.store import Store
 from lethedb_server.engine.subscriptions import SubscriptionEngine
 from lethedb_server.errors import LetheError, ListenFailed
 from lethedb_server.ops.config import Config
-from lethedb_server.ops.metrics import Metrics, MetricsServer, StoreCollector, metrics_host
+from lethedb_server.ops.metrics import (
+    ClusterCollector,
+    Metrics,
+    MetricsServer,
+    StoreCollector,
+    metrics_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +104,20 @@ def add_services(
     config: Config,
     store: Store,
     subscriptions: SubscriptionEngine | None = None,
+    cluster: ClusterNode | None = None,
 ) -> tuple[HealthServicer, AdminService]:
-    """Register every service on *server* (bound or not, but not yet started)."""
+    """Register every service on *server* (bound or not, but not yet started).
+
+    *cluster*: this node's identity, shared with the metrics; one from
+    *config* when not given.
+    """
     validator = Validator(config.limits())
     if subscriptions is None:
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-    add_event_store(server, EventStoreService(store, validator, subscriptions))
-    admin = AdminService(store, validator)
+    if cluster is None:
+        cluster = cluster_node(config)
+    add_event_store(server, EventStoreService(store, validator, subscriptions, cluster=cluster))
+    admin = AdminService(store, validator, cluster)
     add_admin(server, admin)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -116,6 +131,19 @@ def add_services(
         server,
     )
     return health, admin
+
+
+def cluster_node(config: Config) -> ClusterNode:
+    """This node's identity in the cluster, from the configuration."""
+    return ClusterNode(node_id=node_id(config), sync_replicas=config.sync_replicas)
+
+
+def node_id(config: Config) -> str:
+    """``node_id``, or the host name and a digest of the data directory's path (stable)."""
+    if config.node_id:
+        return config.node_id
+    path = str(config.data_dir.resolve()).encode()
+    return f"{socket.gethostname()[:47]}-{hashlib.blake2b(path, digest_size=8).hexdigest()}"
 
 
 def build_server(
@@ -251,12 +279,14 @@ async def serve(config: Config) -> None:
         await server.stop(None)  # release the address: nothing was served
         raise
     metrics_server: MetricsServer | None = None
+    cluster = cluster_node(config)
     try:
         if metrics is not None:
             metrics.registry.register(StoreCollector(store))
+            metrics.registry.register(ClusterCollector(store, cluster))
         access.observer = metrics
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-        health, _ = add_services(server, config, store, subscriptions)
+        health, _ = add_services(server, config, store, subscriptions, cluster)
         await server.start()
         watch = _watch_connections(config, port)
         if metrics is not None:

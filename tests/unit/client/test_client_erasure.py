@@ -17,13 +17,14 @@ import msgspec
 import pytest
 
 import lethedb
-from lethedb import LegalHold, SubjectReceipt, SubjectState
+from lethedb import LegalHold, NodeErasure, SubjectReceipt, SubjectState
 from lethedb._admin_requests import (
     build_backup_request,
     build_release_legal_hold_request,
     build_set_legal_hold_request,
     legal_hold_until,
     to_backup_result,
+    to_cluster_status,
     to_shred_result,
 )
 from lethedb._requests import (
@@ -122,6 +123,34 @@ class TestSubjectReceipt:
     def test_an_unknown_state_is_a_server_error_not_a_guess(self, state):
         with pytest.raises(lethedb.ServerError, match=f"subject state {state}"):
             to_subject_receipt(_receipt_message(state=state))
+
+    def test_a_leaders_receipt_gives_the_state_on_every_node_in_its_order(self):
+        message = _receipt_message(
+            state=pb.SUBJECT_SHREDDED,
+            tombstone_position=42,
+            nodes=[
+                pb.NodeErasure(node_id="db-a", state=pb.SUBJECT_SHREDDED, connected=True),
+                pb.NodeErasure(
+                    node_id="db-b", state=pb.SUBJECT_FORGOTTEN_PENDING_SHRED, connected=True
+                ),
+                pb.NodeErasure(node_id="db-c", state=pb.SUBJECT_ACTIVE, connected=False),
+            ],
+        )
+        assert to_subject_receipt(message).nodes == (
+            NodeErasure("db-a", SubjectState.SHREDDED, connected=True),
+            NodeErasure("db-b", SubjectState.FORGOTTEN_PENDING_SHRED, connected=True),
+            NodeErasure("db-c", SubjectState.ACTIVE, connected=False),
+        )
+
+    def test_a_receipt_from_a_single_node_names_no_nodes(self):
+        assert to_subject_receipt(_receipt_message(state=pb.SUBJECT_ACTIVE)).nodes == ()
+
+    def test_an_unknown_state_of_one_node_is_a_server_error_too(self):
+        message = _receipt_message(
+            state=pb.SUBJECT_ACTIVE, nodes=[pb.NodeErasure(node_id="db-b", state=99)]
+        )
+        with pytest.raises(lethedb.ServerError, match="subject state 99"):
+            to_subject_receipt(message)
 
     def test_receipts_are_immutable_values(self):
         receipt = SubjectReceipt("s-1", SubjectState.ACTIVE)
@@ -237,6 +266,41 @@ class TestResults:
         )
         assert result == lethedb.BackupResult(
             destination="/b", last_position=9, log_bytes=4096, key_bytes=0
+        )
+
+    def test_cluster_status_of_a_leader_with_one_follower_gone(self):
+        follower = apb.FollowerStatus(
+            node_id="db-b",
+            advertise="db-b:7000",
+            connected=False,
+            commit=11,
+            position=40,
+            lag_positions=2,
+            lag_seconds=1.5,
+            shredded_through=30,
+        )
+        status = to_cluster_status(
+            apb.ClusterStatusResponse(
+                node_id="db-a", role="leader", term=1, commit=12, position=42,
+                followers=[follower], sync_replicas=1,
+            )
+        )  # fmt: skip
+        assert (status.node_id, status.role, status.term, status.leader) == (
+            "db-a", "leader", 1, ""
+        )  # fmt: skip
+        assert (status.commit, status.position, status.sync_replicas) == (12, 42, 1)
+        assert status.followers == (
+            lethedb.FollowerStatus(
+                node_id="db-b",
+                advertise="db-b:7000",
+                connected=False,
+                connected_since=0,
+                commit=11,
+                position=40,
+                lag_positions=2,
+                lag_seconds=1.5,
+                shredded_through=30,
+            ),
         )
 
 

@@ -1,0 +1,188 @@
+"""What a node reports of its cluster: the per-node erasure rule and the wire conversions."""
+
+from __future__ import annotations
+
+import pytest
+
+from lethedb.v1 import eventstore_pb2 as pb
+from lethedb_server.api import messages
+from lethedb_server.engine.cluster import (
+    ClusterView,
+    FollowerLag,
+    LeaderLink,
+    NodeErasure,
+    node_erasure_state,
+    slowest_follower,
+    subject_nodes,
+)
+from lethedb_server.engine.model import SubjectReceipt, SubjectState
+from lethedb_server.engine.replication import FollowerState
+from lethedb_server.engine.store import StoreStats
+
+TOMBSTONE = 100
+
+
+def follower(
+    node_id: str = "f1",
+    *,
+    position: int = 0,
+    shredded_through: int = 0,
+    connected: bool = True,
+    lag_positions: int = 0,
+    lag_seconds: float = 0.0,
+) -> FollowerState:
+    return FollowerState(
+        node_id=node_id,
+        advertise=f"{node_id}.example:7001",
+        connected=connected,
+        connected_since=1_700_000_000_000_000_000 if connected else 0,
+        commit=position // 2,
+        position=position,
+        acked_at=1_700_000_001_000_000_000,
+        shredded_through=shredded_through,
+        lag_positions=lag_positions,
+        lag_seconds=lag_seconds,
+    )
+
+
+def forgotten(state: SubjectState = SubjectState.FORGOTTEN_PENDING_SHRED) -> SubjectReceipt:
+    return SubjectReceipt("s-1", state, tombstone_position=TOMBSTONE, forgotten_at=5)
+
+
+@pytest.mark.parametrize(
+    ("position", "shredded_through", "state"),
+    [
+        (0, 0, SubjectState.ACTIVE),  # never acked anything
+        (TOMBSTONE - 1, 0, SubjectState.ACTIVE),  # acked up to just before the forget
+        (TOMBSTONE, 0, SubjectState.FORGOTTEN_PENDING_SHRED),  # holds the tombstone
+        (TOMBSTONE + 50, TOMBSTONE - 1, SubjectState.FORGOTTEN_PENDING_SHRED),  # epoch too early
+        (TOMBSTONE, TOMBSTONE, SubjectState.SHREDDED),  # its epoch started at the tombstone
+        (TOMBSTONE + 50, TOMBSTONE + 40, SubjectState.SHREDDED),
+    ],
+)
+def test_a_followers_erasure_state_follows_its_acked_and_shredded_positions(
+    position, shredded_through, state
+):
+    f = follower(position=position, shredded_through=shredded_through)
+    assert node_erasure_state(TOMBSTONE, f) is state
+
+
+def test_a_subject_never_forgotten_is_active_on_every_follower_however_far_they_are():
+    f = follower(position=10_000, shredded_through=10_000)
+    assert node_erasure_state(0, f) is SubjectState.ACTIVE
+    nodes = subject_nodes(SubjectReceipt("s-1", SubjectState.ACTIVE), "leader", [f])
+    assert [n.state for n in nodes] == [SubjectState.ACTIVE, SubjectState.ACTIVE]
+
+
+def test_the_leader_lists_itself_first_then_each_follower_with_its_connection():
+    followers = [
+        follower("f1", position=TOMBSTONE + 1, shredded_through=TOMBSTONE + 1),
+        follower("f2", position=TOMBSTONE - 1, connected=False),
+        follower("f3", position=TOMBSTONE),
+    ]
+    nodes = subject_nodes(forgotten(SubjectState.SHREDDED), "leader-a", followers)
+    assert nodes == (
+        NodeErasure("leader-a", SubjectState.SHREDDED, connected=True),
+        NodeErasure("f1", SubjectState.SHREDDED, connected=True),
+        NodeErasure("f2", SubjectState.ACTIVE, connected=False),
+        NodeErasure("f3", SubjectState.FORGOTTEN_PENDING_SHRED, connected=True),
+    )
+
+
+def test_a_leader_without_followers_lists_only_itself():
+    assert subject_nodes(forgotten(), "solo", []) == (
+        NodeErasure("solo", SubjectState.FORGOTTEN_PENDING_SHRED, connected=True),
+    )
+
+
+def test_the_receipt_on_the_wire_carries_every_nodes_state_in_order():
+    nodes = (
+        NodeErasure("leader-a", SubjectState.SHREDDED, connected=True),
+        NodeErasure("f2", SubjectState.ACTIVE, connected=False),
+    )
+    message = messages.subject_receipt(forgotten(SubjectState.SHREDDED), nodes)
+    assert [(n.node_id, n.state, n.connected) for n in message.nodes] == [
+        ("leader-a", pb.SUBJECT_SHREDDED, True),
+        ("f2", pb.SUBJECT_ACTIVE, False),
+    ]
+    assert message.tombstone_position == TOMBSTONE
+
+
+def test_a_receipt_without_nodes_has_an_empty_list():
+    assert len(messages.subject_receipt(forgotten()).nodes) == 0
+
+
+def test_the_slowest_follower_sets_each_lag_on_its_own():
+    followers = [
+        follower("f1", lag_positions=30, lag_seconds=0.5),
+        follower("f2", lag_positions=2, lag_seconds=4.0, connected=False),
+    ]
+    assert slowest_follower(followers) == FollowerLag(positions=30, seconds=4.0)
+    assert slowest_follower([]) == FollowerLag(positions=0, seconds=0.0)
+
+
+def test_stats_on_the_wire_carry_the_role_and_the_slowest_followers_lag():
+    stats = StoreStats(
+        last_position=9,
+        streams=2,
+        subjects=1,
+        forgotten_subjects=0,
+        pending_shred=0,
+        shred_epoch=0,
+        master_version=1,
+        log_file_bytes=4096,
+        log_map_bytes=1 << 20,
+        key_file_bytes=4096,
+        store_id=b"\x01" * 16,
+    )
+    message = messages.stats_response(stats, "leader", FollowerLag(7, 1.25))
+    assert (message.role, message.max_follower_lag_positions) == ("leader", 7)
+    assert message.max_follower_lag_seconds == 1.25
+    assert message.last_position == 9
+    assert message.store_id == b"\x01" * 16
+
+
+def test_cluster_status_of_a_leader_lists_its_followers():
+    view = ClusterView(
+        node_id="leader-a",
+        role="leader",
+        term=1,
+        leader="",
+        commit=12,
+        position=40,
+        sync_replicas=1,
+        followers=(
+            follower("f1", position=40),
+            follower("f2", position=30, connected=False, lag_positions=10, lag_seconds=2.5),
+        ),
+    )
+    message = messages.cluster_status_response(view)
+    assert (message.node_id, message.role, message.term) == ("leader-a", "leader", 1)
+    assert (message.commit, message.position, message.sync_replicas) == (12, 40, 1)
+    assert (message.connected, message.caught_up) == (False, False)
+    f1, f2 = message.followers
+    assert (f1.node_id, f1.advertise, f1.connected) == ("f1", "f1.example:7001", True)
+    assert f1.connected_since == 1_700_000_000_000_000_000
+    assert (f1.commit, f1.position, f1.lag_positions) == (20, 40, 0)
+    assert (f2.connected, f2.connected_since) == (False, 0)
+    assert (f2.lag_positions, f2.lag_seconds) == (10, 2.5)
+
+
+def test_cluster_status_of_a_follower_reports_its_link_and_no_followers():
+    link = LeaderLink(connected=True, caught_up=True, lag_positions=3, lag_seconds=0.02)
+    view = ClusterView(
+        node_id="f1",
+        role="follower",
+        term=1,
+        leader="db-a:7000",
+        commit=11,
+        position=37,
+        sync_replicas=0,
+        followers=(),
+        link=link,
+    )
+    message = messages.cluster_status_response(view)
+    assert (message.role, message.leader) == ("follower", "db-a:7000")
+    assert (message.connected, message.caught_up) == (True, True)
+    assert (message.lag_positions, message.lag_seconds) == (3, 0.02)
+    assert len(message.followers) == 0
