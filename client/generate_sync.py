@@ -32,7 +32,7 @@ PHRASES = [
     ("(from several tasks)", "(from several threads)"),
     ("import grpc.aio\n", ""),
     ("call.cancel()", "call.cancel()  # type: ignore[no-untyped-call]"),
-    ("await self.channel.close(None)", "self.channel.close()"),
+    ("await node.channel.close(None)", "node.channel.close()"),
 ]
 TOKENS = [
     (r"\basync def\b", "def"),
@@ -46,6 +46,7 @@ TOKENS = [
     (r"\basyncio\.sleep\b", "time.sleep"),
     (r"^import asyncio$", "import time"),
     (r"\bgrpc\.aio\.", "grpc."),
+    (r"\b(EventStore|Admin)AsyncStub\b", r"\1Stub"),
     (r"\blethedb\._async_(\w+)", r"lethedb._\1"),
     (r"\bAsync(Client|AdminClient|Transport|Subscription|AppendSender|ClosingContext)\b", r"\1"),
     (r"\bThe asyncio client, on ``grpc\.aio``", "The blocking client, on ``grpc``"),

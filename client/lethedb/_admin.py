@@ -46,8 +46,11 @@ __all__ = ["AdminClient"]
 class AdminClient:
     """Operator calls of ``lethedb.v1.Admin``; get one from the client's ``admin``.
 
-    It shares the client's channel, timeout and retry policy, and is closed
+    It shares the client's channels, timeout and retry policy, and is closed
     with it. Every call needs the admin role (PermissionDenied otherwise).
+    In a cluster, each call goes to the leader (the last one known, else the
+    first host that answers): shred, key rotation, stats, verify and backup
+    act on that one node, so address another node with a client of its own.
     """
 
     def __init__(self, transport: Transport) -> None:
@@ -64,7 +67,7 @@ class AdminClient:
         """
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(transport.admin.Shred, apb.ShredRequest(), deadline)
+        response = transport.unary(lambda node: node.admin.Shred, apb.ShredRequest(), deadline)
         return to_shred_result(response)
 
     def set_legal_hold(
@@ -84,7 +87,7 @@ class AdminClient:
         request = build_set_legal_hold_request(subject_id, reason, until)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(transport.admin.SetLegalHold, request, deadline)
+        response = transport.unary(lambda node: node.admin.SetLegalHold, request, deadline)
         return to_subject_receipt(response)
 
     def release_legal_hold(
@@ -94,7 +97,7 @@ class AdminClient:
         request = build_release_legal_hold_request(subject_id)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(transport.admin.ReleaseLegalHold, request, deadline)
+        response = transport.unary(lambda node: node.admin.ReleaseLegalHold, request, deadline)
         return to_subject_receipt(response)
 
     def backup(
@@ -112,7 +115,7 @@ class AdminClient:
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = transport.unary(
-            transport.admin.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
+            lambda node: node.admin.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
         )
         return to_backup_result(response)
 
@@ -120,15 +123,20 @@ class AdminClient:
         """Counts and sizes of the store: positions, streams, subjects, erasures, files."""
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(transport.admin.Stats, apb.StatsRequest(), deadline)
+        response = transport.unary(lambda node: node.admin.Stats, apb.StatsRequest(), deadline)
         return to_store_stats(response)
 
     def cluster_status(self, *, timeout: float | None = None) -> ClusterStatus:
-        """The cluster as this node sees it: role, term, positions, each follower's lag."""
+        """The cluster as the node this client writes to sees it: roles, term, positions, lag.
+
+        Asked of the leader it lists every follower; asked of a single node
+        its role is "single" and the list is empty.
+        """
         transport = self._transport
         deadline = transport.deadline(timeout)
-        request = apb.ClusterStatusRequest()
-        response = transport.unary(transport.admin.ClusterStatus, request, deadline)
+        response = transport.unary(
+            lambda node: node.admin.ClusterStatus, apb.ClusterStatusRequest(), deadline
+        )
         return to_cluster_status(response)
 
     def verify(
@@ -151,15 +159,17 @@ class AdminClient:
         walk = VerifyWalk(progress)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        retrying = transport.retry.start()
+        retrying = transport.retrying(deadline)
         while True:
-            call = transport.admin.Verify(apb.VerifyRequest(), timeout=deadline)
+            node = transport.writer()
+            call = node.admin.Verify(apb.VerifyRequest(), timeout=deadline)
             try:
                 for message in call:
                     if walk.track(message):
                         break
                 return walk.finished()
             except grpc.RpcError as exc:
+                transport.observe(node.address, exc)
                 time.sleep(walk.retry_delay(exc, retrying))
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
@@ -174,7 +184,7 @@ class AdminClient:
         transport = self._transport
         deadline = transport.deadline(timeout)
         request = apb.RotateMasterKeyRequest()
-        response = transport.unary(transport.admin.RotateMasterKey, request, deadline)
+        response = transport.unary(lambda node: node.admin.RotateMasterKey, request, deadline)
         return to_rotate_result(response)
 
     def __repr__(self) -> str:

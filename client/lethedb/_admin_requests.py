@@ -110,7 +110,9 @@ def to_store_stats(response: apb.StatsResponse) -> StoreStats:
 
 def to_cluster_status(response: apb.ClusterStatusResponse) -> ClusterStatus:
     fields = {name: getattr(response, name) for name in ClusterStatus.__struct_fields__}
-    fields["followers"] = tuple(_struct_from(FollowerStatus, f) for f in response.followers)
+    fields["followers"] = tuple(
+        _struct_from(FollowerStatus, follower) for follower in response.followers
+    )
     return ClusterStatus(**fields)
 
 

@@ -27,7 +27,7 @@ from lethedb._coalescing import (
     SendAlone,
     deadline_exceeded,
 )
-from lethedb._exceptions import error_from_status
+from lethedb._exceptions import NotLeader, error_from_status
 from lethedb.v1 import eventstore_pb2 as pb
 
 if TYPE_CHECKING:
@@ -71,14 +71,17 @@ class AppendSender:
     def _append_call(
         self, request: pb.AppendRequest, deadline: float
     ) -> pb.AppendResponse | Exception:
+        node = self._transport.writer()
         try:
-            return self._transport.events.Append(request, timeout=deadline)
+            return node.events.Append(request, timeout=deadline)
         except Exception as exc:  # the caller maps, retries or raises it
+            self._transport.observe(node.address, exc)
             return exc
 
     def _send_batches(self, batches: list[list[_Queued]]) -> None:
         """Start each batch's call; its answer is handed out from gRPC's callback thread."""
-        stub = self._transport.events
+        node = self._transport.writer()
+        stub = node.events
         for batch in batches:
             # Each caller keeps its own deadline; the call lasts for the longest.
             timeout = max(0.001, max(item.deadline for item in batch) - time.monotonic())
@@ -93,9 +96,9 @@ class AppendSender:
                 self._settle(batch, [exc for _ in batch])
                 self._send_batches(self._coalescer.call_done())
                 continue
-            call.add_done_callback(functools.partial(self._batch_done, batch))
+            call.add_done_callback(functools.partial(self._batch_done, batch, node.address))
 
-    def _batch_done(self, batch: list[_Queued], call: grpc.Future[Any]) -> None:
+    def _batch_done(self, batch: list[_Queued], address: str, call: grpc.Future[Any]) -> None:
         coalescer = self._coalescer
         outcomes: list[AppendOutcome]
         try:
@@ -110,6 +113,7 @@ class AppendSender:
                 outcomes = [exc for _ in batch]
             else:
                 outcomes = [response] if len(batch) == 1 else coalescer.outcomes(batch, response)
+            _observe_once(self._transport, address, outcomes)
             self._settle(batch, outcomes)
         finally:
             self._send_batches(coalescer.call_done())
@@ -119,6 +123,21 @@ class AppendSender:
         for item, outcome in zip(batch, outcomes, strict=True):
             with contextlib.suppress(InvalidStateError):  # its caller gave up waiting
                 item.waiter.set_result(outcome)
+
+
+def _observe_once(
+    transport: Transport | AsyncTransport, address: str, outcomes: list[AppendOutcome]
+) -> None:
+    """Teach the router what a batch call met: its first failure, once for the whole batch.
+
+    A failed call hands every append the same failure, and a follower answers
+    every append of a batch NotLeader; one report is enough (the router moves
+    on from a node once per report).
+    """
+    for outcome in outcomes:
+        if isinstance(outcome, grpc.RpcError | NotLeader):
+            transport.observe(address, outcome)
+            return
 
 
 def _expire(waiter: asyncio.Future[AppendOutcome]) -> None:
@@ -156,9 +175,11 @@ class AsyncAppendSender:
     async def _append_call(
         self, request: pb.AppendRequest, deadline: float
     ) -> pb.AppendResponse | Exception:
+        node = self._transport.writer()
         try:
-            return await self._transport.events.Append(request, timeout=deadline)
+            return await node.events.Append(request, timeout=deadline)
         except Exception as exc:  # the caller maps, retries or raises it
+            self._transport.observe(node.address, exc)
             return exc
 
     def _flush(self) -> None:
@@ -182,14 +203,16 @@ class AsyncAppendSender:
             if len(batch) == 1:
                 outcomes = [await self._append_call(batch[0].request, timeout)]
             else:
+                node = self._transport.writer()
                 try:
-                    response = await self._transport.events.AppendBatch(
+                    response = await node.events.AppendBatch(
                         coalescer.batch_request(batch), timeout=timeout
                     )
                 except Exception as exc:  # the callers map, retry or raise it
                     outcomes = coalescer.failed(batch, exc)
                 else:
                     outcomes = coalescer.outcomes(batch, response)
+                _observe_once(self._transport, node.address, outcomes)
             for item, outcome in zip(batch, outcomes, strict=True):
                 if not item.waiter.done():
                     item.waiter.set_result(outcome)

@@ -44,8 +44,11 @@ __all__ = ["AsyncAdminClient"]
 class AsyncAdminClient:
     """Operator calls of ``lethedb.v1.Admin``; get one from the client's ``admin``.
 
-    It shares the client's channel, timeout and retry policy, and is closed
+    It shares the client's channels, timeout and retry policy, and is closed
     with it. Every call needs the admin role (PermissionDenied otherwise).
+    In a cluster, each call goes to the leader (the last one known, else the
+    first host that answers): shred, key rotation, stats, verify and backup
+    act on that one node, so address another node with a client of its own.
     """
 
     def __init__(self, transport: AsyncTransport) -> None:
@@ -62,7 +65,9 @@ class AsyncAdminClient:
         """
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.admin.Shred, apb.ShredRequest(), deadline)
+        response = await transport.unary(
+            lambda node: node.admin.Shred, apb.ShredRequest(), deadline
+        )
         return to_shred_result(response)
 
     async def set_legal_hold(
@@ -82,7 +87,7 @@ class AsyncAdminClient:
         request = build_set_legal_hold_request(subject_id, reason, until)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.admin.SetLegalHold, request, deadline)
+        response = await transport.unary(lambda node: node.admin.SetLegalHold, request, deadline)
         return to_subject_receipt(response)
 
     async def release_legal_hold(
@@ -92,7 +97,9 @@ class AsyncAdminClient:
         request = build_release_legal_hold_request(subject_id)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.admin.ReleaseLegalHold, request, deadline)
+        response = await transport.unary(
+            lambda node: node.admin.ReleaseLegalHold, request, deadline
+        )
         return to_subject_receipt(response)
 
     async def backup(
@@ -110,7 +117,7 @@ class AsyncAdminClient:
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = await transport.unary(
-            transport.admin.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
+            lambda node: node.admin.Backup, request, deadline, no_retry=BACKUP_NOT_RETRIED
         )
         return to_backup_result(response)
 
@@ -118,15 +125,22 @@ class AsyncAdminClient:
         """Counts and sizes of the store: positions, streams, subjects, erasures, files."""
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.admin.Stats, apb.StatsRequest(), deadline)
+        response = await transport.unary(
+            lambda node: node.admin.Stats, apb.StatsRequest(), deadline
+        )
         return to_store_stats(response)
 
     async def cluster_status(self, *, timeout: float | None = None) -> ClusterStatus:
-        """The cluster as this node sees it: role, term, positions, each follower's lag."""
+        """The cluster as the node this client writes to sees it: roles, term, positions, lag.
+
+        Asked of the leader it lists every follower; asked of a single node
+        its role is "single" and the list is empty.
+        """
         transport = self._transport
         deadline = transport.deadline(timeout)
-        request = apb.ClusterStatusRequest()
-        response = await transport.unary(transport.admin.ClusterStatus, request, deadline)
+        response = await transport.unary(
+            lambda node: node.admin.ClusterStatus, apb.ClusterStatusRequest(), deadline
+        )
         return to_cluster_status(response)
 
     async def verify(
@@ -149,15 +163,17 @@ class AsyncAdminClient:
         walk = VerifyWalk(progress)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        retrying = transport.retry.start()
+        retrying = transport.retrying(deadline)
         while True:
-            call = transport.admin.Verify(apb.VerifyRequest(), timeout=deadline)
+            node = transport.writer()
+            call = node.admin.Verify(apb.VerifyRequest(), timeout=deadline)
             try:
                 async for message in call:
                     if walk.track(message):
                         break
                 return walk.finished()
             except grpc.RpcError as exc:
+                transport.observe(node.address, exc)
                 await asyncio.sleep(walk.retry_delay(exc, retrying))
             finally:
                 call.cancel()
@@ -172,7 +188,7 @@ class AsyncAdminClient:
         transport = self._transport
         deadline = transport.deadline(timeout)
         request = apb.RotateMasterKeyRequest()
-        response = await transport.unary(transport.admin.RotateMasterKey, request, deadline)
+        response = await transport.unary(lambda node: node.admin.RotateMasterKey, request, deadline)
         return to_rotate_result(response)
 
     def __repr__(self) -> str:

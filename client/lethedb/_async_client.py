@@ -22,6 +22,7 @@ from lethedb._append_senders import AsyncAppendSender
 from lethedb._async_admin import AsyncAdminClient
 from lethedb._async_transport import AsyncTransport
 from lethedb._closing import AsyncClosingContext
+from lethedb._cluster import Prefer, check_prefer
 from lethedb._coalescing import append_retry_delay
 from lethedb._connection import PemSource
 from lethedb._cursors import AllReadCursor, ExportCursor, StreamReadCursor
@@ -48,6 +49,7 @@ from lethedb._requests import (
     build_get_subject_request,
     build_read_all_request,
     build_read_stream_request,
+    set_min_position,
     to_append_result,
     to_commit_result,
     to_subject_receipt,
@@ -82,6 +84,17 @@ class AsyncClient(AsyncClosingContext):
     bearer token, sent only over TLS or to loopback) can also be given as
     arguments. See :mod:`lethedb._connection`.
 
+    **Clusters.** Give every node: ``lethedb://h1:50051,h2:50051,h3:50051``.
+    Writes go to the leader: a follower's NotLeader redirects them there (the
+    same request, idempotency key included, so nothing is written twice), and
+    a node that is down is passed over for the next. Within a cluster a call
+    keeps looking for a node that answers until ``timeout`` seconds after it
+    started, so a failover that completes within it costs latency, not an
+    error. ``prefer`` (``"leader"``, the default, ``"follower"`` or ``"any"``,
+    also ``?prefer=`` in the connection string, and per read) says where
+    reads go; a read's ``min_position`` makes a follower answer only once it
+    holds that position (read your own writes). See :mod:`lethedb._cluster`.
+
     ``coalesce_appends`` (on by default): :meth:`append` calls made at the same
     time (from several tasks) share calls. While an append call is in
     flight, further appends queue, and each call that completes sends the
@@ -107,6 +120,7 @@ class AsyncClient(AsyncClosingContext):
         client_key: PemSource | None = None,
         token: str | None = None,
         coalesce_appends: bool = True,
+        prefer: Prefer | None = None,
     ) -> None:
         settings = ClientSettings(
             target,
@@ -123,6 +137,7 @@ class AsyncClient(AsyncClosingContext):
             client_key=client_key,
             token=token,
             coalesce_appends=coalesce_appends,
+            prefer=prefer,
         )
         self._transport = AsyncTransport(settings)
         self._appends = AsyncAppendSender(self._transport) if coalesce_appends else None
@@ -163,9 +178,9 @@ class AsyncClient(AsyncClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         if self._appends is None:
-            response = await transport.unary(transport.events.Append, request, deadline)
+            response = await transport.unary(lambda node: node.events.Append, request, deadline)
             return to_append_result(response)
-        retrying = transport.retry.start()
+        retrying = transport.retrying(deadline)
         while True:
             outcome = await self._appends.attempt(request, deadline)
             if isinstance(outcome, pb.AppendResponse):
@@ -186,19 +201,27 @@ class AsyncClient(AsyncClosingContext):
         pipeline = AppendPipeline(items)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        retrying = transport.retry.start()
+        retrying = transport.retrying(deadline)
         while pipeline.pending:
-            call = transport.events.AppendStream(iter(pipeline.requests()), timeout=deadline)
+            node = transport.writer()
+            call = node.events.AppendStream(iter(pipeline.requests()), timeout=deadline)
+            delay: float | None = None
             try:
                 async for response in call:
-                    pipeline.acknowledge(response)
-                pipeline.stream_ended()
+                    redirect = pipeline.acknowledge(response)
+                    if redirect is not None:  # a follower: the rest goes to the leader
+                        transport.observe(node.address, redirect)
+                        delay = pipeline.redirect_delay(redirect, retrying)
+                        break
+                else:
+                    pipeline.stream_ended()
             except grpc.RpcError as exc:
+                transport.observe(node.address, exc)
                 delay = pipeline.retry_delay(exc, retrying)
-                if delay is not None:
-                    await asyncio.sleep(delay)
             finally:
                 call.cancel()
+            if delay is not None:
+                await asyncio.sleep(delay)
         return pipeline.results()
 
     async def commit(
@@ -231,7 +254,7 @@ class AsyncClient(AsyncClosingContext):
         request = build_commit_request(appends, idempotency_key)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.events.Commit, request, deadline)
+        response = await transport.unary(lambda node: node.events.Commit, request, deadline)
         return to_commit_result(response, len(request.appends))
 
     def read_stream(
@@ -241,6 +264,8 @@ class AsyncClient(AsyncClosingContext):
         from_version: int | None = None,
         backwards: bool = False,
         max_count: int | None = None,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate over one stream's events, from ``from_version`` (inclusive).
@@ -248,13 +273,17 @@ class AsyncClient(AsyncClosingContext):
         Without ``from_version``: from the first event, or from the last one
         when reading backwards. Arguments are checked now; the call starts on
         the first ``next()``. Raises StreamNotFound when the stream does not
-        exist.
+        exist. ``min_position`` and ``prefer``: see the class docstring.
         """
-        cursor = StreamReadCursor(
-            build_read_stream_request(stream_id, from_version, backwards, max_count)
-        )
+        request = build_read_stream_request(stream_id, from_version, backwards, max_count)
+        set_min_position(request, min_position)
         transport = self._transport
-        return transport.read(transport.events.ReadStream, cursor, transport.deadline(timeout))
+        return transport.read(
+            lambda node: node.events.ReadStream,
+            StreamReadCursor(request),
+            transport.deadline(timeout),
+            _prefer(prefer),
+        )
 
     def read_all(
         self,
@@ -263,17 +292,26 @@ class AsyncClient(AsyncClosingContext):
         from_position: int | None = None,
         backwards: bool = False,
         max_count: int | None = None,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate over the whole log in position order.
 
         Start strictly ``after`` a position (a saved checkpoint) or
         ``from_position`` inclusive; with neither, from the start (or from the
-        end when reading backwards).
+        end when reading backwards). ``min_position`` and ``prefer``: see the
+        class docstring.
         """
-        cursor = AllReadCursor(build_read_all_request(after, from_position, backwards, max_count))
+        request = build_read_all_request(after, from_position, backwards, max_count)
+        set_min_position(request, min_position)
         transport = self._transport
-        return transport.read(transport.events.ReadAll, cursor, transport.deadline(timeout))
+        return transport.read(
+            lambda node: node.events.ReadAll,
+            AllReadCursor(request),
+            transport.deadline(timeout),
+            _prefer(prefer),
+        )
 
     async def forget_subject(
         self, subject_id: str, *, reason: str = "unspecified", timeout: float | None = None
@@ -292,19 +330,38 @@ class AsyncClient(AsyncClosingContext):
         request = build_forget_subject_request(subject_id, reason)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.events.ForgetSubject, request, deadline)
+        response = await transport.unary(lambda node: node.events.ForgetSubject, request, deadline)
         return to_subject_receipt(response)
 
-    async def get_subject(self, subject_id: str, *, timeout: float | None = None) -> SubjectReceipt:
-        """What the store knows of a subject: erasure state, event count, legal hold."""
+    async def get_subject(
+        self,
+        subject_id: str,
+        *,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
+        timeout: float | None = None,
+    ) -> SubjectReceipt:
+        """What the store knows of a subject: erasure state, event count, legal hold.
+
+        Asked of the leader, ``receipt.nodes`` says how far the erasure has
+        reached on each node of the cluster.
+        """
         request = build_get_subject_request(subject_id)
+        set_min_position(request, min_position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.events.GetSubject, request, deadline)
+        response = await transport.unary(
+            lambda node: node.events.GetSubject, request, deadline, prefer=_prefer(prefer)
+        )
         return to_subject_receipt(response)
 
     def export_subject(
-        self, subject_id: str, *, timeout: float | None = None
+        self,
+        subject_id: str,
+        *,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[RecordedEvent]:
         """Iterate over every event of a subject across all streams, decrypted, in log order.
 
@@ -315,9 +372,15 @@ class AsyncClient(AsyncClosingContext):
         calling again). ``timeout`` bounds each attempt, that is the whole
         export, so give a large export a large one.
         """
-        cursor = ExportCursor(build_export_subject_request(subject_id))
+        request = build_export_subject_request(subject_id)
+        set_min_position(request, min_position)
         transport = self._transport
-        return transport.read(transport.events.ExportSubject, cursor, transport.deadline(timeout))
+        return transport.read(
+            lambda node: node.events.ExportSubject,
+            ExportCursor(request),
+            transport.deadline(timeout),
+            _prefer(prefer),
+        )
 
     def subscribe(
         self,
@@ -330,6 +393,8 @@ class AsyncClient(AsyncClosingContext):
         member_id: str | None = None,
         reconnect: bool = True,
         batch_size: int | None = None,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
     ) -> AsyncSubscription:
         """Follow the log: catch up, then receive new events as they are committed.
 
@@ -365,6 +430,12 @@ class AsyncClient(AsyncClosingContext):
         store the positions they applied with their effects (the projection
         runtime in :mod:`lethedb.projections` does). The current assignment is
         ``subscription.assignment``.
+
+        **Clusters.** ``prefer`` says which node serves the subscription (see
+        the class docstring); when that node is lost, the subscription resumes
+        on another one after the last position received (every node holds the
+        same log, position for position), again with no gap and no duplicate.
+        ``min_position`` makes a follower start only once it holds that position.
         """
         request = build_subscribe_request(
             after=after,
@@ -375,14 +446,25 @@ class AsyncClient(AsyncClosingContext):
             member_id=member_id,
             batch_size=batch_size,
         )
-        return AsyncSubscription(self._transport, request, reconnect)
+        set_min_position(request, min_position)
+        return AsyncSubscription(self._transport, request, reconnect, _prefer(prefer))
 
-    async def get_checkpoint(self, group: str, *, timeout: float | None = None) -> int | None:
+    async def get_checkpoint(
+        self,
+        group: str,
+        *,
+        min_position: int | None = None,
+        prefer: Prefer | None = None,
+        timeout: float | None = None,
+    ) -> int | None:
         """A consumer group's stored checkpoint, or None when it never stored one."""
         request = build_get_checkpoint_request(group)
+        set_min_position(request, min_position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.events.GetCheckpoint, request, deadline)
+        response = await transport.unary(
+            lambda node: node.events.GetCheckpoint, request, deadline, prefer=_prefer(prefer)
+        )
         return response.position if response.found else None
 
     async def set_checkpoint(
@@ -400,4 +482,9 @@ class AsyncClient(AsyncClosingContext):
         request = build_checkpoint_request(group, position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        await transport.unary(transport.events.CommitCheckpoint, request, deadline)
+        await transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline)
+
+
+def _prefer(prefer: Prefer | None) -> Prefer | None:
+    """A read's own preference, checked; None: the client's."""
+    return None if prefer is None else check_prefer(prefer)

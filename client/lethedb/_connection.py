@@ -5,11 +5,18 @@ Both clients accept a plain ``host:port`` or a connection string::
     lethedb://db.example.com:50051?tls=true&ca=/etc/lethedb/ca.pem
     lethedb://127.0.0.1?token=lethedb_...                  (port 50051)
     lethedb://db:50051?ca=ca.pem&cert=client.pem&key=client.key   (mTLS)
+    lethedb://db1:50051,db2:50051,db3:50051?tls=true&prefer=follower  (a cluster)
+
+Several hosts, separated by commas, are the nodes of one cluster: the client
+sends writes to the leader (it follows a follower's NotLeader to it) and
+moves to the next host when one is unavailable (see :mod:`lethedb._cluster`).
+Every host gets the same TLS settings and token.
 
 Query parameters: ``tls`` (true/false), ``ca`` (PEM bundle to trust instead
 of the system roots), ``cert`` and ``key`` (client certificate and key, for
 mTLS), ``token`` (bearer token), ``server_name`` (the name to verify in the
-server's certificate, when it differs from the host). The same settings can
+server's certificate, when it differs from the host), ``prefer`` (where reads
+go: leader, follower or any; default leader). The same settings can
 be given as keyword arguments (``tls=``, ``ca=``, ``client_cert=``,
 ``client_key=``, ``token=``); giving one both ways with different values is
 an error rather than a silent choice. File settings take a path or the PEM
@@ -26,7 +33,7 @@ environment variable or a secret store). No client ``repr`` shows a token.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -37,7 +44,7 @@ from lethedb_contract import is_loopback_address
 
 SCHEME: Final = "lethedb"
 DEFAULT_PORT: Final = 50051
-_PARAMETERS: Final = ("tls", "ca", "cert", "key", "token", "server_name")
+_PARAMETERS: Final = ("tls", "ca", "cert", "key", "token", "server_name", "prefer")
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off"})
 
@@ -49,15 +56,28 @@ PemSource = str | os.PathLike[str] | bytes
 
 @dataclass(frozen=True)
 class Connection:
-    """A resolved connection: the gRPC target and what to secure it with."""
+    """A resolved connection: the gRPC target(s) and what to secure them with.
+
+    ``target`` is the first host; ``hosts`` all of them, in the order given.
+    """
 
     target: str
+    hosts: tuple[str, ...] = ()
     tls: bool = False
     ca: bytes | None = None
     client_cert: bytes | None = None
     client_key: bytes | None = None
     token: str | None = None
     server_name: str | None = None
+    prefer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            object.__setattr__(self, "hosts", (self.target,))
+
+    def for_host(self, address: str) -> Connection:
+        """The same settings for another node of the cluster (a leader a server named)."""
+        return replace(self, target=address, hosts=(address,))
 
     def __repr__(self) -> str:  # never show the token
         token = "***" if self.token else None
@@ -112,7 +132,7 @@ def resolve(
         )
     if tls is not None and not isinstance(tls, bool):
         raise ValidationError(f"tls is {tls!r}; expected True, False or None")
-    address, params = _split(target)
+    hosts, params = _split(target)
     string_tls = _bool_param(params.get("tls"))
     if tls is not None and string_tls is not None and tls != string_tls:
         raise ValidationError("tls is given both in the connection string and as an argument")
@@ -134,13 +154,13 @@ def resolve(
             "give either channel_credentials or tls/ca/client_cert/client_key/server_name, not both"
         )
     in_clear = not use_tls and channel_credentials is None
-    if token is not None and in_clear and not is_loopback_address(address):
-        raise ValidationError(
-            f"refusing to send a token in clear to {address}: use tls=True (or "
-            "lethedb://...?tls=true), or connect to a loopback address"
-        )
+    if token is not None and in_clear:
+        for address in hosts:
+            check_token_in_clear(address)
     return Connection(
-        target=address,
+        target=hosts[0],
+        hosts=hosts,
+        prefer=params.get("prefer"),
         tls=use_tls,
         ca=_pem("ca", ca_source),
         client_cert=_pem("client_cert", cert_source),
@@ -150,29 +170,34 @@ def resolve(
     )
 
 
-def _split(target: str) -> tuple[str, dict[str, str]]:
-    """(host:port, query parameters) of a connection string.
+def check_token_in_clear(address: str) -> None:
+    """Refuse to send a token without TLS to anything but a loopback address."""
+    if not is_loopback_address(address):
+        raise ValidationError(
+            f"refusing to send a token in clear to {address}: use tls=True (or "
+            "lethedb://...?tls=true), or connect to a loopback address"
+        )
+
+
+def _split(target: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(each host:port, query parameters) of a connection string.
 
     Anything else (``host:port``, or a gRPC target such as ``unix:///path`` or
-    ``dns:///host:port``) passes through unchanged.
+    ``dns:///host:port``) passes through unchanged, as the only host.
     """
     if not target.startswith(SCHEME + "://"):
-        return target, {}
-    parts = urlsplit(target)
-    if parts.path not in ("", "/") or parts.fragment or parts.username or parts.password:
+        return (target,), {}
+    netloc, _, rest = target[len(SCHEME + "://") :].partition("?")
+    netloc, slash, path = netloc.partition("/")
+    if (slash and path) or "#" in rest or "#" in netloc or "@" in netloc:
         raise ValidationError(
-            "a connection string is lethedb://host[:port][?param=value&...]; "
+            "a connection string is lethedb://host[:port][,host[:port]...][?param=value&...]; "
             "it has no path, user, password or fragment"
         )
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise ValidationError(f"connection string port: {exc}") from None
-    host = parts.hostname
-    if not host:
-        raise ValidationError("connection string has no host (lethedb://host:port)")
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
+    hosts = tuple(_host(part) for part in netloc.split(","))
+    if len(set(hosts)) != len(hosts):
+        raise ValidationError(f"connection string names a host twice: {netloc}")
+    parts = urlsplit(f"{SCHEME}://{hosts[0]}?{rest}")
     params: dict[str, str] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
         if name not in _PARAMETERS:
@@ -183,7 +208,24 @@ def _split(target: str) -> tuple[str, dict[str, str]]:
         if name in params:
             raise ValidationError(f"connection string parameter {name!r} is given twice")
         params[name] = value
-    return f"{host}:{port}", params
+    return hosts, params
+
+
+def _host(part: str) -> str:
+    """One ``host[:port]`` of a connection string, as a gRPC target (port 50051 if absent)."""
+    if not part:
+        raise ValidationError("connection string has no host (lethedb://host:port)")
+    parts = urlsplit(f"{SCHEME}://{part}")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise ValidationError(f"connection string port: {exc}") from None
+    host = parts.hostname
+    if not host:
+        raise ValidationError("connection string has no host (lethedb://host:port)")
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _bool_param(value: str | None) -> bool | None:

@@ -32,6 +32,8 @@ class ReadCursor:
     attempt sends the request as built, and each retry asks for what comes
     after the last event actually yielded, with ``max_count`` reduced by the
     events already yielded. Subclasses know how to say "after" for their request.
+    A retry may reach another node of a cluster: it asks that node to hold
+    at least the last position delivered (``min_position``) before it answers.
     """
 
     def __init__(self, request: ReadRequest, max_count: int = 0) -> None:
@@ -92,6 +94,7 @@ class StreamReadCursor(ReadCursor):
             from_version=from_version,
             backwards=self._original.backwards,
             max_count=max_count,
+            min_position=max(self._original.min_position, last.position),
         )
 
 
@@ -104,7 +107,10 @@ class AllReadCursor(ReadCursor):
         if self._original.backwards and last.position <= 1:
             return None
         return pb.ReadAllRequest(
-            after_position=last.position, backwards=self._original.backwards, max_count=max_count
+            after_position=last.position,
+            backwards=self._original.backwards,
+            max_count=max_count,
+            min_position=max(self._original.min_position, last.position),
         )
 
 

@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import grpc
 
-from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY
+from lethedb_contract import ACTUAL_VERSION_KEY, ERROR_KEY, LEADER_KEY
 
 __all__ = [
     "DataLoss",
@@ -299,11 +299,14 @@ def error_from_status(
     *,
     error_name: str | None = None,
     actual_version: int | None = None,
+    leader: str | None = None,
 ) -> LetheError:
     """Build the exception for one failed call or one failed pipelined append.
 
     ``actual_version`` follows the wire convention: ``-1`` (or ``None``) means
-    the stream does not exist.
+    the stream does not exist. ``leader`` is a NotLeader's ``lethedb-leader``
+    trailer; without one (a pipelined append's error has no trailer) it is
+    read from the server's message, which names the leader the same way.
     """
     if error_name is None and code is not None:
         rewritten = _from_grpc_core(code, details)
@@ -316,7 +319,16 @@ def error_from_status(
     if cls is WrongExpectedVersion:
         actual = None if actual_version is None or actual_version < 0 else actual_version
         return WrongExpectedVersion(message, code=code, details=details, actual_version=actual)
+    if cls is NotLeader:
+        if leader is None:
+            named = _LEADER_IN_MESSAGE.search(details)
+            leader = named.group(1) if named else ""
+        return NotLeader(message, code=code, details=details, leader=leader)
     return cls(message, code=code, details=details)
+
+
+# How the server's NotLeader message names the leader (lethedb_server.errors.NotLeader).
+_LEADER_IN_MESSAGE: Final = re.compile(r"the leader is (\S+)$")
 
 
 # What gRPC's C core says, in the statuses it makes up itself (these carry no
@@ -415,6 +427,7 @@ def error_from_rpc_error(error: grpc.RpcError) -> LetheError:
         details if isinstance(details, str) else "",
         error_name=name,
         actual_version=actual,
+        leader=_metadata_value(metadata, LEADER_KEY),
     )
 
 

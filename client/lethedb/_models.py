@@ -316,9 +316,7 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     ``shredded_at`` is that epoch's completion time, 0 until it has run. Times
     are nanoseconds since the Unix epoch. ``event_count`` counts the subject's
     events in the log (they stay there, redacted, after a forget).
-    ``legal_hold`` is set while a hold is in force. Asked of a leader,
-    ``nodes`` gives the subject's state on every node of the cluster, the
-    leader first; it is empty from a follower or a server without followers.
+    ``legal_hold`` is set while a hold is in force.
     """
 
     subject_id: str
@@ -397,13 +395,14 @@ class StoreStats(msgspec.Struct, frozen=True):
 
 
 class FollowerStatus(msgspec.Struct, frozen=True):
-    """One follower as its leader sees it (an item of ``ClusterStatus.followers``).
+    """One follower as its leader sees it (an item of :attr:`ClusterStatus.followers`).
 
-    ``commit`` and ``position`` are the last commit (and its log head) the
-    follower acknowledged as durable; ``lag_positions`` and ``lag_seconds``
-    how far behind the leader it is (the age of the oldest commit it lacks).
-    ``connected_since`` is in ns since the epoch, 0 while not connected.
-    ``shredded_through``: every tombstone up to it is shredded on the follower.
+    ``advertise`` is the address clients use for it; ``connected_since`` is
+    in ns since the epoch (0 when not connected). ``commit`` and ``position``
+    are the last commit and log position it acknowledged as durable; its lag
+    is ``lag_positions`` behind the leader's head, and ``lag_seconds`` the age
+    of the oldest commit it lacks. ``shredded_through``: every erasure at or
+    before this position is shredded on that node.
     """
 
     node_id: str
@@ -418,13 +417,15 @@ class FollowerStatus(msgspec.Struct, frozen=True):
 
 
 class ClusterStatus(msgspec.Struct, frozen=True):
-    """The cluster as one node sees it (``admin.cluster_status()``).
+    """The cluster as one node sees it (``admin.cluster_status()``, ``lethedb cluster status``).
 
-    ``role`` is "leader", "follower" or "single"; ``commit`` and ``position``
-    are this node's last commit (journal entry) and log head. A leader lists
-    every follower it has seen since it started. A follower names its
-    ``leader`` and says whether it is ``connected`` to it, whether it has
-    ``caught_up`` once (it serves reads only then) and its lag.
+    ``role`` is "leader", "follower" or "single" (no replication); ``term``
+    the leadership term; ``leader`` the leader's client address ("" when
+    unknown); ``commit`` and ``position`` this node's last commit and log
+    position. A leader lists every follower it knows in ``followers``, and
+    ``sync_replicas`` is how many must hold a write before it is
+    acknowledged. A follower says whether it is ``connected`` to its leader,
+    whether it has ``caught_up`` once (it serves reads only then) and its lag.
     """
 
     node_id: str

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
 from lethedb._checks import type_name
-from lethedb._exceptions import LetheError, ServerError, ValidationError, error_from_rpc_error
+from lethedb._exceptions import (
+    LetheError,
+    NotLeader,
+    ServerError,
+    ValidationError,
+    error_from_rpc_error,
+)
 from lethedb._models import Append, AppendResult
 from lethedb._requests import build_append_request, error_from_append_error, to_append_result
 from lethedb._retry import Retrying
@@ -58,15 +64,26 @@ class AppendPipeline:
         self._answered_since_attempt = 0
         return [request for _, request in self._pending]
 
-    def acknowledge(self, response: pb.AppendResult) -> None:
+    def acknowledge(self, response: pb.AppendResult) -> NotLeader | None:
+        """Take the answer of the oldest pending request.
+
+        A NotLeader answer is not a result: the item stays pending, to be
+        resent (with its key) to the leader; it is returned, and the caller
+        ends this call, as the node will refuse every later item too.
+        """
         if not self._pending:
             raise ServerError("the server sent more append responses than there were requests")
+        if response.WhichOneof("result") != "ok":
+            error = error_from_append_error(response.error)
+            if isinstance(error, NotLeader):
+                return error
         index, _ = self._pending.popleft()
         self._answered_since_attempt += 1
         if response.WhichOneof("result") == "ok":
             self._results[index] = to_append_result(response.ok)
         else:
             self._results[index] = error_from_append_error(response.error)
+        return None
 
     def stream_ended(self) -> None:
         """The server closed the call cleanly; any request still unanswered broke the contract."""
@@ -81,9 +98,23 @@ class AppendPipeline:
 
     def retry_delay(self, exc: grpc.RpcError, retrying: Retrying) -> float | None:
         """Wait before resending, or None after giving every unanswered item the error."""
+        return self._delay_or_settle(lambda: error_from_rpc_error(exc), exc, retrying)
+
+    def redirect_delay(self, error: NotLeader, retrying: Retrying) -> float | None:
+        """An item was answered NotLeader: wait before resending (to the leader), or give up."""
+
+        def copy() -> LetheError:
+            leader = error.leader
+            return NotLeader(str(error), code=error.code, details=error.details, leader=leader)
+
+        return self._delay_or_settle(copy, None, retrying)
+
+    def _delay_or_settle(
+        self, make_error: Callable[[], LetheError], cause: BaseException | None, retrying: Retrying
+    ) -> float | None:
         if self._answered_since_attempt:
             retrying.reset()
-        error = error_from_rpc_error(exc)
+        error = make_error()
         delay = retrying.next_delay(error)
         if delay is not None:
             return delay
@@ -92,8 +123,8 @@ class AppendPipeline:
             index, _ = self._pending.popleft()
             # One instance per slot: a caller may raise any of them, and a
             # shared instance would collect the tracebacks of all raises.
-            slot_error = error_from_rpc_error(exc)
-            slot_error.__cause__ = exc
+            slot_error = make_error()
+            slot_error.__cause__ = cause
             for note in notes:
                 slot_error.add_note(note)
             self._results[index] = slot_error

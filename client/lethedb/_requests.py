@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import grpc
 import msgspec
@@ -355,6 +355,28 @@ def to_recorded_event(event: pb.RecordedEvent) -> RecordedEvent:
         event.metadata,
         event.redacted,
     )
+
+
+MinPositioned: TypeAlias = (
+    pb.ReadStreamRequest
+    | pb.ReadAllRequest
+    | pb.SubscribeRequest
+    | pb.GetSubjectRequest
+    | pb.ExportSubjectRequest
+    | pb.GetCheckpointRequest
+)
+"""A read request that can wait for its node to hold a position (read-your-writes)."""
+
+
+def set_min_position(request: MinPositioned, min_position: int | None) -> None:
+    """Ask the node to answer only once it holds ``min_position`` (None: do not wait).
+
+    A follower waits up to the call's deadline, then answers CatchingUp
+    (retried elsewhere, as UNAVAILABLE is). Pass an append's ``position``
+    to read that write back from any node.
+    """
+    if min_position is not None:
+        request.min_position = check_position("min_position", min_position)
 
 
 def build_read_stream_request(

@@ -7,8 +7,9 @@ One :class:`RetryPolicy` is given to a client (``retry=``), as httpx takes
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -16,11 +17,15 @@ from lethedb._checks import check_positive
 from lethedb._exceptions import (
     DeadlineExceeded,
     LetheError,
+    NotLeader,
     Overloaded,
     Unavailable,
     ValidationError,
     error_from_rpc_error,
 )
+
+if TYPE_CHECKING:
+    from lethedb._cluster import NodeRouter
 
 #: The retries of a client that is given no policy: 5 retries, 50 ms doubling to 2 s.
 DEFAULT_MAX_RETRIES: Final = 5
@@ -97,35 +102,91 @@ class RetryPolicy:
             attempt += 1
             yield step / 2 + self._random() * step / 2
 
-    def start(self, *, no_retry: str | None = None) -> Retrying:
-        """The budget of one call; with ``no_retry`` (why not), a single attempt."""
-        return Retrying(self, no_retry=no_retry)
+    def start(
+        self,
+        *,
+        no_retry: str | None = None,
+        budget: float | None = None,
+        cluster: NodeRouter | None = None,
+    ) -> Retrying:
+        """The budget of one call; with ``no_retry`` (why not), a single attempt.
+
+        ``budget`` (seconds from now) and ``cluster``: see :class:`Retrying`.
+        """
+        return Retrying(self, no_retry=no_retry, budget=budget, cluster=cluster)
 
 
 class Retrying:
-    """The retry budget of one logical call (which may span several gRPC calls)."""
+    """The retry budget of one logical call (which may span several gRPC calls).
 
-    def __init__(self, policy: RetryPolicy, *, no_retry: str | None = None) -> None:
+    Within a cluster the budget is time as well as a count: a failover takes
+    as long as it takes (a leader lease to expire, an election), so once the
+    policy's retries are spent, a call keeps looking for a node that answers
+    (with backoff capped at ``max_backoff``) until ``budget`` seconds after it
+    started: the caller sees latency, not errors, when the failover finishes
+    within that time. That applies to a NotLeader on any client, and to
+    UNAVAILABLE when ``cluster`` knows another node to turn to. The first
+    NotLeader that names a leader is followed at once (it is a redirect, not
+    a failure); later ones wait, so that nodes that disagree about the
+    leader cannot keep a call spinning.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        no_retry: str | None = None,
+        budget: float | None = None,
+        cluster: NodeRouter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._policy = policy
         self._no_retry = no_retry
         self._delays = policy.delays()
+        self._clock = clock
+        self._until = None if budget is None else clock() + budget
+        self._cluster = cluster
+        self._endless: Iterator[float] | None = None
+        self._redirected = False
         self.attempts = 1
 
     def reset(self) -> None:
         """Restore the full budget: the call made progress, so the last failure is history."""
         self._delays = self._policy.delays()
+        self._endless = None
         self.attempts = 1
 
     def next_delay(self, error: LetheError) -> float | None:
         """Seconds to wait before the next attempt, or None to give up with ``error``."""
-        if not self._policy.is_retryable(error):
+        redirect = isinstance(error, NotLeader)
+        if not redirect and not self._policy.is_retryable(error):
             return None
         if self._no_retry is not None:
             error.add_note(f"lethedb: not retried: {self._no_retry}")
             return None
-        delay = next(self._delays, None)
+        stretched = (
+            self._until is not None
+            and self._policy.max_retries > 0
+            and (redirect or (self._cluster is not None and self._cluster.clustered))
+        )
+        delay: float | None
+        if isinstance(error, NotLeader) and error.leader and not self._redirected:
+            self._redirected = True
+            delay = 0.0
+        else:
+            delay = next(self._delays, None)
+            if delay is None and stretched:
+                if self._endless is None:
+                    self._endless = self._policy.reconnect_delays()
+                delay = next(self._endless)
         if delay is None:
             error.add_note(f"lethedb: gave up after {self.attempts} attempts")
+            return None
+        if stretched and self._until is not None and self._clock() + delay >= self._until:
+            error.add_note(
+                f"lethedb: gave up after {self.attempts} attempts: no node could take the "
+                "call within its deadline"
+            )
             return None
         self.attempts += 1
         return delay

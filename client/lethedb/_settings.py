@@ -13,7 +13,8 @@ from typing import Any
 import grpc
 
 from lethedb._checks import check_positive, type_name
-from lethedb._connection import PemSource
+from lethedb._cluster import Prefer, check_prefer
+from lethedb._connection import Connection, PemSource, check_token_in_clear
 from lethedb._connection import resolve as resolve_connection
 from lethedb._exceptions import ValidationError
 from lethedb._retry import (
@@ -44,6 +45,7 @@ class ClientSettings:
         client_key: PemSource | None,
         token: str | None,
         coalesce_appends: bool,
+        prefer: Prefer | None = None,
     ) -> None:
         # Connection strings, TLS files and tokens: see lethedb._connection.
         connection = resolve_connection(
@@ -57,6 +59,11 @@ class ClientSettings:
         )
         check_positive("timeout", timeout)
         self.target = connection.target
+        #: Every host of the connection string (a cluster when there are several).
+        self.hosts = connection.hosts
+        self.prefer = _prefer(prefer, connection.prefer)
+        self._connection = connection
+        self._explicit_credentials = channel_credentials
         self.timeout = float(timeout)
         self.retry = _retry_policy(retry, max_retries, initial_backoff, max_backoff)
         self.channel_options = tuple(channel_options or ()) + connection.options()
@@ -67,12 +74,36 @@ class ClientSettings:
             )
         self.coalesce_appends = coalesce_appends
 
+    def credentials_for(self, address: str) -> grpc.ChannelCredentials | None:
+        """The channel credentials for one node: the same TLS settings and token as the first.
+
+        A token is never sent in clear to a node that is not on loopback, even
+        one a server named as its leader.
+        """
+        if address == self.target:
+            return self.channel_credentials
+        connection: Connection = self._connection.for_host(address)
+        in_clear = not connection.tls and self._explicit_credentials is None
+        if connection.token is not None and in_clear:
+            check_token_in_clear(address)
+        return connection.credentials(self._explicit_credentials)
+
     def deadline(self, timeout: float | None) -> float:
         """The per-attempt deadline: a retry gets a fresh one, as a new attempt needs it."""
         if timeout is None:
             return self.timeout
         check_positive("timeout", timeout)
         return float(timeout)
+
+
+def _prefer(argument: Prefer | None, from_string: str | None) -> Prefer:
+    """The client's read preference: argument or connection string (not both, differently)."""
+    if argument is not None and from_string is not None and argument != from_string:
+        raise ValidationError(
+            "prefer is given both in the connection string and as an argument, differently"
+        )
+    chosen = argument if argument is not None else from_string
+    return "leader" if chosen is None else check_prefer(chosen)
 
 
 def _retry_policy(

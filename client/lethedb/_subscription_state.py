@@ -129,6 +129,11 @@ class SubscriptionCursor:
     first caught-up message tells where the subscription started; a
     connection lost before it resends ``from_end``.
 
+    A reconnect may reach another node of a cluster (the same log, position
+    for position); it asks that node to wait until it holds the last position
+    received (``min_position``), so a lagging follower neither refuses the
+    start nor leaves a gap.
+
     A consumer group member reconnects with the member id the server gave it
     (a stale call of the same member is then replaced, not left as a ghost
     member) and the server decides the start from the group's checkpoint; only
@@ -168,6 +173,11 @@ class SubscriptionCursor:
                 request.after_position = self.assignment.restart_after
         elif self.position is not None:
             request.after_position = self.position
+        if self.position is not None and self.position > request.min_position:
+            # The reconnect may reach another node of a cluster, one that lags:
+            # it waits until it holds what was received instead of refusing a
+            # start beyond its head.
+            request.min_position = self.position
         return request
 
     def take(self, response: pb.SubscribeResponse) -> SubscriptionItem | None:

@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 
 from lethedb._closing import AsyncClosingContext, ClosingContext
+from lethedb._cluster import Prefer
 from lethedb._models import CaughtUp, Checkpoint, RecordedEvent
 from lethedb._subscription_state import (
     SubscriptionCursor,
@@ -70,9 +71,16 @@ class Subscription(SubscriptionState, ClosingContext):
     thread and ends the iteration.
     """
 
-    def __init__(self, transport: Transport, request: pb.SubscribeRequest, reconnect: bool) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        request: pb.SubscribeRequest,
+        reconnect: bool,
+        prefer: Prefer | None = None,
+    ) -> None:
         super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
         self._transport = transport
+        self._prefer = prefer
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._call: grpc.CallIterator[pb.SubscribeResponse] | None = None
@@ -84,7 +92,8 @@ class Subscription(SubscriptionState, ClosingContext):
             with self._lock:
                 if self._closed:
                     return
-                call = self._transport.events.Subscribe(cursor.request())
+                node = self._transport.reader(self._prefer)
+                call = node.events.Subscribe(cursor.request())
                 self._call = call
             try:
                 for response in call:
@@ -95,6 +104,7 @@ class Subscription(SubscriptionState, ClosingContext):
             except grpc.RpcError as exc:
                 if self._closed:
                     return
+                self._transport.observe(node.address, exc)
                 delay = cursor.retry_delay(exc)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]
@@ -145,7 +155,7 @@ class Subscription(SubscriptionState, ClosingContext):
         request = self._commit_request(position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(transport.events.CommitCheckpoint, request, deadline)
+        response = transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline)
         return response.accepted
 
     def close(self) -> None:
@@ -165,10 +175,15 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
     ``await close()`` and ``async with``; same items, same reconnects."""
 
     def __init__(
-        self, transport: AsyncTransport, request: pb.SubscribeRequest, reconnect: bool
+        self,
+        transport: AsyncTransport,
+        request: pb.SubscribeRequest,
+        reconnect: bool,
+        prefer: Prefer | None = None,
     ) -> None:
         super().__init__(SubscriptionCursor(request, transport.retry, reconnect=reconnect))
         self._transport = transport
+        self._prefer = prefer
         self._wakeup: asyncio.Event | None = None
         self._call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.SubscribeResponse] | None = (
             None
@@ -179,7 +194,8 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
         cursor = self._cursor
         self._wakeup = wakeup = asyncio.Event()
         while not self._closed:
-            call = self._transport.events.Subscribe(cursor.request())
+            node = self._transport.reader(self._prefer)
+            call = node.events.Subscribe(cursor.request())
             self._call = call
             try:
                 async for response in call:
@@ -190,6 +206,7 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
             except grpc.RpcError as exc:
                 if self._closed:
                     return
+                self._transport.observe(node.address, exc)
                 delay = cursor.retry_delay(exc)
             except asyncio.CancelledError:
                 # grpc.aio raises this for a call cancelled by close(); a
@@ -236,7 +253,9 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
         request = self._commit_request(position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(transport.events.CommitCheckpoint, request, deadline)
+        response = await transport.unary(
+            lambda node: node.events.CommitCheckpoint, request, deadline
+        )
         return response.accepted
 
     async def close(self) -> None:
