@@ -178,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _client_args(stats)
 
+    cluster = sub.add_parser("cluster", help="replication: the nodes of a cluster")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    cluster_status = cluster_sub.add_parser(
+        "status",
+        help="nodes, roles, term, positions, lag and connection times, as --server sees them",
+        description="Ask the node at --server for the cluster as it sees it: a leader lists "
+        "every follower it has seen since it started, a follower its link to the leader.",
+    )
+    cluster_status.add_argument("--json", action="store_true", help="print JSON, not a table")
+    _client_args(cluster_status)
+
     verify = sub.add_parser(
         "verify", help="check the hash chain and every record's authentication tag"
     )
@@ -264,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backup": _backup,
         "restore": _restore,
         "stats": _stats,
+        "cluster": _cluster,
         "verify": _verify,
         "rotate-master-key": _rotate_master_key,
         "audit-erasure": _audit,
@@ -622,6 +634,60 @@ def _restored_log(stats: lethedb.StoreStats) -> str:
         f"accepted {_iso(stats.restored_at)}: it ended at position {stats.restored_to:,}, "
         f"the last known head was {stats.restored_from:,} ({lost:,} positions lost)"
     )
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    """``cluster status``: the one cluster subcommand so far."""
+    with _client(args) as db:
+        status = db.admin.cluster_status()
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status), indent=2))
+        return 0
+    for line in cluster_table(status, _host_port(args.server)):
+        print(line)
+    return 0
+
+
+_CLUSTER_COLUMNS = (
+    "NODE", "ROLE", "ADDRESS", "CONNECTED SINCE", "COMMIT", "POSITION", "LAG", "LAG SECONDS",
+)  # fmt: skip
+
+
+def cluster_table(status: lethedb.ClusterStatus, address: str) -> list[str]:
+    """The answer of ``cluster status`` as a summary line and one table row per node.
+
+    The node asked comes first (*address* is how it was reached), then, on a
+    leader, each follower; a follower's own row shows its lag behind the leader.
+    """
+    summary = f"term {status.term}, sync replicas {status.sync_replicas}"
+    if status.role == "follower":
+        link = "connected" if status.connected else "NOT connected"
+        caught_up = "caught up" if status.caught_up else "NOT caught up (reads refused)"
+        summary += f"; leader {status.leader or '(unknown)'}: {link}, {caught_up}"
+    rows = [
+        (
+            status.node_id, status.role, address, "(asked)", f"{status.commit:,}",
+            f"{status.position:,}", f"{status.lag_positions:,}", f"{status.lag_seconds:.3f}",
+        )
+    ]  # fmt: skip
+    for f in status.followers:
+        since = _iso(f.connected_since) if f.connected else "disconnected"
+        rows.append(
+            (
+                f.node_id, "follower", f.advertise or "-", since, f"{f.commit:,}",
+                f"{f.position:,}", f"{f.lag_positions:,}", f"{f.lag_seconds:.3f}",
+            )
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in (_CLUSTER_COLUMNS, *rows)) for i in range(8)]
+    lines = [summary]
+    for row in (_CLUSTER_COLUMNS, *rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return lines
+
+
+def _host_port(server: str) -> str:
+    """The host:port part of a ``--server`` value (a connection string may carry more)."""
+    return server.removeprefix("lethedb://").split("?", 1)[0].split("/", 1)[0]
 
 
 def _verify(args: argparse.Namespace) -> int:

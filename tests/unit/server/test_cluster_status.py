@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import lethedb
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.api import messages
 from lethedb_server.engine.cluster import (
@@ -18,6 +19,7 @@ from lethedb_server.engine.cluster import (
 from lethedb_server.engine.model import SubjectReceipt, SubjectState
 from lethedb_server.engine.replication import FollowerState
 from lethedb_server.engine.store import StoreStats
+from lethedb_server.ops.cli import cluster_table
 
 TOMBSTONE = 100
 
@@ -186,3 +188,58 @@ def test_cluster_status_of_a_follower_reports_its_link_and_no_followers():
     assert (message.connected, message.caught_up) == (True, True)
     assert (message.lag_positions, message.lag_seconds) == (3, 0.02)
     assert len(message.followers) == 0
+
+
+#: 2026-12-07T00:00:00Z in ns since the epoch.
+SINCE = 1_796_601_600 * 1_000_000_000
+
+
+def _sdk_status(**fields: object) -> lethedb.ClusterStatus:
+    defaults: dict[str, object] = {
+        "node_id": "db-a", "role": "leader", "term": 1, "leader": "", "commit": 12,
+        "position": 4200, "followers": (), "connected": False, "caught_up": False,
+        "lag_positions": 0, "lag_seconds": 0.0, "sync_replicas": 1,
+    }  # fmt: skip
+    return lethedb.ClusterStatus(**{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def test_the_cluster_table_has_a_row_per_node_the_asked_one_first():
+    gone = lethedb.FollowerStatus(
+        "db-c", "db-c:7000", False, 0, 10, 4000, 200, 3.25, 0
+    )  # fmt: skip
+    live = lethedb.FollowerStatus(
+        "db-b", "db-b:7000", True, SINCE, 12, 4200, 0, 0.0, 4100
+    )  # fmt: skip
+    lines = cluster_table(_sdk_status(followers=(live, gone)), "db-a:7000")
+    assert lines[0] == "term 1, sync replicas 1"
+    assert lines[1].split() == [
+        "NODE", "ROLE", "ADDRESS", "CONNECTED", "SINCE", "COMMIT", "POSITION", "LAG", "LAG",
+        "SECONDS",
+    ]  # fmt: skip
+    assert lines[2].split() == [
+        "db-a", "leader", "db-a:7000", "(asked)", "12", "4,200", "0", "0.000"
+    ]  # fmt: skip
+    assert lines[3].split() == [
+        "db-b", "follower", "db-b:7000", "2026-12-07T00:00:00Z", "12", "4,200", "0", "0.000"
+    ]  # fmt: skip
+    assert lines[4].split() == [
+        "db-c", "follower", "db-c:7000", "disconnected", "10", "4,000", "200", "3.250"
+    ]  # fmt: skip
+    # Columns line up: each row's second cell starts where the header's does.
+    role_column = lines[1].index("ROLE")
+    assert [line[role_column:].split()[0] for line in lines[1:]] == [
+        "ROLE", "leader", "follower", "follower"
+    ]  # fmt: skip
+
+
+def test_a_follower_says_whether_it_is_linked_and_caught_up():
+    status = _sdk_status(
+        node_id="db-b", role="follower", leader="db-a:7000", connected=True, caught_up=False,
+        lag_positions=30, lag_seconds=0.5, sync_replicas=0,
+    )  # fmt: skip
+    lines = cluster_table(status, "db-b:7000")
+    assert lines[0] == (
+        "term 1, sync replicas 0; leader db-a:7000: connected, NOT caught up (reads refused)"
+    )
+    assert lines[2].split()[-2:] == ["30", "0.500"]
+    assert len(lines) == 3
