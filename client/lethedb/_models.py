@@ -316,7 +316,9 @@ class SubjectReceipt(msgspec.Struct, frozen=True):
     ``shredded_at`` is that epoch's completion time, 0 until it has run. Times
     are nanoseconds since the Unix epoch. ``event_count`` counts the subject's
     events in the log (they stay there, redacted, after a forget).
-    ``legal_hold`` is set while a hold is in force.
+    ``legal_hold`` is set while a hold is in force. Asked of a leader,
+    ``nodes`` gives the subject's state on every node of the cluster, the
+    leader first; it is empty from a follower or a server without followers.
     """
 
     subject_id: str
