@@ -71,6 +71,13 @@ class BatchState:
     commit_seconds: float = 0.0
     #: The ``subject_index`` keys of the events written, in position order.
     index_keys: list[bytes] = field(default_factory=list)
+    #: The replicated side table rows written or deleted, as (table, key): the
+    #: batch's journal entry names them (see engine/replication.py).
+    touched: list[tuple[str, bytes]] = field(default_factory=list)
+    #: The last journal entry's commit number and term, including the frames a
+    #: follower applied in this batch.
+    journal_head: int = 0
+    journal_term: int = 0
 
 
 class ApplyContext:
@@ -215,9 +222,12 @@ class AppendApplier:
         self.log.put_stream_info(
             txn, command.stream_id, codec.StreamInfo(version - 1, first, created_at)
         )
+        touched = batch.touched
+        touched.append(("streams", command.stream_id.encode()))
         result = AppendResult(first_position, position - 1, first_version, version - 1, now)
         if command.idempotency_key:
             ctx.idempotency.remember(txn, command.idempotency_key, digest, result, now)
+            touched.append(("idempotency", command.idempotency_key.encode()))
         new_meta = LogMeta(
             meta.format, meta.store_id, position - 1, chain, meta.shred_epoch,
             meta.subject_indexed,
@@ -282,6 +292,7 @@ class CommitApplier:
             ctx.idempotency.remember(
                 txn, command.idempotency_key, digest, results[0], now, tuple(results)
             )
+            batch.touched.append(("idempotency", command.idempotency_key.encode()))
         return CommitResult(tuple(results))
 
 
@@ -318,6 +329,7 @@ class ForgetApplier:
                 result.first_position, now, command.reason, batch.meta.shred_epoch + 1
             )
             log_store.put_tombstone(txn, subject, tombstone)
+            batch.touched.append(("tombstones", subject.encode()))
             batch.forgotten[subject] = tombstone
         return _pending_receipt(subject, tombstone, hold)
 
@@ -335,6 +347,7 @@ class LegalHoldApplier:
         else:
             hold = LegalHold(command.reason, self.ctx.now(), command.until)
             log_store.put_legal_hold(txn, command.subject_id, hold)
+        batch.touched.append(("legal_holds", command.subject_id.encode()))
         tombstone, hold_now = log_store.subject_records(txn, command.subject_id)
         return _pending_receipt(command.subject_id, tombstone, hold_now)
 
@@ -363,6 +376,7 @@ class CheckpointApplier:
                 "forward otherwise)"
             )
         self.log.put_checkpoint(txn, command.group, command.position)
+        batch.touched.append(("checkpoints", command.group.encode()))
         return command.position
 
 

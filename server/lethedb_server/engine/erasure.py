@@ -58,6 +58,7 @@ class _Journal(msgspec.Struct):
     epoch: int
     step: str  # "started" | "swapped"
     master_version: int = 0
+    log_head: int = 0  # the log head when the epoch started
 
 
 class Shredder:
@@ -81,11 +82,12 @@ class Shredder:
 
     def run(self) -> ShredResult:
         epoch = self.log.meta.shred_epoch + 1
+        head = self.log.meta.last_position
         started = time.monotonic()
-        self._journal(_Journal(epoch, "started"))
+        self._journal(_Journal(epoch, "started", 0, head))
         fault_point("shred.started")
         master_version = self.provider.create_version()
-        self._journal(_Journal(epoch, "started", master_version))
+        self._journal(_Journal(epoch, "started", master_version, head))
         fault_point("shred.new_master_key")
         next_dir = self.data_dir / NEXT_KEYS
         shutil.rmtree(next_dir, ignore_errors=True)
@@ -93,9 +95,9 @@ class Shredder:
         fault_point("shred.compacted_written")
         self.keys.swap_file(next_dir / "data.mdb", self.data_dir / OLD_KEYS_FILE)
         fault_point("shred.swapped_before_journal")
-        self._journal(_Journal(epoch, "swapped", master_version))
+        self._journal(_Journal(epoch, "swapped", master_version, head))
         fault_point("shred.swapped")
-        result = self._finish(epoch, master_version, live)
+        result = self._finish(epoch, master_version, live, head)
         log.info(
             "shred epoch %d done in %.2fs: master key version %d, %d live keys re-wrapped, "
             "%d subjects shredded",
@@ -107,7 +109,7 @@ class Shredder:
         )
         return result
 
-    def _finish(self, epoch: int, master_version: int, live: int) -> ShredResult:
+    def _finish(self, epoch: int, master_version: int, live: int, head: int) -> ShredResult:
         overwrite_and_remove(self.data_dir / OLD_KEYS_FILE)
         shutil.rmtree(self.data_dir / NEXT_KEYS, ignore_errors=True)
         fault_point("shred.old_keys_overwritten")
@@ -117,7 +119,7 @@ class Shredder:
         fault_point("shred.old_master_destroyed")
         shredded = sum(1 for _, t in self.log.all_tombstones() if t.shred_epoch == epoch)
         now = self.clock()
-        record = EpochRecord(now, master_version, live, shredded)
+        record = EpochRecord(now, master_version, live, shredded, head)
         meta = self.log.meta
         new_meta = msgspec.structs.replace(meta, shred_epoch=epoch)
 
@@ -149,7 +151,9 @@ class Shredder:
             "shred epoch %d was interrupted at step %r; rolling it forward", entry.epoch, entry.step
         )
         if entry.step == "swapped":
-            return self._finish(entry.epoch, entry.master_version, self.keys.dek_entries())
+            return self._finish(
+                entry.epoch, entry.master_version, self.keys.dek_entries(), entry.log_head
+            )
         shutil.rmtree(self.data_dir / NEXT_KEYS, ignore_errors=True)
         return self.run()
 
@@ -186,6 +190,17 @@ class Shredder:
                 deleted,
             )
         return deleted
+
+
+def shredded_through(log_store: LogStore) -> int:
+    """The log head at the start of the last completed shred epoch (0: none, or unknown).
+
+    Every tombstone at or before it carries an epoch at or before that one,
+    so its subject's keys are destroyed on this node.
+    """
+    epoch = log_store.meta.shred_epoch
+    record = log_store.epoch(epoch) if epoch else None
+    return 0 if record is None else record.log_head
 
 
 def subject_receipt(log_store: LogStore, keys: KeyStore, subject_id: str) -> SubjectReceipt:

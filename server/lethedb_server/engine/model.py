@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -16,8 +17,10 @@ import msgspec
 from lethedb_contract import ERASURE_EVENT_TYPE as ERASURE_EVENT_TYPE
 from lethedb_contract import ERASURE_STREAM as ERASURE_STREAM
 from lethedb_contract import RESERVED_PREFIX
-from lethedb_server.engine.replication import CommitFrame
 from lethedb_server.storage.codec import AppendResult
+
+if TYPE_CHECKING:  # replication.py builds on this module
+    from lethedb_server.engine.replication import CommitFrame
 
 #: Subject id under which subject-less events are encrypted. Client ids may
 #: not start with ``$``, so it can never collide with a real subject.
@@ -215,8 +218,10 @@ class ReplicatedCommitCommand(msgspec.Struct, frozen=True):
 
     def size(self) -> int:
         frame = self.frame
-        return 256 + sum(len(r) for r in frame.records) + sum(
-            len(c.key) + len(c.value or b"") for c in frame.changes
+        return (
+            256
+            + sum(len(r) for r in frame.records)
+            + sum(len(c.key) + len(c.value or b"") for c in frame.changes)
         )
 
 

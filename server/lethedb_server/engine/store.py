@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from asyncio import Future
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import IO
 
 from lethedb_server.crypto.keyring import FileKeyring, KeyProvider
 from lethedb_server.engine import custody
-from lethedb_server.engine.erasure import Shredder, subject_receipt
+from lethedb_server.engine.erasure import Shredder, shredded_through, subject_receipt
 from lethedb_server.engine.idempotency import upgrade_unkeyed_entries
 from lethedb_server.engine.model import (
     STORE_SUBJECT,
@@ -32,6 +33,7 @@ from lethedb_server.engine.model import (
     CommitResult,
     ForgetCommand,
     LegalHoldCommand,
+    ReplicatedCommitCommand,
     RotateCommand,
     RotateResult,
     ShredCommand,
@@ -40,10 +42,16 @@ from lethedb_server.engine.model import (
     SubjectReceipt,
 )
 from lethedb_server.engine.reader import EventReader
-from lethedb_server.engine.replication import CommitFrame, FollowerState
+from lethedb_server.engine.replication import (
+    CommitFrame,
+    Followers,
+    FollowerState,
+    SyncGate,
+    build_frames,
+)
 from lethedb_server.engine.verify import Verifier
 from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
-from lethedb_server.errors import DataDirLocked, ValidationError
+from lethedb_server.errors import DataDirLocked, NotLeader, ReplicationRefused, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
 from lethedb_server.storage.codec import AppendResult
 from lethedb_server.storage.keys import DEFAULT_CACHE_SIZE, DEFAULT_MAX_USES, KeyStore
@@ -52,6 +60,7 @@ from lethedb_server.storage.log import LogStore, RawPage
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "lethedb.lock"
+ROLES = ("single", "leader", "follower")
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,9 @@ class Store:
         log_store: LogStore,
         keys: KeyStore,
         writer: Writer,
+        options: StoreOptions | None = None,
     ) -> None:
+        opts = options or StoreOptions()
         self.data_dir = data_dir
         self._lock = lock
         self.provider = provider
@@ -95,6 +106,11 @@ class Store:
         self.writer = writer
         self.reader = EventReader(log_store, keys)
         self._closed = False
+        self._role = opts.role
+        self._leader = opts.leader
+        self._followers = Followers()
+        if opts.role != "follower" and opts.sync_replicas > 0:
+            writer.gate = SyncGate(self._followers, opts.sync_replicas, opts.sync_timeout_s)
 
     @classmethod
     def open(
@@ -110,6 +126,8 @@ class Store:
         command it refuses (the metrics); None: nobody is.
         """
         opts = options or StoreOptions()
+        if opts.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {opts.role!r}")
         make_private_dir(data_dir)
         lock = lock_data_dir(data_dir)
         try:
@@ -146,6 +164,9 @@ class Store:
                 shredder.run()
             # After the tombstones: an entry of a forgotten subject is dropped.
             upgrade_unkeyed_entries(log_store, keys)
+            if opts.role != "follower" and log_store.write_genesis(1, time.time_ns()):
+                log.info("journalled the existing log (positions 1..%d) for replication",
+                         log_store.head)  # fmt: skip
         except BaseException:
             log_store.close()
             keys.close()
@@ -164,9 +185,10 @@ class Store:
             observer=observer,
         )
         writer.start()
-        store = cls(data_dir, lock, provider, log_store, keys, writer)
+        store = cls(data_dir, lock, provider, log_store, keys, writer, opts)
         try:
-            custody.record_missing_erasures(log_store, keys, writer)
+            if opts.role != "follower":  # a follower's erasures come in its leader's log
+                custody.record_missing_erasures(log_store, keys, writer)
         except BaseException:
             store.close()
             raise
@@ -179,11 +201,18 @@ class Store:
 
     def append(self, command: AppendCommand) -> Future[AppendResult]:
         """Queue an append; the future resolves after the commit that holds it."""
+        self._refuse_on_follower()
         return self.writer.submit_async(command)
 
     def commit(self, command: CommitCommand) -> Future[CommitResult]:
         """Queue a multi-stream commit (all its appends or none)."""
+        self._refuse_on_follower()
         return self.writer.submit_async(command)
+
+    def _refuse_on_follower(self) -> None:
+        """A follower never writes on its own: its writes are its leader's."""
+        if self._role == "follower":
+            raise NotLeader(self._leader)
 
     def check_room(self, events: int, size: int, appends: int = 1) -> None:
         """Raise Overloaded now if the writer has no room for *appends* of this size."""
@@ -191,14 +220,17 @@ class Store:
 
     def forget(self, command: ForgetCommand) -> Future[SubjectReceipt]:
         """Queue forgetting a subject (its keys go at the next shred epoch)."""
+        self._refuse_on_follower()
         return self.writer.submit_async(command)
 
     def set_legal_hold(self, command: LegalHoldCommand) -> Future[SubjectReceipt]:
         """Queue setting or releasing a legal hold, ordered against forgets."""
+        self._refuse_on_follower()
         return self.writer.submit_async(command)
 
     def store_checkpoint(self, command: CheckpointCommand) -> Future[int]:
         """Queue storing a consumer group's checkpoint; resolves to the position stored."""
+        self._refuse_on_follower()
         return self.writer.submit_async(command)
 
     def shred(self) -> Future[ShredResult]:
@@ -213,27 +245,27 @@ class Store:
 
     @property
     def role(self) -> str:
-        """"single", "leader" or "follower"."""
-        raise NotImplementedError
+        """ "single", "leader" or "follower"."""
+        return self._role
 
     @property
     def leader(self) -> str:
         """The leader's client address a follower names in NotLeader ("" if unknown)."""
-        raise NotImplementedError
+        return self._leader
 
     @leader.setter
     def leader(self, address: str) -> None:
-        raise NotImplementedError
+        self._leader = address
 
     @property
     def store_id(self) -> bytes:
         """The store id every node of a cluster shares (the leader's, adopted by followers)."""
-        raise NotImplementedError
+        return self.log.store_id
 
     @property
     def chain_head(self) -> bytes:
         """The chain hash of the last record (the genesis hash for an empty log)."""
-        raise NotImplementedError
+        return self.log.meta.chain_head
 
     def adopt_store_id(self, store_id: bytes) -> None:
         """Make this follower a copy of store *store_id* (the leader's welcome names it).
@@ -243,21 +275,31 @@ class Store:
         unchanged; any other is ReplicationRefused ("this data directory holds
         another store"). Call it before the first :meth:`apply_replicated`.
         """
-        raise NotImplementedError
+        if store_id == self.log.store_id:
+            return
+        if not self.log.holds_nothing():
+            raise ReplicationRefused(
+                f"this data directory holds another store ({self.log.store_id.hex()}, not "
+                f"{store_id.hex()}): a follower needs an empty data directory or a copy of "
+                "its leader's"
+            )
+        self.log.adopt_store_id(store_id)
+        self.keys.rebind(store_id)
+        custody.record_key_generation(self.log, self.keys)
 
     @property
     def term(self) -> int:
         """This node's term: its last journal entry's term (0 when the journal is empty)."""
-        raise NotImplementedError
+        return self.log.journal_term
 
     def journal_head(self) -> int:
         """The commit number of the last journal entry (0 when the journal is empty)."""
-        raise NotImplementedError
+        return self.log.journal_head
 
     def on_journal(self, listener: Callable[[int], None]) -> None:
         """Call *listener(commit)* from the writer thread after each commit that wrote a
         journal entry (the Replication service wakes its streams with it)."""
-        raise NotImplementedError
+        self.writer.add_journal_listener(listener)
 
     def frames_after(
         self,
@@ -274,36 +316,39 @@ class Store:
         A forgotten subject's key no longer exists and is never sent. At least
         one frame when there is one, then up to *max_frames* / *max_bytes*.
         """
-        raise NotImplementedError
+        return build_frames(self.log, self.keys, commit, sent_keys, max_frames, max_bytes)
 
     def apply_replicated(self, frame: CommitFrame) -> Future[int]:
         """Queue a leader's commit (a follower only); resolves to its commit number once
         durable. A frame that does not fit this log fails with ReplicationRefused and
         writes nothing; one already held succeeds as a no-op."""
-        raise NotImplementedError
+        if self._role != "follower":
+            raise ReplicationRefused(f"this node is a {self._role}, not a follower: it "
+                                     "applies no other node's commits")  # fmt: skip
+        return self.writer.submit_async(ReplicatedCommitCommand(frame))
 
     def replica_connected(self, node_id: str, advertise: str) -> None:
         """A follower's stream opened (the Replication service)."""
-        raise NotImplementedError
+        self._followers.connected(node_id, advertise)
 
     def replica_acked(
         self, node_id: str, commit: int, position: int, shredded_through: int
     ) -> None:
         """A follower holds *commit* (log head *position*) durably; may release sync writes."""
-        raise NotImplementedError
+        self._followers.acked(node_id, commit, position, shredded_through)
 
     def replica_disconnected(self, node_id: str) -> None:
         """A follower's stream closed (it stays listed, not connected)."""
-        raise NotImplementedError
+        self._followers.disconnected(node_id)
 
     def followers(self) -> list[FollowerState]:
         """Every follower seen since start, with its lag."""
-        raise NotImplementedError
+        return self._followers.snapshot(self.log.head, self.log.committed_at)
 
     def shredded_through(self) -> int:
         """The log head at the start of this node's last completed shred epoch: every
         tombstone at or before it is shredded here."""
-        raise NotImplementedError
+        return shredded_through(self.log)
 
     # -- reads (blocking: call them off the event loop) ------------------------------------
 
@@ -438,6 +483,8 @@ class Store:
     def close(self) -> None:
         """Finish queued writes, then close LMDB and release the lock."""
         self.writer.stop()
+        if self.writer.gate is not None:  # answers still held fail: not acknowledged
+            self.writer.gate.stop()
         self._record_clean_close()
         self.log.close()
         self.keys.close()

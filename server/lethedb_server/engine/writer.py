@@ -44,12 +44,15 @@ from lethedb_server.engine.model import (
     Command,
     CommitCommand,
     ForgetCommand,
+    ReplicatedCommitCommand,
     human_size,
 )
+from lethedb_server.engine.replication import ReplicatedCommitApplier, SyncGate, is_success
 from lethedb_server.engine.subject_indexer import SubjectIndexer
 from lethedb_server.errors import ForkedProcess, LetheError, Overloaded, ShuttingDown, StorageFull
 from lethedb_server.faults import fault_point
-from lethedb_server.storage.codec import AppendResult, Tombstone
+from lethedb_server.storage import codec
+from lethedb_server.storage.codec import AppendResult, JournalEntry, Tombstone
 from lethedb_server.storage.keys import KeyStore
 from lethedb_server.storage.lmdbenv import is_disk_full
 from lethedb_server.storage.log import LogStore
@@ -172,6 +175,12 @@ class Writer:
         )
         self._context = ApplyContext(log_store, keys, self._idempotency, clock)
         self._appliers = appliers.default_appliers(self._context)
+        self._appliers[ReplicatedCommitCommand] = ReplicatedCommitApplier(self._context)
+        #: The term each journal entry carries (1 until failover exists).
+        self.term = max(1, log_store.journal_term)
+        #: Holds successful answers until enough followers have the commit (None: never).
+        self.gate: SyncGate | None = None
+        self._journal_listeners: list[HeadListener] = []
         self._indexer = SubjectIndexer(log_store, self.limits.index_chunk)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
         self._listeners: list[HeadListener] = []
@@ -193,6 +202,11 @@ class Writer:
     def add_head_listener(self, listener: HeadListener) -> None:
         """Call *listener(head)* from the writer thread after every commit."""
         self._listeners.append(listener)
+
+    def add_journal_listener(self, listener: HeadListener) -> None:
+        """Call *listener(commit)* from the writer thread after each commit that wrote
+        journal entries, with the last one's commit number."""
+        self._journal_listeners.append(listener)
 
     def submit(self, command: Command) -> Future[Any]:
         """Queue *command*; the future resolves after the commit that holds it."""
@@ -472,10 +486,12 @@ class Writer:
                 return
         self._indexer.written(self.log.meta.last_position + 1, state.index_keys)
         self.log.meta = state.meta
+        journaled = state.journal_head != self.log.journal_head
+        self.log.journal_head, self.log.journal_term = state.journal_head, state.journal_term
         self.batches += 1
         self.commands += len(live)
         self._erase_keys(state.forgotten)
-        self._settle(list(zip(live, outcomes, strict=True)))
+        self._answer(list(zip(live, outcomes, strict=True)))
         if self.observer is not None:
             now = time.monotonic()
             self.observer.batch_committed(
@@ -484,6 +500,22 @@ class Writer:
             )
         for listener in self._listeners:
             listener(state.meta.last_position)
+        if journaled:
+            for journal_listener in self._journal_listeners:
+                journal_listener(state.journal_head)
+
+    def _answer(self, settled: list[tuple[_Pending, Any]]) -> None:
+        """Settle a committed batch's outcomes; the sync gate may hold the successes.
+
+        A deduplicated answer is held too, against the journal head now: the
+        original may not have reached the followers yet.
+        """
+        gate = self.gate
+        if gate is not None and gate.required:
+            held = [(p, o) for p, o in settled if is_success(o)]
+            if held and gate.hold(self.log.journal_head, held, self._settle):
+                settled = [(p, o) for p, o in settled if not is_success(o)]
+        self._settle(settled)
 
     def _erase_keys(self, forgotten: dict[str, Tombstone]) -> None:
         """Step two of a forget, after its tombstone committed: delete the keys.
@@ -508,20 +540,31 @@ class Writer:
 
     def _try_batch(self, batch: list[_Pending]) -> tuple[list[Result | LetheError], BatchState]:
         """Apply the batch in one transaction and commit it; raise LMDB errors as-is."""
-        state = BatchState(self.log.meta, {})
-        txn = self.log.lmdb.begin_write()
+        log_store = self.log
+        state = BatchState(
+            log_store.meta, {}, journal_head=log_store.journal_head,
+            journal_term=log_store.journal_term,
+        )  # fmt: skip
+        txn = log_store.lmdb.begin_write()
         try:
             self.keys.reserve(self._key_demand(batch))
             outcomes: list[Result | LetheError] = []
             for pending in batch:
-                child = self.log.lmdb.env.begin(write=True, parent=txn)
-                saved, saved_keys = state.meta, len(state.index_keys)
+                child = log_store.lmdb.env.begin(write=True, parent=txn)
+                saved, saved_keys, saved_touched = (
+                    state.meta,
+                    len(state.index_keys),
+                    len(state.touched),
+                )
+                saved_journal = state.journal_head, state.journal_term
                 try:
                     result = self._apply(child, pending.command, state)
                 except LetheError as exc:
                     child.abort()
                     state.meta = saved
                     del state.index_keys[saved_keys:]
+                    del state.touched[saved_touched:]
+                    state.journal_head, state.journal_term = saved_journal
                     outcomes.append(exc)
                 except BaseException:
                     child.abort()
@@ -529,8 +572,9 @@ class Writer:
                 else:
                     child.commit()
                     outcomes.append(result)
-            if state.meta is not self.log.meta:
-                self.log.put_meta(txn, state.meta)
+            self._journal(txn, state)
+            if state.meta is not log_store.meta:
+                log_store.put_meta(txn, state.meta)
             started = time.perf_counter()
             txn.commit()
             state.commit_seconds = time.perf_counter() - started
@@ -538,6 +582,27 @@ class Writer:
             txn.abort()
             raise
         return outcomes, state
+
+    def _journal(self, txn: lmdb.Transaction, state: BatchState) -> None:
+        """Write the batch's journal entry, if it changed replicated state.
+
+        One entry per commit: records written or side table rows touched. A
+        follower's batch holds the leader's entries instead (its frames wrote
+        them), and never writes one of its own.
+        """
+        log_store = self.log
+        if state.journal_head != log_store.journal_head:
+            return
+        first = log_store.meta.last_position + 1
+        if not state.touched and state.meta.last_position < first:
+            return
+        entry = JournalEntry(
+            self.term, first, state.meta.last_position, self._now(),
+            tuple(dict.fromkeys(state.touched)),
+        )  # fmt: skip
+        state.journal_head += 1
+        state.journal_term = self.term
+        log_store.put_journal(txn, state.journal_head, codec.encode(entry))
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""

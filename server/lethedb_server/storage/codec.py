@@ -117,6 +117,9 @@ class EpochRecord(msgspec.Struct, array_like=True, frozen=True, gc=False):
     master_version: int
     live_keys: int
     shredded_subjects: int
+    #: The log head when the epoch started: every tombstone at or before it is
+    #: shredded once the epoch completes (0 in epochs recorded before the field).
+    log_head: int = 0
 
 
 #: ``LogMeta.subject_indexed`` as decoded from a log written before the field
@@ -181,6 +184,42 @@ class RecordSubject(msgspec.Struct, array_like=True, frozen=True, gc=False):
     subject_id: str
 
 
+class RecordKeyRef(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The leading fields of a :class:`RecordBody`, through its DEK version.
+
+    What replication needs of each record it sends: which data key reads it.
+    """
+
+    format: int
+    stream_id: str
+    stream_version: int
+    event_id: bytes
+    event_type: str
+    subject_id: str
+    content_type: str
+    recorded_at: int
+    dek_version: int
+
+
+class JournalEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The ``journal`` value: one commit of the writer, the unit of replication.
+
+    ``first_position..last_position`` are the records the commit wrote (last
+    = first - 1 when it wrote none). ``touched`` names the rows of the
+    replicated side tables it wrote or deleted, as (table name, row key):
+    clear keys only, never values (a leader sends each row as it stands when
+    the commit is sent). ``everything``: the genesis entry of a store that
+    predates the journal, covering every record and every side table row.
+    """
+
+    term: int
+    first_position: int
+    last_position: int
+    committed_at: int
+    touched: tuple[tuple[str, bytes], ...] = ()
+    everything: bool = False
+
+
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 #: The msgpack array header of an encoded RecordBody (its field count).
@@ -197,6 +236,8 @@ _hold_decoder = msgspec.msgpack.Decoder(LegalHold)
 _epoch_decoder = msgspec.msgpack.Decoder(EpochRecord)
 _key_meta_decoder = msgspec.msgpack.Decoder(KeyStoreMeta)
 _key_mark_decoder = msgspec.msgpack.Decoder(KeyStoreMark)
+_key_ref_decoder = msgspec.msgpack.Decoder(RecordKeyRef)
+_journal_decoder = msgspec.msgpack.Decoder(JournalEntry)
 
 decode_payload = _payload_decoder.decode
 decode_stream = _stream_decoder.decode
@@ -206,6 +247,12 @@ decode_legal_hold = _hold_decoder.decode
 decode_epoch = _epoch_decoder.decode
 decode_key_meta = _key_meta_decoder.decode
 decode_key_mark = _key_mark_decoder.decode
+decode_journal = _journal_decoder.decode
+
+
+def decode_record_key_ref(value: bytes | memoryview) -> RecordKeyRef:
+    """The leading fields of a stored event value, through its DEK version."""
+    return _key_ref_decoder.decode(value[:-HASH_SIZE])
 
 
 def decode_meta(raw: bytes | memoryview) -> LogMeta:

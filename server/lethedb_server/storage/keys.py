@@ -72,6 +72,24 @@ _wrapped_decoder = msgspec.msgpack.Decoder(WrappedKey)
 _state_decoder = msgspec.msgpack.Decoder(DekState)
 
 
+#: ``DekState.reserved`` of a version installed from a replication leader: at
+#: least any use cap, so a node that leads later starts a new version rather
+#: than extend one whose nonce budget the leader spent where it cannot see.
+INSTALLED_RESERVED = 2**32
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A raw data key (DEK) of a subject: only ever in memory or on the replication stream."""
+
+    subject_id: str
+    version: int
+    key: bytes
+
+    def __repr__(self) -> str:  # never print key material
+        return f"DataKey(subject_id={self.subject_id!r}, version={self.version})"
+
+
 @dataclass
 class _Lease:
     """Encryptions a DEK version may still perform: ``used`` of ``reserved``."""
@@ -327,6 +345,62 @@ class KeyStore:
                 f"the key of subject {subject_id!r} version {version} cannot be unwrapped "
                 f"under master key version {wrapped.master_version}: {type(exc).__name__}"
             ) from exc
+
+    # -- replication ------------------------------------------------------------
+
+    def raw_keys(self, pairs: Iterable[tuple[str, int]]) -> list[DataKey]:
+        """The raw keys of (subject, version) *pairs* that exist (a leader sending them).
+
+        Forgotten subjects and versions not held are left out. The raw keys are
+        returned, never written anywhere.
+        """
+        found: list[DataKey] = []
+        for subject_id, version in pairs:
+            if subject_id in self._forgotten:
+                continue
+            dek = self._unwrap_raw(subject_id, version)
+            if dek is not None:
+                found.append(DataKey(subject_id, version, dek))
+        return found
+
+    def install(self, keys: Sequence[DataKey]) -> int:
+        """Keep a leader's data keys, wrapped at once under this node's master key.
+
+        One key-store transaction, committed with fsync before return (the log
+        transaction that needs them commits after). Forgotten subjects and
+        versions already held are skipped. Each subject's ``dek_state`` is set
+        so that, should this node ever lead, it starts a new DEK version for it
+        (see :data:`INSTALLED_RESERVED`). Returns how many keys were installed.
+        """
+        wanted = [k for k in keys if k.subject_id not in self._forgotten]
+        if not wanted:
+            return 0
+        deks, states = self.lmdb.dbs["deks"], self.lmdb.dbs["dek_state"]
+
+        def put(txn: lmdb.Transaction) -> int:
+            installed = 0
+            for key in wanted:
+                dek_key = codec.dek_key(key.subject_id, key.version)
+                if txn.get(dek_key, db=deks) is not None:
+                    continue
+                aad = functools.partial(wrap_aad, key.subject_id, key.version)
+                txn.put(dek_key, codec.encode(self.provider.wrap(key.key, aad)), db=deks)
+                raw_state = txn.get(key.subject_id.encode(), db=states)
+                latest = 0 if raw_state is None else _state_decoder.decode(raw_state).version
+                state = DekState(max(latest, key.version), INSTALLED_RESERVED)
+                txn.put(key.subject_id.encode(), codec.encode(state), db=states)
+                installed += 1
+            return installed
+
+        installed = self._write(put)
+        for key in wanted:
+            self.evict(key.subject_id)  # a cached "no such version" or stale lease goes
+        return installed
+
+    def rebind(self, store_id: bytes) -> None:
+        """Bind this key store to the log of store *store_id* (an empty follower adopting it)."""
+        if self.meta is not None:
+            self.record_checks([], msgspec.structs.replace(self.meta, store_id=store_id))
 
     # -- cache ----------------------------------------------------------------
 

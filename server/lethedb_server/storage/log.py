@@ -19,6 +19,8 @@ Named databases (see docs/ARCHITECTURE.md for the value formats):
 * ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
 * ``checkpoints``: consumer group -> u64 BE position
 * ``meta``: ``log`` -> LogMeta
+* ``journal``: u64 BE commit number (1, 2, ... no gaps) -> JournalEntry: one
+  per writer commit that changed replicated state (the unit of replication)
 
 The subject index is completed in chunks, not with each event. An append
 touches the end of the ``events`` tree, but its events' subject index keys
@@ -67,7 +69,10 @@ LOG_DBS = (
     "idempotency_expiry",
     "checkpoints",
     "meta",
+    "journal",
 )
+#: The side tables a journal entry may name as touched (replicated as rows).
+REPLICATED_TABLES: Final = ("streams", "idempotency", "tombstones", "legal_holds", "checkpoints")
 #: The records of the ``meta`` table: the log meta (``LogMeta``), the key-store
 #: generation the log last saw (see custody.py) and the format of the
 #: idempotency fingerprints (see idempotency.py). Nothing else belongs there.
@@ -145,7 +150,10 @@ class LogStore:
         self.idempotency_expiry = db["idempotency_expiry"]
         self.checkpoints = db["checkpoints"]
         self.meta_db = db["meta"]
+        self.journal = db["journal"]
         self.meta = self._load_or_init_meta()
+        #: The last journal entry's commit number and term (0, 0: none), as committed.
+        self.journal_head, self.journal_term = self._load_journal_head()
 
     def close(self) -> None:
         self.lmdb.close()
@@ -170,6 +178,108 @@ class LogStore:
     @property
     def store_id(self) -> bytes:
         return self.meta.store_id
+
+    def _load_journal_head(self) -> tuple[int, int]:
+        with self.lmdb.read() as txn:
+            cursor = txn.cursor(db=self.journal)
+            if not cursor.last():
+                return 0, 0
+            commit = codec.from_u64(cursor.key())
+            return commit, codec.decode_journal(cursor.value()).term
+
+    # -- the journal (replication) ----------------------------------------------
+
+    def put_journal(self, txn: lmdb.Transaction, commit: int, entry: bytes) -> None:
+        """Put the encoded journal entry of commit number *commit* (always the next one)."""
+        txn.put(codec.u64(commit), entry, db=self.journal, append=True)
+
+    def journal_after(self, txn: lmdb.Transaction, commit: int) -> Iterator[tuple[int, bytes]]:
+        """Every (commit number, encoded entry) after *commit*, in order."""
+        cursor = txn.cursor(db=self.journal)
+        if not cursor.set_range(codec.u64(commit + 1)):
+            return
+        for key, value in _pairs(cursor.iternext()):
+            yield codec.from_u64(key), value
+
+    def records_between(self, txn: lmdb.Transaction, first: int, last: int) -> list[bytes]:
+        """The stored values of positions *first*..*last*; a missing one is DataLoss."""
+        records: list[bytes] = []
+        if last < first:
+            return records
+        cursor = txn.cursor(db=self.events)
+        expected = first
+        if cursor.set_key(codec.u64(first)):
+            for key, value in _pairs(cursor.iternext()):
+                if expected > last:
+                    break
+                if codec.from_u64(key) != expected:
+                    break
+                records.append(value)
+                expected += 1
+        if expected <= last:
+            raise DataLoss(f"the record at position {expected} is missing; {REMEDY}")
+        return records
+
+    def row(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
+        """A replicated side table row's current value (None: no such row)."""
+        value = txn.get(key, db=self._replicated(table))
+        return None if value is None else bytes(value)
+
+    def rows(self, txn: lmdb.Transaction, table: str) -> Iterator[tuple[bytes, bytes]]:
+        """Every row of a replicated side table, in key order (a genesis frame)."""
+        return _pairs(txn.cursor(db=self._replicated(table)).iternext())
+
+    def put_row(self, txn: lmdb.Transaction, table: str, key: bytes, value: bytes | None) -> None:
+        """Set a replicated row as the leader holds it (None: delete it).
+
+        Idempotency rows keep their expiry index in step; a tombstone is put by
+        the caller with :meth:`put_tombstone` (a follower re-stamps its epoch).
+        """
+        if table == "idempotency":
+            if value is None:
+                self.delete_idempotency(txn, key)
+            else:
+                self.put_idempotency(txn, key, codec.decode_idempotency(value))
+            return
+        db = self._replicated(table)
+        if value is None:
+            txn.delete(key, db=db)
+        else:
+            txn.put(key, value, db=db)
+
+    def _replicated(self, table: str) -> Any:
+        if table not in REPLICATED_TABLES:
+            raise ValueError(f"{table!r} is not a replicated table")
+        return self.lmdb.dbs[table]
+
+    def committed_at(self, commit: int) -> int | None:
+        """When the leader committed *commit* (its journal entry's time); None: no such one."""
+        with self.lmdb.read() as txn:
+            raw = txn.get(codec.u64(commit), db=self.journal)
+        return None if raw is None else codec.decode_journal(raw).committed_at
+
+    def holds_nothing(self) -> bool:
+        """No record and no journal entry: a new data directory (a follower may adopt an id)."""
+        return self.meta.last_position == 0 and self.journal_head == 0
+
+    def adopt_store_id(self, store_id: bytes) -> None:
+        """Give an empty log another store id (a follower of that store); commits at once."""
+        meta = msgspec.structs.replace(self.meta, store_id=store_id)
+        self.lmdb.write(lambda txn: self.put_meta(txn, meta))
+        self.meta = meta
+
+    def write_genesis(self, term: int, committed_at: int) -> bool:
+        """Journal a store that predates the journal: one entry covering everything.
+
+        Written once, at start-up before the writer runs, when the journal is
+        empty but the log is not. Returns whether it wrote it.
+        """
+        if self.journal_head or not self.meta.last_position:
+            return False
+        entry = codec.JournalEntry(term, 1, self.meta.last_position, committed_at, (), True)
+        self.lmdb.write(lambda txn: self.put_journal(txn, 1, codec.encode(entry)))
+        self.journal_head, self.journal_term = 1, term
+        return True
 
     @property
     def head(self) -> int:
