@@ -97,7 +97,10 @@ class AdminService:
 
     def _stats(self) -> apb.StatsResponse:
         store = self.store
-        return messages.stats_response(store.stats(), store.role, self.cluster.follower_lag(store))
+        cluster = self.cluster
+        return messages.stats_response(
+            store.stats(), cluster.role(store), cluster.follower_lag(store)
+        )
 
     @unary
     async def ClusterStatus(  # noqa: N802

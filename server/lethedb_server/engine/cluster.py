@@ -107,6 +107,16 @@ def subject_nodes(
     return (own, *others)
 
 
+def shown_role(role: str, followers: Sequence[FollowerState]) -> str:
+    """The role reported for a node whose store has *role* and has seen *followers*.
+
+    A node needs no flag to be followed: one started without ``follow`` or
+    ``sync_replicas`` runs as "single" until a follower joins, and from then
+    on it leads that follower, so it is reported as the leader.
+    """
+    return LEADER if role == SINGLE and followers else role
+
+
 def slowest_follower(followers: Sequence[FollowerState]) -> FollowerLag:
     """The largest lag among *followers*, in positions and in seconds (each on its own)."""
     return FollowerLag(
@@ -136,7 +146,8 @@ class ClusterNode:
 
     def view(self, store: Store) -> ClusterView:
         """The cluster as this node sees it now (blocking: reads the store)."""
-        role = store.role
+        followers = self.followers(store)
+        role = shown_role(store.role, followers)
         return ClusterView(
             node_id=self.node_id,
             role=role,
@@ -145,9 +156,18 @@ class ClusterNode:
             commit=store.journal_head(),
             position=store.head,
             sync_replicas=self.sync_replicas,
-            followers=tuple(store.followers()) if role != FOLLOWER else (),
+            followers=tuple(followers),
             link=self.link() if role == FOLLOWER else NO_LINK,
         )
+
+    @staticmethod
+    def followers(store: Store) -> list[FollowerState]:
+        """Every follower this node has seen (none on a follower)."""
+        return [] if store.role == FOLLOWER else store.followers()
+
+    def role(self, store: Store) -> str:
+        """This node's role as operators see it (see :func:`shown_role`)."""
+        return shown_role(store.role, self.followers(store))
 
     def link(self) -> LeaderLink:
         """The follower loop's view of the leader; NO_LINK before the loop runs."""
@@ -159,16 +179,11 @@ class ClusterNode:
         Empty on a follower (it knows no other node) and on a single node
         that no follower ever joined.
         """
-        role = store.role
-        if role == FOLLOWER:
-            return ()
-        followers = store.followers()
-        if role != LEADER and not followers:
+        followers = self.followers(store)
+        if shown_role(store.role, followers) != LEADER:
             return ()
         return subject_nodes(receipt, self.node_id, followers)
 
     def follower_lag(self, store: Store) -> FollowerLag:
         """On a leader, its slowest follower's lag; zeros elsewhere."""
-        if store.role == FOLLOWER:
-            return FollowerLag(0, 0.0)
-        return slowest_follower(store.followers())
+        return slowest_follower(self.followers(store))

@@ -8,11 +8,19 @@ store is open: the server starts serving only after that, so a client can
 never reach a server that cannot write. Shutdown is the reverse: stop
 accepting calls, give in-flight calls the grace period, let the writer finish
 its queue, close LMDB.
+
+Replication (docs/CLUSTERING.md): every node serves the Replication service
+(a follower refuses followers with NotLeader). With ``follow`` the node also
+runs the :class:`~lethedb_server.api.follower.Follower` loop, its reads wait
+for the first catch-up, and its consumer-group checkpoints are stored by the
+leader. On shutdown the follower loop stops first (nothing more is applied),
+then Follow streams of this node's own followers end, then calls drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -29,16 +37,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from lethedb_contract import is_loopback_address
 from lethedb_server.api import auth, connections, tls
 from lethedb_server.api.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from lethedb_server.api.admin import AdminService, add_admin
+from lethedb_server.api.follower import Follower, FollowSettings, channel_credentials
+from lethedb_server.api.head_watch import HeadWatch, ReadGate
+from lethedb_server.api.replication import SERVICE_NAME as REPLICATION_SERVICE_NAME
+from lethedb_server.api.replication import ReplicationService, add_replication
 from lethedb_server.api.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.api.tokens import TokenStore
 from lethedb_server.api.validation import Validator
 from lethedb_server.engine.cluster import ClusterNode
 from lethedb_server.engine.store import Store
 from lethedb_server.engine.subscriptions import SubscriptionEngine
-from lethedb_server.errors import LetheError, ListenFailed
+from lethedb_server.errors import LetheError, ListenFailed, ValidationError
 from lethedb_server.ops.config import Config
 from lethedb_server.ops.metrics import (
     ClusterCollector,
@@ -104,20 +117,20 @@ def add_services(
     config: Config,
     store: Store,
     subscriptions: SubscriptionEngine | None = None,
-    cluster: ClusterNode | None = None,
+    cluster: Cluster | None = None,
 ) -> tuple[HealthServicer, AdminService]:
-    """Register every service on *server* (bound or not, but not yet started).
-
-    *cluster*: this node's identity, shared with the metrics; one from
-    *config* when not given.
-    """
+    """Register every service on *server* (bound or not, but not yet started)."""
     validator = Validator(config.limits())
+    if cluster is None:
+        cluster = Cluster.single(config, store)
     if subscriptions is None:
         subscriptions = SubscriptionEngine(store, config.subscription_limits())
-    if cluster is None:
-        cluster = cluster_node(config)
-    add_event_store(server, EventStoreService(store, validator, subscriptions, cluster=cluster))
-    admin = AdminService(store, validator, cluster)
+    add_event_store(
+        server,
+        EventStoreService(store, validator, subscriptions, cluster.reads, cluster=cluster.node),
+    )
+    add_replication(server, cluster.replication)
+    admin = AdminService(store, validator, cluster.node)
     add_admin(server, admin)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -125,6 +138,7 @@ def add_services(
         (
             SERVICE_NAME,
             ADMIN_SERVICE_NAME,
+            REPLICATION_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -133,17 +147,119 @@ def add_services(
     return health, admin
 
 
-def cluster_node(config: Config) -> ClusterNode:
-    """This node's identity in the cluster, from the configuration."""
-    return ClusterNode(node_id=node_id(config), sync_replicas=config.sync_replicas)
+class Cluster:
+    """This node's part in replication: the read gate, the Replication service, the
+    follower loop (with ``follow``)."""
+
+    def __init__(
+        self,
+        watch: HeadWatch,
+        reads: ReadGate,
+        replication: ReplicationService,
+        node: ClusterNode,
+        follower: Follower | None = None,
+    ) -> None:
+        self.watch = watch
+        self.reads = reads
+        self.replication = replication
+        #: This node's identity and views, shared by the services and the metrics.
+        self.node = node
+        self.follower = follower
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def single(cls, config: Config, store: Store, advertise: str = "") -> Cluster:
+        """For a node without ``follow``: no follower loop, reads served at once."""
+        watch = HeadWatch(store)
+        reads = ReadGate(store, watch, follower=False)
+        node = ClusterNode(node_name(config, advertise), config.sync_replicas)
+        return cls(watch, reads, _replication(config, store, watch, advertise), node)
+
+    @classmethod
+    def of(cls, config: Config, store: Store, advertise: str) -> Cluster:
+        """The cluster part *config* asks for; reads the follower's token and TLS files."""
+        if not config.follow:
+            return cls.single(config, store, advertise)
+        watch = HeadWatch(store)
+        reads = ReadGate(store, watch, follower=True)
+        settings = follow_settings(config, advertise)
+        follower = Follower(store, settings, watch, reads)
+        node = ClusterNode(settings.node_id, config.sync_replicas, follower)
+        replication = _replication(config, store, watch, advertise)
+        return cls(watch, reads, replication, node, follower)
+
+    def start(self) -> None:
+        self.watch.attach()
+        if self.follower is not None:
+            self._task = asyncio.create_task(self.follower.run(), name="lethedb-follower")
+
+    async def stop(self) -> None:
+        """Stop applying the leader's commits, and end this node's followers' streams."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.replication.shutdown()
 
 
-def node_id(config: Config) -> str:
-    """``node_id``, or the host name and a digest of the data directory's path (stable)."""
+def _replication(
+    config: Config, store: Store, watch: HeadWatch, advertise: str
+) -> ReplicationService:
+    return ReplicationService(
+        store, watch, node_name(config, advertise), config.max_consumer_groups
+    )
+
+
+def node_name(config: Config, advertise: str = "") -> str:
+    """``node_id``, or one derived from the host name and the data directory's path.
+
+    Stable across restarts of the same directory on the same host, which is
+    what the leader's follower registry needs.
+    """
     if config.node_id:
         return config.node_id
-    path = str(config.data_dir.resolve()).encode()
-    return f"{socket.gethostname()[:47]}-{hashlib.blake2b(path, digest_size=8).hexdigest()}"
+    where = str(config.data_dir.resolve()).encode()
+    host = socket.gethostname().split(".")[0] or "node"
+    return f"{host}-{hashlib.sha256(where).hexdigest()[:8]}"
+
+
+def follow_settings(config: Config, advertise: str) -> FollowSettings:
+    """How this follower reaches its leader: token, TLS or plaintext (loopback only)."""
+    token = ""
+    if config.follow_token_file:
+        token = _read(config.follow_token_file, "follow_token_file").decode().strip()
+        if not token:
+            raise ValidationError(
+                f"configuration: follow_token_file {config.follow_token_file!r} is empty"
+            )
+    tls_files = config.follow_tls_ca or config.follow_tls_cert
+    credentials = None
+    if tls_files or not (is_loopback_address(config.follow) or config.insecure):
+        ca = _read(config.follow_tls_ca, "follow_tls_ca") if config.follow_tls_ca else None
+        cert = _read(config.follow_tls_cert, "follow_tls_cert") if config.follow_tls_cert else None
+        key = _read(config.follow_tls_key, "follow_tls_key") if config.follow_tls_key else None
+        credentials = channel_credentials(ca, cert, key)
+    elif not is_loopback_address(config.follow):
+        log.warning(
+            "INSECURE: following %s without TLS because --insecure was given; the stream "
+            "carries every record and the data keys to read them",
+            config.follow,
+        )
+    return FollowSettings(
+        leader=config.follow,
+        node_id=node_name(config, advertise),
+        advertise=advertise,
+        token=token,
+        credentials=credentials,
+        max_message_bytes=max(config.max_message_bytes, 64 << 20),
+    )
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValidationError(f"configuration: {option} {path!r}: {exc.strerror}") from None
 
 
 def build_server(
@@ -279,14 +395,19 @@ async def serve(config: Config) -> None:
         await server.stop(None)  # release the address: nothing was served
         raise
     metrics_server: MetricsServer | None = None
-    cluster = cluster_node(config)
     try:
+        cluster = Cluster.of(config, store, config.advertise or address)
         if metrics is not None:
             metrics.registry.register(StoreCollector(store))
-            metrics.registry.register(ClusterCollector(store, cluster))
+            metrics.registry.register(ClusterCollector(store, cluster.node))
         access.observer = metrics
-        subscriptions = SubscriptionEngine(store, config.subscription_limits())
+        subscriptions = SubscriptionEngine(
+            store,
+            config.subscription_limits(),
+            None if cluster.follower is None else cluster.follower.forward_checkpoint,
+        )
         health, _ = add_services(server, config, store, subscriptions, cluster)
+        cluster.start()
         await server.start()
         watch = _watch_connections(config, port)
         if metrics is not None:
@@ -323,6 +444,7 @@ async def serve(config: Config) -> None:
                 task.cancel()
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.shutdown_grace_s)
         await health.enter_graceful_shutdown()
+        await cluster.stop()  # Follow streams never finish by themselves either
         subscriptions.shutdown()  # they never finish by themselves: end them first
         await server.stop(config.shutdown_grace_s)
     finally:

@@ -13,6 +13,7 @@ from lethedb_server.engine.cluster import (
     LeaderLink,
     NodeErasure,
     node_erasure_state,
+    shown_role,
     slowest_follower,
     subject_nodes,
 )
@@ -112,6 +113,19 @@ def test_the_receipt_on_the_wire_carries_every_nodes_state_in_order():
 
 def test_a_receipt_without_nodes_has_an_empty_list():
     assert len(messages.subject_receipt(forgotten()).nodes) == 0
+
+
+@pytest.mark.parametrize(
+    ("role", "has_followers", "shown"),
+    [
+        ("single", False, "single"),
+        ("single", True, "leader"),  # a node needs no flag to be followed
+        ("leader", False, "leader"),  # sync_replicas set, no follower yet
+        ("follower", False, "follower"),
+    ],
+)
+def test_a_node_that_followers_joined_is_reported_as_their_leader(role, has_followers, shown):
+    assert shown_role(role, [follower()] if has_followers else []) == shown
 
 
 def test_the_slowest_follower_sets_each_lag_on_its_own():

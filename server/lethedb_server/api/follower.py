@@ -1,0 +1,402 @@
+"""The follower's side of log shipping: one Follow stream to the leader, kept open.
+
+:class:`Follower` runs in a follower's server process (``follow`` is set).
+Each session says hello with this node's position, takes the leader's
+welcome (an empty follower adopts the leader's store id), then applies every
+commit the leader sends through the store's writer, several in flight at
+once (they share group commits and fsyncs), and acks each durable position.
+At most :data:`IN_FLIGHT` commits wait for the writer; beyond that it stops
+reading the stream, and gRPC flow control holds the leader back. A leader
+silent for :data:`LEADER_SILENCE_S` (it heartbeats every second) is taken
+for gone. Any end of a session is logged with its reason, and the next one
+starts after a backoff that grows to :data:`MAX_BACKOFF_S` (back to the
+start once a session got as far as the welcome).
+
+Until it has once applied the commit the leader's first welcome named, the
+node answers reads with CatchingUp (:class:`~lethedb_server.api.head_watch.ReadGate`):
+a subject forgotten while it was down must be erased here before it serves
+anything.
+
+A consumer group's checkpoint committed on a follower is stored by the
+leader (:meth:`Follower.forward_checkpoint`, the subscription engine's
+checkpoint sink); the follower answers once it has applied the commit that
+holds it, so that its own GetCheckpoint then shows it.
+
+Never logged: the token, keys, event data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import threading
+import time
+from asyncio import Future
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+
+from lethedb.v1 import replication_pb2 as rpb
+from lethedb.v1 import replication_pb2_grpc as rpb_grpc
+from lethedb_contract import ERROR_KEY, LEADER_KEY
+from lethedb_server.api.frames import commit_frame
+from lethedb_server.api.head_watch import HeadWatch, ReadGate
+from lethedb_server.engine.cluster import LeaderLink
+from lethedb_server.engine.model import CheckpointCommand
+from lethedb_server.engine.store import Store
+from lethedb_server.errors import (
+    CatchingUp,
+    LetheError,
+    NotLeader,
+    ReplicationRefused,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Leader commits queued at this node's writer at once.
+IN_FLIGHT: Final = 256
+#: The leader heartbeats every second; this long without a message: it is gone.
+LEADER_SILENCE_S: Final = 5.0
+FIRST_BACKOFF_S: Final = 0.2
+MAX_BACKOFF_S: Final = 10.0
+#: How long a forwarded checkpoint waits for the leader, then for its commit here.
+FORWARD_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class FollowSettings:
+    """How this follower reaches its leader (built by the server from its configuration)."""
+
+    leader: str
+    node_id: str
+    advertise: str
+    #: The replica token; empty when the leader has no tokens file.
+    token: str = field(default="", repr=False)
+    #: None: plaintext (a loopback leader, or ``insecure``).
+    credentials: grpc.ChannelCredentials | None = None
+    max_message_bytes: int = 64 << 20
+
+
+def channel_credentials(ca: bytes | None, cert: bytes | None, key: bytes | None) -> Any:
+    """TLS to the leader: *ca* (None: the system roots) and an optional client certificate."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+class _Session:
+    """What one Follow stream learnt; the reason it ended."""
+
+    def __init__(self) -> None:
+        self.welcomed = False
+
+
+class Follower:
+    """The client loop of a follower node; :meth:`run` until cancelled."""
+
+    def __init__(
+        self, store: Store, settings: FollowSettings, watch: HeadWatch, reads: ReadGate
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.watch = watch
+        self.reads = reads
+        self.connected = False
+        #: The leader's head as its last welcome or heartbeat said (lag).
+        self.leader_position = 0
+        self.leader_commit = 0
+        #: (commit, committed_at) of commits received and maybe not durable here yet: the
+        #: oldest one this node lacks dates its lag in seconds (:meth:`link`).
+        self._received: collections.deque[tuple[int, int]] = collections.deque()
+        self._received_lock = threading.Lock()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
+        )
+        self._channel: grpc.aio.Channel | None = None
+
+    # -- the channel ----------------------------------------------------------------------
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            options = [
+                ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+                ("grpc.max_send_message_length", self.settings.max_message_bytes),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ]
+            credentials = self.settings.credentials
+            leader = self.settings.leader
+            if credentials is None:
+                self._channel = grpc.aio.insecure_channel(leader, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(leader, credentials, options=options)
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow the leader for ever: sessions, and a growing backoff between them."""
+        backoff = FIRST_BACKOFF_S
+        leader = self.settings.leader
+        log.info(
+            "following the leader at %s as node %s (%s)",
+            leader,
+            self.settings.node_id,
+            "plaintext" if self.settings.credentials is None else "TLS",
+        )
+        try:
+            while True:
+                session = _Session()
+                try:
+                    await self._session(session)
+                    why = "the leader ended the stream"
+                except grpc.aio.AioRpcError as exc:
+                    why = _rpc_failure(exc)
+                except LetheError as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                except (TimeoutError, StopAsyncIteration):
+                    why = f"no word from the leader for {LEADER_SILENCE_S:.0f}s"
+                finally:
+                    self.connected = False
+                if session.welcomed:
+                    backoff = FIRST_BACKOFF_S
+                delay = backoff * random.uniform(0.8, 1.2)
+                log.warning("reconnecting to the leader at %s in %.1fs: %s", leader, delay, why)
+                await asyncio.sleep(delay)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        finally:
+            self.connected = False
+            await self.close()
+
+    async def _session(self, session: _Session) -> None:
+        """One Follow stream, from hello to its end (which raises or returns)."""
+        store = self.store
+        stub = rpb_grpc.ReplicationStub(self._open_channel())
+        outbox: asyncio.Queue[rpb.FollowRequest] = asyncio.Queue()
+        outbox.put_nowait(rpb.FollowRequest(hello=self._hello()))
+        call = stub.Follow(_drain(outbox), metadata=self._metadata)
+        applying = _InFlight(IN_FLIGHT)
+        acker: asyncio.Task[None] | None = None
+        try:
+            responses = aiter(call)
+            first = await asyncio.wait_for(anext(responses), LEADER_SILENCE_S)
+            if first.WhichOneof("message") != "welcome":
+                raise ReplicationRefused("the leader's first message was not a welcome")
+            welcome = first.welcome
+            await asyncio.to_thread(store.adopt_store_id, welcome.store_id)
+            session.welcomed = True
+            self.connected = True
+            self.leader_commit, self.leader_position = welcome.commit, welcome.position
+            log.info(
+                "connected to the leader %s at %s (term %d, commit %d, position %d); this "
+                "node is at commit %d, position %d",
+                welcome.node_id,
+                self.settings.leader,
+                welcome.term,
+                welcome.commit,
+                welcome.position,
+                store.journal_head(),
+                store.head,
+            )
+            target = welcome.commit
+            self._check_caught_up(store.journal_head(), target)
+            acker = asyncio.create_task(self._ack_durable(applying, outbox, target))
+            while True:
+                response = await asyncio.wait_for(anext(responses), LEADER_SILENCE_S)
+                if acker.done():
+                    acker.result()  # raises why applying failed
+                kind = response.WhichOneof("message")
+                if kind == "commit":
+                    frame = commit_frame(response.commit)
+                    self._note_received(frame.commit, frame.committed_at)
+                    await applying.put(store.apply_replicated(frame), frame.last_position)
+                elif kind == "heartbeat":
+                    beat = response.heartbeat
+                    self.leader_commit, self.leader_position = beat.commit, beat.position
+                    if applying.idle():
+                        outbox.put_nowait(rpb.FollowRequest(ack=self._ack(store.head)))
+        except StopAsyncIteration:
+            return
+        finally:
+            if acker is not None:
+                acker.cancel()
+                with contextlib.suppress(BaseException):
+                    await acker
+            call.cancel()
+
+    # -- what ClusterStatus and the metrics show ---------------------------------------------
+
+    def _note_received(self, commit: int, committed_at: int) -> None:
+        with self._received_lock:
+            self._received.append((commit, committed_at))
+
+    def link(self) -> LeaderLink:
+        """This node's link to its leader now: connected, caught up, and how far behind.
+
+        The lag in positions is against the leader's head as its last welcome or
+        heartbeat said; in seconds, the age (by the leader's clock) of the
+        oldest commit received but not yet durable here (0 when there is none).
+        Thread-safe: the metrics read it from their own thread.
+        """
+        held = self.store.journal_head()
+        with self._received_lock:
+            while self._received and self._received[0][0] <= held:
+                self._received.popleft()
+            oldest = self._received[0][1] if self._received else 0
+        seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+        return LeaderLink(
+            connected=self.connected,
+            caught_up=self.reads.caught_up,
+            lag_positions=max(0, self.leader_position - self.store.head),
+            lag_seconds=seconds,
+        )
+
+    def _hello(self) -> rpb.FollowerHello:
+        store = self.store
+        commit = store.journal_head()
+        empty = commit == 0 and store.head == 0
+        return rpb.FollowerHello(
+            node_id=self.settings.node_id,
+            advertise=self.settings.advertise,
+            # An empty follower adopts the leader's store id from the welcome.
+            store_id=b"" if empty else store.store_id,
+            commit=commit,
+            position=store.head,
+            chain_head=store.chain_head,
+            term=store.term,
+        )
+
+    def _ack(self, position: int, commit: int | None = None) -> rpb.FollowerAck:
+        store = self.store
+        return rpb.FollowerAck(
+            commit=store.journal_head() if commit is None else commit,
+            position=position,
+            shredded_through=store.shredded_through(),
+            term=store.term,
+        )
+
+    async def _ack_durable(
+        self, applying: _InFlight, outbox: asyncio.Queue[rpb.FollowRequest], target: int
+    ) -> None:
+        """Ack each durable apply (several that became durable together: one ack)."""
+        while True:
+            commit, position = await applying.durable()
+            outbox.put_nowait(rpb.FollowRequest(ack=self._ack(position, commit)))
+            self._check_caught_up(commit, target)
+
+    def _check_caught_up(self, commit: int, target: int) -> None:
+        if commit >= target and not self.reads.caught_up:
+            self.reads.mark_caught_up()
+            log.info(
+                "caught up with the leader at commit %d (position %d); serving reads",
+                commit,
+                self.store.head,
+            )
+
+    # -- checkpoints of consumer groups -------------------------------------------------
+
+    async def forward_checkpoint(self, command: CheckpointCommand) -> int:
+        """Store a group's checkpoint on the leader; return once this node holds it."""
+        stub = rpb_grpc.ReplicationStub(self._open_channel())
+        request = rpb.ForwardCheckpointRequest(
+            group=command.group, position=command.position, rewind=command.rewind
+        )
+        try:
+            answer = await stub.ForwardCheckpoint(
+                request, metadata=self._metadata, timeout=FORWARD_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._forward_error(exc) from None
+        store = self.store
+
+        def applied() -> bool:
+            return store.journal_head() >= answer.commit
+
+        if not await self.watch.wait_until(applied, FORWARD_TIMEOUT_S):
+            raise CatchingUp(
+                f"the leader stored the checkpoint in its commit {answer.commit}; this follower "
+                f"has applied only up to commit {store.journal_head()} so far; retry"
+            )
+        return int(answer.position)
+
+    def _forward_error(self, exc: grpc.aio.AioRpcError) -> LetheError:
+        """The leader's refusal as the domain error this node answers its client with."""
+        metadata: Any = exc.trailing_metadata() or ()
+        trailers = {str(key): str(value) for key, value in metadata}
+        details = exc.details() or exc.code().name
+        if trailers.get(ERROR_KEY) == "NotLeader":
+            return NotLeader(trailers.get(LEADER_KEY, ""))
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return ValidationError(details)
+        return CatchingUp(
+            f"the leader at {self.settings.leader} did not store the checkpoint "
+            f"({exc.code().name}: {details}); retry"
+        )
+
+
+class _InFlight:
+    """Leader commits queued at the writer, in order, at most *limit* at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: collections.deque[tuple[Future[int], int]] = collections.deque()
+        self._room = asyncio.Semaphore(limit)
+        self._added = asyncio.Event()
+
+    def idle(self) -> bool:
+        return not self._items
+
+    async def put(self, applied: Future[int], position: int) -> None:
+        await self._room.acquire()
+        self._items.append((applied, position))
+        self._added.set()
+
+    async def durable(self) -> tuple[int, int]:
+        """(commit, position) of the newest apply that is durable, waiting for the oldest.
+
+        Raises what the writer refused a commit with (ReplicationRefused).
+        """
+        while not self._items:
+            self._added.clear()
+            await self._added.wait()
+        applied, position = self._items[0]
+        commit = await applied
+        self._pop()
+        while self._items and self._items[0][0].done():
+            applied, position = self._items[0]
+            commit = applied.result()
+            self._pop()
+        return commit, position
+
+    def _pop(self) -> None:
+        self._items.popleft()
+        self._room.release()
+
+
+async def _drain(outbox: asyncio.Queue[rpb.FollowRequest]) -> AsyncIterator[rpb.FollowRequest]:
+    while True:
+        yield await outbox.get()
+
+
+def _rpc_failure(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    details = exc.details() or ""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return (
+            f"the leader refused this follower's token ({code.name}: {details}); give it a "
+            "token of the replica role in follow_token_file"
+        )
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return f"the leader refused this follower: {details}"
+    return f"{code.name}: {details}"
