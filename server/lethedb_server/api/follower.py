@@ -65,7 +65,7 @@ IN_FLIGHT: Final = 256
 #: The leader heartbeats every second; this long without a message: it is gone.
 LEADER_SILENCE_S: Final = 5.0
 FIRST_BACKOFF_S: Final = 0.2
-MAX_BACKOFF_S: Final = 10.0
+MAX_BACKOFF_S: Final = 5.0
 #: How long a forwarded checkpoint waits for the leader, then for its commit here.
 FORWARD_TIMEOUT_S: Final = 10.0
 
@@ -130,6 +130,11 @@ class Follower:
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
                 ("grpc.keepalive_time_ms", 20_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
+                # gRPC's own reconnect backoff (up to two minutes by default) would
+                # outlast this loop's: a restarted leader is found within MAX_BACKOFF_S.
+                ("grpc.initial_reconnect_backoff_ms", int(FIRST_BACKOFF_S * 1000)),
+                ("grpc.min_reconnect_backoff_ms", int(FIRST_BACKOFF_S * 1000)),
+                ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_S * 1000)),
             ]
             credentials = self.settings.credentials
             leader = self.settings.leader
