@@ -87,7 +87,9 @@ class AdminClient:
         request = build_set_legal_hold_request(subject_id, reason, until)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(lambda node: node.admin.SetLegalHold, request, deadline)
+        response = transport.unary(
+            lambda node: node.admin.SetLegalHold, request, deadline, write=True
+        )
         return to_subject_receipt(response)
 
     def release_legal_hold(
@@ -97,7 +99,9 @@ class AdminClient:
         request = build_release_legal_hold_request(subject_id)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(lambda node: node.admin.ReleaseLegalHold, request, deadline)
+        response = transport.unary(
+            lambda node: node.admin.ReleaseLegalHold, request, deadline, write=True
+        )
         return to_subject_receipt(response)
 
     def backup(

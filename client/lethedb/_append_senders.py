@@ -73,10 +73,12 @@ class AppendSender:
     ) -> pb.AppendResponse | Exception:
         node = self._transport.writer()
         try:
-            return node.events.Append(request, timeout=deadline)
+            response = node.events.Append(request, timeout=deadline)
         except Exception as exc:  # the caller maps, retries or raises it
             self._transport.observe(node.address, exc)
             return exc
+        self._transport.router.wrote(node.address)
+        return response
 
     def _send_batches(self, batches: list[list[_Queued]]) -> None:
         """Start each batch's call; its answer is handed out from gRPC's callback thread."""
@@ -132,12 +134,15 @@ def _observe_once(
 
     A failed call hands every append the same failure, and a follower answers
     every append of a batch NotLeader; one report is enough (the router moves
-    on from a node once per report).
+    on from a node once per report). A batch with a written append came from
+    the leader.
     """
     for outcome in outcomes:
         if isinstance(outcome, grpc.RpcError | NotLeader):
             transport.observe(address, outcome)
             return
+    if any(isinstance(outcome, pb.AppendResponse) for outcome in outcomes):
+        transport.router.wrote(address)
 
 
 def _expire(waiter: asyncio.Future[AppendOutcome]) -> None:
@@ -177,10 +182,12 @@ class AsyncAppendSender:
     ) -> pb.AppendResponse | Exception:
         node = self._transport.writer()
         try:
-            return await node.events.Append(request, timeout=deadline)
+            response = await node.events.Append(request, timeout=deadline)
         except Exception as exc:  # the caller maps, retries or raises it
             self._transport.observe(node.address, exc)
             return exc
+        self._transport.router.wrote(node.address)
+        return response
 
     def _flush(self) -> None:
         self._send_batches(self._coalescer.flush())

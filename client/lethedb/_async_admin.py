@@ -87,7 +87,9 @@ class AsyncAdminClient:
         request = build_set_legal_hold_request(subject_id, reason, until)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(lambda node: node.admin.SetLegalHold, request, deadline)
+        response = await transport.unary(
+            lambda node: node.admin.SetLegalHold, request, deadline, write=True
+        )
         return to_subject_receipt(response)
 
     async def release_legal_hold(
@@ -98,7 +100,7 @@ class AsyncAdminClient:
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = await transport.unary(
-            lambda node: node.admin.ReleaseLegalHold, request, deadline
+            lambda node: node.admin.ReleaseLegalHold, request, deadline, write=True
         )
         return to_subject_receipt(response)
 

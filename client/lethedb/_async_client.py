@@ -178,7 +178,9 @@ class AsyncClient(AsyncClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         if self._appends is None:
-            response = await transport.unary(lambda node: node.events.Append, request, deadline)
+            response = await transport.unary(
+                lambda node: node.events.Append, request, deadline, write=True
+            )
             return to_append_result(response)
         retrying = transport.retrying(deadline)
         while True:
@@ -215,6 +217,7 @@ class AsyncClient(AsyncClosingContext):
                         break
                 else:
                     pipeline.stream_ended()
+                    transport.router.wrote(node.address)
             except grpc.RpcError as exc:
                 transport.observe(node.address, exc)
                 delay = pipeline.retry_delay(exc, retrying)
@@ -254,7 +257,9 @@ class AsyncClient(AsyncClosingContext):
         request = build_commit_request(appends, idempotency_key)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(lambda node: node.events.Commit, request, deadline)
+        response = await transport.unary(
+            lambda node: node.events.Commit, request, deadline, write=True
+        )
         return to_commit_result(response, len(request.appends))
 
     def read_stream(
@@ -330,7 +335,9 @@ class AsyncClient(AsyncClosingContext):
         request = build_forget_subject_request(subject_id, reason)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = await transport.unary(lambda node: node.events.ForgetSubject, request, deadline)
+        response = await transport.unary(
+            lambda node: node.events.ForgetSubject, request, deadline, write=True
+        )
         return to_subject_receipt(response)
 
     async def get_subject(
@@ -482,7 +489,9 @@ class AsyncClient(AsyncClosingContext):
         request = build_checkpoint_request(group, position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        await transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline)
+        await transport.unary(
+            lambda node: node.events.CommitCheckpoint, request, deadline, write=True
+        )
 
 
 def _prefer(prefer: Prefer | None) -> Prefer | None:

@@ -148,20 +148,26 @@ class AsyncTransport:
         deadline: float,
         *,
         prefer: Prefer | None = LEADER,
+        write: bool = False,
         no_retry: str | None = None,
     ) -> _Response:
         """One unary call, resending the same request on retryable failures.
 
         ``method`` picks the call from a node's stubs; each attempt goes to the
-        node ``prefer`` names (writes: the leader; None: the client's preference).
+        node ``prefer`` names (the leader by default; None: the client's
+        preference). A ``write`` that succeeds tells the router where the leader is.
         """
         retrying = self.retrying(deadline, no_retry=no_retry)
         while True:
-            node = self.reader(prefer)
+            node = self.writer() if write else self.reader(prefer)
             try:
-                return await method(node)(request, timeout=deadline)
+                response = await method(node)(request, timeout=deadline)
             except grpc.RpcError as exc:
                 await asyncio.sleep(self.delay_or_raise(node, exc, retrying))
+            else:
+                if write:
+                    self.router.wrote(node.address)
+                return response
 
     async def read(
         self,

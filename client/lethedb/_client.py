@@ -180,7 +180,9 @@ class Client(ClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         if self._appends is None:
-            response = transport.unary(lambda node: node.events.Append, request, deadline)
+            response = transport.unary(
+                lambda node: node.events.Append, request, deadline, write=True
+            )
             return to_append_result(response)
         retrying = transport.retrying(deadline)
         while True:
@@ -217,6 +219,7 @@ class Client(ClosingContext):
                         break
                 else:
                     pipeline.stream_ended()
+                    transport.router.wrote(node.address)
             except grpc.RpcError as exc:
                 transport.observe(node.address, exc)
                 delay = pipeline.retry_delay(exc, retrying)
@@ -256,7 +259,7 @@ class Client(ClosingContext):
         request = build_commit_request(appends, idempotency_key)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(lambda node: node.events.Commit, request, deadline)
+        response = transport.unary(lambda node: node.events.Commit, request, deadline, write=True)
         return to_commit_result(response, len(request.appends))
 
     def read_stream(
@@ -332,7 +335,9 @@ class Client(ClosingContext):
         request = build_forget_subject_request(subject_id, reason)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(lambda node: node.events.ForgetSubject, request, deadline)
+        response = transport.unary(
+            lambda node: node.events.ForgetSubject, request, deadline, write=True
+        )
         return to_subject_receipt(response)
 
     def get_subject(
@@ -482,7 +487,7 @@ class Client(ClosingContext):
         request = build_checkpoint_request(group, position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline)
+        transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline, write=True)
 
 
 def _prefer(prefer: Prefer | None) -> Prefer | None:

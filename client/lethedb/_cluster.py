@@ -1,7 +1,8 @@
 """Which node of a cluster each call goes to, learned from the answers (no I/O).
 
 A client knows the hosts of its connection string and learns the rest from
-the servers: a follower that refuses a write (NotLeader) names the leader,
+the servers: the node that takes a write is the leader, a follower that
+refuses one (NotLeader) names the leader,
 and a node that cannot answer (UNAVAILABLE: down, draining, or a follower
 still catching up) is passed over for the next host. Writes go to the last
 known leader; reads go where their preference says. The transport asks
@@ -91,10 +92,19 @@ class NodeRouter:
                 return current
             count = len(self._hosts)
             for step in range(1, count):
-                host = self._hosts[(self._current + step) % count]
-                if host != self.leader:
-                    return host
+                index = (self._current + step) % count
+                if self._hosts[index] != self.leader:
+                    # It becomes the host in use, so that a failure passes it over.
+                    self._current = index
+                    return self._hosts[index]
             return current
+
+    def wrote(self, address: str) -> None:
+        """A write succeeded at ``address``: that node is the leader (a follower refuses writes)."""
+        with self._lock:
+            self.leader = address
+            if address not in self._hosts:
+                self._hosts.append(address)
 
     def observe(self, address: str, error: LetheError) -> None:
         """Learn from a failed attempt sent to ``address``."""

@@ -155,7 +155,9 @@ class Subscription(SubscriptionState, ClosingContext):
         request = self._commit_request(position)
         transport = self._transport
         deadline = transport.deadline(timeout)
-        response = transport.unary(lambda node: node.events.CommitCheckpoint, request, deadline)
+        response = transport.unary(
+            lambda node: node.events.CommitCheckpoint, request, deadline, write=True
+        )
         return response.accepted
 
     def close(self) -> None:
@@ -254,7 +256,7 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = await transport.unary(
-            lambda node: node.events.CommitCheckpoint, request, deadline
+            lambda node: node.events.CommitCheckpoint, request, deadline, write=True
         )
         return response.accepted
 

@@ -121,3 +121,40 @@ def test_the_async_client_resolves_the_same_way(ca: Path):
             assert repr(db) == "AsyncClient('db:1')"
 
     asyncio.run(main())
+
+
+def test_several_hosts_are_the_nodes_of_one_cluster(ca: Path):
+    connection = resolve(f"lethedb://db1:7000,db2,[::1]:7002?tls=true&ca={ca}&prefer=follower")
+    assert connection.hosts == ("db1:7000", "db2:50051", "[::1]:7002")
+    assert connection.target == "db1:7000"
+    assert connection.prefer == "follower"
+    assert connection.tls
+
+
+def test_a_cluster_connection_string_is_checked_host_by_host():
+    with pytest.raises(lethedb.ValidationError, match="twice"):
+        resolve("lethedb://db1:7000,db1:7000")
+    with pytest.raises(lethedb.ValidationError, match="no host"):
+        resolve("lethedb://db1:7000,,db2:7000")
+    with pytest.raises(lethedb.ValidationError, match="port"):
+        resolve("lethedb://db1:7000,db2:http")
+
+
+def test_a_token_is_refused_in_clear_if_any_host_is_off_loopback():
+    assert resolve(f"lethedb://127.0.0.1:1,localhost:2?token={TOKEN}").hosts == (
+        "127.0.0.1:1",
+        "localhost:2",
+    )
+    with pytest.raises(lethedb.ValidationError, match=r"in clear to db2:2"):
+        resolve(f"lethedb://127.0.0.1:1,db2:2?token={TOKEN}")
+
+
+def test_a_leader_a_server_names_gets_the_same_settings_but_never_a_token_in_clear():
+    settings_of = lethedb.Client("lethedb://127.0.0.1:1", token=TOKEN)
+    try:
+        settings = settings_of._transport.settings
+        assert isinstance(settings.credentials_for("127.0.0.2:1"), grpc.ChannelCredentials)
+        with pytest.raises(lethedb.ValidationError, match=r"in clear to db9:1"):
+            settings.credentials_for("db9:1")
+    finally:
+        settings_of.close()
