@@ -530,7 +530,13 @@ def test_a_follower_refuses_a_commit_whose_chain_does_not_link_and_keeps_nothing
     try:
         follower = cluster.add_follower("follower1", follow=fake_address)
         until(lambda: any(a.commit >= 1 for a in fake.acks), "the follower acks the good commit")
-        until(lambda: "refus" in follower.logs().lower(), "the follower logs the refusal")
+        until(
+            lambda: any(
+                "ReplicationRefused" in line and "position 4" in line
+                for line in follower.logs().splitlines()
+            ),
+            "the follower logs that it refused the commit at position 4",
+        )
         assert all(a.commit <= 1 and a.position <= 3 for a in fake.acks), fake.acks
         cluster.stop(follower)
     finally:
