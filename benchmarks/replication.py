@@ -95,7 +95,12 @@ class Cluster:
         """A node's server process (not started) in its own directory under the root."""
         home = self.root / name
         home.mkdir(parents=True, exist_ok=True)
-        return Server(home / "data", home / "server.log", args)
+        keyring = ["--keyring", str(self.keyring(name))]
+        return Server(home / "data", home / "server.log", [*keyring, *args])
+
+    def keyring(self, name: str) -> Path:
+        """A node's master keyring: its own, outside its data directory."""
+        return self.root / name / "master.keyring"
 
     def start(self) -> Cluster:
         self.leader.start()
@@ -344,7 +349,8 @@ def run_catch_up(root: Path, args: argparse.Namespace, subjects: list[str]) -> C
     result = CatchUp()
     cluster = Cluster(root, followers=0)
     print(f"Catch-up: building a log of {args.catch_up_events:,} events ...", flush=True)
-    with Store.open(cluster.leader.data_dir, StoreOptions()) as store:
+    options = StoreOptions(keyring_path=cluster.keyring("leader"))
+    with Store.open(cluster.leader.data_dir, options) as store:
         build_log(store, args.catch_up_events, subjects, args.payload_bytes)
         raw, decrypt = reference_scans(store, args.payload_bytes, 512)[:2]
         result.scan_events_per_s = max(raw().events_per_s for _ in range(3))
@@ -398,6 +404,13 @@ class FanOut:
 
     def latency_ms(self, q: float) -> float:
         return percentile_ms([v for r in self.received for v in r.latencies_ns], q)
+
+    @property
+    def subscriber_cpu_pct(self) -> float | None:
+        """The subscriber processes' CPU together, percent of one core."""
+        if not self.duration_s or not self.received:
+            return None
+        return sum(r.cpu_s for r in self.received) / self.duration_s * 100
 
 
 def run_fanout(
@@ -522,6 +535,10 @@ def report(
                 f"| {title}: sync-replicas=1 / single node | "
                 f"{ratio(events(key, 'sync-1'), events(key, 'single')):.2f} |"
             )
+    lines.append(
+        f"| Append 1 event, {n} clients: sync-replicas=1 / 2 async followers | "
+        f"{ratio(events(f'append-1x{n}', 'sync-1'), events(f'append-1x{n}', 'async')):.2f} |"
+    )
     lines += [
         f"| Follower catch-up / leader's in-process raw scan (events/s) | "
         f"{ratio(catch_up.events_per_s, catch_up.scan_events_per_s):.3f} |",
@@ -569,22 +586,24 @@ def report(
         "## Fan-out",
         "",
         "| Subscribers | Appends/s | Deliveries/s | Delivery p50 ms | Delivery p99 ms "
-        "| Cluster CPU |",
-        "|---|--:|--:|--:|--:|--:|",
+        "| Cluster CPU | Subscriber CPU |",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     for fan in fans:
         cpu = None if fan.cluster_cpu_s is None else fan.cluster_cpu_s / fan.duration_s * 100
         rate = fan.appends.ops / fan.duration_s if fan.appends and fan.duration_s else 0.0
         lines.append(
             f"| {fan.title} | {fmt(rate)} | {fmt(fan.deliveries_per_s)} | "
-            f"{fmt(fan.latency_ms(0.5), 1)} | {fmt(fan.latency_ms(0.99), 1)} | {fmt(cpu, 0, '%')} |"
+            f"{fmt(fan.latency_ms(0.5), 1)} | {fmt(fan.latency_ms(0.99), 1)} | {fmt(cpu, 0, '%')} "
+            f"| {fmt(fan.subscriber_cpu_pct, 0, '%')} |"
         )
     lines += [
         "",
         f"One client appends {args.fanout_rate:g} one-event appends per second (paced) to the "
         f"leader; {FANOUT_PROCS} subscriber processes follow from the end of the log, each "
         "subscription parsing every event; a delivery is one event received inside the "
-        "window; latency is receive time minus the append's send time.",
+        "window; latency is receive time minus the append's send time. *Subscriber CPU* is "
+        "those processes together, percent of one core.",
         "",
         "## Notes",
         "",
