@@ -292,6 +292,11 @@ class Store:
         """This node's term: its last journal entry's term (0 when the journal is empty)."""
         return self.log.journal_term
 
+    def journal_term(self) -> int:
+        """The term of the last journal entry (0 when the journal is empty): what a
+        follower's hello names with its commit, for :meth:`divergence_point`."""
+        return self.log.journal_term
+
     def journal_head(self) -> int:
         """The commit number of the last journal entry (0 when the journal is empty)."""
         return self.log.journal_head
@@ -326,6 +331,13 @@ class Store:
             raise ReplicationRefused(f"this node is a {self._role}, not a follower: it "
                                      "applies no other node's commits")  # fmt: skip
         return self.writer.submit_async(ReplicatedCommitCommand(frame))
+
+    def set_fence(self, may_acknowledge: Callable[[], bool] | None) -> None:
+        """Answer writes only while *may_acknowledge()* (an elected leader's lease on its own
+        clock; None: always). Checked as each answer is released, after the sync gate: a
+        success released while it says no is answered NotLeader with the leader unknown
+        (committed here, never acknowledged; the client retries on another node)."""
+        self.writer.fence = may_acknowledge
 
     def replica_connected(self, node_id: str, advertise: str) -> None:
         """A follower's stream opened (the Replication service)."""
