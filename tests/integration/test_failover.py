@@ -187,9 +187,8 @@ def test_paused_leader_stops_acknowledging_and_discards_its_tail_when_it_rejoins
 
     cluster.resume(old_leader)
     alone.join(WAIT_S)
-    assert answers and answers[0] != grpc.StatusCode.OK, (
-        f"the old leader acknowledged an append it held alone: {answers}"
-    )
+    assert answers, "the append sent to the old leader alone got no answer"
+    assert answers[0] != grpc.StatusCode.OK, "the old leader acknowledged an append it held alone"
     cluster.wait_following(old_leader, new_leader)
     logs = old_leader.logs()
     assert re.search(r"discard", logs, re.IGNORECASE), logs[-3000:]
