@@ -164,9 +164,10 @@ class Store:
                 shredder.run()
             # After the tombstones: an entry of a forgotten subject is dropped.
             upgrade_unkeyed_entries(log_store, keys)
-            if opts.role != "follower" and log_store.write_genesis(1, time.time_ns()):
-                log.info("journalled the existing log (positions 1..%d) for replication",
-                         log_store.head)  # fmt: skip
+            genesis = 0 if opts.role == "follower" else log_store.write_genesis(1, time.time_ns())
+            if genesis:
+                log.info("journalled the existing log (positions 1..%d and its side tables) in "
+                         "%d entries for replication", log_store.head, genesis)  # fmt: skip
         except BaseException:
             log_store.close()
             keys.close()
