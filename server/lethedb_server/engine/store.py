@@ -326,7 +326,10 @@ class Store:
         queued before it is applied first and one queued after is refused.
         Data keys received from the old leader are never extended: the first
         write of such a subject starts a new key version (KeyStore.install).
-        The sync gate and the followers registry start afresh. Subjects this
+        A follower's promotion starts the sync gate and the followers registry
+        afresh (a leader's own stay: its streams and acks are of this log). A
+        checkpoint beyond this node's head (stored by the old leader later)
+        is dropped: the group replays rather than skip events. Subjects this
         node holds forgotten without a tombstone in its log (a forget that was
         discarded by :meth:`truncate_after`) are forgotten again, in the log,
         now that it leads (see docs/ARCHITECTURE.md, "Failover").
@@ -342,8 +345,9 @@ class Store:
                             "start until they store one again", len(dropped))  # fmt: skip
             self._record_term(term)
             self.writer.term = term
-            self._followers.reset()
-            self._open_gate()
+            if not self.writer.leading:  # a leader's own followers and held answers stay
+                self._followers.reset()
+                self._open_gate()
             self.writer.leader = ""
             self.writer.leading = True
             self._role = "leader"

@@ -461,8 +461,10 @@ class Writer:
             self._release([pending])
             return
         command = pending.command
-        task = command.run if isinstance(command, ExclusiveTask) else None
-        task = task or self.maintenance.get(type(command))
+        if isinstance(command, ExclusiveTask):
+            self._run_exclusive(pending, command)
+            return
+        task = self.maintenance.get(type(command))
         if task is None:
             name = type(pending.command).__name__
             self._settle([(pending, LetheError(f"{name} is not configured on this store"))])
@@ -471,8 +473,17 @@ class Writer:
             result = task()
         except LetheError as exc:
             self._settle([(pending, exc)])
-        except Exception as exc:  # an exclusive task's caller must hear of it
-            log.exception("writer task %s failed", type(command).__name__)
+        else:
+            self._settle([(pending, result)])
+
+    def _run_exclusive(self, pending: _Pending, command: ExclusiveTask) -> None:
+        """Run an exclusive task; whatever it raises goes to its caller (logged if unexpected)."""
+        try:
+            result = command.run()
+        except LetheError as exc:
+            self._settle([(pending, exc)])
+        except Exception as exc:
+            log.exception("a writer task failed")
             self._settle([(pending, exc)])
         else:
             self._settle([(pending, result)])
