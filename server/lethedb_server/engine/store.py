@@ -533,13 +533,22 @@ class Store:
         """
         return build_frames(self.log, self.keys, commit, sent_keys, max_frames, max_bytes, refresh)
 
-    def apply_replicated(self, frame: CommitFrame) -> Future[int]:
+    def apply_replicated(self, frame: CommitFrame, leader_term: int | None = None) -> Future[int]:
         """Queue a leader's commit (a follower only); resolves to its commit number once
         durable. A frame that does not fit this log fails with ReplicationRefused and
-        writes nothing; one already held succeeds as a no-op."""
+        writes nothing; one already held succeeds as a no-op.
+
+        *leader_term*: the term of the leader that sent it (its welcome's). A
+        frame's own term may be an old one (the new leader sends its history
+        too), so only the sender's term tells a deposed leader's stream from
+        the current one: below this node's :attr:`term`, ReplicationRefused.
+        """
         if self._role != "follower":
             raise ReplicationRefused(f"this node is a {self._role}, not a follower: it "
                                      "applies no other node's commits")  # fmt: skip
+        if leader_term is not None and leader_term < self.term:
+            raise ReplicationRefused(f"a commit from a leader of term {leader_term}, below "
+                                     f"this node's term {self.term}")  # fmt: skip
         return self.writer.submit_async(ReplicatedCommitCommand(frame))
 
     def replica_connected(self, node_id: str, advertise: str) -> None:

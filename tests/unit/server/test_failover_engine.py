@@ -321,6 +321,23 @@ def test_a_demotion_fails_the_answers_the_sync_gate_holds(stores: Callable[..., 
     assert a.acknowledged_commit == 0
 
 
+def test_a_follower_refuses_the_stream_of_a_leader_of_an_earlier_term(
+    stores: Callable[..., Store],
+) -> None:
+    a, b = stores("a"), stores("b", FOLLOWER)
+    write(a, append("s", "alice", "1"))
+    b.adopt_store_id(a.store_id)
+    b.demote("c:1", 2)  # "c" leads term 2; "a" does not know yet
+    (frame,) = a.frames_after(0, set())
+
+    with pytest.raises(ReplicationRefused, match="leader of term 1, below this node's term 2"):
+        b.apply_replicated(frame, leader_term=1)
+
+    assert b.journal_head() == 0
+    run(apply_all(b, [frame]))  # the same commit, sent by the leader of term 2, is history
+    assert b.journal_head() == 1
+
+
 # -- truncation -----------------------------------------------------------------------------
 
 
@@ -484,6 +501,30 @@ def test_the_divergence_point_is_where_two_logs_share_their_last_entry(
     assert b.divergence_point(0, 0) == 0
     assert b.divergence_point(a.journal_head(), a.journal_term()) == common  # diverged
     assert b.divergence_point(b.journal_head() + 5, 2) == b.journal_head()  # ahead, same term
+
+
+def test_logs_that_part_several_terms_back_converge_hello_by_hello(
+    stores: Callable[..., Store],
+) -> None:
+    n, f = stores("n", SYNC), stores("f", SYNC_FOLLOWER)
+    write_acked(n, f, *common_history())  # term 1 on both
+    commit_unacknowledged(n, append("orders-1", "alice", "n-only"))  # term 1: "f" lacks it
+    n.demote("f:1", 2)
+    f.promote(2)
+    commit_unacknowledged(f, append("orders-1", "bob", "f-2"))  # term 2, same number
+    f.promote(3)
+    commit_unacknowledged(f, append("orders-1", "bob", "f-3"))  # term 3
+    f.demote("n:1", 4)
+    n.promote(4)
+    commit_unacknowledged(n, append("orders-1", "carol", "n-4"))  # term 4
+
+    rounds = follow(n, f)
+
+    assert rounds == 3  # cut the term 3 commit, then the term 2 one, then the logs agree
+    assert (records(f), journal(f)) == (records(n), journal(n))
+    terms = [codec.decode_journal(raw).term for _, raw in journal(f)]
+    assert terms[-1] == 4
+    assert set(terms[:-1]) == {1}
 
 
 def write_acked_none(store: Store) -> None:
