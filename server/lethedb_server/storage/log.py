@@ -292,21 +292,25 @@ class LogStore:
     ) -> bytes | None:
         """The ``streams`` row *value* as it was when the log ended at *head*.
 
-        None: the stream did not exist yet. Walks back from the last version
-        through the stream index (only the versions appended after *head*).
+        None: the stream did not exist yet. A stream's versions lie at growing
+        positions, so its last version at or before *head* is found by a
+        binary search of the stream index (a follower catching up on a long,
+        busy stream must not walk back over every later version per frame).
         """
         info = codec.decode_stream(value)
         if info.first_position > head:
             return None
-        version = info.last_version
-        while version > 0:
-            raw = txn.get(codec.stream_version_key(stream_id, version), db=self.stream_index)
+        low, high = 0, info.last_version
+        while low < high:
+            middle = (low + high + 1) // 2
+            raw = txn.get(codec.stream_version_key(stream_id, middle), db=self.stream_index)
             if raw is not None and codec.from_u64(raw) <= head:
-                break
-            version -= 1
-        if version == info.last_version:
+                low = middle
+            else:
+                high = middle - 1
+        if low == info.last_version:
             return value
-        return codec.encode(StreamInfo(version, info.first_position, info.created_at))
+        return codec.encode(StreamInfo(low, info.first_position, info.created_at))
 
     def _replicated(self, table: str) -> Any:
         if table not in REPLICATED_TABLES:

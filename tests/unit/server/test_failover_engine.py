@@ -286,6 +286,23 @@ def test_a_follower_promoted_while_behind_holds_rows_that_fit_its_own_log(
     assert [e.data for e in b.read_stream("s", 0, backwards=False, limit=9)] == [b"1", b"2"]
 
 
+def test_each_frame_carries_the_stream_head_of_its_own_commit(
+    stores: Callable[..., Store],
+) -> None:
+    a = stores("a")
+    write(a, *(append("s", "alice", str(i), key=f"k-{i}") for i in range(10)))
+
+    frames = a.frames_after(0, set())
+
+    def row(frame: Any, table: str) -> bytes | None:
+        (value,) = [c.value for c in frame.changes if c.table == table]
+        return value
+
+    heads = [codec.decode_stream(row(f, "streams") or b"").last_version for f in frames]
+    assert heads == list(range(10))  # not the head "a" has now
+    assert all(row(f, "idempotency") is not None for f in frames)
+
+
 # -- demotion -------------------------------------------------------------------------------
 
 
