@@ -480,7 +480,8 @@ class Store:
             )
 
     def _record_term(self, term: int) -> None:
-        """Record *term* (and the acknowledged commit) in the log, with fsync; writer thread."""
+        """Record *term* (and the acknowledged commit) in the log, with fsync (the writer
+        thread, or a closing store's once the writer stopped)."""
         node = NodeState(max(term, self.log.node.term), self.writer.acknowledged)
         self.log.lmdb.write(lambda txn: self.log.put_node(txn, node))
         self.log.node = node
@@ -565,12 +566,19 @@ class Store:
     ) -> None:
         """A follower holds *commit* (log head *position*) durably; may release sync writes.
 
-        *term*: the follower's term; an ack from below this node's term (a
-        stream of an earlier leadership) is ReplicationRefused and not counted.
+        *term*: the follower's term. An ack from below this node's term (a
+        stream of an earlier leadership) or above it (the follower has seen a
+        newer leader: this node is deposed and must not count it towards an
+        acknowledgement) is ReplicationRefused and not counted.
         """
         if term is not None and term < self.term:
             raise ReplicationRefused(
                 f"an ack of term {term} from {node_id}, below this node's term {self.term}"
+            )
+        if term is not None and term > self.term:
+            raise ReplicationRefused(
+                f"{node_id} has seen term {term}, newer than this node's term {self.term}: "
+                "this node no longer leads"
             )
         self._followers.acked(node_id, commit, position, shredded_through)
 
@@ -732,6 +740,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self.writer.acknowledged > self.log.node.acknowledged_commit:  # sync answers since
+            self._record_term(self.log.node.term)
         self.keys.mark_position()
         custody.record_key_generation(self.log, self.keys)
 
