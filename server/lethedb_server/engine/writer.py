@@ -551,7 +551,7 @@ class Writer:
             held = [(p, o) for p, o in settled if is_success(o)]
             if held and gate.hold(head, held, self._release_held(head)):
                 settled = [(p, o) for p, o in settled if not is_success(o)]
-        if self.leading and any(is_success(o) for _, o in settled):
+        if any(is_success(o) and _is_client_write(p.command) for p, o in settled):
             self._acknowledge(head)
         self._settle(settled)
 
@@ -586,7 +586,7 @@ class Writer:
         """
         mark = self.acknowledged
         gate = self.gate
-        if self.leading and (gate is None or not gate.required):
+        if state.own_entry and (gate is None or not gate.required):
             mark = max(mark, state.journal_head)
         node = self.log.node
         if mark <= node.acknowledged_commit:
@@ -687,6 +687,7 @@ class Writer:
         )  # fmt: skip
         state.journal_head += 1
         state.journal_term = self.term
+        state.own_entry = True
         log_store.put_journal(txn, state.journal_head, codec.encode(entry))
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
@@ -710,6 +711,11 @@ class Writer:
     def _sweep_idempotency(self) -> int:
         """Delete idempotency entries older than the window, a bounded chunk at a time."""
         return self._idempotency.sweep(self._now())
+
+
+def _is_client_write(command: Command) -> bool:
+    """A command whose success is an answer to a client (not a leader's commit applied)."""
+    return not isinstance(command, ReplicatedCommitCommand)
 
 
 def _counts_in_flight(command: Command) -> bool:
