@@ -28,6 +28,7 @@ from lethedb_server.engine.model import (
 )
 from lethedb_server.engine.replication import REPLICATED_TABLES, CommitFrame, RowChange
 from lethedb_server.engine.store import Store, StoreOptions
+from lethedb_server.engine.verify import verify_data_dir
 from lethedb_server.errors import (
     IdempotencyConflict,
     NotEnoughReplicas,
@@ -598,3 +599,17 @@ def test_journal_listeners_hear_each_commit(leader: Store) -> None:
     write(leader, append("s", "alice", "1", key="k"), append("s", "alice", "1", key="k"))
 
     assert heard == [1, 2, 3]
+
+
+def test_a_follower_directory_passes_the_offline_verify(
+    leader: Store, stores: Callable[..., Store], tmp_path: Path
+) -> None:
+    follower = stores("follower", FOLLOWER)
+    busy_history(leader)
+    replicate(leader, follower)
+    follower.close()
+
+    report = verify_data_dir(tmp_path / "follower", tmp_path / "follower" / "master.keyring")
+
+    assert report.ok, [str(d) for d in report.damage]
+    assert report.tags_checked
