@@ -26,6 +26,7 @@ from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import replication_pb2 as rpb
 from lethedb_contract import ERROR_KEY, LEADER_KEY
 from lethedb_server.api.tokens import create_token
+from tests.integration.pki import CertificateAuthority
 from tests.integration.serverproc import ServerProcess
 
 ROLES = ("reader", "consumer", "writer", "admin", "replica")
@@ -302,3 +303,45 @@ def test_a_node_holding_another_store_is_refused_as_a_follower(cluster: Cluster,
         assert trailer(refused, ERROR_KEY) == "CatchingUp"
     finally:
         assert intruder.stop() == 0
+
+
+def test_a_follower_reaches_an_mtls_leader_with_its_own_certificate(tmp_path: Path):
+    ca = CertificateAuthority()
+    server_cert, server_key = ca.issue("leader", server=True).write(tmp_path, "leader")
+    node_cert, node_key = ca.issue("follower", server=False).write(tmp_path, "follower")
+    ca_path = ca.write(tmp_path / "ca.pem")
+    credentials = grpc.ssl_channel_credentials(
+        ca.pem, node_key.read_bytes(), node_cert.read_bytes()
+    )
+    leader = ServerProcess(
+        tmp_path / "leader",
+        "--tls-cert", str(server_cert),
+        "--tls-key", str(server_key),
+        "--tls-client-ca", str(ca_path),
+        credentials=credentials,
+    ).start()  # fmt: skip
+    follower = ServerProcess(
+        tmp_path / "follower",
+        "--follow", leader.address,
+        "--follow-tls-ca", str(ca_path),
+        "--follow-tls-cert", str(node_cert),
+        "--follow-tls-key", str(node_key),
+    ).start()  # fmt: skip
+    try:
+        with leader.channel() as channel:
+            written = eventstore_pb2_grpc.EventStoreStub(channel).Append(
+                pb.AppendRequest(
+                    stream_id="over-tls", events=[pb.ProposedEvent(event_type="E", data=b"{}")]
+                ),
+                timeout=WAIT_S,
+            )
+        with follower.channel() as channel:
+            responses = eventstore_pb2_grpc.EventStoreStub(channel).ReadAll(
+                pb.ReadAllRequest(min_position=written.last_position), timeout=WAIT_S
+            )
+            copied = [event.stream_id for response in responses for event in response.events]
+        assert copied == ["over-tls"]
+        assert "(TLS)" in wait_for_log(follower, "following the leader")
+    finally:
+        assert follower.stop() == 0
+        assert leader.stop() == 0

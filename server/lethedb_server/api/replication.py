@@ -58,8 +58,10 @@ SERVICE_NAME: Final = "lethedb.v1.Replication"
 HEARTBEAT_S: Final = 1.0
 #: A follower this many positions behind the head after an ack "fell behind" ...
 FELL_BEHIND_POSITIONS: Final = 10_000
-#: ... which is logged at most once per this many seconds per follower.
+#: ... which is logged at most once per this many seconds per follower; so is
+#: the same refusal of the same node (it retries every few seconds).
 FELL_BEHIND_LOG_S: Final = 60.0
+REFUSAL_LOG_S: Final = 60.0
 
 
 class ReplicationService:
@@ -76,6 +78,8 @@ class ReplicationService:
         #: The newest stream of each follower: an older one that ends late must
         #: not mark a reconnected follower as gone.
         self._streams: dict[str, object] = {}
+        #: When each (node id, reason) refusal was last logged.
+        self._refusals_logged: dict[tuple[str, str], float] = {}
 
     def shutdown(self) -> None:
         """End every Follow stream (UNAVAILABLE): followers reconnect, to this node or another."""
@@ -94,12 +98,8 @@ class ReplicationService:
             hello = _hello(decoded(first))
             self._admit(hello)
         except LetheError as exc:
-            log.warning(
-                "refused follower %r from %s: %s",
-                first.hello.node_id if isinstance(first, rpb.FollowRequest) else "",
-                context.peer(),
-                exc,
-            )
+            node_id = first.hello.node_id if isinstance(first, rpb.FollowRequest) else ""
+            self._log_refusal(node_id, context.peer(), exc)
             await status.abort(context, exc)
             return
         stream = object()
@@ -135,6 +135,16 @@ class ReplicationService:
                 del self._streams[hello.node_id]
                 self.store.replica_disconnected(hello.node_id)
             log.info("follower %s disconnected: %s", hello.node_id, ended)
+
+    def _log_refusal(self, node_id: str, peer: str, error: LetheError) -> None:
+        key = (node_id, type(error).__name__)
+        now = time.monotonic()
+        if now - self._refusals_logged.get(key, -REFUSAL_LOG_S) < REFUSAL_LOG_S:
+            return
+        if len(self._refusals_logged) > 1000:  # bounded, whoever keeps knocking
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = now
+        log.warning("refused follower %r from %s: %s", node_id, peer, error)
 
     def _admit(self, hello: rpb.FollowerHello) -> None:
         """Refuse a follower this node cannot lead; raise the reason."""
