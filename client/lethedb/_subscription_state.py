@@ -292,6 +292,16 @@ class SubscriptionState:
         self._closed = False
         #: Last position delivered to the caller, or None before anything was.
         self.position: int | None = None
+        #: The node of the current (or last) Subscribe call (host:port).
+        self._address: str | None = None
+
+    def _serving(self) -> str | None:
+        """Where a member's commit goes: the node its group membership lives on.
+
+        A follower forwards the commit to its leader; sent to the leader itself,
+        it would name a member the leader does not know.
+        """
+        return self._address
 
     @property
     def assignment(self) -> GroupAssignment | None:

@@ -93,6 +93,7 @@ class Subscription(SubscriptionState, ClosingContext):
                 if self._closed:
                     return
                 node = self._transport.reader(self._prefer)
+                self._address = node.address
                 call = node.events.Subscribe(cursor.request())
                 self._call = call
             try:
@@ -156,7 +157,7 @@ class Subscription(SubscriptionState, ClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = transport.unary(
-            lambda node: node.events.CommitCheckpoint, request, deadline, write=True
+            lambda node: node.events.CommitCheckpoint, request, deadline, at=self._serving
         )
         return response.accepted
 
@@ -197,6 +198,7 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
         self._wakeup = wakeup = asyncio.Event()
         while not self._closed:
             node = self._transport.reader(self._prefer)
+            self._address = node.address
             call = node.events.Subscribe(cursor.request())
             self._call = call
             try:
@@ -256,7 +258,7 @@ class AsyncSubscription(SubscriptionState, AsyncClosingContext):
         transport = self._transport
         deadline = transport.deadline(timeout)
         response = await transport.unary(
-            lambda node: node.events.CommitCheckpoint, request, deadline, write=True
+            lambda node: node.events.CommitCheckpoint, request, deadline, at=self._serving
         )
         return response.accepted
 

@@ -150,6 +150,7 @@ class Transport:
         *,
         prefer: Prefer | None = LEADER,
         write: bool = False,
+        at: Callable[[], str | None] | None = None,
         no_retry: str | None = None,
     ) -> _Response:
         """One unary call, resending the same request on retryable failures.
@@ -157,10 +158,16 @@ class Transport:
         ``method`` picks the call from a node's stubs; each attempt goes to the
         node ``prefer`` names (the leader by default; None: the client's
         preference). A ``write`` that succeeds tells the router where the leader is.
+        ``at`` names the node of each attempt instead, when it returns an address
+        (a subscription's commit goes to the node serving the subscription).
         """
         retrying = self.retrying(deadline, no_retry=no_retry)
         while True:
-            node = self.writer() if write else self.reader(prefer)
+            address = at() if at is not None else None
+            if address is not None:
+                node = self.node(address)
+            else:
+                node = self.writer() if write else self.reader(prefer)
             try:
                 response = method(node)(request, timeout=deadline)
             except grpc.RpcError as exc:

@@ -123,6 +123,8 @@ def test_cluster_status_stats_metrics_and_the_cli_show_both_nodes(cluster):
     with leader.client() as db:
         stats = db.admin.stats()
     assert (stats.role, stats.max_follower_lag_positions) == ("leader", 0)
+    rows = [line.split("  ")[0] for line in cli("stats", "--server", leader.address)]
+    assert rows[-2:] == ["role", "slowest follower lag"]
 
     samples = leader.metrics()
     assert value(samples, "lethedb_role", role="leader") == 1
@@ -160,6 +162,17 @@ def test_cluster_status_stats_metrics_and_the_cli_show_both_nodes(cluster):
     assert value(leader.metrics(), "lethedb_followers_connected") == 0
     assert cli("cluster", "status", "--server", leader.address)[3].split()[3] == "disconnected"
 
+    with leader.client() as db:  # the leader moves on without it: its lag grows
+        db.append("order-late", [lethedb.Event("Placed", {}) for _ in range(3)])
+        behind = db.admin.cluster_status().followers[0]
+        stats = db.admin.stats()
+    assert behind.lag_positions == 3
+    assert behind.lag_seconds > 0
+    assert (stats.max_follower_lag_positions, stats.max_follower_lag_seconds > 0) == (3, True)
+    samples = leader.metrics()
+    assert value(samples, "lethedb_follower_lag_positions", node_id="db-b") == 3
+    assert value(samples, "lethedb_follower_lag_seconds", node_id="db-b") > 0
+
 
 def test_the_leaders_receipt_follows_the_erasure_onto_each_node(cluster):
     leader, follower = cluster
@@ -191,6 +204,11 @@ def test_the_leaders_receipt_follows_the_erasure_onto_each_node(cluster):
                             lambda: db.get_subject("u-7"),
                             lambda r: r.nodes[1].state is done)  # fmt: skip
         assert shredded.nodes[0].state is done
+        shown = json.loads("\n".join(cli("subject", "u-7", "--server", leader.address)))
+        assert shown["nodes"] == [
+            {"node_id": "db-a", "state": "shredded", "connected": True},
+            {"node_id": "db-b", "state": "shredded", "connected": True},
+        ]
 
         follower.proc.stop()
         receipt = wait_for("the follower's disconnection", lambda: db.get_subject("u-7"),

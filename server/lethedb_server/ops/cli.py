@@ -451,6 +451,11 @@ def _receipt_json(receipt: lethedb.SubjectReceipt) -> dict[str, Any]:
             "set_at": _iso(hold.set_at),
             "until": _iso(hold.until) if hold.until else None,
         }
+    if receipt.nodes:
+        doc["nodes"] = [
+            {"node_id": n.node_id, "state": n.state.name.lower(), "connected": n.connected}
+            for n in receipt.nodes
+        ]
     return doc
 
 
@@ -620,6 +625,11 @@ def _stats(args: argparse.Namespace) -> int:
         ("key store file", human_size(stats.key_file_bytes)),
         ("store id", stats.store_id.hex()),
     ]
+    if stats.role:
+        rows.append(("role", stats.role))
+    if stats.role == "leader":
+        lag = f"{stats.max_follower_lag_positions:,} positions, "
+        rows.append(("slowest follower lag", lag + f"{stats.max_follower_lag_seconds:.3f}s"))
     if stats.restored_at:
         rows.append(("restored log", _restored_log(stats)))
     width = max(len(label) for label, _ in rows)

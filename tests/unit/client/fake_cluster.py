@@ -184,7 +184,8 @@ class FakeNode(eventstore_pb2_grpc.EventStoreServicer, admin_pb2_grpc.AdminServi
         self, request: pb.CommitCheckpointRequest, context: Any
     ) -> pb.CommitCheckpointResponse:
         self._note("CommitCheckpoint", request, context)
-        await self._refuse_write(context)
+        if not request.member_id:  # a member's commit is forwarded to the leader
+            await self._refuse_write(context)
         return pb.CommitCheckpointResponse(position=request.position, accepted=True)
 
     async def GetCheckpoint(  # noqa: N802
@@ -227,6 +228,15 @@ class FakeNode(eventstore_pb2_grpc.EventStoreServicer, admin_pb2_grpc.AdminServi
         sent = request.after_position
         grown = log.grown
         assert grown is not None
+        if request.group:
+            assignment = pb.GroupAssignment(
+                group=request.group,
+                member_id=request.member_id or f"member-of-{self.name}",
+                generation=1,
+                members=[request.member_id or f"member-of-{self.name}"],
+                restart_after=request.after_position,
+            )
+            yield pb.SubscribeResponse(assignment=assignment)
         while True:
             async with grown:
                 while sent >= len(log.events):

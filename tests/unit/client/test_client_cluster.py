@@ -451,6 +451,23 @@ def test_an_asyncio_subscription_resumes_on_another_node_too(cluster: FakeCluste
     assert second.received("Subscribe")[0].after_position == 3
 
 
+def test_a_group_members_commit_goes_to_the_node_serving_its_subscription(
+    cluster: FakeCluster,
+) -> None:
+    leader, follower, _ = cluster.nodes
+    cluster.make_leader(leader)
+    cluster.append_events(2)
+    with (
+        Client(cluster.hosts(leader, follower), prefer="follower", retry=QUICK) as db,
+        db.subscribe(group="projector") as subscription,
+    ):
+        db.append("orders-1", Event("Placed"))  # the client now knows the leader
+        assert next(subscription).position == 1  # type: ignore[union-attr]
+        assert subscription.commit()
+    assert [request.position for request in follower.received("CommitCheckpoint")] == [1]
+    assert leader.received("CommitCheckpoint") == []
+
+
 def test_a_read_preferring_followers_skips_one_that_is_catching_up(cluster: FakeCluster) -> None:
     leader, lagging, current = cluster.nodes
     cluster.make_leader(leader)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import lethedb
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb_server.api import messages
+from lethedb_server.api.follower import Follower, FollowSettings
+from lethedb_server.api.head_watch import HeadWatch, ReadGate
 from lethedb_server.engine.cluster import (
     ClusterView,
     FollowerLag,
@@ -17,9 +21,9 @@ from lethedb_server.engine.cluster import (
     slowest_follower,
     subject_nodes,
 )
-from lethedb_server.engine.model import SubjectReceipt, SubjectState
+from lethedb_server.engine.model import AppendCommand, ProposedEvent, SubjectReceipt, SubjectState
 from lethedb_server.engine.replication import FollowerState
-from lethedb_server.engine.store import StoreStats
+from lethedb_server.engine.store import Store, StoreStats
 from lethedb_server.ops.cli import cluster_table
 
 TOMBSTONE = 100
@@ -257,3 +261,37 @@ def test_a_follower_says_whether_it_is_linked_and_caught_up():
     )
     assert lines[2].split()[-2:] == ["30", "0.500"]
     assert len(lines) == 3
+
+
+def test_a_followers_link_dates_its_lag_by_the_oldest_commit_it_has_not_made_durable(
+    store: Store,
+):
+    watch = HeadWatch(store)
+    follower = Follower(
+        store,
+        FollowSettings("127.0.0.1:9", "db-b", "127.0.0.1:8"),
+        watch,
+        ReadGate(store, watch, follower=True),
+    )
+    assert follower.link() == LeaderLink(False, False, 0, 0.0)  # before any welcome
+
+    follower.leader_position = store.head + 7  # as a heartbeat says
+    held = store.journal_head()
+    follower._note_received(held + 1, time.time_ns() - 60 * 10**9)  # a minute old
+    follower._note_received(held + 2, time.time_ns())
+    link = follower.link()
+    assert link.lag_positions == 7
+    assert link.lag_seconds >= 60
+
+    # Commits become durable here (this store's own writer stands in for applies).
+    append(store)
+    assert store.journal_head() == held + 1
+    assert follower.link().lag_seconds < 60, "the next oldest commit dates the lag"
+    append(store)
+    assert follower.link().lag_seconds == 0.0
+    assert follower.link().lag_positions == 5
+
+
+def append(store: Store) -> None:
+    event = ProposedEvent(b"", "Happened", "", "application/json", b"{}", b"")
+    store.writer.append(AppendCommand("linked", (event,)), timeout=10.0)
