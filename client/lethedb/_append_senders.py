@@ -82,6 +82,8 @@ class AppendSender:
 
     def _send_batches(self, batches: list[list[_Queued]]) -> None:
         """Start each batch's call; its answer is handed out from gRPC's callback thread."""
+        if not batches:
+            return
         node = self._transport.writer()
         stub = node.events
         for batch in batches:
