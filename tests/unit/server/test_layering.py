@@ -2,8 +2,9 @@
 
 docs/ARCHITECTURE.md draws the packages as layers: ops -> api -> engine ->
 storage -> crypto, with errors, files and faults at the package root shared
-by all. This test reads every module's imports (all of them: top level,
-inside functions and under ``if TYPE_CHECKING:``) and fails on an arrow that
+by all; coord (the etcd coordinator) sits beside api, on the gRPC side. This
+test reads every module's imports (all of them: top level, inside functions
+and under ``if TYPE_CHECKING:``) and fails on an arrow that
 points up, or on grpc or the generated protobuf modules below api: the engine
 must stay usable without a network (the CLI's offline commands, a future
 replication link) and its errors must reach gRPC codes only in api/status.py.
@@ -22,7 +23,8 @@ import lethedb_server
 PACKAGE = Path(lethedb_server.__file__).resolve().parent
 
 # Higher imports lower (or its own level), never the other way round.
-RANK = {"root": 0, "crypto": 1, "storage": 2, "engine": 3, "api": 4, "ops": 5}
+# coord talks gRPC to etcd: it ranks with api, above the engine, which never sees it.
+RANK = {"root": 0, "crypto": 1, "storage": 2, "engine": 3, "api": 4, "coord": 4, "ops": 5}
 # The entry points (the console script, `python -m lethedb_server`) start the CLI: on top.
 ROOT_MODULES_ON_TOP = {"__main__": "ops", "_entry": "ops"}
 WITHOUT_GRPC = {"root", "crypto", "storage", "engine"}
@@ -108,6 +110,8 @@ def test_imports_point_down(path: Path) -> None:
                    "    from lethedb_server.api import status\n"),
         ("api", "from lethedb_server.ops.config import Config\n"),
         ("root", "from lethedb_server.crypto import aead\n"),
+        ("engine", "from lethedb_server.coord.election import Election\n"),
+        ("storage", "from lethedb_server.coord.etcdpb import rpc_pb2\n"),
     ],
 )  # fmt: skip
 def test_the_check_sees_a_wrong_arrow(layer: str, source: str) -> None:
@@ -123,3 +127,5 @@ def test_the_check_allows_arrows_down() -> None:
     assert violations("api", source) == []
     assert violations("storage", "from lethedb_server.crypto import aead\n") == []
     assert violations("engine", "from lethedb_contract import ERASURE_STREAM\n") == []
+    assert violations("coord", "import grpc\nfrom lethedb_server import errors\n") == []
+    assert violations("ops", "from lethedb_server.coord.election import Election\n") == []
