@@ -625,7 +625,7 @@ def report(
         "",
         *[f"* {line}" for line in integrity],
         *(
-            [f"* The followers' data directories were on {filesystem_of(args.followers_dir)}."]
+            [f"* The followers' data directories' filesystem: {filesystem_of(args.followers_dir)}."]
             if args.followers_dir is not None
             else []
         ),
