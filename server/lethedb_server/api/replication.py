@@ -235,10 +235,16 @@ class ReplicationService:
         sent_keys: set[tuple[str, int]] = set()
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
+        # The stream's first frame carries the legal holds and checkpoints as they stand:
+        # a follower that truncated its tail cannot restore those rows on its own.
+        refresh = True
         while not self.closing and not acks.done() and self.store.role != "follower":
             changed = self.watch.changed()  # before reading: no commit slips between
-            frames = await asyncio.to_thread(self.store.frames_after, after, sent_keys)
+            frames = await asyncio.to_thread(
+                self.store.frames_after, after, sent_keys, refresh=refresh
+            )
             if frames:
+                refresh = False
                 for frame in frames:
                     yield rpb.FollowResponse(commit=commit_message(frame))
                 after = frames[-1].commit
