@@ -7,7 +7,7 @@ DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing clean
+.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing bench-replication clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench-micro: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.e2e
 bench-subscribe: $(STAMP) ; $(BIN)/python -m benchmarks.subscribe $(if $(QUICK),--quick,)
+
+## A leader and two followers on this machine: append rates against the single node,
+## replication lag, catch-up and fan-out (benchmarks/replication.py; QUICK=1: a few minutes).
+bench-replication: $(STAMP)
+	$(BIN)/python -m benchmarks.replication $(if $(QUICK),--quick,)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,dev,bench]'

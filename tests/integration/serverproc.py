@@ -62,6 +62,17 @@ class ServerProcess:
         self._wait_serving()
         return self
 
+    @property
+    def pid(self) -> int:
+        """The running server's process id."""
+        if self.proc is None:
+            raise RuntimeError(f"the server on {self.data_dir} is not running")
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def channel(self) -> grpc.Channel:
         """A channel to the server, secured like the start-up health check."""
         if self.credentials is None:
@@ -98,3 +109,9 @@ class ServerProcess:
         listen = self.address
         self.stop()
         return self.start(listen)
+
+    def start_again(self) -> ServerProcess:
+        """Start a stopped or killed server on the port it had (others know it by it)."""
+        if not self.address:
+            raise RuntimeError("start_again needs a server that was started once")
+        return self.start(self.address)
