@@ -201,6 +201,7 @@ class ClusterMember:
             log.debug("campaign failed: %s", exc)
             return
         if result.elected and result.leader is not None:
+            self._seen = result.leader  # before the watch reports the key: not stale
             await self._lead(result.leader.term)
         elif result.outcome is Outcome.LED and result.leader is not None:
             self._seen = result.leader
@@ -216,6 +217,8 @@ class ClusterMember:
         acknowledged write. Commits the follower loop queued before it stopped
         are applied first (promotion is ordered after them in the writer).
         """
+        if self._leading == term:
+            return
         await self._stop_following()
         store = self.store
         try:
