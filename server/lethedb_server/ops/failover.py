@@ -181,11 +181,11 @@ class ClusterMember:
 
     def _pause(self) -> float:
         """How long to wait for a change before looking again."""
-        if self._leading is not None:
+        if self._leading is not None and not self._lapsed:  # wake at the lease's deadline
             deadline = self.election.leader_deadline()
             left = 0.0 if deadline is None else deadline - time.monotonic()
             return max(0.01, min(IDLE_CHECK_S, left))
-        if self._known and self._seen is None:
+        if self._lapsed or (self._known and self._seen is None):
             return self._retry_s()
         return IDLE_CHECK_S
 
