@@ -502,6 +502,13 @@ class Store:
                                      f"this node's term {self.term}")  # fmt: skip
         return self.writer.submit_async(ReplicatedCommitCommand(frame))
 
+    def set_fence(self, may_acknowledge: Callable[[], bool] | None) -> None:
+        """Answer writes only while *may_acknowledge()* (an elected leader's lease on its own
+        clock; None: always). Checked as each answer is released, after the sync gate: a
+        success released while it says no is answered NotLeader with the leader unknown
+        (committed here, never acknowledged; the client retries on another node)."""
+        self.writer.fence = may_acknowledge
+
     def replica_connected(self, node_id: str, advertise: str) -> None:
         """A follower's stream opened (the Replication service)."""
         self._followers.connected(node_id, advertise)

@@ -197,6 +197,10 @@ class Writer:
         self._acknowledged_lock = threading.Lock()
         #: Holds successful answers until enough followers have the commit (None: never).
         self.gate: SyncGate | None = None
+        #: Whether this node may acknowledge a write now (an elected leader's lease, checked
+        #: on its own clock); None: always. A success settled while it says no is answered
+        #: NotLeader (leader unknown) instead: committed here, never acknowledged.
+        self.fence: Callable[[], bool] | None = None
         self._journal_listeners: list[HeadListener] = []
         self._indexer = SubjectIndexer(log_store, self.limits.index_chunk)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
@@ -545,6 +549,7 @@ class Writer:
         A deduplicated answer is held too, against the journal head now: the
         original may not have reached the followers yet.
         """
+        settled = self._fenced(settled)
         gate = self.gate
         head = self.log.journal_head
         if gate is not None and gate.required:
@@ -559,6 +564,7 @@ class Writer:
         """How the sync gate settles what it held for *commit* (from any thread)."""
 
         def settle(items: list[tuple[Any, Any]]) -> None:
+            items = self._fenced(items)  # the lease may have lapsed while they were held
             if any(is_success(outcome) for _, outcome in items):
                 self._acknowledge(commit)
             self._settle(items)
@@ -586,8 +592,9 @@ class Writer:
         """
         mark = self.acknowledged
         gate = self.gate
-        if state.own_entry and (gate is None or not gate.required):
-            mark = max(mark, state.journal_head)
+        fence = self.fence
+        if state.own_entry and (gate is None or not gate.required) and (fence is None or fence()):
+            mark = max(mark, state.journal_head)  # (a lapsed lease: answered NotLeader)
         node = self.log.node
         if mark <= node.acknowledged_commit:
             return None
@@ -597,6 +604,23 @@ class Writer:
         """The log's tail was discarded (``Store.truncate_after``, in this thread):
         forget the subject index keys of the positions that went."""
         self._indexer.truncated()
+
+    def _fenced(self, settled: list[tuple[_Pending, Any]]) -> list[tuple[_Pending, Any]]:
+        """*settled* with each success answered NotLeader if the fence says no now.
+
+        Checked as late as possible, when an answer is released (again after the
+        sync gate), so a leader whose lease could not be renewed in time
+        acknowledges nothing more, whatever was queued or held.
+        """
+        fence = self.fence
+        if fence is None or fence():
+            return settled
+        refused = NotLeader("")
+        return [
+            (p, refused if is_success(o) and not isinstance(p.command, ReplicatedCommitCommand)
+             else o)
+            for p, o in settled
+        ]  # fmt: skip
 
     def _erase_keys(self, forgotten: dict[str, Tombstone]) -> None:
         """Step two of a forget, after its tombstone committed: delete the keys.
