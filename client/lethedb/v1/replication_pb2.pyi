@@ -186,6 +186,7 @@ class LeaderWelcome(_message.Message):
     STORE_ID_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    TRUNCATE_AFTER_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     term: _builtins.int
     store_id: _builtins.bytes
@@ -194,6 +195,12 @@ class LeaderWelcome(_message.Message):
     follower serves reads only once it has caught up with them.
     """
     position: _builtins.int
+    truncate_after: _builtins.int
+    """Set when the follower's journal runs ahead of or diverges from this
+    leader's (a deposed leader's unacknowledged tail, say): the follower
+    discards its commits after this one before it follows. The leader then
+    sends every commit after it.
+    """
     def __init__(
         self,
         *,
@@ -202,12 +209,15 @@ class LeaderWelcome(_message.Message):
         store_id: _builtins.bytes = ...,
         commit: _builtins.int = ...,
         position: _builtins.int = ...,
+        truncate_after: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "truncate_after", b"truncate_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "node_id", b"node_id", "position", b"position", "store_id", b"store_id", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "commit", b"commit", "node_id", b"node_id", "position", b"position", "store_id", b"store_id", "term", b"term", "truncate_after", b"truncate_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__truncate_after: _TypeAlias = _typing.Literal["truncate_after"]  # noqa: Y015
+    _WhichOneofArgType__truncate_after: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate_after) -> _WhichOneofReturnType__truncate_after | None: ...
 
 Global___LeaderWelcome: _TypeAlias = LeaderWelcome  # noqa: Y015
 

@@ -17,6 +17,18 @@ node answers reads with CatchingUp (:class:`~lethedb_server.api.head_watch.ReadG
 a subject forgotten while it was down must be erased here before it serves
 anything.
 
+Fencing: the node never follows a leader whose term is lower than the
+highest it has seen (its own journal's, or an earlier welcome's), and each
+ack carries the term it is for. When the welcome names a commit to truncate
+after (this node holds commits the leader does not: a deposed leader's
+unacknowledged tail, or the tail a follower received from it), the node
+discards them, logging the positions, before it follows; should that mean
+discarding acknowledged writes the engine refuses, and the loop stops with a
+line that asks for an operator (:class:`NeedsOperator`).
+
+A cluster member (automatic failover) points the same loop at each new
+leader: :meth:`Follower.point_at` between runs.
+
 A consumer group's checkpoint committed on a follower is stored by the
 leader (:meth:`Follower.forward_checkpoint`, the subscription engine's
 checkpoint sink); the follower answers once it has applied the commit that
@@ -30,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -91,11 +104,17 @@ def channel_credentials(ca: bytes | None, cert: bytes | None, key: bytes | None)
     )
 
 
+class NeedsOperator(Exception):
+    """Following cannot go on without a person: the loop logs why and stops."""
+
+
 class _Session:
     """What one Follow stream learnt; the reason it ended."""
 
     def __init__(self) -> None:
         self.welcomed = False
+        #: The leader's term as its welcome said (the term of this session's acks).
+        self.term = 0
 
 
 class Follower:
@@ -120,6 +139,19 @@ class Follower:
             (("authorization", f"Bearer {settings.token}"),) if settings.token else ()
         )
         self._channel: grpc.aio.Channel | None = None
+        #: The highest leader term seen in a welcome; a leader below it is refused.
+        self.seen_term = 0
+
+    @property
+    def leader(self) -> str:
+        """The address of the leader this loop follows."""
+        return self.settings.leader
+
+    def point_at(self, leader: str) -> None:
+        """Follow *leader* from the next :meth:`run` on (call it while the loop is not running)."""
+        if leader != self.settings.leader:
+            self.settings = dataclasses.replace(self.settings, leader=leader)
+            self._channel = None  # the last run closed it
 
     # -- the channel ----------------------------------------------------------------------
 
@@ -167,6 +199,9 @@ class Follower:
                 try:
                     await self._session(session)
                     why = "the leader ended the stream"
+                except NeedsOperator as exc:
+                    log.error("stopped following the leader at %s: %s", leader, exc)
+                    return
                 except grpc.aio.AioRpcError as exc:
                     why = _rpc_failure(exc)
                 except LetheError as exc:
@@ -200,8 +235,12 @@ class Follower:
             if first.WhichOneof("message") != "welcome":
                 raise ReplicationRefused("the leader's first message was not a welcome")
             welcome = first.welcome
+            self._check_term(welcome)
             await asyncio.to_thread(store.adopt_store_id, welcome.store_id)
+            if welcome.HasField("truncate_after"):
+                await self._truncate(welcome)
             session.welcomed = True
+            session.term = self.seen_term = welcome.term
             self.connected = True
             self.leader_commit, self.leader_position = welcome.commit, welcome.position
             log.info(
@@ -217,7 +256,7 @@ class Follower:
             )
             target = welcome.commit
             self._check_caught_up(store.journal_head(), target)
-            acker = asyncio.create_task(self._ack_durable(applying, outbox, target))
+            acker = asyncio.create_task(self._ack_durable(applying, outbox, target, session))
             while True:
                 response = await asyncio.wait_for(anext(responses), LEADER_SILENCE_S)
                 if acker.done():
@@ -231,7 +270,7 @@ class Follower:
                     beat = response.heartbeat
                     self.leader_commit, self.leader_position = beat.commit, beat.position
                     if applying.idle():
-                        outbox.put_nowait(rpb.FollowRequest(ack=self._ack(store.head)))
+                        outbox.put_nowait(rpb.FollowRequest(ack=self._ack(session, store.head)))
         except StopAsyncIteration:
             return
         finally:
@@ -280,25 +319,67 @@ class Follower:
             commit=commit,
             position=store.head,
             chain_head=store.chain_head,
-            term=store.term,
+            # The last entry's term: with the commit, where this log may part from the leader's.
+            term=store.journal_term(),
         )
 
-    def _ack(self, position: int, commit: int | None = None) -> rpb.FollowerAck:
+    def _ack(self, session: _Session, position: int, commit: int | None = None) -> rpb.FollowerAck:
+        """An ack of *commit* (default: the journal head), for the session's leader term or
+        the term of the last commit applied, whichever is later."""
         store = self.store
         return rpb.FollowerAck(
             commit=store.journal_head() if commit is None else commit,
             position=position,
             shredded_through=store.shredded_through(),
-            term=store.term,
+            term=max(session.term, store.term),
         )
 
+    def _check_term(self, welcome: rpb.LeaderWelcome) -> None:
+        """Refuse a leader of a term older than one this node has seen (a deposed leader)."""
+        seen = max(self.seen_term, self.store.term)
+        if welcome.term < seen:
+            raise ReplicationRefused(
+                f"the node at {self.settings.leader} leads term {welcome.term}, older than term "
+                f"{seen} this node has seen; it is no longer the leader"
+            )
+
+    async def _truncate(self, welcome: rpb.LeaderWelcome) -> None:
+        """Discard this node's commits after the welcome's ``truncate_after``, or stop.
+
+        The engine logs what it discarded (commits and positions) and refuses to
+        discard a commit this node acknowledged to clients.
+        """
+        store = self.store
+        keep = welcome.truncate_after
+        log.warning(
+            "leader %s (term %d) holds this node's journal only up to commit %d; this node is "
+            "at commit %d, position %d: discarding its commits after %d before following",
+            welcome.node_id,
+            welcome.term,
+            keep,
+            store.journal_head(),
+            store.head,
+            keep,
+        )
+        try:
+            await asyncio.to_thread(store.truncate_after, keep)
+        except LetheError as exc:
+            raise NeedsOperator(
+                f"discarding this node's commits after {keep} was refused: {exc}; this data "
+                f"directory needs an operator (leader {welcome.node_id}, term {welcome.term})"
+            ) from exc
+
     async def _ack_durable(
-        self, applying: _InFlight, outbox: asyncio.Queue[rpb.FollowRequest], target: int
+        self,
+        applying: _InFlight,
+        outbox: asyncio.Queue[rpb.FollowRequest],
+        target: int,
+        session: _Session,
     ) -> None:
         """Ack each durable apply (several that became durable together: one ack)."""
         while True:
             commit, position = await applying.durable()
-            outbox.put_nowait(rpb.FollowRequest(ack=self._ack(position, commit)))
+            outbox.put_nowait(rpb.FollowRequest(ack=self._ack(session, position, commit)))
             self._check_caught_up(commit, target)
 
     def _check_caught_up(self, commit: int, target: int) -> None:

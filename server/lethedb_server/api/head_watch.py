@@ -110,6 +110,11 @@ class ReadGate:
             self.caught_up = True
             self.watch.poke()
 
+    def reset(self) -> None:
+        """Answer CatchingUp again until the next catch-up (a deposed leader turned follower
+        may hold a tail its new leader discards)."""
+        self.caught_up = False
+
     def check(self) -> None:
         """CatchingUp now, before a read, if this follower has never caught up."""
         if not self.caught_up:

@@ -13,7 +13,16 @@ reads them. Once caught up it sleeps until the next journal entry
 heartbeat after a second of silence. Each ``yield`` waits for the transport,
 so a slow follower holds the leader back by gRPC flow control: nothing is
 buffered beyond one batch of frames. Acks are read concurrently and handed
-to the store (lag, synchronous writes).
+to the store (lag, synchronous writes); an ack for a term older than this
+leader's is ignored (fencing: it was meant for an earlier leader).
+
+**Divergence** (a cluster with automatic failover, ``failover=True``): a
+follower whose journal runs ahead of this leader's or diverges from it (a
+deposed leader's unacknowledged tail) is not refused: the welcome names the
+commit it must discard everything after (``truncate_after``, from
+:meth:`~lethedb_server.engine.store.Store.divergence_point`), and the stream
+continues from there. A node that stops leading ends its followers' streams
+with NotLeader, so they turn to the new leader.
 
 **ForwardCheckpoint.** A consumer group's checkpoint committed on a
 follower, stored by the leader's writer; the answer names the commit that
@@ -68,12 +77,20 @@ class ReplicationService:
     """``lethedb.v1.Replication`` on any node; only a non-follower accepts followers."""
 
     def __init__(
-        self, store: Store, watch: HeadWatch, node_id: str, max_consumer_groups: int = 0
+        self,
+        store: Store,
+        watch: HeadWatch,
+        node_id: str,
+        max_consumer_groups: int = 0,
+        *,
+        failover: bool = False,
     ) -> None:
         self.store = store
         self.watch = watch
         self.node_id = node_id
         self.max_consumer_groups = max_consumer_groups
+        #: In an elected cluster a diverged follower is told where to truncate, not refused.
+        self.failover = failover
         self.closing = False
         #: The newest stream of each follower: an older one that ends late must
         #: not mark a reconnected follower as gone.
@@ -86,6 +103,10 @@ class ReplicationService:
         self.closing = True
         self.watch.poke()
 
+    def stepped_down(self) -> None:
+        """This node no longer leads: its Follow streams end (NotLeader) within a moment."""
+        self.watch.poke()
+
     # -- Follow -------------------------------------------------------------------------
 
     async def Follow(  # noqa: N802
@@ -96,7 +117,7 @@ class ReplicationService:
             return
         try:
             hello = _hello(decoded(first))
-            self._admit(hello)
+            start = self._admit(hello)
         except LetheError as exc:
             node_id = first.hello.node_id if isinstance(first, rpb.FollowRequest) else ""
             self._log_refusal(node_id, context.peer(), exc)
@@ -106,21 +127,26 @@ class ReplicationService:
         self._streams[hello.node_id] = stream
         self.store.replica_connected(hello.node_id, hello.advertise)
         log.info(
-            "follower %s connected from %s at commit %d, position %d",
+            "follower %s connected from %s at commit %d (term %d), position %d%s",
             hello.node_id,
             context.peer(),
             hello.commit,
+            hello.term,
             hello.position,
+            "" if start == hello.commit else f"; it must discard its commits after {start}",
         )
         acks = asyncio.create_task(self._read_acks(requests, hello.node_id))
         ended = "the follower closed the stream"
         try:
-            yield rpb.FollowResponse(welcome=self._welcome())
-            async for message in self._commits(hello.commit, acks):
+            yield rpb.FollowResponse(welcome=self._welcome(hello.commit, start))
+            async for message in self._commits(start, acks):
                 yield message
             if self.closing:
                 ended = "this leader is shutting down"
                 await status.abort(context, ShuttingDown())
+            if self.store.role == "follower":
+                ended = "this node no longer leads"
+                await status.abort(context, NotLeader(self.store.leader))
             error = _ack_error(acks)
             if error is not None:
                 ended = f"{type(error).__name__}: {error}"
@@ -146,8 +172,11 @@ class ReplicationService:
         self._refusals_logged[key] = now
         log.warning("refused follower %r from %s: %s", node_id, peer, error)
 
-    def _admit(self, hello: rpb.FollowerHello) -> None:
-        """Refuse a follower this node cannot lead; raise the reason."""
+    def _admit(self, hello: rpb.FollowerHello) -> int:
+        """The commit to stream after, or raise why this node cannot lead that follower.
+
+        Below the follower's own commit when it must truncate first (failover only).
+        """
         store = self.store
         if store.role == "follower":
             raise NotLeader(store.leader)
@@ -157,28 +186,34 @@ class ReplicationService:
                 f"than this leader's ({store.store_id.hex()}); give the follower an empty data "
                 "directory, or point it at the leader of its own store"
             )
+        if hello.term > store.term:
+            raise ReplicationRefused(
+                f"the follower has seen term {hello.term}, newer than this leader's term "
+                f"{store.term}; this node is not the current leader"
+            )
+        if self.failover:
+            return min(hello.commit, store.divergence_point(hello.commit, hello.term))
         head = store.journal_head()
         if hello.commit > head:
             raise ReplicationRefused(
                 f"the follower holds commits this leader does not (follower at commit "
                 f"{hello.commit}, leader at {head}); it cannot follow this leader"
             )
-        if hello.term > store.term:
-            raise ReplicationRefused(
-                f"the follower has seen term {hello.term}, newer than this leader's term "
-                f"{store.term}; this node is not the current leader"
-            )
+        return hello.commit
 
-    def _welcome(self) -> rpb.LeaderWelcome:
+    def _welcome(self, follower_commit: int, start: int) -> rpb.LeaderWelcome:
         store = self.store
         commit = store.journal_head()  # before the head: the head then covers that commit
-        return rpb.LeaderWelcome(
+        welcome = rpb.LeaderWelcome(
             node_id=self.node_id,
             term=store.term,
             store_id=store.store_id,
             commit=commit,
             position=store.head,
         )
+        if start < follower_commit:
+            welcome.truncate_after = start
+        return welcome
 
     def _heartbeat(self) -> rpb.LeaderHeartbeat:
         store = self.store
@@ -199,7 +234,7 @@ class ReplicationService:
         sent_keys: set[tuple[str, int]] = set()
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
-        while not self.closing and not acks.done():
+        while not self.closing and not acks.done() and self.store.role != "follower":
             changed = self.watch.changed()  # before reading: no commit slips between
             frames = await asyncio.to_thread(self.store.frames_after, after, sent_keys)
             if frames:
@@ -226,6 +261,9 @@ class ReplicationService:
             if message.WhichOneof("message") != "ack":
                 raise ValidationError("a follower sends its hello once, then only acks")
             ack = message.ack
+            if self.failover and ack.term < self.store.term:
+                log.debug("ignored follower %s's ack for term %d", node_id, ack.term)
+                continue  # meant for an earlier leader of this store: fenced off
             self.store.replica_acked(node_id, ack.commit, ack.position, ack.shredded_through)
             behind = self.store.head - ack.position
             now = loop.time()

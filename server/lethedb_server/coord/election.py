@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+#: The lease's time to live unless configured: a few seconds, as issue 22 asks.
+DEFAULT_TTL_S = 5
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -120,7 +123,7 @@ class ElectionOptions:
     """
 
     cluster: str
-    ttl_s: int = 5
+    ttl_s: int = DEFAULT_TTL_S
     margin_s: float = 1.0
     renew_every_s: float | None = None
     quorum: int = 1

@@ -153,7 +153,11 @@ def build_frames(
 
 
 def _changes(log_store: LogStore, txn: lmdb.Transaction, entry: JournalEntry) -> list[RowChange]:
-    """Every touched row's current value (every row of every table for a genesis entry)."""
+    """Every touched row's current value.
+
+    ``everything``: every row of every table; only a genesis entry written
+    before genesis entries were bounded has it (they now list their rows).
+    """
     if entry.everything:
         return [
             RowChange(table, key, value)

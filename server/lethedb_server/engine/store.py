@@ -164,9 +164,10 @@ class Store:
                 shredder.run()
             # After the tombstones: an entry of a forgotten subject is dropped.
             upgrade_unkeyed_entries(log_store, keys)
-            if opts.role != "follower" and log_store.write_genesis(1, time.time_ns()):
-                log.info("journalled the existing log (positions 1..%d) for replication",
-                         log_store.head)  # fmt: skip
+            genesis = 0 if opts.role == "follower" else log_store.write_genesis(1, time.time_ns())
+            if genesis:
+                log.info("journalled the existing log (positions 1..%d and its side tables) in "
+                         "%d entries for replication", log_store.head, genesis)  # fmt: skip
         except BaseException:
             log_store.close()
             keys.close()
@@ -292,6 +293,11 @@ class Store:
         """This node's term: its last journal entry's term (0 when the journal is empty)."""
         return self.log.journal_term
 
+    def journal_term(self) -> int:
+        """The term of the last journal entry (0 when the journal is empty): what a
+        follower's hello names with its commit, for :meth:`divergence_point`."""
+        return self.log.journal_term
+
     def journal_head(self) -> int:
         """The commit number of the last journal entry (0 when the journal is empty)."""
         return self.log.journal_head
@@ -326,6 +332,13 @@ class Store:
             raise ReplicationRefused(f"this node is a {self._role}, not a follower: it "
                                      "applies no other node's commits")  # fmt: skip
         return self.writer.submit_async(ReplicatedCommitCommand(frame))
+
+    def set_fence(self, may_acknowledge: Callable[[], bool] | None) -> None:
+        """Answer writes only while *may_acknowledge()* (an elected leader's lease on its own
+        clock; None: always). Checked as each answer is released, after the sync gate: a
+        success released while it says no is answered NotLeader with the leader unknown
+        (committed here, never acknowledged; the client retries on another node)."""
+        self.writer.fence = may_acknowledge
 
     def replica_connected(self, node_id: str, advertise: str) -> None:
         """A follower's stream opened (the Replication service)."""

@@ -49,7 +49,14 @@ from lethedb_server.engine.model import (
 )
 from lethedb_server.engine.replication import ReplicatedCommitApplier, SyncGate, is_success
 from lethedb_server.engine.subject_indexer import SubjectIndexer
-from lethedb_server.errors import ForkedProcess, LetheError, Overloaded, ShuttingDown, StorageFull
+from lethedb_server.errors import (
+    ForkedProcess,
+    LetheError,
+    NotLeader,
+    Overloaded,
+    ShuttingDown,
+    StorageFull,
+)
 from lethedb_server.faults import fault_point
 from lethedb_server.storage import codec
 from lethedb_server.storage.codec import AppendResult, JournalEntry, Tombstone
@@ -180,6 +187,10 @@ class Writer:
         self.term = max(1, log_store.journal_term)
         #: Holds successful answers until enough followers have the commit (None: never).
         self.gate: SyncGate | None = None
+        #: Whether this node may acknowledge a write now (an elected leader's lease, checked
+        #: on its own clock); None: always. A success settled while it says no is answered
+        #: NotLeader (leader unknown) instead: committed here, never acknowledged.
+        self.fence: Callable[[], bool] | None = None
         self._journal_listeners: list[HeadListener] = []
         self._indexer = SubjectIndexer(log_store, self.limits.index_chunk)
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
@@ -510,12 +521,34 @@ class Writer:
         A deduplicated answer is held too, against the journal head now: the
         original may not have reached the followers yet.
         """
+        settled = self._fenced(settled)
         gate = self.gate
         if gate is not None and gate.required:
             held = [(p, o) for p, o in settled if is_success(o)]
-            if held and gate.hold(self.log.journal_head, held, self._settle):
+            if held and gate.hold(self.log.journal_head, held, self._settle_fenced):
                 settled = [(p, o) for p, o in settled if not is_success(o)]
         self._settle(settled)
+
+    def _settle_fenced(self, settled: list[tuple[_Pending, Any]]) -> None:
+        """How the sync gate settles what it held: through the fence once more."""
+        self._settle(self._fenced(settled))
+
+    def _fenced(self, settled: list[tuple[_Pending, Any]]) -> list[tuple[_Pending, Any]]:
+        """*settled* with each success answered NotLeader if the fence says no now.
+
+        Checked as late as possible, when an answer is released (again after the
+        sync gate), so a leader whose lease could not be renewed in time
+        acknowledges nothing more, whatever was queued or held.
+        """
+        fence = self.fence
+        if fence is None or fence():
+            return settled
+        refused = NotLeader("")
+        return [
+            (p, refused if is_success(o) and not isinstance(p.command, ReplicatedCommitCommand)
+             else o)
+            for p, o in settled
+        ]  # fmt: skip
 
     def _erase_keys(self, forgotten: dict[str, Tombstone]) -> None:
         """Step two of a forget, after its tombstone committed: delete the keys.

@@ -21,6 +21,8 @@ import msgspec
 
 from lethedb_contract import DEFAULT_MAX_MESSAGE_BYTES
 from lethedb_server.api.validation import Limits
+from lethedb_server.coord.election import DEFAULT_TTL_S
+from lethedb_server.coord.etcd import parse_endpoints
 from lethedb_server.engine.store import StoreOptions
 from lethedb_server.engine.subscriptions import SubscriptionLimits
 from lethedb_server.engine.writer import WriterLimits
@@ -94,6 +96,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     follow_tls_ca: str = ""
     follow_tls_cert: str = ""
     follow_tls_key: str = ""
+    # automatic failover through etcd (docs/CLUSTERING.md)
+    cluster: str = ""
+    etcd: str = ""
+    lease_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = DEFAULT_TTL_S
 
     @property
     def data_dir(self) -> Path:
@@ -105,10 +111,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     @property
     def role(self) -> str:
-        """This node's part: ``follower`` with ``follow``; else ``leader`` when writes wait
-        for followers, else ``single`` (which serves followers too: no flag is needed to
-        be followed)."""
-        if self.follow:
+        """This node's part at start: ``follower`` with ``follow`` or ``cluster`` (a cluster
+        member starts as a follower of nobody until etcd names a leader, maybe itself);
+        else ``leader`` when writes wait for followers, else ``single`` (which serves
+        followers too: no flag is needed to be followed)."""
+        if self.follow or self.cluster:
             return "follower"
         return "leader" if self.sync_replicas else "single"
 
@@ -244,11 +251,22 @@ HELP: dict[str, str] = {
     ),
     "follow_tls_cert": "PEM client certificate this follower presents to the leader (mTLS)",
     "follow_tls_key": "PEM private key of follow_tls_cert",
+    "cluster": (
+        "name of the cluster this node joins; etcd elects its leader (needs etcd; excludes follow)"
+    ),
+    "etcd": "etcd endpoints of the cluster, comma-separated: http://host:2379[,http://host2:2379]",
+    "lease_ttl_s": (
+        "seconds of the leader's etcd lease: a leader that cannot renew it stops acknowledging "
+        "writes before it expires, and another node leads about this long after"
+    ),
 }
 
 
 #: Shorter flags some options also answer to (the option keeps its one name elsewhere).
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {"sync_timeout_s": ("--sync-timeout",)}
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "sync_timeout_s": ("--sync-timeout",),
+    "lease_ttl_s": ("--lease-ttl",),
+}
 
 
 def field_names() -> tuple[str, ...]:
@@ -353,6 +371,7 @@ def _check_replication(config: Config) -> None:
         path = getattr(config, name)
         if path and not Path(path).is_file():
             raise ValidationError(f"configuration: {name} {path!r} is not a readable file")
+    _check_cluster(config)
     if not config.follow:
         return
     _check_address("follow", config.follow)
@@ -360,6 +379,51 @@ def _check_replication(config: Config) -> None:
         raise ValidationError(
             f"configuration: follow is {config.follow!r}, this node's own address; name the "
             "leader's address (a node cannot follow itself)"
+        )
+
+
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "[::]", ""})
+
+
+def _check_cluster(config: Config) -> None:
+    """The failover options: a cluster needs etcd and an address the others can dial."""
+    if config.etcd and not config.cluster:
+        raise ValidationError(
+            "configuration: etcd is set without cluster; name the cluster this node joins "
+            "(--cluster NAME)"
+        )
+    if not config.cluster:
+        return
+    if not _CLUSTER_NAME.fullmatch(config.cluster):
+        raise ValidationError(
+            f"configuration: cluster is {config.cluster[:80]!r}; it must be 1-64 letters, "
+            "digits, '.', '_' or '-'"
+        )
+    if not config.etcd:
+        raise ValidationError(
+            "configuration: cluster needs etcd, the coordinator that elects the leader "
+            "(--etcd http://host:2379[,http://host2:2379])"
+        )
+    try:
+        parse_endpoints(config.etcd)
+    except ValueError as exc:
+        raise ValidationError(f"configuration: etcd: {exc}") from None
+    if config.follow:
+        raise ValidationError(
+            "configuration: cluster and follow exclude each other: a cluster member follows "
+            "whichever node etcd elects; drop --follow"
+        )
+    if config.listen.startswith("unix:") and not config.advertise:
+        raise ValidationError(
+            "configuration: cluster needs a TCP address the other nodes can dial; give "
+            "--advertise HOST:PORT"
+        )
+    host, _, port = config.listen.rpartition(":")
+    if not config.advertise and (host in _WILDCARD_HOSTS or port == "0"):
+        raise ValidationError(
+            f"configuration: listen is {config.listen!r}, which the other nodes cannot dial; "
+            "give --advertise HOST:PORT (the address clients and followers reach this node at)"
         )
 
 

@@ -13,8 +13,12 @@ Replication (docs/CLUSTERING.md): every node serves the Replication service
 (a follower refuses followers with NotLeader). With ``follow`` the node also
 runs the :class:`~lethedb_server.api.follower.Follower` loop, its reads wait
 for the first catch-up, and its consumer-group checkpoints are stored by the
-leader. On shutdown the follower loop stops first (nothing more is applied),
-then Follow streams of this node's own followers end, then calls drain.
+leader. With ``cluster`` a :class:`~lethedb_server.ops.failover.ClusterMember`
+runs instead: etcd elects the leader, and the member leads or points the same
+follower loop at whoever leads. On shutdown the follower loop stops first
+(nothing more is applied; a cluster member resigns and revokes its lease, so
+another node leads at once), then Follow streams of this node's own
+followers end, then calls drain.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +53,15 @@ from lethedb_server.api.replication import ReplicationService, add_replication
 from lethedb_server.api.service import SERVICE_NAME, EventStoreService, add_event_store
 from lethedb_server.api.tokens import TokenStore
 from lethedb_server.api.validation import Validator
+from lethedb_server.coord.election import Election, ElectionOptions, NodeInfo
+from lethedb_server.coord.etcd import EtcdClient
 from lethedb_server.engine.cluster import ClusterNode
+from lethedb_server.engine.model import CheckpointCommand
 from lethedb_server.engine.store import Store
 from lethedb_server.engine.subscriptions import SubscriptionEngine
 from lethedb_server.errors import LetheError, ListenFailed, ValidationError
 from lethedb_server.ops.config import Config
+from lethedb_server.ops.failover import ClusterMember, store_progress
 from lethedb_server.ops.metrics import (
     ClusterCollector,
     Metrics,
@@ -158,6 +167,7 @@ class Cluster:
         replication: ReplicationService,
         node: ClusterNode,
         follower: Follower | None = None,
+        member: ClusterMember | None = None,
     ) -> None:
         self.watch = watch
         self.reads = reads
@@ -165,6 +175,8 @@ class Cluster:
         #: This node's identity and views, shared by the services and the metrics.
         self.node = node
         self.follower = follower
+        #: With ``cluster``: the election and the role changes it brings.
+        self.member = member
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -178,6 +190,8 @@ class Cluster:
     @classmethod
     def of(cls, config: Config, store: Store, advertise: str) -> Cluster:
         """The cluster part *config* asks for; reads the follower's token and TLS files."""
+        if config.cluster:
+            return cls.elected(config, store, advertise)
         if not config.follow:
             return cls.single(config, store, advertise)
         watch = HeadWatch(store)
@@ -188,25 +202,82 @@ class Cluster:
         replication = _replication(config, store, watch, advertise)
         return cls(watch, reads, replication, node, follower)
 
+    @classmethod
+    def elected(cls, config: Config, store: Store, advertise: str) -> Cluster:
+        """A member of cluster ``config.cluster``: a follower of nobody until etcd elects
+        a leader (maybe this node); needs a running event loop (the etcd channels)."""
+        watch = HeadWatch(store)
+        reads = ReadGate(store, watch, follower=True)
+        settings = follow_settings(config, advertise)
+        follower = Follower(store, settings, watch, reads)
+        node = ClusterNode(settings.node_id, config.sync_replicas, follower)
+        replication = _replication(config, store, watch, advertise, failover=True)
+        election = Election(
+            EtcdClient(config.etcd, timeout_s=min(2.0, max(0.5, config.lease_ttl_s / 2))),
+            NodeInfo(settings.node_id, advertise),
+            election_options(config),
+            lambda: store_progress(store),
+        )
+        member = ClusterMember(store, election, follower, reads, replication)
+        return cls(watch, reads, replication, node, follower, member)
+
+    def checkpoint_sink(self, store: Store) -> CheckpointSink | None:
+        """Where consumer groups' checkpoints go: the leader's writer when this node is a
+        follower, this node's own otherwise (None: the subscription engine's default)."""
+        follower = self.follower
+        if follower is None:
+            return None
+        if self.member is None:
+            return follower.forward_checkpoint
+
+        async def store_checkpoint(command: CheckpointCommand) -> int:
+            if store.role == "follower":
+                return await follower.forward_checkpoint(command)
+            return await store.store_checkpoint(command)
+
+        return store_checkpoint
+
     def start(self) -> None:
         self.watch.attach()
-        if self.follower is not None:
+        if self.member is not None:
+            self._task = asyncio.create_task(self.member.run(), name="lethedb-cluster-member")
+        elif self.follower is not None:
             self._task = asyncio.create_task(self.follower.run(), name="lethedb-follower")
 
     async def stop(self) -> None:
-        """Stop applying the leader's commits, and end this node's followers' streams."""
+        """Stop applying the leader's commits (a member leaves the cluster), and end this
+        node's followers' streams."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.member is not None:
+            await self.member.close()
         self.replication.shutdown()
 
 
+CheckpointSink = Callable[[CheckpointCommand], Awaitable[int]]
+
+
+def election_options(config: Config) -> ElectionOptions:
+    """The election of ``config.cluster``: the lease TTL, a step-down margin that fits in
+    it, and the quorum that makes the election safe with ``sync_replicas``.
+
+    A write is acknowledged once ``sync_replicas`` followers hold it: ``sync_replicas + 1``
+    nodes. A candidate must have seen that many fresh positions, so that with a cluster of
+    ``2 * sync_replicas + 1`` nodes the two groups share a node (docs/CLUSTERING.md).
+    """
+    ttl = config.lease_ttl_s
+    return ElectionOptions(
+        config.cluster, ttl_s=ttl, margin_s=min(1.0, ttl / 4), quorum=config.sync_replicas + 1
+    )
+
+
 def _replication(
-    config: Config, store: Store, watch: HeadWatch, advertise: str
+    config: Config, store: Store, watch: HeadWatch, advertise: str, *, failover: bool = False
 ) -> ReplicationService:
     return ReplicationService(
-        store, watch, node_name(config, advertise), config.max_consumer_groups
+        store, watch, node_name(config, advertise), config.max_consumer_groups, failover=failover
     )
 
 
@@ -224,7 +295,12 @@ def node_name(config: Config, advertise: str = "") -> str:
 
 
 def follow_settings(config: Config, advertise: str) -> FollowSettings:
-    """How this follower reaches its leader: token, TLS or plaintext (loopback only)."""
+    """How this follower reaches its leader: token, TLS or plaintext (loopback only).
+
+    A cluster member learns its leaders from etcd: plaintext when its own advertised
+    address is loopback (a cluster on one machine), TLS otherwise.
+    """
+    peer = config.follow or advertise
     token = ""
     if config.follow_token_file:
         token = _read(config.follow_token_file, "follow_token_file").decode().strip()
@@ -234,16 +310,16 @@ def follow_settings(config: Config, advertise: str) -> FollowSettings:
             )
     tls_files = config.follow_tls_ca or config.follow_tls_cert
     credentials = None
-    if tls_files or not (is_loopback_address(config.follow) or config.insecure):
+    if tls_files or not (is_loopback_address(peer) or config.insecure):
         ca = _read(config.follow_tls_ca, "follow_tls_ca") if config.follow_tls_ca else None
         cert = _read(config.follow_tls_cert, "follow_tls_cert") if config.follow_tls_cert else None
         key = _read(config.follow_tls_key, "follow_tls_key") if config.follow_tls_key else None
         credentials = channel_credentials(ca, cert, key)
-    elif not is_loopback_address(config.follow):
+    elif not is_loopback_address(peer):
         log.warning(
             "INSECURE: following %s without TLS because --insecure was given; the stream "
             "carries every record and the data keys to read them",
-            config.follow,
+            config.follow or "the elected leader",
         )
     return FollowSettings(
         leader=config.follow,
@@ -404,7 +480,7 @@ async def serve(config: Config) -> None:
         subscriptions = SubscriptionEngine(
             store,
             config.subscription_limits(),
-            None if cluster.follower is None else cluster.follower.forward_checkpoint,
+            cluster.checkpoint_sink(store),
         )
         health, _ = add_services(server, config, store, subscriptions, cluster)
         cluster.start()

@@ -208,8 +208,10 @@ class JournalEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     = first - 1 when it wrote none). ``touched`` names the rows of the
     replicated side tables it wrote or deleted, as (table name, row key):
     clear keys only, never values (a leader sends each row as it stands when
-    the commit is sent). ``everything``: the genesis entry of a store that
-    predates the journal, covering every record and every side table row.
+    the commit is sent). ``everything``: every side table row; written only by
+    the first, unbounded genesis (a store that predates the journal is now
+    journalled in bounded entries that list their rows, see
+    ``LogStore.write_genesis``), still honoured when read.
     """
 
     term: int

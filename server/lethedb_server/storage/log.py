@@ -81,6 +81,10 @@ META_KEY_STORE_MARK: Final = b"keys"
 META_IDEMPOTENCY_FORMAT: Final = b"idempotency_format"
 META_RECORDS: Final = frozenset({META_LOG, META_KEY_STORE_MARK, META_IDEMPOTENCY_FORMAT})
 _META_KEY = META_LOG
+#: The bounds of each genesis journal entry (see :meth:`LogStore.write_genesis`):
+#: the bytes of its records (or of its rows' keys and values), and their count.
+GENESIS_MAX_BYTES: Final = 2 << 20
+GENESIS_MAX_ITEMS: Final = 4096
 
 #: A page of raw events: (position, stored value).
 RawPage = list[tuple[int, bytes]]
@@ -268,18 +272,81 @@ class LogStore:
         self.lmdb.write(lambda txn: self.put_meta(txn, meta))
         self.meta = meta
 
-    def write_genesis(self, term: int, committed_at: int) -> bool:
-        """Journal a store that predates the journal: one entry covering everything.
+    def write_genesis(
+        self,
+        term: int,
+        committed_at: int,
+        max_bytes: int = GENESIS_MAX_BYTES,
+        max_items: int = GENESIS_MAX_ITEMS,
+    ) -> int:
+        """Journal a store that predates the journal; return how many entries it wrote.
 
         Written once, at start-up before the writer runs, when the journal is
-        empty but the log is not. Returns whether it wrote it.
+        empty but the log is not, all in one transaction (a crash leaves the
+        whole genesis or none of it). It is several entries, each bounded to
+        *max_bytes* and *max_items*, because each entry is sent as one frame
+        and one message: first runs of positions (a record larger than the
+        bound is an entry alone), then the rows of the replicated side tables
+        listed in ``touched`` (entries with no records), so a follower's
+        records are in place before the stream heads, idempotency results and
+        tombstones that name them.
         """
         if self.journal_head or not self.meta.last_position:
-            return False
-        entry = codec.JournalEntry(term, 1, self.meta.last_position, committed_at, (), True)
-        self.lmdb.write(lambda txn: self.put_journal(txn, 1, codec.encode(entry)))
-        self.journal_head, self.journal_term = 1, term
-        return True
+            return 0
+
+        def put(txn: lmdb.Transaction) -> int:
+            entries = [
+                codec.JournalEntry(term, first, last, committed_at)
+                for first, last in self._genesis_runs(txn, max_bytes, max_items)
+            ]
+            after = self.meta.last_position + 1
+            entries += [
+                codec.JournalEntry(term, after, after - 1, committed_at, touched)
+                for touched in self._genesis_rows(txn, max_bytes, max_items)
+            ]
+            for commit, entry in enumerate(entries, start=1):
+                self.put_journal(txn, commit, codec.encode(entry))
+            return len(entries)
+
+        written = self.lmdb.write(put)
+        self.journal_head, self.journal_term = written, term
+        return written
+
+    def _genesis_runs(
+        self, txn: lmdb.Transaction, max_bytes: int, max_items: int
+    ) -> Iterator[tuple[int, int]]:
+        """Runs (first, last) of positions 1..head, each within the bounds."""
+        first, size, position = 1, 0, 0
+        cursor = txn.cursor(db=self.events)
+        for position, length in ((codec.from_u64(k), len(v)) for k, v in _pairs(cursor.iternext())):
+            if position > first and (size + length > max_bytes or position - first >= max_items):
+                yield first, position - 1
+                first, size = position, 0
+            size += length
+        if position != self.meta.last_position:
+            raise DataLoss(f"the log ends at position {position}, not at its head "
+                           f"{self.meta.last_position}; {REMEDY}")  # fmt: skip
+        yield first, position
+
+    def _genesis_rows(
+        self, txn: lmdb.Transaction, max_bytes: int, max_items: int
+    ) -> Iterator[tuple[tuple[str, bytes], ...]]:
+        """Every replicated side table row as (table, key), in chunks within the bounds.
+
+        The bound counts each row's key and value: the frame carries both.
+        """
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        for table in REPLICATED_TABLES:
+            for key, value in self.rows(txn, table):
+                length = len(key) + len(value)
+                if chunk and (size + length > max_bytes or len(chunk) >= max_items):
+                    yield tuple(chunk)
+                    chunk, size = [], 0
+                chunk.append((table, key))
+                size += length
+        if chunk:
+            yield tuple(chunk)
 
     @property
     def head(self) -> int:

@@ -37,6 +37,7 @@ from lethedb_server.errors import (
     WrongExpectedVersion,
 )
 from lethedb_server.storage import codec
+from lethedb_server.storage.log import GENESIS_MAX_BYTES, GENESIS_MAX_ITEMS
 
 T = TypeVar("T")
 LEADER_ADDRESS = "leader.example:7000"
@@ -476,7 +477,7 @@ def test_a_follower_directory_reopens_cleanly_with_its_tombstones(
     assert readable(stores("follower")) == readable(leader)  # and as a store of its own
 
 
-def test_a_store_that_predates_the_journal_is_journalled_whole_at_start_up(
+def test_a_store_that_predates_the_journal_is_journalled_at_start_up(
     stores: Callable[..., Store], tmp_path: Path
 ) -> None:
     old = stores("old")
@@ -487,17 +488,48 @@ def test_a_store_that_predates_the_journal_is_journalled_whole_at_start_up(
     leader = stores("old")
     follower = stores("follower", FOLLOWER)
 
-    assert leader.journal_head() == 1
-    (genesis,) = leader.frames_after(0, set())
-    assert (genesis.first_position, genesis.last_position) == (1, leader.head)
-    assert {c.table for c in genesis.changes} == set(REPLICATED_TABLES)
+    records_entry, rows_entry = leader.frames_after(0, set())  # small: one of each
+    assert (records_entry.first_position, records_entry.last_position) == (1, leader.head)
+    assert records_entry.changes == ()
+    assert rows_entry.records == ()
+    assert {c.table for c in rows_entry.changes} == set(REPLICATED_TABLES)
     replicate(leader, follower)
     write(leader, append("orders-1", "alice", "after the upgrade"))
     replicate(leader, follower)
     assert records(follower) == records(leader)
-    assert follower.journal_head() == 2
+    assert journal(follower) == journal(leader)
+    assert follower.journal_head() == 3
     for table in ("streams", "idempotency", "legal_holds", "checkpoints"):
         assert rows(follower, table) == rows(leader, table), table
+    assert readable(follower) == readable(leader)
+
+
+def test_the_genesis_of_a_large_store_is_bounded_entries(
+    stores: Callable[..., Store], tmp_path: Path
+) -> None:
+    old = stores("old")
+    big = "x" * 300_000  # 20 records of 300 kB: 6 MB, over the 2 MiB bound of an entry
+    write(old, *(append(f"s-{i}", f"subject-{i}", big, key=f"k-{i}") for i in range(20)))
+    old.close()
+    _drop_journal(tmp_path / "old" / "log")
+
+    leader = stores("old")
+    follower = stores("follower", FOLLOWER)
+
+    frames = leader.frames_after(0, set(), max_frames=1000, max_bytes=1 << 40)
+    assert len(frames) == leader.journal_head() > 3
+    positions = [p for f in frames for p in range(f.first_position, f.last_position + 1)]
+    assert positions == list(range(1, leader.head + 1))  # each once, in order
+    for frame in frames:
+        assert sum(len(r) for r in frame.records) <= GENESIS_MAX_BYTES or len(frame.records) == 1
+        assert sum(len(c.key) + len(c.value or b"") for c in frame.changes) <= GENESIS_MAX_BYTES
+        assert len(frame.records) + len(frame.changes) <= GENESIS_MAX_ITEMS
+    touched = {(c.table, c.key) for f in frames for c in f.changes}
+    for table in REPLICATED_TABLES:
+        assert {(table, k) for k, _ in rows(leader, table)} <= touched, table
+    replicate(leader, follower)
+    assert records(follower) == records(leader)
+    assert rows(follower, "idempotency") == rows(leader, "idempotency")
     assert readable(follower) == readable(leader)
 
 
