@@ -113,3 +113,15 @@ def test_the_client_tls_files_of_the_follower_go_together(tmp_path):
     cert.write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ValidationError, match="follow_tls_key"):
         config.load({"follow": "db-a:7000", "follow_tls_cert": str(cert)}, environ={})
+
+
+CLUSTER = {"cluster": "c1", "etcd": "http://127.0.0.1:2379", "advertise": "127.0.0.1:7001"}
+
+
+def test_a_replication_address_needs_a_cluster_and_a_dialable_address():
+    with pytest.raises(ValidationError, match="replication_advertise is set without cluster"):
+        config.load({"replication_advertise": "127.0.0.1:7101"}, environ={})
+    with pytest.raises(ValidationError, match="replication_advertise"):
+        config.load({**CLUSTER, "replication_advertise": "proxy"}, environ={})
+    loaded = config.load({**CLUSTER, "replication_advertise": "127.0.0.1:7101"}, environ={})
+    assert loaded.replication_advertise == "127.0.0.1:7101"
