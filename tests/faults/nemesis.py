@@ -20,7 +20,6 @@ run can be read and replayed.
 from __future__ import annotations
 
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -231,12 +230,3 @@ class Nemesis:
                 f"round {round_.number}: {round_.forgot} was forgotten before {round_.action};"
                 f" the leader after it ({leader.node_id}, term {leader.term}) says it is active"
             )
-
-
-def failover_summary(rounds: Sequence[Round]) -> dict[str, float]:
-    """p50/p99/max of the SIGKILL rounds' failover times, in seconds."""
-    times = sorted(r.failover_s for r in rounds if r.failover_s is not None)
-    if not times:
-        return {}
-    p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
-    return {"rounds": len(times), "p50": statistics.median(times), "p99": p99, "max": times[-1]}
