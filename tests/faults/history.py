@@ -306,7 +306,10 @@ class Load:
             raise AssertionError(f"writers still running {timeout:g}s after the stop: {alive}")
 
     def close(self) -> None:
+        """Stop everything; writers are waited for before their client closes under them."""
         self.stop_event.set()
+        for writer in self.writers:
+            writer.join(30)
         self.subscriber.close()
         self.client.close()
         self.reader.close()
