@@ -143,8 +143,11 @@ def append_directly(node: Node, token: str, key: str) -> grpc.StatusCode:
     """One append sent to *node* alone, no retry: the status it was answered with."""
     request = pb.AppendRequest(
         stream_id=STREAM,
-        expected_version=pb.ExpectedVersion(any=pb.Empty()),
-        events=[pb.ProposedEvent(event_type="OrderPlaced", data=b'{"n": 0}')],
+        events=[
+            pb.ProposedEvent(
+                event_type="OrderPlaced", content_type="application/json", data=b'{"n": 0}'
+            )
+        ],
         idempotency_key=key,
     )
     with grpc.insecure_channel(node.address) as channel:
