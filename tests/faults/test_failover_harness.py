@@ -1,14 +1,17 @@
-"""The failover harness's own parts: a cut proxy partitions, and the checks catch what they claim.
+"""The failover harness's own parts: the checks catch what they claim, the schedule
+follows its seed, and a cut proxy partitions.
 
 The failover test (test_failover_jepsen.py) passes only if its checks can
-fail; these feed each check the divergence it exists for (an acknowledged
-append missing, two events acknowledged at one position, two leaders in one
-term, a subscriber gap, a forgotten subject still readable) and a TCP echo
-through a proxy that is cut and healed.
+fail and replays only if its schedule follows its seed. These feed each check
+the divergence it exists for (an acknowledged append missing, two events
+acknowledged at one position, two leaders in one term, a subscriber gap, a
+forgotten subject still readable), and send a TCP echo through a proxy that
+is cut and healed.
 """
 
 from __future__ import annotations
 
+import random
 import socket
 import socketserver
 import threading
@@ -27,6 +30,7 @@ from tests.faults.jepsen_checks import (
     check_nothing_unattempted,
     check_subscriber,
 )
+from tests.faults.nemesis import ACTIONS, schedule
 from tests.faults.tcpproxy import ProxyLoop
 
 # -- the checks ------------------------------------------------------------------------
@@ -138,6 +142,17 @@ def test_a_forgotten_subject_readable_on_a_node_is_reported() -> None:
     )
     assert _found(verdict) == {"forget"}
     assert "n2" in verdict.findings[0].what
+
+
+# -- the schedule ---------------------------------------------------------------------
+
+
+def test_the_schedule_is_replayed_from_its_seed() -> None:
+    """The same seed gives the same faults in the same order, each about as often."""
+    plan = schedule(random.Random(7), 30)
+    assert plan == schedule(random.Random(7), 30)
+    assert sorted(set(plan)) == sorted(ACTIONS)
+    assert {plan.count(action) for action in ACTIONS} == {6}
 
 
 # -- the proxy ---------------------------------------------------------------------------

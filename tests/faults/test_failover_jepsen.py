@@ -122,10 +122,3 @@ def _same_heads(cluster: FailoverCluster) -> tuple[bool, str]:
 
 def _log_tails(cluster: FailoverCluster) -> str:
     return "".join(f"\n--- {n.name} log:\n{n.logs(2500)}" for n in cluster.nodes)
-
-
-def test_schedule_is_replayed_from_its_seed() -> None:
-    """The same seed gives the same faults in the same order, each about as often."""
-    plan = schedule(random.Random(7), 30)
-    assert plan == schedule(random.Random(7), 30)
-    assert {plan.count(action) for action in set(plan)} == {6}
