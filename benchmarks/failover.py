@@ -117,8 +117,12 @@ def final_checks(cluster: FailoverCluster, history: History) -> Verdict:
         return len(set(positions.values())) == 1, str(positions)
 
     wait_for(same_heads, "every node at the same head", DRAIN_TIMEOUT)
-    logs = {node.name: read_log(node.address, cluster.metadata) for node in cluster.nodes}
     verdict = Verdict()
+    logs = {}
+    for node in cluster.nodes:
+        logs[node.name], unreadable = read_log(node.address, cluster.metadata)
+        if unreadable:
+            verdict.add("unreadable", f"{node.name} stopped reading its log: {unreadable}")
     check_acknowledged_present(history, logs, verdict)
     check_nothing_unattempted(history, logs, verdict)
     check_acks_agree(history, verdict)

@@ -81,6 +81,10 @@ class ClusterNode:
         return self.root / "data"
 
     @property
+    def keyring(self) -> Path:
+        return self.root / "keyring" / "master.keyring"
+
+    @property
     def running(self) -> bool:
         return self.process.proc is not None and self.process.proc.poll() is None
 
@@ -135,7 +139,7 @@ class FailoverCluster:
     def _serve_args(self, node: ClusterNode) -> list[str]:
         s = self.settings
         return [
-            "--keyring", str(node.root / "keyring" / "master.keyring"),
+            "--keyring", str(node.keyring),
             "--tokens-file", str(self.tokens.path),
             "--follow-token-file", str(self.tokens.replica_file),
             "--node-id", node.name,

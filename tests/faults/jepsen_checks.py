@@ -29,6 +29,7 @@ import grpc
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
+from lethedb_server.engine.verify import verify_data_dir
 from tests.faults.history import Ack, History, Seen
 from tests.faults.nemesis import Round
 from tests.integration.cluster import assert_same_log, subject_key_entries
@@ -45,19 +46,23 @@ class LogEntry:
     redacted: bool
 
 
-def read_log(address: str, metadata: tuple[tuple[str, str], ...]) -> list[LogEntry]:
-    """A running node's whole log, in order (ReadAll from the start)."""
+def read_log(address: str, metadata: tuple[tuple[str, str], ...]) -> tuple[list[LogEntry], str]:
+    """A running node's whole log, in order (ReadAll from the start), and why it stopped
+    short ("" when it did not: a node that cannot read its own log is a finding too)."""
     entries: list[LogEntry] = []
-    with grpc.insecure_channel(address) as channel:
-        stub = eventstore_pb2_grpc.EventStoreStub(channel)
-        for response in stub.ReadAll(pb.ReadAllRequest(), metadata=metadata, timeout=CALL_TIMEOUT):
-            entries.extend(
-                LogEntry(
-                    e.position, e.stream_id, uuid.UUID(bytes=e.event_id), e.subject_id, e.redacted
-                )
-                for e in response.events
-            )
-    return entries
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = eventstore_pb2_grpc.EventStoreStub(channel)
+            request = pb.ReadAllRequest()
+            for response in stub.ReadAll(request, metadata=metadata, timeout=CALL_TIMEOUT):
+                entries.extend(
+                    LogEntry(e.position, e.stream_id, uuid.UUID(bytes=e.event_id), e.subject_id,
+                             e.redacted)
+                    for e in response.events
+                )  # fmt: skip
+    except grpc.RpcError as error:
+        return entries, f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+    return entries, ""
 
 
 @dataclass
@@ -204,16 +209,23 @@ def check_forgets_on_logs(
                 )
 
 
-def check_stopped_nodes(history: History, data_dirs: dict[str, Path], verdict: Verdict) -> None:
-    """Stopped nodes: identical logs byte for byte; no key left of a forgotten subject."""
-    names = list(data_dirs)
+def check_stopped_nodes(
+    history: History, nodes: dict[str, tuple[Path, Path]], verdict: Verdict
+) -> None:
+    """Stopped nodes (name -> data directory, keyring): identical logs byte for byte, every
+    record intact (``lethedb verify --data``), no key left of a forgotten subject."""
+    names = list(nodes)
     for other in names[1:]:
         try:
-            assert_same_log(data_dirs[names[0]], data_dirs[other])
+            assert_same_log(nodes[names[0]][0], nodes[other][0])
         except AssertionError as error:
             verdict.add("files", f"{names[0]} and {other} differ: {error}")
+    for name, (data_dir, keyring) in nodes.items():
+        checked = verify_data_dir(data_dir, keyring)
+        for damage in checked.damage[:5]:
+            verdict.add("verify", f"{name}: {damage}")
     for forget in history.forgets:
-        for name, data_dir in data_dirs.items():
+        for name, (data_dir, _) in nodes.items():
             keys = subject_key_entries(data_dir, forget.subject_id)
             if keys:
                 verdict.add(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from tests.etcdproc import etcd_binary
 from tests.faults.failover_cluster import ClusterSettings, FailoverCluster
 from tests.faults.history import History, Load
 from tests.faults.jepsen_checks import (
+    LogEntry,
     Verdict,
     check_acknowledged_present,
     check_acks_agree,
@@ -79,31 +81,52 @@ def test_acknowledged_writes_survive_failovers(tmp_path: Path) -> None:
                 ),
                 pytrace=False,
             )
-        wait_for(lambda: _same_heads(cluster), "every node at the same head", DRAIN_TIMEOUT)
-        leader = cluster.node(_leader_name(cluster))
-        logs = {node.name: read_log(node.address, cluster.metadata) for node in cluster.nodes}
-        head = logs[leader.name][-1].position if logs[leader.name] else 0
-        wait_for(
-            lambda: (load.subscriber.position >= head, f"at {load.subscriber.position}"),
-            f"the subscriber reaching position {head}",
-            DRAIN_TIMEOUT,
-        )
-        load.close()
-        verdict = Verdict()
-        check_acknowledged_present(history, logs, verdict)
-        check_nothing_unattempted(history, logs, verdict)
-        check_acks_agree(history, verdict)
-        check_subscriber(load.subscriber.seen, logs[leader.name], load.subscriber.error, verdict)
-        check_forgets_on_logs(history, logs, verdict)
+        verdict = judge(cluster, load, history)
         description = cluster.describe()
         cluster.stop_all()
-        check_stopped_nodes(history, {n.name: n.data_dir for n in cluster.nodes}, verdict)
+        check_stopped_nodes(history, _files(cluster), verdict)
         text = report(seed, nemesis.rounds, verdict, cluster=description, history=history)
         print(text)
         if not verdict.ok:
             pytest.fail(text, pytrace=False)
         assert len(nemesis.rounds) >= ROUNDS
         assert history.acks, "no write was acknowledged"
+
+
+def judge(cluster: FailoverCluster, load: Load, history: History) -> Verdict:
+    """Once the writers stopped and the cluster settled: the live checks, every node's log
+    read whole (the subscriber drained to the head first)."""
+    verdict = Verdict()
+    if not _within(lambda: _same_heads(cluster), DRAIN_TIMEOUT):
+        verdict.add("heads", f"the nodes stay at different heads: {_same_heads(cluster)[1]}")
+    leader = _leader_name(cluster)
+    logs: dict[str, list[LogEntry]] = {}
+    for node in cluster.nodes:
+        logs[node.name], unreadable = read_log(node.address, cluster.metadata)
+        if unreadable:
+            verdict.add("unreadable", f"{node.name} stopped reading its log: {unreadable}")
+    head = max((log[-1].position for log in logs.values() if log), default=0)
+    if not _within(lambda: (load.subscriber.position >= head, ""), DRAIN_TIMEOUT):
+        verdict.add("subscriber", f"stopped at {load.subscriber.position}, the head is {head}")
+    load.close()
+    check_acknowledged_present(history, logs, verdict)
+    check_nothing_unattempted(history, logs, verdict)
+    check_acks_agree(history, verdict)
+    check_subscriber(load.subscriber.seen, logs[leader], load.subscriber.error, verdict)
+    check_forgets_on_logs(history, logs, verdict)
+    return verdict
+
+
+def _within(condition: Callable[[], tuple[bool, str]], timeout: float) -> bool:
+    try:
+        wait_for(condition, "", timeout)
+    except RoundFailed:
+        return False
+    return True
+
+
+def _files(cluster: FailoverCluster) -> dict[str, tuple[Path, Path]]:
+    return {node.name: (node.data_dir, node.keyring) for node in cluster.nodes}
 
 
 def _leader_name(cluster: FailoverCluster) -> str:
