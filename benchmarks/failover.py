@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     with temp_root(args.tmp_dir, prefix="lethedb-failover-") as root:
         env = environment(root)
         with FailoverCluster(root, etcd, settings) as cluster:
-            load = Load(cluster.target, cluster.tokens.admin, history, writers=args.writers)
+            load = Load(
+                cluster.target, cluster.tokens.admin, history, cluster.names, writers=args.writers
+            )
             nemesis = Nemesis(cluster, load.start(), rng, forget_every=10**9)
             nemesis.settle("the cluster settling before the baseline")
             base_from = time.monotonic()

@@ -176,6 +176,11 @@ class FailoverCluster:
     def target(self) -> str:
         return "lethedb://" + ",".join(node.address for node in self.nodes)
 
+    @property
+    def names(self) -> dict[str, str]:
+        """Each node's name by its client address."""
+        return {node.address: node.name for node in self.nodes}
+
     def node(self, name_or_address: str) -> ClusterNode:
         for node in self.nodes:
             if name_or_address in (node.name, node.address):

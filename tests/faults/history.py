@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ class Ack:
     first_position: int
     last_position: int
     deduplicated: bool
-    node: str  # the address that answered
+    node: str  # the node that answered (its name, or its address when unnamed)
     term: int  # its lethedb-term trailer (0: none)
     at: float  # monotonic time the answer arrived
 
@@ -107,8 +107,8 @@ def _term(call: grpc.Call) -> int:
 class AckTap(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Records, from every write answered on one node's channel, what it acknowledged."""
 
-    def __init__(self, address: str, history: History) -> None:
-        self.address = address
+    def __init__(self, node: str, history: History) -> None:
+        self.node = node
         self.history = history
 
     def intercept_unary_unary(
@@ -127,7 +127,7 @@ class AckTap(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         response, term = call.result(), _term(call)
         if method == "ForgetSubject":
             self.history.record_forget(
-                ForgetAck(request.subject_id, response.tombstone_position, self.address, term, at)
+                ForgetAck(request.subject_id, response.tombstone_position, self.node, term, at)
             )
             return
         pairs: list[tuple[pb.AppendRequest, pb.AppendResponse]]
@@ -146,15 +146,18 @@ class AckTap(grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
                     ok.first_position,
                     ok.last_position,
                     ok.deduplicated,
-                    self.address,
+                    self.node,
                     term,
                     at,
                 )
             )
 
 
-def tapped_client(target: str, history: History, **kwargs: Any) -> lethedb.Client:
-    """An SDK client whose every channel records acknowledgements into *history*.
+def tapped_client(
+    target: str, history: History, names: Mapping[str, str], **kwargs: Any
+) -> lethedb.Client:
+    """An SDK client whose every channel records acknowledgements into *history*, each
+    under the name *names* gives its node's address.
 
     The SDK opens one channel per node (``Transport._open``); the tap wraps
     each in :class:`AckTap`. The SDK has no interceptor option, so this
@@ -165,7 +168,8 @@ def tapped_client(target: str, history: History, **kwargs: Any) -> lethedb.Clien
     open_channel = transport._open
 
     def open_tapped(address: str) -> grpc.Channel:
-        return grpc.intercept_channel(open_channel(address), AckTap(address, history))
+        tap = AckTap(names.get(address, address), history)
+        return grpc.intercept_channel(open_channel(address), tap)
 
     with transport._lock:
         untapped = list(transport._nodes.values())
@@ -240,6 +244,7 @@ class Seen:
     position: int
     event_id: uuid.UUID
     redacted: bool
+    at: float = 0.0  # monotonic time it was delivered
 
 
 class Subscriber(threading.Thread):
@@ -259,7 +264,9 @@ class Subscriber(threading.Thread):
                 self._subscription = subscription
                 for item in subscription:
                     if isinstance(item, lethedb.RecordedEvent):
-                        self.seen.append(Seen(item.position, item.event_id, item.redacted))
+                        self.seen.append(
+                            Seen(item.position, item.event_id, item.redacted, time.monotonic())
+                        )
         except BaseException as error:  # reported by the checks, not lost in a thread
             if not self._stopping.is_set():
                 self.error = error
@@ -278,11 +285,19 @@ class Subscriber(threading.Thread):
 class Load:
     """The writers and the subscriber of one run, over one tapped client each."""
 
-    def __init__(self, target: str, token: str, history: History, writers: int = 8) -> None:
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        history: History,
+        names: Mapping[str, str],
+        writers: int = 8,
+    ) -> None:
+        """*names*: each node's name by its client address (acknowledgements carry names)."""
         retry = lethedb.RetryPolicy(max_retries=1000, initial_backoff=0.02, max_backoff=0.25)
         self.history = history
         self.stop_event = threading.Event()
-        self.client = tapped_client(target, history, token=token, timeout=5.0, retry=retry)
+        self.client = tapped_client(target, history, names, token=token, timeout=5.0, retry=retry)
         self.reader = lethedb.Client(target, token=token, timeout=5.0, retry=retry)
         self.writers = [
             Writer(index, self.client, history, self.stop_event) for index in range(writers)

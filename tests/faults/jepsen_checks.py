@@ -87,13 +87,21 @@ class Verdict:
 
 
 def check_acknowledged_present(
-    history: History, logs: dict[str, list[LogEntry]], verdict: Verdict
+    history: History,
+    logs: dict[str, list[LogEntry]],
+    verdict: Verdict,
+    unreadable_from: dict[str, int] | None = None,
 ) -> None:
     """Every acknowledged append's events on every node, where it was acknowledged (that
-    they are there once is :func:`check_nothing_unattempted`'s)."""
+    they are there once is :func:`check_nothing_unattempted`'s). *unreadable_from*: the
+    position at which a node's log stopped reading, per node that could not read it whole."""
+    unreadable_from = unreadable_from or {}
     for node, log in logs.items():
         by_position = {entry.position: entry for entry in log}
+        readable_to = unreadable_from.get(node, 0) - 1 if node in unreadable_from else None
         for ack in _first_acks(history):
+            if readable_to is not None and ack.last_position > readable_to:
+                continue  # beyond where the node's log could be read: reported as unreadable
             _, ids = history.attempted[ack.key]
             expected = range(ack.first_position, ack.last_position + 1)
             if len(expected) != len(ids):
@@ -184,6 +192,7 @@ def check_subscriber(
                 "subscriber",
                 f"delivery {index}: got position {a[0]} event {a[1]}, the log has position"
                 f" {b[0]} event {b[1]}",
+                seen[index].at,
             )
             return
     verdict.add(

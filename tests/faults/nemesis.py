@@ -186,7 +186,7 @@ class Nemesis:
 
     def _wait_acknowledged_after(self, round_: Round) -> None:
         """A write acknowledged after the fault; after a kill, by a later term's leader."""
-        killed = self.cluster.node(round_.target).address
+        killed = round_.target
 
         def acknowledged() -> tuple[bool, str]:
             acks = self.history.acks_after(round_.fault_at)

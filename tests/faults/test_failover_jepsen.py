@@ -62,7 +62,9 @@ def test_acknowledged_writes_survive_failovers(tmp_path: Path) -> None:
     rng = random.Random(seed)
     history = History()
     with FailoverCluster(tmp_path, etcd_binary(), ClusterSettings()) as cluster:
-        load = Load(cluster.target, cluster.tokens.admin, history, writers=WRITERS).start()
+        load = Load(
+            cluster.target, cluster.tokens.admin, history, cluster.names, writers=WRITERS
+        ).start()
         nemesis = Nemesis(cluster, load, rng)
         try:
             nemesis.run(schedule(rng, ROUNDS))
@@ -101,15 +103,18 @@ def judge(cluster: FailoverCluster, load: Load, history: History) -> Verdict:
         verdict.add("heads", f"the nodes stay at different heads: {_same_heads(cluster)[1]}")
     leader = _leader_name(cluster)
     logs: dict[str, list[LogEntry]] = {}
+    unreadable_from: dict[str, int] = {}
     for node in cluster.nodes:
         logs[node.name], unreadable = read_log(node.address, cluster.metadata)
         if unreadable:
+            log = logs[node.name]
+            unreadable_from[node.name] = log[-1].position + 1 if log else 1
             verdict.add("unreadable", f"{node.name} stopped reading its log: {unreadable}")
     head = max((log[-1].position for log in logs.values() if log), default=0)
     if not _within(lambda: (load.subscriber.position >= head, ""), DRAIN_TIMEOUT):
         verdict.add("subscriber", f"stopped at {load.subscriber.position}, the head is {head}")
     load.close()
-    check_acknowledged_present(history, logs, verdict)
+    check_acknowledged_present(history, logs, verdict, unreadable_from)
     check_nothing_unattempted(history, logs, verdict)
     check_acks_agree(history, verdict)
     check_subscriber(load.subscriber.seen, logs[leader], load.subscriber.error, verdict)
