@@ -121,11 +121,14 @@ def final_checks(cluster: FailoverCluster, history: History) -> Verdict:
     wait_for(same_heads, "every node at the same head", DRAIN_TIMEOUT)
     verdict = Verdict()
     logs = {}
+    unreadable_from: dict[str, int] = {}
     for node in cluster.nodes:
         logs[node.name], unreadable = read_log(node.address, cluster.metadata)
         if unreadable:
+            log = logs[node.name]
+            unreadable_from[node.name] = log[-1].position + 1 if log else 1
             verdict.add("unreadable", f"{node.name} stopped reading its log: {unreadable}")
-    check_acknowledged_present(history, logs, verdict)
+    check_acknowledged_present(history, logs, verdict, unreadable_from)
     check_nothing_unattempted(history, logs, verdict)
     check_acks_agree(history, verdict)
     return verdict
@@ -156,8 +159,9 @@ def report(
     ns = [round(t * 1e9) for t in times]
     p50, p99 = percentile_ms(ns, 0.5) / 1000, percentile_ms(ns, 0.99) / 1000
     base_rate, during_rate = rate(history, base), rate(history, during)
-    lost = [f for f in verdict.findings if f.check == "lost"]
-    lost_rounds = Counter(round_of(f.at, rounds) for f in lost)
+    lost_at = {f.key: f.at for f in verdict.findings if f.check == "lost"}
+    lost = list(lost_at)
+    lost_rounds = Counter(round_of(at, rounds) for at in lost_at.values())
     others = [f for f in verdict.findings if f.check != "lost"]
     lines = [
         f"# Failover benchmark ({started:%Y-%m-%d %H:%M} UTC)",

@@ -72,14 +72,15 @@ class Finding:
     check: str
     what: str
     at: float | None = None
+    key: str = ""  # the idempotency key of the append concerned, if one
 
 
 @dataclass
 class Verdict:
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, check: str, what: str, at: float | None = None) -> None:
-        self.findings.append(Finding(check, what, at))
+    def add(self, check: str, what: str, at: float | None = None, key: str = "") -> None:
+        self.findings.append(Finding(check, what, at, key))
 
     @property
     def ok(self) -> bool:
@@ -120,6 +121,7 @@ def check_acknowledged_present(
                         f"{ack.key} acknowledged by {ack.node} in term {ack.term} at position"
                         f" {position}; {node} holds {found} there",
                         ack.at,
+                        ack.key,
                     )
 
 
@@ -284,7 +286,9 @@ def report(
     for finding in verdict.findings:
         by_check[finding.check].append(finding)
     for check, findings in by_check.items():
-        lines += ["", f"{check}: {len(findings)} finding(s)"]
+        keys = {f.key for f in findings if f.key}
+        appends = f" ({len(keys)} append(s))" if keys else ""
+        lines += ["", f"{check}: {len(findings)} finding(s){appends}"]
         for finding in findings[:20]:
             lines.append(f"  [{round_of(finding.at, rounds)}] {finding.what}")
         if len(findings) > 20:
