@@ -7,7 +7,7 @@ DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing bench-replication bench-failover clean
+.PHONY: run cluster test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing bench-replication bench-failover clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 ## Start a server on 127.0.0.1:50051 with its data in $(DATA).
 run: $(STAMP)
 	$(BIN)/lethedb serve --data $(DATA)
+
+## etcd and three nodes on loopback (ports 23790, 50061-50063; files in ./lethedb-cluster),
+## to watch a failover: it prints the commands (docs/CLUSTERING.md).
+cluster: $(STAMP)
+	$(BIN)/python -m lethedb_server.ops.devcluster
 
 ## Lint, type-check and run the whole test suite.
 test: $(STAMP) check pytest

@@ -204,27 +204,33 @@ class ElectedCluster:
                 )
             time.sleep(0.05)
 
-    def wait_following(self, node: Node, leader: Node, *, timeout: float = WAIT_S) -> Status:
-        """Wait until *node* follows *leader*, has caught up and holds the leader's head."""
+    def wait_following(self, node: Node, *, timeout: float = WAIT_S) -> Node:
+        """Wait until *node* follows the node that leads now, has caught up with it and
+        holds its head; return that leader (another election meanwhile is waited out)."""
         deadline = time.monotonic() + timeout
         while True:
-            mine, theirs = self.status(node), self.status(leader)
+            mine = self.status(node)
+            leader = self._node_at(mine.leader) if mine is not None else None
+            theirs = self.status(leader) if leader is not None else None
             if (
                 mine is not None
                 and theirs is not None
                 and mine.role == "follower"
-                and mine.leader == leader.address
+                and theirs.role == "leader"
                 and mine.caught_up
-                and mine.commit == theirs.commit
-                and mine.position == theirs.position
+                and (mine.commit, mine.position) == (theirs.commit, theirs.position)
             ):
-                return mine
+                assert leader is not None
+                return leader
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{node.name} did not catch up with {leader.name} within {timeout:g}s: "
-                    f"{mine} / {theirs}\n" + self.logs([node, leader])
+                    f"{node.name} did not catch up with a leader within {timeout:g}s: "
+                    f"{mine} / {theirs}\n" + self.logs()
                 )
             time.sleep(0.05)
+
+    def _node_at(self, address: str) -> Node | None:
+        return next((n for n in self.nodes if n.address == address), None)
 
     def logs(self, nodes: Sequence[Node] | None = None, tail: int = 3000) -> str:
         return "\n".join(f"--- {n.name}:\n{n.logs()[-tail:]}" for n in nodes or self.nodes)

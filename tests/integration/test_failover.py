@@ -124,10 +124,10 @@ def test_killed_leader_is_replaced_and_no_acknowledged_append_is_lost(
 
         cluster.start_again(old_leader)
         acknowledged = appender.finish()
-        cluster.wait_following(old_leader, new_leader)
-        for node in survivors:
-            if node is not new_leader:
-                cluster.wait_following(node, new_leader)
+        leader = cluster.wait_following(old_leader)
+        for node in cluster.nodes:
+            if node is not leader:
+                assert cluster.wait_following(node) is leader
         logged = numbers_in_log(client)
 
     assert new_term > old_term
@@ -167,7 +167,7 @@ def test_paused_leader_stops_acknowledging_and_discards_its_tail_when_it_rejoins
     with cluster.client() as client:
         client.append(STREAM, [lethedb.Event("OrderPlaced", {"n": 1})], idempotency_key="o-1")
     for node in followers:
-        cluster.wait_following(node, old_leader)
+        assert cluster.wait_following(node) is old_leader
 
     # A tail only the old leader holds: its followers are down while it commits an
     # append, which therefore is never acknowledged (no follower holds it).
@@ -186,13 +186,14 @@ def test_paused_leader_stops_acknowledging_and_discards_its_tail_when_it_rejoins
     cluster.pause(old_leader)
     for node in followers:
         cluster.start_again(node)
-    new_leader, new_term = cluster.wait_leader(above_term=old_term, among=followers)
+    _, new_term = cluster.wait_leader(above_term=old_term, among=followers)
 
     cluster.resume(old_leader)
     alone.join(WAIT_S)
     assert answers, "the append sent to the old leader alone got no answer"
     assert answers[0] != grpc.StatusCode.OK, "the old leader acknowledged an append it held alone"
-    cluster.wait_following(old_leader, new_leader)
+    leader = cluster.wait_following(old_leader)  # the old leader follows ...
+    assert leader is not old_leader  # ... another node
     logs = old_leader.logs()
     assert re.search(r"discard", logs, re.IGNORECASE), logs[-3000:]
     assert "stopped acknowledging writes" in logs or "stepped down" in logs, logs[-3000:]
@@ -201,8 +202,8 @@ def test_paused_leader_stops_acknowledging_and_discards_its_tail_when_it_rejoins
         logged = numbers_in_log(client)
     assert logged == [1, 2], "the tail the old leader held alone survived, or a write was lost"
     for node in cluster.nodes:
-        if node is not new_leader:
-            cluster.wait_following(node, new_leader)
+        if node is not leader:
+            assert cluster.wait_following(node) is leader
     assert new_term > old_term
     cluster.stop_all()
     assert_identical(cluster.nodes)

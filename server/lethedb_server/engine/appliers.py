@@ -53,7 +53,7 @@ from lethedb_server.errors import (
     WrongExpectedVersion,
 )
 from lethedb_server.storage import codec
-from lethedb_server.storage.codec import AppendResult, LegalHold, LogMeta, Tombstone
+from lethedb_server.storage.codec import AppendResult, LegalHold, LogMeta, NodeState, Tombstone
 from lethedb_server.storage.keys import KeyStore
 from lethedb_server.storage.log import LogStore
 
@@ -78,6 +78,8 @@ class BatchState:
     #: follower applied in this batch.
     journal_head: int = 0
     journal_term: int = 0
+    #: This node's record, when the batch moves its acknowledged commit.
+    node: NodeState | None = None
 
 
 class ApplyContext:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -261,6 +262,19 @@ class ShredResult(msgspec.Struct, frozen=True):
     completed_at: int
 
 
+class ExclusiveTask(msgspec.Struct, frozen=True):
+    """Run *run* in the writer thread, alone between batches; resolves to its result.
+
+    How a change of role (a promotion, a demotion) and a truncation are
+    ordered against every write: what was queued before runs before it.
+    """
+
+    run: Callable[[], Any]
+
+    def size(self) -> int:
+        return 0
+
+
 Command = (
     AppendCommand
     | CommitCommand
@@ -270,6 +284,7 @@ Command = (
     | ShredCommand
     | RotateCommand
     | ReplicatedCommitCommand
+    | ExclusiveTask
 )
 #: Commands the writer runs alone, between batches.
-MAINTENANCE = (ShredCommand, RotateCommand)
+MAINTENANCE = (ShredCommand, RotateCommand, ExclusiveTask)

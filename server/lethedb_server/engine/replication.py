@@ -38,7 +38,7 @@ from lethedb_server.errors import LetheError, NotEnoughReplicas, ReplicationRefu
 from lethedb_server.storage import codec
 from lethedb_server.storage.codec import JournalEntry, LogMeta, Tombstone
 from lethedb_server.storage.keys import DataKey, KeyStore
-from lethedb_server.storage.log import REPLICATED_TABLES, LogStore
+from lethedb_server.storage.log import REFRESHED_TABLES, REPLICATED_TABLES, LogStore
 
 __all__ = [
     "REPLICATED_TABLES",
@@ -49,7 +49,9 @@ __all__ = [
     "ReplicatedCommitApplier",
     "RowChange",
     "SyncGate",
+    "TruncationReport",
     "build_frames",
+    "divergence_point",
 ]
 
 
@@ -117,6 +119,7 @@ def build_frames(
     sent_keys: set[tuple[str, int]],
     max_frames: int,
     max_bytes: int,
+    refresh: bool = False,
 ) -> list[CommitFrame]:
     """The frames of the commits after *after* (see ``Store.frames_after``).
 
@@ -128,10 +131,13 @@ def build_frames(
     drafts: list[tuple[int, bytes, JournalEntry, list[bytes], list[RowChange]]] = []
     size = 0
     with log_store.lmdb.read() as txn:
+        snapshot = log_store.head_in(txn)
         for commit, raw in log_store.journal_after(txn, after):
             entry = codec.decode_journal(raw)
             records = log_store.records_between(txn, entry.first_position, entry.last_position)
-            changes = _changes(log_store, txn, entry)
+            changes = _changes(log_store, txn, entry, snapshot)
+            if refresh and not drafts:
+                changes = _with_refresh(log_store, txn, changes)
             drafts.append((commit, raw, entry, records, changes))
             size += sum(len(r) for r in records) + sum(len(c.value or b"") for c in changes)
             if len(drafts) >= max_frames or size >= max_bytes:
@@ -152,22 +158,63 @@ def build_frames(
     ]
 
 
-def _changes(log_store: LogStore, txn: lmdb.Transaction, entry: JournalEntry) -> list[RowChange]:
-    """Every touched row's current value.
+def _changes(
+    log_store: LogStore, txn: lmdb.Transaction, entry: JournalEntry, snapshot: int
+) -> list[RowChange]:
+    """Every touched row's value as of the entry's commit where it can be told, else as
+    it stands in *txn* (whose log ends at *snapshot*).
 
     ``everything``: every row of every table; only a genesis entry written
     before genesis entries were bounded has it (they now list their rows).
     """
     if entry.everything:
-        return [
-            RowChange(table, key, value)
-            for table in REPLICATED_TABLES
-            for key, value in log_store.rows(txn, table)
-        ]
-    return [
-        RowChange(table, key, log_store.row(txn, table, key))
-        for table, key in dict.fromkeys(entry.touched)
-    ]
+        touched = [(t, k) for t in REPLICATED_TABLES for k, _ in log_store.rows(txn, t)]
+    else:
+        touched = list(dict.fromkeys(entry.touched))
+    if entry.last_position >= snapshot:  # nothing later: every row is as of this commit
+        return [RowChange(t, k, log_store.row(txn, t, k)) for t, k in touched]
+    head = entry.last_position
+    return [RowChange(t, k, _as_of(log_store, txn, t, k, head)) for t, k in touched]
+
+
+def _as_of(
+    log_store: LogStore, txn: lmdb.Transaction, table: str, key: bytes, head: int
+) -> bytes | None:
+    """A row's value once the log ended at *head*, when a later commit has changed it.
+
+    Rows go state-based (as they stand when sent), so a frame read while the
+    leader is ahead would carry a stream head, an idempotency result or a
+    tombstone of records its follower does not hold yet: harmless while it
+    keeps following, wrong if it is promoted then (a stream's next version
+    would skip, a retry would be answered with positions it lacks). These
+    three are told from the log: a stream's last version at or before *head*
+    (none: no row yet), an idempotency entry or a tombstone naming a later
+    position (none: written later). Legal holds and checkpoints are sent as
+    they stand (``Store.promote`` drops a checkpoint beyond its head).
+    """
+    value = log_store.row(txn, table, key)
+    if value is None:
+        return value
+    if table == "streams":
+        return log_store.stream_row_at(txn, key.decode(), value, head)
+    if table == "idempotency":
+        entry = codec.decode_idempotency(value)
+        results = (entry.result, *entry.commit)
+        return None if any(r.last_position > head for r in results) else value
+    if table == "tombstones":
+        return None if codec.decode_tombstone(value).position > head else value
+    return value
+
+
+def _with_refresh(
+    log_store: LogStore, txn: lmdb.Transaction, changes: list[RowChange]
+) -> list[RowChange]:
+    """*changes* and every row of the refreshed tables, each row once (all as of *txn*)."""
+    rows = {(c.table, c.key): c for c in changes}
+    for table in REFRESHED_TABLES:
+        for key, value in log_store.rows(txn, table):
+            rows[(table, key)] = RowChange(table, key, value)
+    return list(rows.values())
 
 
 def _keys_to_send(
@@ -321,6 +368,48 @@ def _refuse(message: str) -> None:
     raise ReplicationRefused(message)
 
 
+# -- failover: a deposed node's truncation ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TruncationReport:
+    """What ``Store.truncate_after`` discarded (nothing when ``discarded_commits`` is 0)."""
+
+    #: The journal head and the log head after the truncation.
+    commit: int
+    position: int
+    #: How many commits were discarded: ``commit + 1`` .. ``commit + discarded_commits``.
+    discarded_commits: int
+    #: The positions whose records were discarded (last < first: none).
+    first_position: int
+    last_position: int
+    #: Subjects forgotten by a discarded commit: their tombstones went with it,
+    #: and they stay forgotten on this node (their keys are already destroyed).
+    forgotten_kept: tuple[str, ...]
+    #: ``legal_holds`` and ``checkpoints`` rows a discarded commit wrote: deleted
+    #: here (the journal keeps no old value) until the leader's refresh
+    #: (``frames_after(refresh=True)``) sends them again.
+    unrestored: tuple[tuple[str, bytes], ...]
+
+
+def divergence_point(log_store: LogStore, follower_commit: int, follower_term: int) -> int:
+    """The highest commit a follower's log can share with this one (see
+    ``Store.divergence_point``)."""
+    with log_store.lmdb.read() as txn:
+        if follower_commit <= 0:
+            return 0
+        entry = log_store.journal_entry(txn, follower_commit)
+        if entry is not None and entry.term == follower_term:
+            return follower_commit
+        commit = min(follower_commit - 1, log_store.journal_head)
+        while commit > 0:
+            earlier = log_store.journal_entry(txn, commit)
+            if earlier is not None and earlier.term <= follower_term:
+                return commit
+            commit -= 1
+        return 0
+
+
 # -- leader: followers and the sync gate ----------------------------------------------
 
 
@@ -360,6 +449,16 @@ class Followers:
             node.shredded_through = max(node.shredded_through, shredded_through)
             node.acked_at = self._clock()
         self.on_ack()
+
+    def reset(self) -> None:
+        """Forget every follower and its acks (this node's leadership ended or began).
+
+        An ack names a commit number of the log it was sent for; after a
+        change of term (and maybe a truncation) the same number may be
+        another commit, so no earlier ack may count towards a sync write.
+        """
+        with self._lock:
+            self._nodes.clear()
 
     def disconnected(self, node_id: str) -> None:
         with self._lock:
@@ -475,12 +574,13 @@ class SyncGate:
         for held in ready:
             held.settle(held.items)
 
-    def stop(self) -> None:
-        """Fail everything still held (the store is closing) and end the timer."""
+    def stop(self, reason: str = "") -> None:
+        """Fail everything still held and end the timer (the store is closing, or
+        this node was deposed: *reason* is then the error's message)."""
         with self._lock:
             self._stopped = True
             self._lock.notify()
-        self._expire(float("inf"))
+        self._expire(float("inf"), reason)
 
     def _start_timer(self) -> None:
         if self._timer is None:
@@ -500,7 +600,7 @@ class SyncGate:
                     continue
             self._expire(time.monotonic())
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, reason: str = "") -> None:
         expired: list[_Held] = []
         with self._lock:
             while self._by_deadline and self._by_deadline[0].deadline <= now:
@@ -511,7 +611,8 @@ class SyncGate:
         for held in expired:
             have = self.followers.holding(held.commit)
             error = NotEnoughReplicas(
-                f"committed here but durable on only {have} of the {self.required} followers "
+                reason
+                or f"committed here but durable on only {have} of the {self.required} followers "
                 "sync_replicas asks for; not acknowledged: retry with the same idempotency key"
             )
             held.settle([(item, error) for item, _ in held.items])

@@ -17,9 +17,10 @@ import os
 import time
 from asyncio import Future
 from collections.abc import Callable
+from concurrent.futures import Future as Future_
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from lethedb_server.crypto.keyring import FileKeyring, KeyProvider
 from lethedb_server.engine import custody
@@ -31,6 +32,7 @@ from lethedb_server.engine.model import (
     CheckpointCommand,
     CommitCommand,
     CommitResult,
+    ExclusiveTask,
     ForgetCommand,
     LegalHoldCommand,
     ReplicatedCommitCommand,
@@ -47,13 +49,15 @@ from lethedb_server.engine.replication import (
     Followers,
     FollowerState,
     SyncGate,
+    TruncationReport,
     build_frames,
+    divergence_point,
 )
 from lethedb_server.engine.verify import Verifier
 from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
 from lethedb_server.errors import DataDirLocked, NotLeader, ReplicationRefused, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
-from lethedb_server.storage.codec import AppendResult
+from lethedb_server.storage.codec import AppendResult, NodeState
 from lethedb_server.storage.keys import DEFAULT_CACHE_SIZE, DEFAULT_MAX_USES, KeyStore
 from lethedb_server.storage.log import LogStore, RawPage
 
@@ -106,11 +110,13 @@ class Store:
         self.writer = writer
         self.reader = EventReader(log_store, keys)
         self._closed = False
+        self._options = opts
         self._role = opts.role
-        self._leader = opts.leader
+        writer.leading = opts.role != "follower"
+        writer.leader = opts.leader
         self._followers = Followers()
-        if opts.role != "follower" and opts.sync_replicas > 0:
-            writer.gate = SyncGate(self._followers, opts.sync_replicas, opts.sync_timeout_s)
+        if writer.leading:
+            self._open_gate()
 
     @classmethod
     def open(
@@ -213,7 +219,7 @@ class Store:
     def _refuse_on_follower(self) -> None:
         """A follower never writes on its own: its writes are its leader's."""
         if self._role == "follower":
-            raise NotLeader(self._leader)
+            raise NotLeader(self.writer.leader)
 
     def check_room(self, events: int, size: int, appends: int = 1) -> None:
         """Raise Overloaded now if the writer has no room for *appends* of this size."""
@@ -252,11 +258,11 @@ class Store:
     @property
     def leader(self) -> str:
         """The leader's client address a follower names in NotLeader ("" if unknown)."""
-        return self._leader
+        return self.writer.leader
 
     @leader.setter
     def leader(self, address: str) -> None:
-        self._leader = address
+        self.writer.leader = address
 
     @property
     def store_id(self) -> bytes:
@@ -290,17 +296,213 @@ class Store:
 
     @property
     def term(self) -> int:
-        """This node's term: its last journal entry's term (0 when the journal is empty)."""
-        return self.log.journal_term
+        """The highest term this node has seen: the one it recorded at its last promotion
+        or demotion, or its last journal entry's, whichever is higher (0: none yet)."""
+        return max(self.log.node.term, self.log.journal_term)
+
+    def journal_head(self) -> int:
+        """The commit number of the last journal entry (0 when the journal is empty)."""
+        return self.log.journal_head
 
     def journal_term(self) -> int:
         """The term of the last journal entry (0 when the journal is empty): what a
         follower's hello names with its commit, for :meth:`divergence_point`."""
         return self.log.journal_term
 
-    def journal_head(self) -> int:
-        """The commit number of the last journal entry (0 when the journal is empty)."""
-        return self.log.journal_head
+    @property
+    def acknowledged_commit(self) -> int:
+        """The highest commit whose answers this node released to clients as
+        acknowledged (without sync replication: every commit it wrote as a
+        leader). :meth:`truncate_after` never discards it."""
+        return self.writer.acknowledged
+
+    # -- failover: the election (server/lethedb_server/coord) drives these -----------------
+
+    def promote(self, term: int) -> None:
+        """Lead *term*: accept client writes, each journal entry carrying *term* (blocking).
+
+        *term* must be above :attr:`term` (ReplicationRefused otherwise: terms
+        only grow). Runs in the writer between batches, so a leader's commit
+        queued before it is applied first and one queued after is refused.
+        Data keys received from the old leader are never extended: the first
+        write of such a subject starts a new key version (KeyStore.install).
+        A follower's promotion starts the sync gate and the followers registry
+        afresh (a leader's own stay: its streams and acks are of this log). A
+        checkpoint beyond this node's head (stored by the old leader later)
+        is dropped: the group replays rather than skip events. Subjects this
+        node holds forgotten without a tombstone in its log (a forget that was
+        discarded by :meth:`truncate_after`) are forgotten again, in the log,
+        now that it leads (see docs/ARCHITECTURE.md, "Failover").
+        """
+        self._check_new_term(term, "lead")
+
+        def lead() -> None:
+            self._check_new_term(term, "lead")
+            dropped = self.log.drop_checkpoints_after(self.log.head)
+            if dropped:
+                log.warning("dropped the checkpoints of %d consumer groups beyond this log's "
+                            "head (stored by the old leader after it): they replay from the "
+                            "start until they store one again", len(dropped))  # fmt: skip
+            self._record_term(term)
+            self.writer.term = term
+            if not self.writer.leading:  # a leader's own followers and held answers stay
+                self._followers.reset()
+                self._open_gate()
+            self.writer.leader = ""
+            self.writer.leading = True
+            self._role = "leader"
+
+        self.writer.execute(ExclusiveTask(lead))
+        log.warning("leading term %d from commit %d (position %d)", term,
+                    self.log.journal_head, self.log.head)  # fmt: skip
+        self._forget_again()
+
+    def demote(self, leader: str, term: int) -> None:
+        """Follow *leader* (its client address) in *term*: refuse writes from now on (blocking).
+
+        New writes, and those queued but not yet applied, fail with
+        NotLeader(leader) at once; answers the sync gate holds fail with
+        NotEnoughReplicas (never acknowledged: the client retries them with
+        their idempotency keys, at the new leader). The term is recorded.
+        A *term* below :attr:`term`, or this node's own term while it leads
+        it, is ReplicationRefused.
+        """
+        if term < self.term or (term == self.term and self._role != "follower"):
+            raise ReplicationRefused(
+                f"term {term} is not above this node's term {self.term}"
+                + ("" if self._role == "follower" else ", which it leads")
+            )
+        self.writer.leader = leader
+        self.writer.leading = False
+        self._role = "follower"
+        reason = (
+            f"this node stopped leading (term {term} is led by {leader or 'another node'}) "
+            "before enough followers held the commit; not acknowledged: retry with the same "
+            "idempotency key"
+        )
+
+        def follow() -> None:
+            self._record_term(term)
+            gate, self.writer.gate = self.writer.gate, None
+            if gate is not None:
+                gate.stop(reason)
+            self._followers.reset()
+
+        self.writer.execute(ExclusiveTask(follow))
+        log.warning("following %s in term %d from commit %d (position %d)", leader or "?",
+                    term, self.log.journal_head, self.log.head)  # fmt: skip
+
+    def truncate_after(self, commit: int) -> TruncationReport:
+        """Discard the journal entries after *commit* and what they wrote (blocking).
+
+        For a deposed node before it follows: *commit* is where its log and the
+        new leader's part (:meth:`divergence_point`). Records, their stream
+        and subject index entries, the stream heads, the idempotency entries
+        and tombstones those commits wrote go; the log meta and journal head
+        are restored; one log transaction with fsync, logged with what went.
+        Only a follower truncates (:meth:`demote` first). A commit at or
+        below :attr:`acknowledged_commit` is never discarded:
+        ReplicationRefused, nothing changes. A subject a discarded commit
+        forgot stays forgotten here (see docs/ARCHITECTURE.md, "Failover").
+        """
+        if commit < 0:
+            raise ValidationError(f"commit must be 0 or more, not {commit}")
+        return cast(
+            TruncationReport, self.writer.execute(ExclusiveTask(lambda: self._truncate(commit)))
+        )
+
+    def _truncate(self, commit: int) -> TruncationReport:
+        """:meth:`truncate_after`, in the writer thread."""
+        if self._role != "follower":
+            raise ReplicationRefused(
+                f"this node is a {self._role}: only a follower discards commits (demote it first)"
+            )
+        head = self.log.journal_head
+        if commit >= head:
+            position = self.log.head
+            return TruncationReport(head, position, 0, position + 1, position, (), ())
+        acknowledged = self.writer.acknowledged
+        if commit < acknowledged:
+            raise ReplicationRefused(
+                f"truncating after commit {commit} would discard commits {commit + 1}.."
+                f"{acknowledged}, which this node acknowledged to clients as durable"
+                + _acknowledged_why(self._options.sync_replicas)
+                + "; nothing was discarded: an operator must decide (restore this node from "
+                "the new leader, or make it lead again)"
+            )
+        self.keys.lower_log_position(self.log.head_after_commit(commit))
+        done = self.log.truncate_after(commit)
+        self.writer.truncated()
+        report = TruncationReport(
+            commit, self.log.head, done.commits, done.first_position, done.last_position,
+            done.tombstones_removed, done.unrestored,
+        )  # fmt: skip
+        log.warning(
+            "TRUNCATED the unacknowledged tail to follow term %d: discarded commits %d..%d "
+            "(positions %d..%d); the log now ends at commit %d, position %d",
+            self.term, commit + 1, commit + done.commits, done.first_position,
+            done.last_position, commit, report.position,
+        )  # fmt: skip
+        if report.forgotten_kept:
+            log.warning(
+                "%d subjects forgotten by the discarded commits stay forgotten on this node "
+                "(their keys are destroyed); a retried forget records it again cluster-wide",
+                len(report.forgotten_kept),
+            )
+        if report.unrestored:
+            log.warning(
+                "%d legal hold and checkpoint rows written by the discarded commits keep their "
+                "value here until the leader writes them again", len(report.unrestored),
+            )  # fmt: skip
+        return report
+
+    def divergence_point(self, follower_commit: int, follower_term: int) -> int:
+        """Where a follower must truncate: the highest commit its log may share with this one.
+
+        The leader answers a follower's hello with it: *follower_commit* and
+        *follower_term* are the follower's last journal entry's commit and
+        term (:meth:`journal_term`). Like Raft's log matching, two logs that
+        hold an entry of the same commit and term are identical up to it (a
+        term has one leader, which writes each commit number once). The
+        answer is *follower_commit* itself when this log holds that entry
+        (nothing to truncate), else the highest commit of this log at or
+        below it whose term is at most *follower_term*: the follower's logs
+        cannot share more, and never share less; it is exact when that entry
+        has *follower_term*. Otherwise the follower truncates to it and says
+        hello again: each round goes down, and none below the shared point.
+        """
+        return divergence_point(self.log, follower_commit, follower_term)
+
+    def _check_new_term(self, term: int, what: str) -> None:
+        if term <= self.term:
+            raise ReplicationRefused(
+                f"cannot {what} term {term}: this node has seen term {self.term} (terms only grow)"
+            )
+
+    def _record_term(self, term: int) -> None:
+        """Record *term* (and the acknowledged commit) in the log, with fsync; writer thread."""
+        node = NodeState(max(term, self.log.node.term), self.writer.acknowledged)
+        self.log.lmdb.write(lambda txn: self.log.put_node(txn, node))
+        self.log.node = node
+
+    def _open_gate(self) -> None:
+        """A sync gate for this node's leadership, when sync_replicas asks for one."""
+        opts = self._options
+        if opts.sync_replicas > 0:
+            self.writer.gate = SyncGate(self._followers, opts.sync_replicas, opts.sync_timeout_s)
+
+    def _forget_again(self) -> None:
+        """Forget, in the log, each subject only the key store remembers forgotten.
+
+        Queued, not awaited: a legal hold or a full queue is logged, and the
+        subject stays forgotten here either way (its keys are gone).
+        """
+        in_log = {subject for subject, _ in self.log.all_tombstones()}
+        for subject in sorted(self.keys.forgotten_subjects() - in_log):
+            tombstone = self.keys.forgotten_tombstone(subject)
+            reason = tombstone.reason if tombstone is not None else "forgotten before failover"
+            future = self.writer.submit(ForgetCommand(subject, reason, "failover"))
+            future.add_done_callback(_log_forget_again(subject))
 
     def on_journal(self, listener: Callable[[int], None]) -> None:
         """Call *listener(commit)* from the writer thread after each commit that wrote a
@@ -313,6 +515,7 @@ class Store:
         sent_keys: set[tuple[str, int]],
         max_frames: int = 256,
         max_bytes: int = 8 << 20,
+        refresh: bool = False,
     ) -> list[CommitFrame]:
         """The commits after *commit*, in order, read in one read transaction (blocking).
 
@@ -321,16 +524,31 @@ class Store:
         that are not in *sent_keys* (which it adds them to: one set per stream).
         A forgotten subject's key no longer exists and is never sent. At least
         one frame when there is one, then up to *max_frames* / *max_bytes*.
-        """
-        return build_frames(self.log, self.keys, commit, sent_keys, max_frames, max_bytes)
 
-    def apply_replicated(self, frame: CommitFrame) -> Future[int]:
+        *refresh*: the first frame also carries every row of ``legal_holds`` and
+        ``checkpoints`` (small tables) as they stand, which a follower that
+        truncated its tail lacks (:meth:`truncate_after` cannot restore them).
+        The service asks for it on the first frames of each Follow stream
+        (until one frame was sent: there may be none yet).
+        """
+        return build_frames(self.log, self.keys, commit, sent_keys, max_frames, max_bytes, refresh)
+
+    def apply_replicated(self, frame: CommitFrame, leader_term: int | None = None) -> Future[int]:
         """Queue a leader's commit (a follower only); resolves to its commit number once
         durable. A frame that does not fit this log fails with ReplicationRefused and
-        writes nothing; one already held succeeds as a no-op."""
+        writes nothing; one already held succeeds as a no-op.
+
+        *leader_term*: the term of the leader that sent it (its welcome's). A
+        frame's own term may be an old one (the new leader sends its history
+        too), so only the sender's term tells a deposed leader's stream from
+        the current one: below this node's :attr:`term`, ReplicationRefused.
+        """
         if self._role != "follower":
             raise ReplicationRefused(f"this node is a {self._role}, not a follower: it "
                                      "applies no other node's commits")  # fmt: skip
+        if leader_term is not None and leader_term < self.term:
+            raise ReplicationRefused(f"a commit from a leader of term {leader_term}, below "
+                                     f"this node's term {self.term}")  # fmt: skip
         return self.writer.submit_async(ReplicatedCommitCommand(frame))
 
     def set_fence(self, may_acknowledge: Callable[[], bool] | None) -> None:
@@ -345,9 +563,22 @@ class Store:
         self._followers.connected(node_id, advertise)
 
     def replica_acked(
-        self, node_id: str, commit: int, position: int, shredded_through: int
+        self,
+        node_id: str,
+        commit: int,
+        position: int,
+        shredded_through: int,
+        term: int | None = None,
     ) -> None:
-        """A follower holds *commit* (log head *position*) durably; may release sync writes."""
+        """A follower holds *commit* (log head *position*) durably; may release sync writes.
+
+        *term*: the follower's term; an ack from below this node's term (a
+        stream of an earlier leadership) is ReplicationRefused and not counted.
+        """
+        if term is not None and term < self.term:
+            raise ReplicationRefused(
+                f"an ack of term {term} from {node_id}, below this node's term {self.term}"
+            )
         self._followers.acked(node_id, commit, position, shredded_through)
 
     def replica_disconnected(self, node_id: str) -> None:
@@ -516,6 +747,24 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _acknowledged_why(sync_replicas: int) -> str:
+    if sync_replicas:
+        return f" (held by the {sync_replicas} followers sync_replicas asks for)"
+    return " (without sync_replicas every commit of a leader is acknowledged once it is durable)"
+
+
+def _log_forget_again(subject: str) -> Callable[[Future_[object]], None]:
+    def done(future: Future_[object]) -> None:
+        error = future.exception()
+        if error is None:
+            log.info("recorded the erasure of a subject forgotten before the failover")
+        else:
+            log.error("could not record the erasure of %r, forgotten here before the failover "
+                      "(it stays forgotten on this node): %s", subject, error)  # fmt: skip
+
+    return done
 
 
 @dataclass(frozen=True)

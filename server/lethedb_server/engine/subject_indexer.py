@@ -76,6 +76,10 @@ class SubjectIndexer:
         self._retry_at = time.monotonic() + _MERGE_RETRY_S
         return False
 
+    def truncated(self) -> None:
+        """The log's tail was discarded: the keys remembered for it are wrong now."""
+        self._known_keys = KnownIndexKeys(self.log.meta.last_position + 1, cap=4 * self.chunk)
+
     def catch_up(self) -> None:
         """Merge while a whole chunk is waiting (after a batch): appends stall per chunk."""
         while self.unindexed() >= self.chunk:

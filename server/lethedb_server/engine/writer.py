@@ -43,6 +43,7 @@ from lethedb_server.engine.model import (
     AppendCommand,
     Command,
     CommitCommand,
+    ExclusiveTask,
     ForgetCommand,
     ReplicatedCommitCommand,
     human_size,
@@ -54,12 +55,13 @@ from lethedb_server.errors import (
     LetheError,
     NotLeader,
     Overloaded,
+    ReplicationRefused,
     ShuttingDown,
     StorageFull,
 )
 from lethedb_server.faults import fault_point
 from lethedb_server.storage import codec
-from lethedb_server.storage.codec import AppendResult, JournalEntry, Tombstone
+from lethedb_server.storage.codec import AppendResult, JournalEntry, NodeState, Tombstone
 from lethedb_server.storage.keys import KeyStore
 from lethedb_server.storage.lmdbenv import is_disk_full
 from lethedb_server.storage.log import LogStore
@@ -183,8 +185,16 @@ class Writer:
         self._context = ApplyContext(log_store, keys, self._idempotency, clock)
         self._appliers = appliers.default_appliers(self._context)
         self._appliers[ReplicatedCommitCommand] = ReplicatedCommitApplier(self._context)
-        #: The term each journal entry carries (1 until failover exists).
-        self.term = max(1, log_store.journal_term)
+        #: The term each journal entry of its own carries (see Store.promote).
+        self.term = max(1, log_store.journal_term, log_store.node.term)
+        #: Whether it applies client writes (a leader or a single node) or only
+        #: a leader's commits (a follower; client writes fail with NotLeader).
+        self.leading = True
+        #: The leader a follower names in NotLeader.
+        self.leader = ""
+        #: The highest commit whose answers were released as acknowledged.
+        self.acknowledged = log_store.node.acknowledged_commit
+        self._acknowledged_lock = threading.Lock()
         #: Holds successful answers until enough followers have the commit (None: never).
         self.gate: SyncGate | None = None
         #: Whether this node may acknowledge a write now (an elected leader's lease, checked
@@ -454,7 +464,11 @@ class Writer:
         if not pending.start():
             self._release([pending])
             return
-        task = self.maintenance.get(type(pending.command))
+        command = pending.command
+        if isinstance(command, ExclusiveTask):
+            self._run_exclusive(pending, command)
+            return
+        task = self.maintenance.get(type(command))
         if task is None:
             name = type(pending.command).__name__
             self._settle([(pending, LetheError(f"{name} is not configured on this store"))])
@@ -462,6 +476,18 @@ class Writer:
         try:
             result = task()
         except LetheError as exc:
+            self._settle([(pending, exc)])
+        else:
+            self._settle([(pending, result)])
+
+    def _run_exclusive(self, pending: _Pending, command: ExclusiveTask) -> None:
+        """Run an exclusive task; whatever it raises goes to its caller (logged if unexpected)."""
+        try:
+            result = command.run()
+        except LetheError as exc:
+            self._settle([(pending, exc)])
+        except Exception as exc:
+            log.exception("a writer task failed")
             self._settle([(pending, exc)])
         else:
             self._settle([(pending, result)])
@@ -499,6 +525,8 @@ class Writer:
         self.log.meta = state.meta
         journaled = state.journal_head != self.log.journal_head
         self.log.journal_head, self.log.journal_term = state.journal_head, state.journal_term
+        if state.node is not None:
+            self.log.node = state.node
         self.batches += 1
         self.commands += len(live)
         self._erase_keys(state.forgotten)
@@ -523,15 +551,59 @@ class Writer:
         """
         settled = self._fenced(settled)
         gate = self.gate
+        head = self.log.journal_head
         if gate is not None and gate.required:
             held = [(p, o) for p, o in settled if is_success(o)]
-            if held and gate.hold(self.log.journal_head, held, self._settle_fenced):
+            if held and gate.hold(head, held, self._release_held(head)):
                 settled = [(p, o) for p, o in settled if not is_success(o)]
+        if self.leading and any(is_success(o) for _, o in settled):
+            self._acknowledge(head)
         self._settle(settled)
 
-    def _settle_fenced(self, settled: list[tuple[_Pending, Any]]) -> None:
-        """How the sync gate settles what it held: through the fence once more."""
-        self._settle(self._fenced(settled))
+    def _release_held(self, commit: int) -> Callable[[list[tuple[Any, Any]]], None]:
+        """How the sync gate settles what it held for *commit* (from any thread)."""
+
+        def settle(items: list[tuple[Any, Any]]) -> None:
+            items = self._fenced(items)  # the lease may have lapsed while they were held
+            if any(is_success(outcome) for _, outcome in items):
+                self._acknowledge(commit)
+            self._settle(items)
+
+        return settle
+
+    def _acknowledge(self, commit: int) -> None:
+        """Answers of *commit* go out as acknowledged: raise the high-water mark.
+
+        In memory at once; on disk with the next batch (or at once, in the
+        batch itself, without a sync gate: see :meth:`_node_state`).
+        """
+        with self._acknowledged_lock:
+            self.acknowledged = max(self.acknowledged, commit)
+
+    def _node_state(self, state: BatchState) -> NodeState | None:
+        """The node record this batch must write, if its acknowledged commit moves.
+
+        Without a sync gate every commit of a leader is acknowledged as soon
+        as it is durable, so the batch records its own journal head (before
+        any answer goes out, whatever crashes next). With one, answers are
+        released later by followers' acks: the mark is written with the next
+        batch, so after a crash it may lag the last answers (those commits are
+        on ``sync_replicas`` followers: the election keeps them).
+        """
+        mark = self.acknowledged
+        gate = self.gate
+        fence = self.fence
+        if self.leading and (gate is None or not gate.required) and (fence is None or fence()):
+            mark = max(mark, state.journal_head)  # (a lapsed lease: answered NotLeader)
+        node = self.log.node
+        if mark <= node.acknowledged_commit:
+            return None
+        return NodeState(node.term, mark)
+
+    def truncated(self) -> None:
+        """The log's tail was discarded (``Store.truncate_after``, in this thread):
+        forget the subject index keys of the positions that went."""
+        self._indexer.truncated()
 
     def _fenced(self, settled: list[tuple[_Pending, Any]]) -> list[tuple[_Pending, Any]]:
         """*settled* with each success answered NotLeader if the fence says no now.
@@ -608,6 +680,10 @@ class Writer:
             self._journal(txn, state)
             if state.meta is not log_store.meta:
                 log_store.put_meta(txn, state.meta)
+            node = self._node_state(state)
+            if node is not None:
+                log_store.put_node(txn, node)
+                state.node = node
             started = time.perf_counter()
             txn.commit()
             state.commit_seconds = time.perf_counter() - started
@@ -644,6 +720,12 @@ class Writer:
         return {s: n for s, n in demand.items() if not is_forgotten(s)}
 
     def _apply(self, txn: lmdb.Transaction, command: Command, state: BatchState) -> Result:
+        replicated = isinstance(command, ReplicatedCommitCommand)
+        if replicated and self.leading:
+            raise ReplicationRefused(f"this node leads term {self.term}: it applies no other "
+                                     "node's commits")  # fmt: skip
+        if not replicated and not self.leading:
+            raise NotLeader(self.leader)  # demoted after the write was queued
         applier = self._appliers.get(type(command))
         if applier is None:
             raise TypeError(f"the writer cannot apply {type(command).__name__} in a batch")

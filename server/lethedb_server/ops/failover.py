@@ -227,6 +227,7 @@ class ClusterMember:
             return
         self._leading, self._lapsed = term, False
         self._following = None
+        store.leader = self.election.node.advertise  # what cluster status shows as the leader
         self.reads.mark_caught_up()
         log.info(
             "leading cluster %s at term %d; clients reach it at %s",

@@ -168,6 +168,19 @@ class KeyStoreMark(msgspec.Struct, array_like=True, frozen=True, gc=False):
     key_generation: int
 
 
+class NodeState(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The log's ``meta`` value under ``b"node"``: this node's place in a cluster.
+
+    Local, never replicated. ``term``: the highest term this node recorded
+    (at a promotion or a demotion; its journal may not hold an entry of it
+    yet). ``acknowledged_commit``: the highest commit whose answers this node
+    released to clients as acknowledged, which a truncation never discards.
+    """
+
+    term: int = 0
+    acknowledged_commit: int = 0
+
+
 class RecordSubject(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """The leading fields of a :class:`RecordBody`, through its subject id.
 
@@ -240,6 +253,7 @@ _key_meta_decoder = msgspec.msgpack.Decoder(KeyStoreMeta)
 _key_mark_decoder = msgspec.msgpack.Decoder(KeyStoreMark)
 _key_ref_decoder = msgspec.msgpack.Decoder(RecordKeyRef)
 _journal_decoder = msgspec.msgpack.Decoder(JournalEntry)
+_node_decoder = msgspec.msgpack.Decoder(NodeState)
 
 decode_payload = _payload_decoder.decode
 decode_stream = _stream_decoder.decode
@@ -250,6 +264,7 @@ decode_epoch = _epoch_decoder.decode
 decode_key_meta = _key_meta_decoder.decode
 decode_key_mark = _key_mark_decoder.decode
 decode_journal = _journal_decoder.decode
+decode_node = _node_decoder.decode
 
 
 def decode_record_key_ref(value: bytes | memoryview) -> RecordKeyRef:

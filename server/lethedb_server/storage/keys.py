@@ -646,6 +646,23 @@ class KeyStore:
             self.meta = meta
         self._write(put)
 
+    def lower_log_position(self, position: int) -> None:
+        """Record that the log now ends at *position*, below what this key store has seen.
+
+        Only a truncation of the log's unacknowledged tail (a deposed leader
+        rejoining) moves the high-water mark down; done before the log is
+        truncated, so a crash in between leaves a log ahead of its key store
+        (normal), never one behind it (a restored log, refused at start-up).
+        """
+        current = self.meta
+        if current is None or current.log_position <= position:
+            return
+        meta = msgspec.structs.replace(
+            current, generation=current.generation + 1, log_position=position
+        )
+        self.lmdb.write(lambda txn: txn.put(META_KEY, codec.encode(meta), db=self.lmdb.dbs["meta"]))
+        self.meta = meta
+
     def mark_position(self) -> None:
         """Record the log's head as seen (a clean close does this last)."""
         self._write(lambda txn: None)

@@ -18,7 +18,8 @@ Named databases (see docs/ARCHITECTURE.md for the value formats):
 * ``idempotency``: idempotency key -> IdempotencyEntry
 * ``idempotency_expiry``: u64 BE created-at ns + key -> empty (for the sweeper)
 * ``checkpoints``: consumer group -> u64 BE position
-* ``meta``: ``log`` -> LogMeta
+* ``meta``: ``log`` -> LogMeta; ``node`` -> NodeState (this node's term and
+  acknowledged commit, local)
 * ``journal``: u64 BE commit number (1, 2, ... no gaps) -> JournalEntry: one
   per writer commit that changed replicated state (the unit of replication)
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -50,8 +52,10 @@ from lethedb_server.storage import codec
 from lethedb_server.storage.codec import (
     EpochRecord,
     IdempotencyEntry,
+    JournalEntry,
     LegalHold,
     LogMeta,
+    NodeState,
     StreamInfo,
     Tombstone,
 )
@@ -73,13 +77,18 @@ LOG_DBS = (
 )
 #: The side tables a journal entry may name as touched (replicated as rows).
 REPLICATED_TABLES: Final = ("streams", "idempotency", "tombstones", "legal_holds", "checkpoints")
+#: The small side tables a leader sends whole on request (``frames_after(refresh=True)``):
+#: a truncation cannot restore their rows (the journal keeps no old values).
+REFRESHED_TABLES: Final = ("legal_holds", "checkpoints")
 #: The records of the ``meta`` table: the log meta (``LogMeta``), the key-store
 #: generation the log last saw (see custody.py) and the format of the
 #: idempotency fingerprints (see idempotency.py). Nothing else belongs there.
 META_LOG: Final = b"log"
 META_KEY_STORE_MARK: Final = b"keys"
 META_IDEMPOTENCY_FORMAT: Final = b"idempotency_format"
-META_RECORDS: Final = frozenset({META_LOG, META_KEY_STORE_MARK, META_IDEMPOTENCY_FORMAT})
+#: This node's term and acknowledged commit (``NodeState``; local, never replicated).
+META_NODE: Final = b"node"
+META_RECORDS: Final = frozenset({META_LOG, META_KEY_STORE_MARK, META_IDEMPOTENCY_FORMAT, META_NODE})
 _META_KEY = META_LOG
 #: The bounds of each genesis journal entry (see :meth:`LogStore.write_genesis`):
 #: the bytes of its records (or of its rows' keys and values), and their count.
@@ -158,6 +167,8 @@ class LogStore:
         self.meta = self._load_or_init_meta()
         #: The last journal entry's commit number and term (0, 0: none), as committed.
         self.journal_head, self.journal_term = self._load_journal_head()
+        #: This node's recorded term and acknowledged commit, as committed.
+        self.node = self._load_node()
 
     def close(self) -> None:
         self.lmdb.close()
@@ -190,6 +201,15 @@ class LogStore:
                 return 0, 0
             commit = codec.from_u64(cursor.key())
             return commit, codec.decode_journal(cursor.value()).term
+
+    def _load_node(self) -> NodeState:
+        with self.lmdb.read() as txn:
+            raw = txn.get(META_NODE, db=self.meta_db)
+        return NodeState() if raw is None else codec.decode_node(raw)
+
+    def put_node(self, txn: lmdb.Transaction, node: NodeState) -> None:
+        """Record this node's term and acknowledged commit (set ``self.node`` after commit)."""
+        txn.put(META_NODE, codec.encode(node), db=self.meta_db)
 
     # -- the journal (replication) ----------------------------------------------
 
@@ -250,6 +270,47 @@ class LogStore:
             txn.delete(key, db=db)
         else:
             txn.put(key, value, db=db)
+
+    def drop_checkpoints_after(self, head: int) -> list[str]:
+        """Delete every consumer group checkpoint beyond *head*; return those groups (fsync).
+
+        A follower promoted while behind may hold a checkpoint its old leader
+        stored past this log's head (rows are sent as they stand): kept, it
+        would make the group skip the new leader's events at those positions.
+        """
+
+        def drop(txn: lmdb.Transaction) -> list[str]:
+            groups = [k for k, v in self.rows(txn, "checkpoints") if codec.from_u64(v) > head]
+            for group in groups:
+                txn.delete(group, db=self.checkpoints)
+            return [g.decode() for g in groups]
+
+        return self.lmdb.write(drop)
+
+    def stream_row_at(
+        self, txn: lmdb.Transaction, stream_id: str, value: bytes, head: int
+    ) -> bytes | None:
+        """The ``streams`` row *value* as it was when the log ended at *head*.
+
+        None: the stream did not exist yet. A stream's versions lie at growing
+        positions, so its last version at or before *head* is found by a
+        binary search of the stream index (a follower catching up on a long,
+        busy stream must not walk back over every later version per frame).
+        """
+        info = codec.decode_stream(value)
+        if info.first_position > head:
+            return None
+        low, high = 0, info.last_version
+        while low < high:
+            middle = (low + high + 1) // 2
+            raw = txn.get(codec.stream_version_key(stream_id, middle), db=self.stream_index)
+            if raw is not None and codec.from_u64(raw) <= head:
+                low = middle
+            else:
+                high = middle - 1
+        if low == info.last_version:
+            return value
+        return codec.encode(StreamInfo(low, info.first_position, info.created_at))
 
     def _replicated(self, table: str) -> Any:
         if table not in REPLICATED_TABLES:
@@ -347,6 +408,116 @@ class LogStore:
                 size += length
         if chunk:
             yield tuple(chunk)
+
+    def journal_entry(self, txn: lmdb.Transaction, commit: int) -> JournalEntry | None:
+        """The journal entry of *commit* (None: no such commit)."""
+        raw = txn.get(codec.u64(commit), db=self.journal)
+        return None if raw is None else codec.decode_journal(raw)
+
+    def head_after_commit(self, commit: int) -> int:
+        """The log head once *commit* was applied (its entry's last position; 0 for 0)."""
+        with self.lmdb.read() as txn:
+            entry = self.journal_entry(txn, commit) if commit else None
+        return 0 if entry is None else entry.last_position
+
+    def truncate_after(self, commit: int) -> Truncation:
+        """Discard every journal entry after *commit* and what it wrote, in one transaction.
+
+        The records of their positions with their ``stream_index`` and
+        ``subject_index`` entries; the ``streams`` rows go back to the last
+        version kept (or go, for a stream the discarded commits began); the
+        idempotency entries and tombstones those commits wrote go; the log meta
+        (last position, chain head, ``subject_indexed``) and the journal head
+        are restored. Rows of ``legal_holds`` and ``checkpoints`` they wrote
+        cannot be restored (the journal holds no old values): they are deleted
+        and named in the result, for the leader's refresh to send again.
+        Commits with fsync; the caller orders it against the writer (it runs
+        in the writer thread).
+        """
+        truncation = self.lmdb.write(lambda txn: self._truncate(txn, commit))
+        if truncation.commits:
+            self.meta = truncation.meta
+            self.journal_head, self.journal_term = commit, truncation.term
+        return truncation
+
+    def _truncate(self, txn: lmdb.Transaction, commit: int) -> Truncation:
+        entries = [codec.decode_journal(raw) for _, raw in self.journal_after(txn, commit)]
+        meta = codec.decode_meta(cast(bytes, txn.get(_META_KEY, db=self.meta_db)))
+        kept = self.journal_entry(txn, commit) if commit else None
+        term = 0 if kept is None else kept.term
+        if not entries:
+            return Truncation(0, meta.last_position + 1, meta.last_position, meta, term, (), ())
+        head = entries[0].first_position - 1
+        if entries[-1].last_position != meta.last_position:
+            raise DataLoss(f"the journal ends at position {entries[-1].last_position} but the "
+                           f"log at {meta.last_position}; {REMEDY}")  # fmt: skip
+        touched = _touched(txn, self, entries)
+        self._drop_records(txn, head, meta)
+        forgotten = self._drop_rows(txn, touched, head)
+        chain = codec.GENESIS_HASH if head == 0 else cast(bytes, self.record_at(txn, head))
+        restored = msgspec.structs.replace(
+            meta,
+            last_position=head,
+            chain_head=chain[-codec.HASH_SIZE :],
+            subject_indexed=min(meta.subject_indexed, head),
+        )
+        self.put_meta(txn, restored)
+        for number in range(commit + 1, commit + len(entries) + 1):
+            txn.delete(codec.u64(number), db=self.journal)
+        unrestored = tuple((t, k) for t, k in touched if t in ("legal_holds", "checkpoints"))
+        return Truncation(
+            len(entries), head + 1, meta.last_position, restored, term, forgotten, unrestored
+        )
+
+    def _drop_records(self, txn: lmdb.Transaction, head: int, meta: LogMeta) -> None:
+        """Delete the records after *head* and their index entries; roll back stream heads."""
+        first_dropped: dict[str, int] = {}
+        for position, value in enumerate(
+            self.records_between(txn, head + 1, meta.last_position), start=head + 1
+        ):
+            record = codec.decode_record_subject(value)
+            txn.delete(
+                codec.stream_version_key(record.stream_id, record.stream_version),
+                db=self.stream_index,
+            )
+            if position <= meta.subject_indexed:
+                txn.delete(
+                    codec.subject_position_key(record.subject_id, position), db=self.subject_index
+                )
+            first_dropped.setdefault(record.stream_id, record.stream_version)
+            txn.delete(codec.u64(position), db=self.events)
+        for stream_id, version in first_dropped.items():
+            info = self.stream_info(txn, stream_id)
+            if info is None or version == 0:
+                txn.delete(stream_id.encode(), db=self.streams)
+            else:
+                self.put_stream_info(
+                    txn, stream_id, codec.StreamInfo(version - 1, info.first_position,
+                                                     info.created_at),
+                )  # fmt: skip
+
+    def _drop_rows(
+        self, txn: lmdb.Transaction, touched: list[tuple[str, bytes]], head: int
+    ) -> tuple[str, ...]:
+        """Delete the side table rows the discarded commits wrote (stream heads apart).
+
+        Idempotency entries and legal holds and checkpoints go whole (the journal
+        keeps no old value: the leader's refresh brings back the latter two);
+        tombstones go when their erasure record is beyond *head*. Return the
+        subjects whose tombstones went.
+        """
+        forgotten: list[str] = []
+        for table, key in touched:
+            if table == "idempotency":
+                self.delete_idempotency(txn, key)
+            elif table in REFRESHED_TABLES:
+                txn.delete(key, db=self._replicated(table))
+            elif table == "tombstones":
+                raw = txn.get(key, db=self.tombstones)
+                if raw is not None and codec.decode_tombstone(raw).position > head:
+                    txn.delete(key, db=self.tombstones)
+                    forgotten.append(key.decode())
+        return tuple(forgotten)
 
     @property
     def head(self) -> int:
@@ -811,6 +982,39 @@ class LogStore:
         """Tombstones whose shred epoch has not run yet."""
         epoch = self.meta.shred_epoch
         return sum(1 for _, t in self.all_tombstones() if t.shred_epoch > epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """What :meth:`LogStore.truncate_after` discarded."""
+
+    #: Journal entries (commits) discarded; 0: nothing was.
+    commits: int
+    #: The positions whose records were discarded (last < first: none).
+    first_position: int
+    last_position: int
+    #: The log meta after it.
+    meta: LogMeta
+    #: The term of the last journal entry kept (0: none).
+    term: int
+    #: Subjects whose tombstones (written by a discarded commit) were removed.
+    tombstones_removed: tuple[str, ...]
+    #: ``legal_holds`` and ``checkpoints`` rows the discarded commits wrote,
+    #: deleted here until the leader's refresh sends them again.
+    unrestored: tuple[tuple[str, bytes], ...]
+
+
+def _touched(
+    txn: lmdb.Transaction, log_store: LogStore, entries: list[JournalEntry]
+) -> list[tuple[str, bytes]]:
+    """The rows the *entries* name (every row, for an old unbounded genesis), each once."""
+    rows: dict[tuple[str, bytes], None] = {}
+    for entry in entries:
+        if entry.everything:
+            for table in REPLICATED_TABLES:
+                rows.update(((table, k), None) for k, _ in log_store.rows(txn, table))
+        rows.update(dict.fromkeys(entry.touched))
+    return list(rows)
 
 
 def indexed_subject_positions(

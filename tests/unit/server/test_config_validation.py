@@ -6,6 +6,8 @@ ends the start with one line naming the option, and no data directory.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lethedb_server.errors import ValidationError
@@ -113,6 +115,38 @@ def test_the_client_tls_files_of_the_follower_go_together(tmp_path):
     cert.write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ValidationError, match="follow_tls_key"):
         config.load({"follow": "db-a:7000", "follow_tls_cert": str(cert)}, environ={})
+
+
+ETCD = "http://127.0.0.1:2379"
+
+
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        ({"cluster": "orders"}, "cluster needs etcd"),
+        ({"etcd": ETCD}, "etcd is set without cluster"),
+        ({"cluster": "orders", "etcd": ETCD, "follow": "db-a:7000"}, "exclude each other"),
+        ({"cluster": "orders/eu", "etcd": ETCD}, "cluster is 'orders/eu'"),
+        ({"cluster": "orders", "etcd": "etcd-without-port"}, "etcd: etcd endpoint"),
+        ({"cluster": "orders", "etcd": ETCD, "listen": "0.0.0.0:50051"}, "--advertise"),
+        ({"cluster": "orders", "etcd": ETCD, "listen": "127.0.0.1:0"}, "--advertise"),
+        ({"cluster": "orders", "etcd": ETCD, "lease_ttl_s": 0}, "lease_ttl_s"),
+    ],
+)
+def test_a_bad_cluster_setting_is_refused_in_one_line(flags, why):
+    with pytest.raises(ValidationError, match=re.escape(why)) as refused:
+        config.load(flags, environ={})
+    assert "\n" not in str(refused.value)
+
+
+def test_a_cluster_member_starts_as_a_follower_of_nobody():
+    member = config.load(
+        {"cluster": "orders", "etcd": f"{ETCD},http://127.0.0.2:2379", "advertise": "db-a:7000"},
+        environ={},
+    )
+    options = member.store_options()
+    assert (options.role, options.leader) == ("follower", "")
+    assert member.lease_ttl_s == 5
 
 
 CLUSTER = {"cluster": "c1", "etcd": "http://127.0.0.1:2379", "advertise": "127.0.0.1:7001"}

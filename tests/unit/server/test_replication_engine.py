@@ -37,7 +37,7 @@ from lethedb_server.errors import (
     WrongExpectedVersion,
 )
 from lethedb_server.storage import codec
-from lethedb_server.storage.log import GENESIS_MAX_BYTES, GENESIS_MAX_ITEMS
+from lethedb_server.storage.log import GENESIS_MAX_BYTES, GENESIS_MAX_ITEMS, LogStore
 
 T = TypeVar("T")
 LEADER_ADDRESS = "leader.example:7000"
@@ -531,6 +531,30 @@ def test_the_genesis_of_a_large_store_is_bounded_entries(
     assert records(follower) == records(leader)
     assert rows(follower, "idempotency") == rows(leader, "idempotency")
     assert readable(follower) == readable(leader)
+
+
+def test_genesis_entries_list_the_side_table_rows_in_bounded_chunks(
+    stores: Callable[..., Store], tmp_path: Path
+) -> None:
+    old = stores("old")
+    busy_history(old)
+    old.close()
+    _drop_journal(tmp_path / "old" / "log")
+    log_store = LogStore(tmp_path / "old" / "log")
+    try:
+        written = log_store.write_genesis(1, 0, max_bytes=1 << 20, max_items=2)
+        with log_store.lmdb.read() as txn:
+            entries = [codec.decode_journal(v) for _, v in log_store.journal_after(txn, 0)]
+            every_row = [(t, k) for t in REPLICATED_TABLES for k, _ in log_store.rows(txn, t)]
+    finally:
+        log_store.close()
+
+    assert written == len(entries) == log_store.journal_head
+    assert all(len(e.touched) + e.last_position - e.first_position + 1 <= 2 for e in entries)
+    assert [p for e in entries for p in range(e.first_position, e.last_position + 1)] == list(
+        range(1, log_store.head + 1)
+    )
+    assert [row for e in entries for row in e.touched] == every_row
 
 
 def _drop_journal(log_dir: Path) -> None:
