@@ -117,7 +117,16 @@ def judge(cluster: FailoverCluster, load: Load, history: History) -> Verdict:
     check_acknowledged_present(history, logs, verdict, unreadable_from)
     check_nothing_unattempted(history, logs, verdict)
     check_acks_agree(history, verdict)
-    check_subscriber(load.subscriber.seen, logs[leader], load.subscriber.error, verdict)
+    # Against the leader's log, or a node's that reads whole when the leader's does not.
+    whole = [name for name in (leader, *logs) if name not in unreadable_from]
+    reference = whole[0] if whole else max(logs, key=lambda name: len(logs[name]))
+    check_subscriber(
+        load.subscriber.seen,
+        logs[reference],
+        load.subscriber.error,
+        verdict,
+        whole=reference not in unreadable_from,
+    )
     check_forgets_on_logs(history, logs, verdict)
     return verdict
 
