@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import time
@@ -60,6 +61,7 @@ from benchmarks.report import (
     command_line,
     environment,
     environment_section,
+    filesystem_of,
     fmt,
     percentile_ms,
     publish,
@@ -83,6 +85,9 @@ class Cluster:
     root: Path
     followers: int = 2
     sync_replicas: int = 0
+    #: Where the followers' directories go (default: *root*); another filesystem
+    #: (tmpfs, say) tells the followers' fsyncs from the rest of their cost.
+    followers_root: Path | None = None
     leader: Server = field(init=False)
     nodes: list[Server] = field(init=False, default_factory=list)
 
@@ -91,16 +96,12 @@ class Cluster:
             "leader", ["--node-id", "leader", "--sync-replicas", str(self.sync_replicas)]
         )
 
-    def server(self, name: str, args: list[str]) -> Server:
-        """A node's server process (not started) in its own directory under the root."""
-        home = self.root / name
+    def server(self, name: str, args: list[str], root: Path | None = None) -> Server:
+        """A node's server process (not started) in its own directory under *root*."""
+        home = (root or self.root) / name
         home.mkdir(parents=True, exist_ok=True)
-        keyring = ["--keyring", str(self.keyring(name))]
+        keyring = ["--keyring", str(home / "master.keyring")]
         return Server(home / "data", home / "server.log", [*keyring, *args])
-
-    def keyring(self, name: str) -> Path:
-        """A node's master keyring: its own, outside its data directory."""
-        return self.root / name / "master.keyring"
 
     def start(self) -> Cluster:
         self.leader.start()
@@ -110,7 +111,9 @@ class Cluster:
         return self
 
     def add_follower(self, name: str) -> Server:
-        follower = self.server(name, ["--node-id", name, "--follow", self.leader.address])
+        follower = self.server(
+            name, ["--node-id", name, "--follow", self.leader.address], self.followers_root
+        )
         follower.start()
         self.nodes.append(follower)
         return follower
@@ -336,6 +339,8 @@ class CatchUp:
     decrypt_events_per_s: float = 0.0
     ready_s: float = 0.0  # follower process start to its ready file
     seconds: float = 0.0  # follower process start to holding the head
+    leader_cpu_s: float = 0.0  # over those seconds
+    follower_cpu_s: float = 0.0  # since its start
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -349,7 +354,7 @@ def run_catch_up(root: Path, args: argparse.Namespace, subjects: list[str]) -> C
     result = CatchUp()
     cluster = Cluster(root, followers=0)
     print(f"Catch-up: building a log of {args.catch_up_events:,} events ...", flush=True)
-    options = StoreOptions(keyring_path=cluster.keyring("leader"))
+    options = StoreOptions(keyring_path=cluster.leader.data_dir.parent / "master.keyring")
     with Store.open(cluster.leader.data_dir, options) as store:
         build_log(store, args.catch_up_events, subjects, args.payload_bytes)
         raw, decrypt = reference_scans(store, args.payload_bytes, 512)[:2]
@@ -360,14 +365,18 @@ def run_catch_up(root: Path, args: argparse.Namespace, subjects: list[str]) -> C
         if args.quiet_wait:
             wait_for_quiet(args.quiet_wait)
         follower = cluster.server(
-            "follower1", ["--node-id", "follower1", "--follow", cluster.leader.address]
+            "follower1",
+            ["--node-id", "follower1", "--follow", cluster.leader.address],
+            args.followers_dir and args.followers_dir / "catch-up",
         )
-        t0 = time.monotonic()
+        t0, leader_cpu0 = time.monotonic(), process_cpu_s(cluster.leader.pid)
         follower.start()
         result.ready_s = time.monotonic() - t0
         cluster.nodes.append(follower)
         head, heads = wait_caught_up(cluster)
         result.seconds = time.monotonic() - t0
+        result.leader_cpu_s = process_cpu_s(cluster.leader.pid) - leader_cpu0
+        result.follower_cpu_s = process_cpu_s(follower.pid)
         result.events = heads[0] or 0
         if result.events < head:
             result.problems.append(f"the follower reached {heads[0]} of {head:,}")
@@ -470,6 +479,10 @@ def run_fanout(
 
 
 # -- the report ------------------------------------------------------------------------------------
+
+
+def pct(cpu_s: float, seconds: float) -> str:
+    return fmt(cpu_s / seconds * 100 if seconds else None, 0, "%")
 
 
 def ratio(a: float, b: float) -> float:
@@ -581,7 +594,10 @@ def report(
         f"| Empty follower: process start to the leader's head | {fmt(catch_up.events)} | "
         f"{catch_up.seconds:.2f} | {fmt(catch_up.events_per_s)} |",
         "",
-        f"The follower's time includes its start-up ({catch_up.ready_s:.2f} s to its ready file).",
+        f"The follower's time includes its start-up ({catch_up.ready_s:.2f} s to its ready file). "
+        f"CPU over those {catch_up.seconds:.2f} s, percent of one core: the leader "
+        f"{pct(catch_up.leader_cpu_s, catch_up.seconds)}, the follower "
+        f"{pct(catch_up.follower_cpu_s, catch_up.seconds)} (its start-up included).",
         "",
         "## Fan-out",
         "",
@@ -608,6 +624,11 @@ def report(
         "## Notes",
         "",
         *[f"* {line}" for line in integrity],
+        *(
+            [f"* The followers' data directories' filesystem: {filesystem_of(args.followers_dir)}."]
+            if args.followers_dir is not None
+            else []
+        ),
     ]
     problems = [p for lag in lags for p in lag.problems] + [p for f in fans for p in f.problems]
     problems += catch_up.problems
@@ -642,6 +663,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subjects", type=int, default=workload.SUBJECTS)
     p.add_argument("--payload-bytes", type=int, default=workload.PAYLOAD_BYTES)
     p.add_argument("--quiet-wait", type=float, default=10.0, help="wait for quiet before cases")
+    p.add_argument(
+        "--followers-dir",
+        type=Path,
+        default=None,
+        help="put the followers' data directories here (e.g. /dev/shm: without their fsyncs)",
+    )
     add_output_args(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -671,12 +698,21 @@ def main(argv: list[str] | None = None) -> int:
     integrity: list[str] = []
     lags: list[LagCase] = []
     fans: list[FanOut] = []
-    with temp_root(args.tmp_dir, prefix="lethedb-replication-") as root:
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(temp_root(args.tmp_dir, prefix="lethedb-replication-"))
+        if args.followers_dir is not None:
+            # Their own temporary directory there, removed with the rest.
+            args.followers_dir = stack.enter_context(
+                temp_root(args.followers_dir, prefix="lethedb-replication-followers-")
+            )
         env = environment(root)
         workers = Workers(1 + FANOUT_PROCS, target=worker_main)
         try:
             for label, followers, sync in (("single", 0, 0), ("async", 2, 0), ("sync-1", 2, 1)):
-                cluster = Cluster(root / label, followers=followers, sync_replicas=sync).start()
+                followers_root = args.followers_dir and args.followers_dir / label
+                cluster = Cluster(
+                    root / label, followers, sync, followers_root=followers_root
+                ).start()
                 try:
                     appends[label] = run_appends(label, cluster, workers, settings)
                     if label == "async":

@@ -1,8 +1,10 @@
 """A leader and its followers on loopback, as real processes: what replication promises.
 
 * Followers hold the leader's log byte for byte (records, chain head, stream
-  versions, the replicated side tables), also when one of them is SIGKILLed
-  and restarted while 8 writers append.
+  versions, the replicated side tables: idempotency entries, checkpoints,
+  legal holds, tombstones, the journal), also when one of them is SIGKILLed
+  and restarted while 8 writers append and another client commits, moves
+  checkpoints, holds and forgets subjects.
 * A follower started empty against a large log catches up, then follows live,
   and its subscribers see the leader's sequence.
 * With ``--sync-replicas 1`` every acknowledged append survives the leader's
@@ -76,6 +78,8 @@ def no_retry_client(cluster: Cluster, node: Node) -> lethedb.Client:
 WRITERS = 8
 EVENTS = 20_000
 EVENTS_PER_APPEND = 5
+#: Rounds of commits, checkpoints, legal holds and forgets beside the appends.
+SIDE_ROUNDS = 20
 
 
 @pytest.mark.slow
@@ -103,10 +107,35 @@ def test_followers_hold_the_leaders_log_byte_for_byte_while_one_is_killed_twice(
                         ]
                         db.append(stream, events)
                         acked[index] += EVENTS_PER_APPEND
-            except BaseException as error:  # reported below, with the writer's name
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        def side_traffic() -> None:
+            """The other state that answers clients: commits, checkpoints, holds, forgets."""
+            try:
+                with cluster.client(cluster.leader) as db:
+                    for n in range(SIDE_ROUNDS):
+                        subject = f"side-subject-{n}"
+                        done = db.commit(
+                            [
+                                lethedb.Append(f"side-a{n % 3}", lethedb.Event("A", {"n": n})),
+                                lethedb.Append(
+                                    f"side-b{n % 3}",
+                                    lethedb.Event("B", {"n": n}, subject_id=subject),
+                                ),
+                            ]
+                        )
+                        db.set_checkpoint(f"group-{n % 3}", done.results[-1].last_position)
+                        db.admin.set_legal_hold(subject, "audit")
+                        if n % 2:
+                            db.admin.release_legal_hold(subject)
+                            db.forget_subject(subject, reason="gdpr-art17")
+                        time.sleep(0.05)
+            except BaseException as error:  # reported below
                 errors.append(error)
 
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
+        threads.append(threading.Thread(target=side_traffic))
         for thread in threads:
             thread.start()
         for fraction in (0.25, 0.6):
@@ -120,13 +149,14 @@ def test_followers_hold_the_leaders_log_byte_for_byte_while_one_is_killed_twice(
         assert sum(acked) == EVENTS
 
         head = cluster.wait_caught_up()
-        assert head == EVENTS
         cluster.stop_all()
 
+    # Two events per commit, and one $subject.forgotten event per forget.
+    assert head == EVENTS + 2 * SIDE_ROUNDS + SIDE_ROUNDS // 2
     leader = assert_same_log(cluster.leader.data_dir, cluster.followers[0].data_dir)
     assert_same_log(cluster.leader.data_dir, cluster.followers[1].data_dir)
-    assert leader.last_position == EVENTS
-    assert sum(v + 1 for v in leader.streams.values()) == EVENTS
+    assert leader.last_position == head
+    assert sum(v + 1 for v in leader.streams.values()) == head
 
 
 # -- an empty follower against a large log --------------------------------------------------
@@ -231,7 +261,7 @@ def test_with_sync_replicas_one_every_acknowledged_append_survives_the_leaders_d
     tmp_path: Path,
 ) -> None:
     with Cluster(tmp_path, sync_replicas=1) as cluster:
-        cluster.wait_caught_up()
+        cluster.wait_connected()
         acknowledged: dict[bytes, int] = {}
         lock = threading.Lock()
         stop = threading.Event()
@@ -385,9 +415,11 @@ def test_a_follower_down_during_a_forget_applies_it_before_it_serves_a_read(
         cluster.wait_caught_up([late])
         cluster.kill(late)
         with cluster.client(cluster.leader) as db:
+            # Commits before the forget: while the returning follower copies them it
+            # still holds the subject's keys, and must not serve a read meanwhile.
+            for n in range(40):
+                db.append("before-forget", [lethedb.Event("Earlier", {"n": n})] * 500)
             db.forget_subject(subject, reason="gdpr-art17")
-            for n in range(50):  # more for it to catch up with
-                db.append("after-forget", lethedb.Event("Later", {"n": n}))
 
         answers: list[bool] = []  # one per read served: was every event redacted?
         failures: list[grpc.RpcError] = []  # reads refused otherwise than UNAVAILABLE

@@ -12,9 +12,11 @@ and the clients knew it.
 Besides starting and stopping nodes the harness answers the questions the
 replication tests ask: where each node's log ends (:meth:`Cluster.head`),
 waiting until every follower has what the leader has
-(:meth:`Cluster.wait_caught_up`), and, once the nodes are stopped, whether two
-data directories hold the same log byte for byte (:func:`assert_same_log`,
-reading each node's log LMDB read-only).
+(:meth:`Cluster.wait_caught_up`, by each node's head) or until the leader
+sees them all connected (:meth:`Cluster.wait_connected`, by ClusterStatus),
+and, once the nodes are stopped, whether two data directories hold the same
+log byte for byte (:func:`assert_same_log`, reading each node's log LMDB
+read-only).
 """
 
 from __future__ import annotations
@@ -227,6 +229,20 @@ class Cluster:
                 admin_pb2.ClusterStatusRequest(), metadata=self.metadata, timeout=CALL_TIMEOUT
             )
             return response
+
+    def wait_connected(self, timeout: float = CATCH_UP_TIMEOUT) -> admin_pb2.ClusterStatusResponse:
+        """Wait until the leader's ClusterStatus lists every follower as connected."""
+        names = {node.name for node in self.followers}
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.cluster_status(self.leader)
+            if names <= {f.node_id for f in status.followers if f.connected}:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the leader does not see {sorted(names)} connected in {timeout:g}s: {status}"
+                )
+            time.sleep(0.05)
 
     def wait_caught_up(
         self,

@@ -265,7 +265,8 @@ class Follower:
                 if kind == "commit":
                     frame = commit_frame(response.commit)
                     self._note_received(frame.commit, frame.committed_at)
-                    await applying.put(store.apply_replicated(frame), frame.last_position)
+                    applied = store.apply_replicated(frame, leader_term=session.term)
+                    await applying.put(applied, frame.last_position)
                 elif kind == "heartbeat":
                     beat = response.heartbeat
                     self.leader_commit, self.leader_position = beat.commit, beat.position

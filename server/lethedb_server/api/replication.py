@@ -13,8 +13,9 @@ reads them. Once caught up it sleeps until the next journal entry
 heartbeat after a second of silence. Each ``yield`` waits for the transport,
 so a slow follower holds the leader back by gRPC flow control: nothing is
 buffered beyond one batch of frames. Acks are read concurrently and handed
-to the store (lag, synchronous writes); an ack for a term older than this
-leader's is ignored (fencing: it was meant for an earlier leader).
+to the store (lag, synchronous writes); in an elected cluster an ack for
+another term than this leader's is ignored (fencing: it was meant for an
+earlier leader, or its follower has seen a newer one).
 
 **Divergence** (a cluster with automatic failover, ``failover=True``): a
 follower whose journal runs ahead of this leader's or diverges from it (a
@@ -234,10 +235,16 @@ class ReplicationService:
         sent_keys: set[tuple[str, int]] = set()
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
+        # The stream's first frame carries the legal holds and checkpoints as they stand:
+        # a follower that truncated its tail cannot restore those rows on its own.
+        refresh = True
         while not self.closing and not acks.done() and self.store.role != "follower":
             changed = self.watch.changed()  # before reading: no commit slips between
-            frames = await asyncio.to_thread(self.store.frames_after, after, sent_keys)
+            frames = await asyncio.to_thread(
+                self.store.frames_after, after, sent_keys, refresh=refresh
+            )
             if frames:
+                refresh = False
                 for frame in frames:
                     yield rpb.FollowResponse(commit=commit_message(frame))
                 after = frames[-1].commit
@@ -261,10 +268,17 @@ class ReplicationService:
             if message.WhichOneof("message") != "ack":
                 raise ValidationError("a follower sends its hello once, then only acks")
             ack = message.ack
-            if self.failover and ack.term < self.store.term:
-                log.debug("ignored follower %s's ack for term %d", node_id, ack.term)
-                continue  # meant for an earlier leader of this store: fenced off
-            self.store.replica_acked(node_id, ack.commit, ack.position, ack.shredded_through)
+            try:
+                self.store.replica_acked(
+                    node_id,
+                    ack.commit,
+                    ack.position,
+                    ack.shredded_through,
+                    term=ack.term if self.failover else None,
+                )
+            except ReplicationRefused as exc:  # fenced: another term's ack is not counted
+                log.debug("ignored follower %s's ack: %s", node_id, exc)
+                continue
             behind = self.store.head - ack.position
             now = loop.time()
             if behind > FELL_BEHIND_POSITIONS and now - logged_behind >= FELL_BEHIND_LOG_S:

@@ -78,6 +78,8 @@ class BatchState:
     #: follower applied in this batch.
     journal_head: int = 0
     journal_term: int = 0
+    #: Whether the batch wrote a journal entry of its own (a leader's commit).
+    own_entry: bool = False
     #: This node's record, when the batch moves its acknowledged commit.
     node: NodeState | None = None
 

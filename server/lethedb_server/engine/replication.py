@@ -49,9 +49,7 @@ __all__ = [
     "ReplicatedCommitApplier",
     "RowChange",
     "SyncGate",
-    "TruncationReport",
     "build_frames",
-    "divergence_point",
 ]
 
 
@@ -366,48 +364,6 @@ def _check_chain(frame: CommitFrame, chain_head: bytes) -> None:
 
 def _refuse(message: str) -> None:
     raise ReplicationRefused(message)
-
-
-# -- failover: a deposed node's truncation ------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TruncationReport:
-    """What ``Store.truncate_after`` discarded (nothing when ``discarded_commits`` is 0)."""
-
-    #: The journal head and the log head after the truncation.
-    commit: int
-    position: int
-    #: How many commits were discarded: ``commit + 1`` .. ``commit + discarded_commits``.
-    discarded_commits: int
-    #: The positions whose records were discarded (last < first: none).
-    first_position: int
-    last_position: int
-    #: Subjects forgotten by a discarded commit: their tombstones went with it,
-    #: and they stay forgotten on this node (their keys are already destroyed).
-    forgotten_kept: tuple[str, ...]
-    #: ``legal_holds`` and ``checkpoints`` rows a discarded commit wrote: deleted
-    #: here (the journal keeps no old value) until the leader's refresh
-    #: (``frames_after(refresh=True)``) sends them again.
-    unrestored: tuple[tuple[str, bytes], ...]
-
-
-def divergence_point(log_store: LogStore, follower_commit: int, follower_term: int) -> int:
-    """The highest commit a follower's log can share with this one (see
-    ``Store.divergence_point``)."""
-    with log_store.lmdb.read() as txn:
-        if follower_commit <= 0:
-            return 0
-        entry = log_store.journal_entry(txn, follower_commit)
-        if entry is not None and entry.term == follower_term:
-            return follower_commit
-        commit = min(follower_commit - 1, log_store.journal_head)
-        while commit > 0:
-            earlier = log_store.journal_entry(txn, commit)
-            if earlier is not None and earlier.term <= follower_term:
-                return commit
-            commit -= 1
-        return 0
 
 
 # -- leader: followers and the sync gate ----------------------------------------------

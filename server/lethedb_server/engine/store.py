@@ -17,14 +17,14 @@ import os
 import time
 from asyncio import Future
 from collections.abc import Callable
-from concurrent.futures import Future as Future_
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
 from lethedb_server.crypto.keyring import FileKeyring, KeyProvider
-from lethedb_server.engine import custody
+from lethedb_server.engine import custody, failover
 from lethedb_server.engine.erasure import Shredder, shredded_through, subject_receipt
+from lethedb_server.engine.failover import TruncationReport
 from lethedb_server.engine.idempotency import upgrade_unkeyed_entries
 from lethedb_server.engine.model import (
     STORE_SUBJECT,
@@ -49,9 +49,7 @@ from lethedb_server.engine.replication import (
     Followers,
     FollowerState,
     SyncGate,
-    TruncationReport,
     build_frames,
-    divergence_point,
 )
 from lethedb_server.engine.verify import Verifier
 from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
@@ -355,7 +353,7 @@ class Store:
         self.writer.execute(ExclusiveTask(lead))
         log.warning("leading term %d from commit %d (position %d)", term,
                     self.log.journal_head, self.log.head)  # fmt: skip
-        self._forget_again()
+        failover.forget_again(self.log, self.keys, self.writer)
 
     def demote(self, leader: str, term: int) -> None:
         """Follow *leader* (its client address) in *term*: refuse writes from now on (blocking).
@@ -417,44 +415,9 @@ class Store:
             raise ReplicationRefused(
                 f"this node is a {self._role}: only a follower discards commits (demote it first)"
             )
-        head = self.log.journal_head
-        if commit >= head:
-            position = self.log.head
-            return TruncationReport(head, position, 0, position + 1, position, (), ())
-        acknowledged = self.writer.acknowledged
-        if commit < acknowledged:
-            raise ReplicationRefused(
-                f"truncating after commit {commit} would discard commits {commit + 1}.."
-                f"{acknowledged}, which this node acknowledged to clients as durable"
-                + _acknowledged_why(self._options.sync_replicas)
-                + "; nothing was discarded: an operator must decide (restore this node from "
-                "the new leader, or make it lead again)"
-            )
-        self.keys.lower_log_position(self.log.head_after_commit(commit))
-        done = self.log.truncate_after(commit)
-        self.writer.truncated()
-        report = TruncationReport(
-            commit, self.log.head, done.commits, done.first_position, done.last_position,
-            done.tombstones_removed, done.unrestored,
-        )  # fmt: skip
-        log.warning(
-            "TRUNCATED the unacknowledged tail to follow term %d: discarded commits %d..%d "
-            "(positions %d..%d); the log now ends at commit %d, position %d",
-            self.term, commit + 1, commit + done.commits, done.first_position,
-            done.last_position, commit, report.position,
-        )  # fmt: skip
-        if report.forgotten_kept:
-            log.warning(
-                "%d subjects forgotten by the discarded commits stay forgotten on this node "
-                "(their keys are destroyed); a retried forget records it again cluster-wide",
-                len(report.forgotten_kept),
-            )
-        if report.unrestored:
-            log.warning(
-                "%d legal hold and checkpoint rows written by the discarded commits keep their "
-                "value here until the leader writes them again", len(report.unrestored),
-            )  # fmt: skip
-        return report
+        return failover.truncate(
+            self.log, self.keys, self.writer, commit, self._options.sync_replicas
+        )
 
     def divergence_point(self, follower_commit: int, follower_term: int) -> int:
         """Where a follower must truncate: the highest commit its log may share with this one.
@@ -471,7 +434,7 @@ class Store:
         has *follower_term*. Otherwise the follower truncates to it and says
         hello again: each round goes down, and none below the shared point.
         """
-        return divergence_point(self.log, follower_commit, follower_term)
+        return failover.divergence_point(self.log, follower_commit, follower_term)
 
     def _check_new_term(self, term: int, what: str) -> None:
         if term <= self.term:
@@ -480,7 +443,8 @@ class Store:
             )
 
     def _record_term(self, term: int) -> None:
-        """Record *term* (and the acknowledged commit) in the log, with fsync; writer thread."""
+        """Record *term* (and the acknowledged commit) in the log, with fsync (the writer
+        thread, or a closing store's once the writer stopped)."""
         node = NodeState(max(term, self.log.node.term), self.writer.acknowledged)
         self.log.lmdb.write(lambda txn: self.log.put_node(txn, node))
         self.log.node = node
@@ -490,19 +454,6 @@ class Store:
         opts = self._options
         if opts.sync_replicas > 0:
             self.writer.gate = SyncGate(self._followers, opts.sync_replicas, opts.sync_timeout_s)
-
-    def _forget_again(self) -> None:
-        """Forget, in the log, each subject only the key store remembers forgotten.
-
-        Queued, not awaited: a legal hold or a full queue is logged, and the
-        subject stays forgotten here either way (its keys are gone).
-        """
-        in_log = {subject for subject, _ in self.log.all_tombstones()}
-        for subject in sorted(self.keys.forgotten_subjects() - in_log):
-            tombstone = self.keys.forgotten_tombstone(subject)
-            reason = tombstone.reason if tombstone is not None else "forgotten before failover"
-            future = self.writer.submit(ForgetCommand(subject, reason, "failover"))
-            future.add_done_callback(_log_forget_again(subject))
 
     def on_journal(self, listener: Callable[[int], None]) -> None:
         """Call *listener(commit)* from the writer thread after each commit that wrote a
@@ -572,12 +523,19 @@ class Store:
     ) -> None:
         """A follower holds *commit* (log head *position*) durably; may release sync writes.
 
-        *term*: the follower's term; an ack from below this node's term (a
-        stream of an earlier leadership) is ReplicationRefused and not counted.
+        *term*: the follower's term. An ack from below this node's term (a
+        stream of an earlier leadership) or above it (the follower has seen a
+        newer leader: this node is deposed and must not count it towards an
+        acknowledgement) is ReplicationRefused and not counted.
         """
         if term is not None and term < self.term:
             raise ReplicationRefused(
                 f"an ack of term {term} from {node_id}, below this node's term {self.term}"
+            )
+        if term is not None and term > self.term:
+            raise ReplicationRefused(
+                f"{node_id} has seen term {term}, newer than this node's term {self.term}: "
+                "this node no longer leads"
             )
         self._followers.acked(node_id, commit, position, shredded_through)
 
@@ -739,6 +697,8 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        if self.writer.acknowledged > self.log.node.acknowledged_commit:  # sync answers since
+            self._record_term(self.log.node.term)
         self.keys.mark_position()
         custody.record_key_generation(self.log, self.keys)
 
@@ -747,24 +707,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _acknowledged_why(sync_replicas: int) -> str:
-    if sync_replicas:
-        return f" (held by the {sync_replicas} followers sync_replicas asks for)"
-    return " (without sync_replicas every commit of a leader is acknowledged once it is durable)"
-
-
-def _log_forget_again(subject: str) -> Callable[[Future_[object]], None]:
-    def done(future: Future_[object]) -> None:
-        error = future.exception()
-        if error is None:
-            log.info("recorded the erasure of a subject forgotten before the failover")
-        else:
-            log.error("could not record the erasure of %r, forgotten here before the failover "
-                      "(it stays forgotten on this node): %s", subject, error)  # fmt: skip
-
-    return done
 
 
 @dataclass(frozen=True)

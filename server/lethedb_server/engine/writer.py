@@ -556,7 +556,7 @@ class Writer:
             held = [(p, o) for p, o in settled if is_success(o)]
             if held and gate.hold(head, held, self._release_held(head)):
                 settled = [(p, o) for p, o in settled if not is_success(o)]
-        if self.leading and any(is_success(o) for _, o in settled):
+        if any(is_success(o) and _is_client_write(p.command) for p, o in settled):
             self._acknowledge(head)
         self._settle(settled)
 
@@ -593,7 +593,7 @@ class Writer:
         mark = self.acknowledged
         gate = self.gate
         fence = self.fence
-        if self.leading and (gate is None or not gate.required) and (fence is None or fence()):
+        if state.own_entry and (gate is None or not gate.required) and (fence is None or fence()):
             mark = max(mark, state.journal_head)  # (a lapsed lease: answered NotLeader)
         node = self.log.node
         if mark <= node.acknowledged_commit:
@@ -711,6 +711,7 @@ class Writer:
         )  # fmt: skip
         state.journal_head += 1
         state.journal_term = self.term
+        state.own_entry = True
         log_store.put_journal(txn, state.journal_head, codec.encode(entry))
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
@@ -734,6 +735,11 @@ class Writer:
     def _sweep_idempotency(self) -> int:
         """Delete idempotency entries older than the window, a bounded chunk at a time."""
         return self._idempotency.sweep(self._now())
+
+
+def _is_client_write(command: Command) -> bool:
+    """A command whose success is an answer to a client (not a leader's commit applied)."""
+    return not isinstance(command, ReplicatedCommitCommand)
 
 
 def _counts_in_flight(command: Command) -> bool:

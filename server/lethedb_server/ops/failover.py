@@ -181,11 +181,11 @@ class ClusterMember:
 
     def _pause(self) -> float:
         """How long to wait for a change before looking again."""
-        if self._leading is not None:
+        if self._leading is not None and not self._lapsed:  # wake at the lease's deadline
             deadline = self.election.leader_deadline()
             left = 0.0 if deadline is None else deadline - time.monotonic()
             return max(0.01, min(IDLE_CHECK_S, left))
-        if self._known and self._seen is None:
+        if self._lapsed or (self._known and self._seen is None):
             return self._retry_s()
         return IDLE_CHECK_S
 
@@ -201,6 +201,7 @@ class ClusterMember:
             log.debug("campaign failed: %s", exc)
             return
         if result.elected and result.leader is not None:
+            self._seen = result.leader  # before the watch reports the key: not stale
             await self._lead(result.leader.term)
         elif result.outcome is Outcome.LED and result.leader is not None:
             self._seen = result.leader
@@ -216,6 +217,8 @@ class ClusterMember:
         acknowledged write. Commits the follower loop queued before it stopped
         are applied first (promotion is ordered after them in the writer).
         """
+        if self._leading == term:
+            return
         await self._stop_following()
         store = self.store
         try:

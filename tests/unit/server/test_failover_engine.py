@@ -221,7 +221,7 @@ def test_terms_only_grow_and_survive_a_restart(stores: Callable[..., Store]) -> 
     assert [codec.decode_journal(raw).term for _, raw in journal(reopened)] == [5]
 
 
-def test_an_ack_from_an_earlier_term_is_refused(cluster: tuple[Store, Store]) -> None:
+def test_an_ack_from_another_term_is_refused(cluster: tuple[Store, Store]) -> None:
     a, b = cluster
     a.demote("b:1", 2)
     a.promote(3)
@@ -230,6 +230,8 @@ def test_an_ack_from_an_earlier_term_is_refused(cluster: tuple[Store, Store]) ->
     with pytest.raises(ReplicationRefused, match="below this node's term 3"):
         a.replica_acked("b", b.journal_head(), b.head, 0, 2)
 
+    with pytest.raises(ReplicationRefused, match="no longer leads"):
+        a.replica_acked("b", b.journal_head(), b.head, 0, 4)  # "b" follows a newer leader
     assert [f.commit for f in a.followers()] == [0]  # an earlier leadership's acks are gone
 
 
@@ -483,6 +485,21 @@ def test_acknowledged_commits_are_never_truncated(stores: Callable[..., Store]) 
     assert reopened.acknowledged_commit == 2
     with pytest.raises(ReplicationRefused, match="acknowledged"):
         reopened.truncate_after(0)
+
+
+def test_commits_a_sync_gate_released_stay_acknowledged_after_a_restart(
+    cluster: tuple[Store, Store], stores: Callable[..., Store]
+) -> None:
+    a, _ = cluster
+    acknowledged = a.journal_head()
+    assert a.acknowledged_commit == acknowledged > 0
+    a.close()
+
+    reopened = stores("a", SYNC_FOLLOWER)
+
+    assert reopened.acknowledged_commit == acknowledged
+    with pytest.raises(ReplicationRefused, match="held by the 1 followers"):
+        reopened.truncate_after(acknowledged - 1)
 
 
 def test_only_a_follower_truncates(cluster: tuple[Store, Store]) -> None:
