@@ -75,6 +75,8 @@ class History:
     indeterminate: set[str] = field(default_factory=set)
     #: Errors the writers met (kind -> count): latency a failover costs, as the caller saw it.
     errors: dict[str, int] = field(default_factory=dict)
+    #: The first error of each kind: when (monotonic) and what it said.
+    first_errors: dict[str, tuple[float, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record_ack(self, ack: Ack) -> None:
@@ -89,6 +91,7 @@ class History:
         with self.lock:
             kind = type(error).__name__
             self.errors[kind] = self.errors.get(kind, 0) + 1
+            self.first_errors.setdefault(kind, (time.monotonic(), str(error)[:200]))
 
     def acks_after(self, moment: float) -> list[Ack]:
         with self.lock:

@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import lmdb
 
 from lethedb.v1 import eventstore_pb2 as pb
 from lethedb.v1 import eventstore_pb2_grpc
 from lethedb_server.engine.verify import verify_data_dir
+from lethedb_server.storage import codec
 from tests.faults.history import Ack, History, Seen
 from tests.faults.nemesis import Round
 from tests.integration.cluster import assert_same_log, subject_key_entries
@@ -244,7 +246,7 @@ def check_stopped_nodes(
     for name, (data_dir, keyring) in nodes.items():
         checked = verify_data_dir(data_dir, keyring)
         for damage in checked.damage[:5]:
-            verdict.add("verify", f"{name}: {damage}")
+            verdict.add("verify", f"{name}: {damage}{_key_of(data_dir, damage.position)}")
     for forget in history.forgets:
         for name, (data_dir, _) in nodes.items():
             keys = subject_key_entries(data_dir, forget.subject_id)
@@ -252,6 +254,22 @@ def check_stopped_nodes(
                 verdict.add(
                     "forget", f"{name} still holds {keys} data key(s) of {forget.subject_id}"
                 )
+
+
+def _key_of(data_dir: Path, position: int) -> str:
+    """Which data key a stopped node's record at *position* names (subject, version)."""
+    if not position:
+        return ""
+    env = lmdb.open(str(data_dir / "log"), readonly=True, lock=True, max_dbs=32)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(codec.position_key(position), db=env.open_db(b"events", txn=txn))
+            if raw is None:
+                return ""
+            ref = codec.decode_record_key_ref(raw)
+            return f" [key: subject {ref.subject_id or '(the store)'!r} version {ref.dek_version}]"
+    finally:
+        env.close()
 
 
 def _first_acks(history: History) -> list[Ack]:
@@ -291,6 +309,9 @@ def report(
             f" {len(history.indeterminate)} appends in flight at the stop;"
             f" errors the writers met: {history.errors or 'none'}"
         )
+    if history is not None:
+        for kind, (at, message) in history.first_errors.items():
+            lines.append(f"  first {kind} a writer met: [{round_of(at, rounds)}] {message}")
     lines += ["", "rounds:", *(f"  {r.line()}" for r in rounds)]
     by_check: dict[str, list[Finding]] = defaultdict(list)
     for finding in verdict.findings:
