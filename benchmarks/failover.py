@@ -20,8 +20,9 @@ restart the killed one.
 * **Append rate** during the rounds (faults included), against the rate of
   the same writers on the same cluster before the first fault, as a ratio.
 * **Acknowledged writes lost**: after the rounds every acknowledged append
-  must be on every node at the position it was acknowledged with, once
-  (tests/faults/jepsen_checks.py). Target: zero, in every round.
+  must be on every node at the position it was acknowledged with, once, and
+  the stopped nodes' logs must be identical byte for byte and pass the
+  offline verify (tests/faults/jepsen_checks.py). Target: zero, in every round.
 
 It prints a Markdown report and writes it to ``benchmarks/results/failover-<date>.md``.
 """
@@ -52,6 +53,7 @@ from tests.faults.jepsen_checks import (
     check_acknowledged_present,
     check_acks_agree,
     check_nothing_unattempted,
+    check_stopped_nodes,
     read_log,
     round_of,
 )
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = final_checks(cluster, history)
             load.close()
             cluster.stop_all()
+            files = {node.name: (node.data_dir, node.keyring) for node in cluster.nodes}
+            check_stopped_nodes(history, files, verdict)
     text = report(args, settings, env, history, rounds, base, during, verdict, started)
     publish(text, "failover", started, args)
     return 0 if verdict.ok else 1
