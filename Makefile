@@ -7,7 +7,7 @@ DATA ?= ./lethedb-data
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run cluster test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing bench-replication clean
+.PHONY: run cluster test check lint typecheck pytest proto sync-client bench-micro bench bench-peers bench-eventsourcing bench-replication bench-failover clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-subscribe: $(STAMP) ; $(BIN)/python -m benchmarks.subscribe $(if $(QUICK),
 ## replication lag, catch-up and fan-out (benchmarks/replication.py; QUICK=1: a few minutes).
 bench-replication: $(STAMP)
 	$(BIN)/python -m benchmarks.replication $(if $(QUICK),--quick,)
+
+## Failover time (leader SIGKILL to the first append acknowledged by the new leader)
+## and the append rate through the failovers, on etcd + 3 nodes (benchmarks/failover.py;
+## needs etcd: apt-get install etcd-server; QUICK=1: 5 rounds).
+bench-failover: $(STAMP)
+	$(BIN)/python -m benchmarks.failover $(if $(QUICK),--quick,)
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,dev,bench]'

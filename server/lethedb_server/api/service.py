@@ -11,6 +11,11 @@ names the leader (the store raises it; the status carries the address in the
 with it rather than answer each append with an error. Reads pass the
 :class:`~lethedb_server.api.head_watch.ReadGate` first: CatchingUp before the
 follower's first catch-up, and the ``min_position`` wait.
+
+Every acknowledged write (Append, AppendBatch, Commit, ForgetSubject) carries
+the ``lethedb-term`` trailer: the term of the answering node's log when it
+answered, so a client (or a fault test's history) can tell which leadership
+acknowledged it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ SERVICE_NAME = "lethedb.v1.EventStore"
 _END = 2**64 - 1
 #: Appends one AppendStream call may have queued at the writer at once.
 STREAM_IN_FLIGHT = 256
+#: The trailer of an acknowledged write naming the term that acknowledged it.
+TERM_TRAILER = "lethedb-term"
 
 
 class EventStoreService:
@@ -105,9 +112,15 @@ class EventStoreService:
         size = request.ByteSize() + events * EVENT_OVERHEAD
         self.store.check_room(events, size, appends)
 
+    def _stamp_term(self, context: Context) -> None:
+        """Name, in the ``lethedb-term`` trailer, the term under which this write was answered."""
+        context.set_trailing_metadata(((TERM_TRAILER, str(self.store.term)),))
+
     @unary
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:  # noqa: N802
-        return await self._append(request)
+        response = await self._append(request)
+        self._stamp_term(context)
+        return response
 
     @unary
     async def AppendBatch(  # noqa: N802
@@ -152,6 +165,7 @@ class EventStoreService:
             for outcome in outcomes:
                 if not isinstance(outcome, LetheError):
                     outcome.cancel()
+        self._stamp_term(context)
         return pb.AppendBatchResponse(results=results)
 
     @unary
@@ -161,6 +175,7 @@ class EventStoreService:
         command = messages.commit_command(request)
         self.validator.check_commit(command)
         result = await self.store.commit(command)
+        self._stamp_term(context)
         return messages.commit_response(result)
 
     async def AppendStream(  # noqa: N802
@@ -224,6 +239,7 @@ class EventStoreService:
         # The caller's role from the access interceptor ("admin" when auth is off).
         command = ForgetCommand(request.subject_id, reason, by_role=caller_role())
         await self.store.forget(command)
+        self._stamp_term(context)
         return await self._receipt(request.subject_id)
 
     @unary

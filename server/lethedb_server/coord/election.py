@@ -52,10 +52,18 @@ DEFAULT_TTL_S = 5
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """Who a node is: its stable id and the address clients and followers reach it at."""
+    """Who a node is: its stable id, the address clients reach it at, and the address
+    followers replicate from when it leads (*replication*; empty: the same as *advertise*,
+    unless a separate network or a proxy carries replication)."""
 
     node_id: str
     advertise: str
+    replication: str = ""
+
+    @property
+    def replication_address(self) -> str:
+        """Where a follower dials this node when it leads."""
+        return self.replication or self.advertise
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,12 +165,16 @@ class ClusterKeys:
 
 
 def encode_node(node: NodeInfo) -> bytes:
-    return json.dumps({"node_id": node.node_id, "advertise": node.advertise}).encode()
+    data = {"node_id": node.node_id, "advertise": node.advertise}
+    if node.replication:
+        data["replication"] = node.replication
+    return json.dumps(data).encode()
 
 
 def decode_leader(kv: KeyValue) -> Leader:
     data = json.loads(kv.value)
-    return Leader(NodeInfo(data["node_id"], data["advertise"]), kv.create_revision)
+    node = NodeInfo(data["node_id"], data["advertise"], data.get("replication", ""))
+    return Leader(node, kv.create_revision)
 
 
 def encode_published(node: NodeInfo, progress: Progress, after_term: int) -> bytes:

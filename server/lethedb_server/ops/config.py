@@ -100,6 +100,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     cluster: str = ""
     etcd: str = ""
     lease_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = DEFAULT_TTL_S
+    replication_advertise: str = ""
 
     @property
     def data_dir(self) -> Path:
@@ -255,6 +256,10 @@ HELP: dict[str, str] = {
         "name of the cluster this node joins; etcd elects its leader (needs etcd; excludes follow)"
     ),
     "etcd": "etcd endpoints of the cluster, comma-separated: http://host:2379[,http://host2:2379]",
+    "replication_advertise": (
+        "host:port the other nodes replicate from when this node leads (default: advertise):"
+        " a separate network for replication, or a proxy"
+    ),
     "lease_ttl_s": (
         "seconds of the leader's etcd lease: a leader that cannot renew it stops acknowledging "
         "writes before it expires, and another node leads about this long after"
@@ -393,8 +398,15 @@ def _check_cluster(config: Config) -> None:
             "configuration: etcd is set without cluster; name the cluster this node joins "
             "(--cluster NAME)"
         )
+    if config.replication_advertise and not config.cluster:
+        raise ValidationError(
+            "configuration: replication_advertise is set without cluster; only a cluster "
+            "member publishes where it is replicated from (--cluster NAME)"
+        )
     if not config.cluster:
         return
+    if config.replication_advertise:
+        _check_address("replication_advertise", config.replication_advertise)
     if not _CLUSTER_NAME.fullmatch(config.cluster):
         raise ValidationError(
             f"configuration: cluster is {config.cluster[:80]!r}; it must be 1-64 letters, "

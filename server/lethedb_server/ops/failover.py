@@ -266,7 +266,7 @@ class ClusterMember:
 
     async def _follow(self, leader: Leader) -> None:
         """Follow *leader* (stepping down first if this node led)."""
-        address = leader.node.advertise
+        address = leader.node.replication_address
         if self._following == leader and self._loop is not None:
             return  # already following it (or stopped for an operator: not again)
         if self._leading is not None:

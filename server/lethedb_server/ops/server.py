@@ -214,7 +214,7 @@ class Cluster:
         replication = _replication(config, store, watch, advertise, failover=True)
         election = Election(
             EtcdClient(config.etcd, timeout_s=min(2.0, max(0.5, config.lease_ttl_s / 2))),
-            NodeInfo(settings.node_id, advertise),
+            NodeInfo(settings.node_id, advertise, config.replication_advertise),
             election_options(config),
             lambda: store_progress(store),
         )

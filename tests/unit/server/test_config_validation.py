@@ -147,3 +147,15 @@ def test_a_cluster_member_starts_as_a_follower_of_nobody():
     options = member.store_options()
     assert (options.role, options.leader) == ("follower", "")
     assert member.lease_ttl_s == 5
+
+
+CLUSTER = {"cluster": "c1", "etcd": "http://127.0.0.1:2379", "advertise": "127.0.0.1:7001"}
+
+
+def test_a_replication_address_needs_a_cluster_and_a_dialable_address():
+    with pytest.raises(ValidationError, match="replication_advertise is set without cluster"):
+        config.load({"replication_advertise": "127.0.0.1:7101"}, environ={})
+    with pytest.raises(ValidationError, match="replication_advertise"):
+        config.load({**CLUSTER, "replication_advertise": "proxy"}, environ={})
+    loaded = config.load({**CLUSTER, "replication_advertise": "127.0.0.1:7101"}, environ={})
+    assert loaded.replication_advertise == "127.0.0.1:7101"

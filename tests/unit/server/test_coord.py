@@ -17,8 +17,10 @@ from lethedb_server.coord.election import (
     Progress,
     PublishedNode,
     campaign_refusal,
+    decode_leader,
+    encode_node,
 )
-from lethedb_server.coord.etcd import parse_endpoints, prefix_end
+from lethedb_server.coord.etcd import KeyValue, parse_endpoints, prefix_end
 
 ME = NodeInfo("me", "127.0.0.1:1")
 
@@ -126,3 +128,13 @@ def test_only_positions_read_after_the_last_term_count_toward_the_quorum():
     assert three is not None
     assert three.outcome is Outcome.TOO_FEW
     assert "2 of the 3" in three.reason
+
+
+def test_followers_dial_the_leader_at_its_replication_address_when_it_has_one():
+    """A node may publish a separate address for replication (another network, a proxy)."""
+    proxied = NodeInfo("a", "127.0.0.1:1", "127.0.0.1:9")
+    for node, dialled in ((proxied, "127.0.0.1:9"), (ME, "127.0.0.1:1")):
+        kv = KeyValue(b"/lethedb/c/leader", encode_node(node), 5, 5, 1, 0)
+        leader = decode_leader(kv)
+        assert (leader.node, leader.term) == (node, 5)
+        assert leader.node.replication_address == dialled
