@@ -308,8 +308,8 @@ class KeyStore:
         aead = self._unwrap(subject_id, version)
         if aead is not None:
             with self._lock:
-                # An install that began meanwhile may have replaced the key just
-                # read: use it for this read, never cache it.
+                # An install that committed meanwhile may have replaced the key
+                # just read: use it for this read, never cache it.
                 if generation == self._generation:
                     self._cached(subject_id).aeads[version] = aead
             self._trim()
