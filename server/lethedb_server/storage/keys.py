@@ -36,6 +36,8 @@ knows the subject is gone, refuses new keys for it and the reader redacts it.
 from __future__ import annotations
 
 import functools
+import hmac
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +54,8 @@ from lethedb_server.errors import DataLoss
 from lethedb_server.faults import fault_point
 from lethedb_server.storage import codec
 from lethedb_server.storage.lmdbenv import LmdbEnv
+
+log = logging.getLogger(__name__)
 
 KEY_DBS = ("deks", "dek_state", "forgotten", "master_checks", "meta")
 META_KEY = b"keys"
@@ -140,6 +144,8 @@ class KeyStore:
         self._cache: OrderedDict[str, _SubjectKeys] = OrderedDict()
         self._lock = threading.Lock()
         self._pinned: frozenset[str] = frozenset()
+        #: Bumped (under the lock) after each install commits, as it may replace a key.
+        self._generation = 0
         self._forgotten = self._load_forgotten()
         #: None until the store binds this key store to its log at start-up.
         self.meta: codec.KeyStoreMeta | None = self._load_meta()
@@ -230,7 +236,7 @@ class KeyStore:
             latest.reserved = new_reserved
             self._put_state(txn, subject_id, latest)
             return added
-        version = latest.version + 1 if latest is not None else self._next_version(txn, subject_id)
+        version = self._next_version(txn, subject_id, latest.version if latest else 0)
         dek = new_key()
         wrapped = self.provider.wrap(dek, functools.partial(wrap_aad, subject_id, version))
         txn.put(codec.dek_key(subject_id, version), codec.encode(wrapped), db=self.lmdb.dbs["deks"])
@@ -245,9 +251,26 @@ class KeyStore:
         self._put_state(txn, subject_id, lease)
         return lease.reserved
 
-    def _next_version(self, txn: lmdb.Transaction, subject_id: str) -> int:
+    def _next_version(self, txn: lmdb.Transaction, subject_id: str, after: int = 0) -> int:
+        """The version a new DEK of *subject_id* takes: above *after*, ``dek_state``
+        and every version held.
+
+        Versions are numbered per leader, so this node may hold a key under a
+        number its ``dek_state`` does not name (one installed, or made for a
+        tail it discarded); a new key under that number would give one
+        version two keys across the cluster.
+        """
         raw = txn.get(subject_id.encode(), db=self.lmdb.dbs["dek_state"])
-        return 1 if raw is None else _state_decoder.decode(raw).version + 1
+        if raw is not None:
+            after = max(after, _state_decoder.decode(raw).version)
+        prefix = codec.dek_key(subject_id, 0)[:-4]
+        cursor = txn.cursor(db=self.lmdb.dbs["deks"])
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(values=False):
+                if not bytes(key).startswith(prefix):
+                    break
+                after = max(after, codec.dek_version_from_key(key))
+        return after + 1
 
     def _put_state(self, txn: lmdb.Transaction, subject_id: str, lease: _Lease) -> None:
         txn.put(
@@ -281,10 +304,14 @@ class KeyStore:
                 self.cache_hits += 1
                 return aead
             self.cache_misses += 1
+            generation = self._generation
         aead = self._unwrap(subject_id, version)
         if aead is not None:
             with self._lock:
-                self._cached(subject_id).aeads[version] = aead
+                # An install that committed meanwhile may have replaced the key
+                # just read: use it for this read, never cache it.
+                if generation == self._generation:
+                    self._cached(subject_id).aeads[version] = aead
             self._trim()
         return aead
 
@@ -367,35 +394,66 @@ class KeyStore:
         """Keep a leader's data keys, wrapped at once under this node's master key.
 
         One key-store transaction, committed with fsync before return (the log
-        transaction that needs them commits after). Forgotten subjects and
-        versions already held are skipped. Each subject's ``dek_state`` is set
-        so that, should this node ever lead, it starts a new DEK version for it
-        (see :data:`INSTALLED_RESERVED`). Returns how many keys were installed.
+        transaction that needs them commits after). Forgotten subjects are
+        skipped (their keys must never come back); a version already held
+        with the same key is skipped. **The leader's key wins**: a version
+        held with another key (made by this node for a tail it discarded, as
+        versions are numbered per leader) is replaced, because every record
+        this node holds was sealed under the leader's key for its version (a
+        follower's log is the leader's log; see docs/ARCHITECTURE.md,
+        "Failover"). Each installed subject's ``dek_state`` keeps the highest
+        version this node ever held and is marked spent (see
+        :data:`INSTALLED_RESERVED`), so should this node lead it starts a
+        version above all of them. Every cached cipher and lease of an
+        installed subject is dropped. Returns how many keys were installed.
         """
         wanted = [k for k in keys if k.subject_id not in self._forgotten]
         if not wanted:
             return 0
-        deks, states = self.lmdb.dbs["deks"], self.lmdb.dbs["dek_state"]
 
-        def put(txn: lmdb.Transaction) -> int:
-            installed = 0
-            for key in wanted:
-                dek_key = codec.dek_key(key.subject_id, key.version)
-                if txn.get(dek_key, db=deks) is not None:
-                    continue
-                aad = functools.partial(wrap_aad, key.subject_id, key.version)
-                txn.put(dek_key, codec.encode(self.provider.wrap(key.key, aad)), db=deks)
-                raw_state = txn.get(key.subject_id.encode(), db=states)
-                latest = 0 if raw_state is None else _state_decoder.decode(raw_state).version
-                state = DekState(max(latest, key.version), INSTALLED_RESERVED)
-                txn.put(key.subject_id.encode(), codec.encode(state), db=states)
-                installed += 1
-            return installed
+        def put(txn: lmdb.Transaction) -> list[str]:
+            return [k.subject_id for k in wanted if self._install_one(txn, k)]
 
         installed = self._write(put)
-        for key in wanted:
-            self.evict(key.subject_id)  # a cached "no such version" or stale lease goes
-        return installed
+        with self._lock:
+            # A cached "no such version", stale cipher or lease goes; a reader
+            # that unwrapped before this commit caches nothing (see cipher()).
+            self._generation += 1
+            for subject_id in installed:
+                self._cache.pop(subject_id, None)
+        return len(installed)
+
+    def _install_one(self, txn: lmdb.Transaction, key: DataKey) -> bool:
+        """Put one leader key in *txn* unless the same key is held; True if put."""
+        deks, states = self.lmdb.dbs["deks"], self.lmdb.dbs["dek_state"]
+        dek_key = codec.dek_key(key.subject_id, key.version)
+        held = txn.get(dek_key, db=deks)
+        if held is not None and self._holds_same(key, bytes(held)):
+            return False
+        if held is not None:
+            log.warning(
+                "replaced data key version %d of a subject with the leader's: this node "
+                "made its own for a tail it discarded (the old one is destroyed at the next "
+                "shred epoch)", key.version,
+            )  # fmt: skip
+        aad = functools.partial(wrap_aad, key.subject_id, key.version)
+        txn.put(dek_key, codec.encode(self.provider.wrap(key.key, aad)), db=deks)
+        raw_state = txn.get(key.subject_id.encode(), db=states)
+        latest = 0 if raw_state is None else _state_decoder.decode(raw_state).version
+        state = DekState(max(latest, key.version), INSTALLED_RESERVED)
+        txn.put(key.subject_id.encode(), codec.encode(state), db=states)
+        return True
+
+    def _holds_same(self, key: DataKey, held: bytes) -> bool:
+        """Whether the wrapped key *held* is *key*'s (one this node cannot unwrap is not)."""
+        wrapped = _wrapped_decoder.decode(held)
+        try:
+            dek = self.provider.unwrap(
+                wrapped, wrap_aad(key.subject_id, key.version, wrapped.master_version)
+            )
+        except (InvalidTag, MasterKeyUnavailable):
+            return False
+        return hmac.compare_digest(dek, key.key)
 
     def rebind(self, store_id: bytes) -> None:
         """Bind this key store to the log of store *store_id* (an empty follower adopting it)."""

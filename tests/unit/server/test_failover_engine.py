@@ -518,6 +518,80 @@ def test_truncating_at_or_after_the_head_discards_nothing(cluster: tuple[Store, 
     assert (records(b), journal(b)) == before
 
 
+# -- data keys across terms ------------------------------------------------------------------
+
+
+def sams(store: Store) -> list[bytes]:
+    """The data of stream "p7" (subject "sam"), decrypted on *store*."""
+    return [e.data for e in store.read_stream("p7", 0, backwards=False, limit=99)]
+
+
+def sam_versions(store: Store) -> list[int]:
+    return [
+        codec.decode_record(r).dek_version
+        for r in records(store)
+        if codec.decode_record_subject(r).subject_id == "sam"
+    ]
+
+
+def assert_verified(store: Store, data_dir: Path) -> None:
+    store.close()
+    report = verify_data_dir(data_dir, data_dir / "master.keyring")
+    assert report.ok, [str(d) for d in report.damage]
+
+
+def test_a_leaders_key_replaces_the_one_a_deposed_node_made_for_its_discarded_tail(
+    cluster: tuple[Store, Store], tmp_path: Path
+) -> None:
+    a, b = cluster
+    commit_unacknowledged(a, append("p7", "sam", "lost"))  # sam's key version 1, made by "a"
+    b.promote(2)
+    a.demote("b:1", 2)
+    commit_unacknowledged(b, append("p7", "sam", "kept"))  # another version 1, made by "b"
+
+    follow(b, a)  # "a" discards "lost" and receives b's version 1
+
+    assert sams(a) == [b"kept"]  # sealed under b's version 1, which "a" now holds
+    b.demote("a:1", 3)
+    a.promote(3)
+    commit_unacknowledged(a, append("p7", "sam", "again"))
+    follow(a, b)
+
+    assert sams(a) == sams(b) == [b"kept", b"again"]
+    assert sam_versions(a) == [1, 2]  # never a version "a" already held a key for
+    assert readable(a) == readable(b)
+    assert_verified(a, tmp_path / "a")
+    assert_verified(b, tmp_path / "b")
+
+
+def test_a_node_promoted_again_never_reuses_a_version_of_its_own_discarded_tail(
+    stores: Callable[..., Store], tmp_path: Path
+) -> None:
+    rolling = StoreOptions(role="leader", sync_replicas=1, sync_timeout_s=60, dek_max_uses=2)
+    a, b = stores("a", rolling), stores("b", SYNC_FOLLOWER)
+    write_acked(a, b, append("p7", "sam", "1", "2"))  # version 1, its uses all spent on "a"
+    b.promote(2)
+    a.demote("b:1", 2)
+    commit_unacknowledged(b, append("p7", "sam", "lost"))  # b's version 2, never replicated
+    b.demote("a:1", 3)
+    a.promote(3)
+    commit_unacknowledged(a, append("p7", "sam", "3"))  # a's own, different, version 2
+
+    follow(a, b)  # "b" discards "lost" and receives a's version 2
+
+    assert sams(b) == [b"1", b"2", b"3"]
+    a.demote("b:1", 4)
+    b.promote(4)
+    commit_unacknowledged(b, append("p7", "sam", "4"))  # a new version, not b's old version 2
+    follow(b, a)
+
+    assert sams(a) == sams(b) == [b"1", b"2", b"3", b"4"]
+    assert sam_versions(b) == [1, 1, 2, 3]
+    assert readable(a) == readable(b)
+    assert_verified(a, tmp_path / "a")
+    assert_verified(b, tmp_path / "b")
+
+
 # -- where logs part ----------------------------------------------------------------------
 
 
