@@ -430,9 +430,11 @@ class Store:
             raise ReplicationRefused(
                 f"this node is a {self._role}: only a follower discards commits (demote it first)"
             )
-        return failover.truncate(
+        report = failover.truncate(
             self.log, self.keys, self.writer, commit, self._options.sync_replicas
         )
+        self._visible.truncated(self.log.head)
+        return report
 
     def divergence_point(self, follower_commit: int, follower_term: int) -> int:
         """Where a follower must truncate: the highest commit its log may share with this one.

@@ -74,6 +74,14 @@ class VisibleHead:
             if self.cap is None:
                 self.cap = 0
 
+    def truncated(self, log_head: int) -> None:
+        """The log's tail was discarded: what comes again at those positions is the new
+        leader's, visible only once it says so (a promoted node showed its whole log,
+        which was not all kept)."""
+        with self._lock:
+            if self.cap is not None and self.cap > log_head:
+                self.cap = log_head
+
     def committed(self, commit: int, last_position: int) -> None:
         """Writer thread: a leader's commit is durable here, not yet visible."""
         if self._tracking:

@@ -243,3 +243,30 @@ def test_a_single_node_shows_every_commit_at_once(stores: Callable[..., Store]) 
     run(go())
     assert single.head == single.log_head == 1
     assert readable(single) == [("s", b"1", False)]
+
+
+def test_a_deposed_node_that_truncates_shows_nothing_of_what_replaces_its_tail(
+    stores: Callable[..., Store],
+) -> None:
+    leader = stores("leader", SYNC_LEADER)
+    node = stores("node", SYNC_FOLLOWER)
+
+    async def go() -> None:
+        unacked_write(leader)
+        await _committed(leader, 1)
+        node.adopt_store_id(leader.store_id)
+        await apply_all(node, leader.frames_after(0, set()))
+
+    run(go())
+    node.promote(node.term + 1)
+    assert node.head == 1  # all of its log, while it leads
+    node.demote("other:1", node.term + 1)
+    node.truncate_after(0)  # the new leader never held that commit
+
+    assert node.head == node.log_head == 0
+    run(catch_up(node, leader))  # position 1 again, now from its (new) leader
+    assert (node.log_head, node.head) == (1, 0)  # not visible until that leader says so
+
+
+async def catch_up(follower: Store, leader: Store) -> None:
+    await apply_all(follower, leader.frames_after(follower.journal_head(), set()))
