@@ -703,7 +703,7 @@ class Store:
         """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
         streams, forgotten = self.log.counts()
         return StoreStats(
-            last_position=self.log.head,
+            last_position=self.head,  # what readers see (the visible head)
             streams=streams,
             # The store key of subject-less events is not a data subject.
             subjects=self.keys.subject_count(excluding=STORE_SUBJECT),
