@@ -124,7 +124,16 @@ def follow(leader: Store, follower: Store) -> int:
     assert first, "the leader has no commit to send the refresh with"
     run(apply_all(follower, first))
     replicate(leader, follower, sent)
+    ack(leader, follower)
     return rounds
+
+
+def ack(leader: Store, follower: Store, name: str = "f") -> None:
+    """What the follower's acks and the leader's next heartbeat do: the leader counts the
+    follower's durable commit, and the follower hears the visible head that made."""
+    leader.replica_connected(name, f"{name}:1")
+    leader.replica_acked(name, follower.journal_head(), follower.log_head, 0, follower.term)
+    follower.leader_visible(leader.head)
 
 
 def fail_over(old: Store, new: Store) -> int:
