@@ -327,6 +327,17 @@ def log_summary(data_dir: Path) -> LogSummary:
         return LogSummary(meta.store_id, meta.last_position, meta.chain_head, streams, journal_head)
 
 
+def event_positions(data_dir: Path) -> dict[bytes, int]:
+    """Every event id a stopped node's log holds, with its position (visible or not: a
+    follower shows only what its leader said is visible, so its files tell what it holds)."""
+    with _log_env(data_dir) as env, env.begin() as txn:
+        events = env.open_db(b"events", txn=txn)
+        return {
+            codec.decode_record(value).event_id: codec.from_u64(key)
+            for key, value in txn.cursor(db=events)
+        }
+
+
 #: Tables whose rows must be equal byte for byte on every node (the replicated state).
 SAME_ROWS = ("events", "streams", "stream_index", "idempotency", "legal_holds", "checkpoints")
 

@@ -128,4 +128,4 @@ def test_discarding_acknowledged_commits_is_refused_and_the_follower_stops_for_a
         assert not [line for line in lines if "reconnecting to the leader" in line]
         assert len(fake.hellos) == 1
     with Store.open(data, StoreOptions(role="follower", keyring_path=keyring)) as store:
-        assert (store.journal_head(), store.head) == (1, 1), "something was discarded"
+        assert (store.journal_head(), store.log_head) == (1, 1), "something was discarded"

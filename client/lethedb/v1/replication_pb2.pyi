@@ -187,6 +187,7 @@ class LeaderWelcome(_message.Message):
     COMMIT_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     TRUNCATE_AFTER_FIELD_NUMBER: _builtins.int
+    VISIBLE_POSITION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     term: _builtins.int
     store_id: _builtins.bytes
@@ -201,6 +202,12 @@ class LeaderWelcome(_message.Message):
     discards its commits after this one before it follows. The leader then
     sends every commit after it.
     """
+    visible_position: _builtins.int
+    """The leader's visible head (Raft's commit index): with sync_replicas, the
+    last position enough followers hold; else its head. A follower serves
+    records only up to min(its own head, this). Absent (an older leader):
+    the position this message names.
+    """
     def __init__(
         self,
         *,
@@ -210,14 +217,20 @@ class LeaderWelcome(_message.Message):
         commit: _builtins.int = ...,
         position: _builtins.int = ...,
         truncate_after: _builtins.int | None = ...,
+        visible_position: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "truncate_after", b"truncate_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "_visible_position", b"_visible_position", "truncate_after", b"truncate_after", "visible_position", b"visible_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "commit", b"commit", "node_id", b"node_id", "position", b"position", "store_id", b"store_id", "term", b"term", "truncate_after", b"truncate_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after", "_visible_position", b"_visible_position", "commit", b"commit", "node_id", b"node_id", "position", b"position", "store_id", b"store_id", "term", b"term", "truncate_after", b"truncate_after", "visible_position", b"visible_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__truncate_after: _TypeAlias = _typing.Literal["truncate_after"]  # noqa: Y015
     _WhichOneofArgType__truncate_after: _TypeAlias = _typing.Literal["_truncate_after", b"_truncate_after"]  # noqa: Y015
+    _WhichOneofReturnType__visible_position: _TypeAlias = _typing.Literal["visible_position"]  # noqa: Y015
+    _WhichOneofArgType__visible_position: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate_after) -> _WhichOneofReturnType__truncate_after | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__visible_position) -> _WhichOneofReturnType__visible_position | None: ...
 
 Global___LeaderWelcome: _TypeAlias = LeaderWelcome  # noqa: Y015
 
@@ -229,11 +242,18 @@ class LeaderHeartbeat(_message.Message):
     COMMIT_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
+    VISIBLE_POSITION_FIELD_NUMBER: _builtins.int
     term: _builtins.int
     commit: _builtins.int
     position: _builtins.int
     sent_at: _builtins.int
     """The leader's clock (ns since the epoch), for lag in seconds."""
+    visible_position: _builtins.int
+    """The leader's visible head (Raft's commit index): with sync_replicas, the
+    last position enough followers hold; else its head. A follower serves
+    records only up to min(its own head, this). Absent (an older leader):
+    the position this message names.
+    """
     def __init__(
         self,
         *,
@@ -241,12 +261,15 @@ class LeaderHeartbeat(_message.Message):
         commit: _builtins.int = ...,
         position: _builtins.int = ...,
         sent_at: _builtins.int = ...,
+        visible_position: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position", "visible_position", b"visible_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "position", b"position", "sent_at", b"sent_at", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position", "commit", b"commit", "position", b"position", "sent_at", b"sent_at", "term", b"term", "visible_position", b"visible_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__visible_position: _TypeAlias = _typing.Literal["visible_position"]  # noqa: Y015
+    _WhichOneofArgType__visible_position: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__visible_position) -> _WhichOneofReturnType__visible_position | None: ...
 
 Global___LeaderHeartbeat: _TypeAlias = LeaderHeartbeat  # noqa: Y015
 
@@ -265,6 +288,7 @@ class ReplicatedCommit(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     JOURNAL_ENTRY_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    VISIBLE_POSITION_FIELD_NUMBER: _builtins.int
     term: _builtins.int
     commit: _builtins.int
     """The journal sequence number: one more than the previous commit's."""
@@ -278,6 +302,12 @@ class ReplicatedCommit(_message.Message):
     """The leader's journal entry for this commit, byte for byte."""
     committed_at: _builtins.int
     """When the leader committed it (ns since the epoch), for lag in seconds."""
+    visible_position: _builtins.int
+    """The leader's visible head (Raft's commit index): with sync_replicas, the
+    last position enough followers hold; else its head. A follower serves
+    records only up to min(its own head, this). Absent (an older leader):
+    the position this message names.
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """The stored records, byte for byte (each ends with its chain hash)."""
@@ -305,12 +335,15 @@ class ReplicatedCommit(_message.Message):
         keys: _abc.Iterable[Global___DataKey] | None = ...,
         journal_entry: _builtins.bytes = ...,
         committed_at: _builtins.int = ...,
+        visible_position: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position", "visible_position", b"visible_position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "commit", b"commit", "committed_at", b"committed_at", "first_position", b"first_position", "journal_entry", b"journal_entry", "keys", b"keys", "last_position", b"last_position", "records", b"records", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position", "changes", b"changes", "commit", b"commit", "committed_at", b"committed_at", "first_position", b"first_position", "journal_entry", b"journal_entry", "keys", b"keys", "last_position", b"last_position", "records", b"records", "term", b"term", "visible_position", b"visible_position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__visible_position: _TypeAlias = _typing.Literal["visible_position"]  # noqa: Y015
+    _WhichOneofArgType__visible_position: _TypeAlias = _typing.Literal["_visible_position", b"_visible_position"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__visible_position) -> _WhichOneofReturnType__visible_position | None: ...
 
 Global___ReplicatedCommit: _TypeAlias = ReplicatedCommit  # noqa: Y015
 

@@ -243,6 +243,7 @@ class Follower:
             session.term = self.seen_term = welcome.term
             self.connected = True
             self.leader_commit, self.leader_position = welcome.commit, welcome.position
+            store.leader_visible(_visible(welcome, welcome.position))
             log.info(
                 "connected to the leader %s at %s (term %d, commit %d, position %d); this "
                 "node is at commit %d, position %d",
@@ -252,7 +253,7 @@ class Follower:
                 welcome.commit,
                 welcome.position,
                 store.journal_head(),
-                store.head,
+                store.log_head,
             )
             target = welcome.commit
             self._check_caught_up(store.journal_head(), target)
@@ -265,13 +266,15 @@ class Follower:
                 if kind == "commit":
                     frame = commit_frame(response.commit)
                     self._note_received(frame.commit, frame.committed_at)
+                    store.leader_visible(_visible(response.commit, frame.last_position))
                     applied = store.apply_replicated(frame, leader_term=session.term)
                     await applying.put(applied, frame.last_position)
                 elif kind == "heartbeat":
                     beat = response.heartbeat
                     self.leader_commit, self.leader_position = beat.commit, beat.position
+                    store.leader_visible(_visible(beat, beat.position))
                     if applying.idle():
-                        outbox.put_nowait(rpb.FollowRequest(ack=self._ack(session, store.head)))
+                        outbox.put_nowait(rpb.FollowRequest(ack=self._ack(session, store.log_head)))
         except StopAsyncIteration:
             return
         finally:
@@ -304,21 +307,21 @@ class Follower:
         return LeaderLink(
             connected=self.connected,
             caught_up=self.reads.caught_up,
-            lag_positions=max(0, self.leader_position - self.store.head),
+            lag_positions=max(0, self.leader_position - self.store.log_head),
             lag_seconds=seconds,
         )
 
     def _hello(self) -> rpb.FollowerHello:
         store = self.store
         commit = store.journal_head()
-        empty = commit == 0 and store.head == 0
+        empty = commit == 0 and store.log_head == 0
         return rpb.FollowerHello(
             node_id=self.settings.node_id,
             advertise=self.settings.advertise,
             # An empty follower adopts the leader's store id from the welcome.
             store_id=b"" if empty else store.store_id,
             commit=commit,
-            position=store.head,
+            position=store.log_head,
             chain_head=store.chain_head,
             # The last entry's term: with the commit, where this log may part from the leader's.
             term=store.journal_term(),
@@ -359,7 +362,7 @@ class Follower:
             welcome.term,
             keep,
             store.journal_head(),
-            store.head,
+            store.log_head,
             keep,
         )
         try:
@@ -389,7 +392,7 @@ class Follower:
             log.info(
                 "caught up with the leader at commit %d (position %d); serving reads",
                 commit,
-                self.store.head,
+                self.store.log_head,
             )
 
     # -- checkpoints of consumer groups -------------------------------------------------
@@ -487,3 +490,11 @@ def _rpc_failure(exc: grpc.aio.AioRpcError) -> str:
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return f"the leader refused this follower: {details}"
     return f"{code.name}: {details}"
+
+
+def _visible(
+    message: rpb.LeaderWelcome | rpb.LeaderHeartbeat | rpb.ReplicatedCommit, position: int
+) -> int:
+    """The leader's visible head a message names; *position* when it names none (a
+    leader from before visible heads, which shows its whole log)."""
+    return message.visible_position if message.HasField("visible_position") else position

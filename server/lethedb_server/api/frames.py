@@ -13,8 +13,10 @@ from lethedb.v1 import replication_pb2 as rpb
 from lethedb_server.engine.replication import CommitFrame, DataKey, RowChange
 
 
-def commit_message(frame: CommitFrame) -> rpb.ReplicatedCommit:
+def commit_message(frame: CommitFrame, visible_position: int) -> rpb.ReplicatedCommit:
+    """*visible_position*: the leader's visible head as it sends the frame."""
     return rpb.ReplicatedCommit(
+        visible_position=visible_position,
         term=frame.term,
         commit=frame.commit,
         first_position=frame.first_position,

@@ -210,7 +210,8 @@ class ReplicationService:
             term=store.term,
             store_id=store.store_id,
             commit=commit,
-            position=store.head,
+            position=store.log_head,
+            visible_position=store.head,
         )
         if start < follower_commit:
             welcome.truncate_after = start
@@ -221,8 +222,9 @@ class ReplicationService:
         return rpb.LeaderHeartbeat(
             term=store.term,
             commit=store.journal_head(),
-            position=store.head,
+            position=store.log_head,
             sent_at=time.time_ns(),
+            visible_position=store.head,
         )
 
     async def _commits(
@@ -238,23 +240,28 @@ class ReplicationService:
         # The stream's first frame carries the legal holds and checkpoints as they stand:
         # a follower that truncated its tail cannot restore those rows on its own.
         refresh = True
-        while not self.closing and not acks.done() and self.store.role != "follower":
+        #: The visible head the follower last heard of: a new one goes out at once
+        #: (a heartbeat), so its readers see what enough followers hold promptly.
+        told = -1
+        store = self.store
+        while not self.closing and not acks.done() and store.role != "follower":
             changed = self.watch.changed()  # before reading: no commit slips between
-            frames = await asyncio.to_thread(
-                self.store.frames_after, after, sent_keys, refresh=refresh
-            )
+            frames = await asyncio.to_thread(store.frames_after, after, sent_keys, refresh=refresh)
             if frames:
                 refresh = False
                 for frame in frames:
-                    yield rpb.FollowResponse(commit=commit_message(frame))
+                    told = store.head
+                    yield rpb.FollowResponse(commit=commit_message(frame, told))
                 after = frames[-1].commit
                 last_sent = loop.time()
                 continue
             idle = loop.time() - last_sent
-            if idle < HEARTBEAT_S:
+            if idle < HEARTBEAT_S and store.head == told:
                 await _first_of(changed, acks, HEARTBEAT_S - idle)
                 continue
-            yield rpb.FollowResponse(heartbeat=self._heartbeat())
+            beat = self._heartbeat()
+            told = beat.visible_position
+            yield rpb.FollowResponse(heartbeat=beat)
             last_sent = loop.time()
 
     async def _read_acks(
@@ -279,7 +286,7 @@ class ReplicationService:
             except ReplicationRefused as exc:  # fenced: another term's ack is not counted
                 log.debug("ignored follower %s's ack: %s", node_id, exc)
                 continue
-            behind = self.store.head - ack.position
+            behind = self.store.log_head - ack.position
             now = loop.time()
             if behind > FELL_BEHIND_POSITIONS and now - logged_behind >= FELL_BEHIND_LOG_S:
                 logged_behind = now
@@ -289,7 +296,7 @@ class ReplicationService:
                     node_id,
                     ack.position,
                     behind,
-                    self.store.head,
+                    self.store.log_head,
                 )
 
     # -- ForwardCheckpoint ---------------------------------------------------------------

@@ -154,7 +154,7 @@ class ClusterNode:
             term=store.term,
             leader=store.leader,
             commit=store.journal_head(),
-            position=store.head,
+            position=store.log_head,
             sync_replicas=self.sync_replicas,
             followers=tuple(followers),
             link=self.link() if role == FOLLOWER else NO_LINK,

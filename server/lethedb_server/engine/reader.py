@@ -26,20 +26,31 @@ class EventReader:
         self.log = log_store
         self.keys = keys
 
-    def read_all(self, start: int, *, backwards: bool, limit: int) -> list[StoredEvent]:
-        return self.open_page(self.log.read_all_page(start, backwards=backwards, limit=limit))
+    # *upto*: the last position a reader may see (the visible head, see
+    # engine/visibility.py); None: the whole log. The log stops there itself.
+
+    def read_all(
+        self, start: int, *, backwards: bool, limit: int, upto: int | None = None
+    ) -> list[StoredEvent]:
+        return self.open_page(
+            self.log.read_all_page(start, backwards=backwards, limit=limit, upto=upto)
+        )
 
     def read_stream(
-        self, stream_id: str, start: int, *, backwards: bool, limit: int
+        self, stream_id: str, start: int, *, backwards: bool, limit: int, upto: int | None = None
     ) -> list[StoredEvent]:
-        page = self.log.read_stream_page(stream_id, start, backwards=backwards, limit=limit)
+        page = self.log.read_stream_page(
+            stream_id, start, backwards=backwards, limit=limit, upto=upto
+        )
         if page is None:
             raise StreamNotFound(stream_id)
         return self.open_page(page)
 
-    def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
+    def read_subject(
+        self, subject_id: str, after: int, limit: int, upto: int | None = None
+    ) -> list[StoredEvent]:
         """The subject's events after position *after*, across all streams, in log order."""
-        positions = self.log.subject_positions(subject_id, after, limit)
+        positions = self.log.subject_positions(subject_id, after, limit, upto)
         events = self.open_page(self.log.read_positions(positions)) if positions else []
         for event in events:
             if event.subject_id != subject_id:

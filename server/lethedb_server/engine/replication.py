@@ -34,6 +34,7 @@ import msgspec
 
 from lethedb_server.engine.appliers import ApplyContext, BatchState
 from lethedb_server.engine.model import STORE_SUBJECT, ReplicatedCommitCommand
+from lethedb_server.engine.visibility import VisibleHead
 from lethedb_server.errors import LetheError, NotEnoughReplicas, ReplicationRefused
 from lethedb_server.storage import codec
 from lethedb_server.storage.codec import JournalEntry, LogMeta, Tombstone
@@ -427,6 +428,12 @@ class Followers:
         with self._lock:
             return sum(1 for n in self._nodes.values() if n.connected and n.commit >= commit)
 
+    def held_by(self, required: int) -> int:
+        """The highest commit at least *required* connected followers have acked (0: none)."""
+        with self._lock:
+            commits = sorted((n.commit for n in self._nodes.values() if n.connected), reverse=True)
+        return commits[required - 1] if 0 < required <= len(commits) else 0
+
     def snapshot(self, head: int, committed_at: Callable[[int], int | None]) -> list[FollowerState]:
         """Every follower seen, with its lag behind *head*.
 
@@ -486,10 +493,22 @@ class SyncGate:
     in order (:meth:`release`); one small timer thread fails those still held
     at their deadline with NotEnoughReplicas. With *required* 0 nothing is
     held.
+
+    It also advances the leader's visible head (*visible*, see
+    engine/visibility.py) to the highest commit *required* followers hold,
+    always before it releases the answers of that commit: a client that was
+    answered can read its write at once on this leader.
     """
 
-    def __init__(self, followers: Followers, required: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        followers: Followers,
+        required: int,
+        timeout_s: float,
+        visible: VisibleHead | None = None,
+    ) -> None:
         self.followers = followers
+        self.visible = visible
         self.required = required
         self.timeout_s = timeout_s
         self._lock = threading.Condition()
@@ -500,11 +519,23 @@ class SyncGate:
         self._stopped = False
         followers.on_ack = self.release
 
+    def committed(self, commit: int, last_position: int) -> None:
+        """Writer thread: this leader wrote *commit* (ending at *last_position*); it becomes
+        visible once enough followers hold it (maybe already: an ack may come first)."""
+        if self.visible is not None:
+            self.visible.committed(commit, last_position)
+            self._advance_visible()
+
+    def _advance_visible(self) -> None:
+        if self.visible is not None:
+            self.visible.held(self.followers.held_by(self.required))
+
     def hold(self, commit: int, items: list[tuple[Any, Any]], settle: Settle) -> bool:
         """Take *items* until *commit* is held by enough followers; False: settle them now."""
         if self.required <= 0 or not items:
             return False
         if self.followers.holding(commit) >= self.required:
+            self._advance_visible()  # visible before it is answered
             return False
         held = _Held(time.monotonic() + self.timeout_s, next(self._seq), commit, items, settle)
         with self._lock:
@@ -516,7 +547,9 @@ class SyncGate:
         return True
 
     def release(self) -> None:
-        """Settle every held outcome whose commit enough followers now hold."""
+        """Settle every held outcome whose commit enough followers now hold (the visible
+        head moves first)."""
+        self._advance_visible()
         ready: list[_Held] = []
         with self._lock:
             while self._by_commit:

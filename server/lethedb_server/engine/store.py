@@ -52,6 +52,7 @@ from lethedb_server.engine.replication import (
     build_frames,
 )
 from lethedb_server.engine.verify import Verifier
+from lethedb_server.engine.visibility import VisibleHead
 from lethedb_server.engine.writer import Writer, WriterLimits, WriterObserver
 from lethedb_server.errors import DataDirLocked, NotLeader, ReplicationRefused, ValidationError
 from lethedb_server.files import make_private_dir, open_private, wide_modes
@@ -113,6 +114,13 @@ class Store:
         writer.leading = opts.role != "follower"
         writer.leader = opts.leader
         self._followers = Followers()
+        #: How far readers see (engine/visibility.py): a follower starts seeing nothing
+        #: until its leader says what is visible; a leader its whole log.
+        self._visible = VisibleHead(writer.notify_head)
+        if not writer.leading:
+            self._visible.follow()
+        elif opts.sync_replicas > 0:
+            self._visible.lead_from(log_store.head)
         if writer.leading:
             self._open_gate()
 
@@ -349,6 +357,12 @@ class Store:
             self.writer.leader = ""
             self.writer.leading = True
             self._role = "leader"
+            # Its log is the truth now (the followers truncate to it): all of it is visible.
+            if self._options.sync_replicas > 0:
+                self._visible.lead_from(self.log.head)
+            else:
+                self._visible.show_all()
+            self.writer.notify_head(self.log.head)
 
         self.writer.execute(ExclusiveTask(lead))
         log.warning("leading term %d from commit %d (position %d)", term,
@@ -381,6 +395,7 @@ class Store:
 
         def follow() -> None:
             self._record_term(term)
+            self._visible.follow()  # what it showed stays; more only as its leader says
             gate, self.writer.gate = self.writer.gate, None
             if gate is not None:
                 gate.stop(reason)
@@ -415,9 +430,11 @@ class Store:
             raise ReplicationRefused(
                 f"this node is a {self._role}: only a follower discards commits (demote it first)"
             )
-        return failover.truncate(
+        report = failover.truncate(
             self.log, self.keys, self.writer, commit, self._options.sync_replicas
         )
+        self._visible.truncated(self.log.head)
+        return report
 
     def divergence_point(self, follower_commit: int, follower_term: int) -> int:
         """Where a follower must truncate: the highest commit its log may share with this one.
@@ -453,7 +470,9 @@ class Store:
         """A sync gate for this node's leadership, when sync_replicas asks for one."""
         opts = self._options
         if opts.sync_replicas > 0:
-            self.writer.gate = SyncGate(self._followers, opts.sync_replicas, opts.sync_timeout_s)
+            self.writer.gate = SyncGate(
+                self._followers, opts.sync_replicas, opts.sync_timeout_s, self._visible
+            )
 
     def on_journal(self, listener: Callable[[int], None]) -> None:
         """Call *listener(commit)* from the writer thread after each commit that wrote a
@@ -508,6 +527,13 @@ class Store:
         success released while it says no is answered NotLeader with the leader unknown
         (committed here, never acknowledged; the client retries on another node)."""
         self.writer.fence = may_acknowledge
+        self._visible.fence = may_acknowledge  # nor does a lapsed leader show more
+
+    def leader_visible(self, position: int) -> None:
+        """A follower: its leader's visible head (its frames and heartbeats carry it); this
+        node shows its log up to there, never beyond its own head."""
+        if self._role == "follower":
+            self._visible.leader_says(position)
 
     def replica_connected(self, node_id: str, advertise: str) -> None:
         """A follower's stream opened (the Replication service)."""
@@ -554,26 +580,39 @@ class Store:
 
     # -- reads (blocking: call them off the event loop) ------------------------------------
 
+    #
+    # Readers see the log up to the visible head (engine/visibility.py): with
+    # sync_replicas, nothing a failover could still discard. Every read stops
+    # there; without a cap (a single node) it costs one attribute look-up.
+
     @property
     def head(self) -> int:
-        """The last committed global position (0 for an empty log)."""
+        """The last visible global position (0 for an empty log): the last committed one,
+        or with sync_replicas the last one enough followers hold (see :attr:`log_head`)."""
+        return self._visible.of(self.log.head)
+
+    @property
+    def log_head(self) -> int:
+        """The last position of this node's log, visible or not (replication, elections)."""
         return self.log.head
 
     def read_stream(
         self, stream_id: str, start: int, *, backwards: bool, limit: int
     ) -> list[StoredEvent]:
-        return self.reader.read_stream(stream_id, start, backwards=backwards, limit=limit)
+        return self.reader.read_stream(
+            stream_id, start, backwards=backwards, limit=limit, upto=self._visible.cap
+        )
 
     def read_all(self, start: int, *, backwards: bool, limit: int) -> list[StoredEvent]:
-        return self.reader.read_all(start, backwards=backwards, limit=limit)
+        return self.reader.read_all(start, backwards=backwards, limit=limit, upto=self._visible.cap)
 
     def read_subject(self, subject_id: str, after: int, limit: int) -> list[StoredEvent]:
         """A subject's events after position *after*, in log order (for export)."""
-        return self.reader.read_subject(subject_id, after, limit)
+        return self.reader.read_subject(subject_id, after, limit, self._visible.cap)
 
     def read_all_raw(self, start: int, limit: int) -> RawPage:
         """Stored records from *start* on, still sealed, for a filtering subscriber."""
-        return self.log.read_all_page(start, backwards=False, limit=limit)
+        return self.log.read_all_page(start, backwards=False, limit=limit, upto=self._visible.cap)
 
     def open_event(self, position: int, value: bytes) -> StoredEvent:
         """Decode and decrypt one stored record read by :meth:`read_all_raw`."""
@@ -664,7 +703,7 @@ class Store:
         """Counts and sizes for operators; cheap (database entry counts, file sizes)."""
         streams, forgotten = self.log.counts()
         return StoreStats(
-            last_position=self.log.head,
+            last_position=self.head,  # what readers see (the visible head)
             streams=streams,
             # The store key of subject-less events is not a data subject.
             subjects=self.keys.subject_count(excluding=STORE_SUBJECT),

@@ -224,6 +224,11 @@ class Writer:
         """Call *listener(head)* from the writer thread after every commit."""
         self._listeners.append(listener)
 
+    def notify_head(self, position: int) -> None:
+        """Tell the head listeners of *position* (the visible head moved; any thread)."""
+        for listener in self._listeners:
+            listener(position)
+
     def add_journal_listener(self, listener: HeadListener) -> None:
         """Call *listener(commit)* from the writer thread after each commit that wrote
         journal entries, with the last one's commit number."""
@@ -530,6 +535,9 @@ class Writer:
         self.batches += 1
         self.commands += len(live)
         self._erase_keys(state.forgotten)
+        gate = self.gate
+        if journaled and gate is not None:  # a leader with sync_replicas: not visible yet
+            gate.committed(state.journal_head, state.meta.last_position)
         self._answer(list(zip(live, outcomes, strict=True)))
         if self.observer is not None:
             now = time.monotonic()

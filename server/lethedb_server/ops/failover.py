@@ -59,7 +59,7 @@ REFUSAL_LOG_S: Final = 30.0
 def store_progress(store: Store) -> Progress:
     """What a node publishes before it campaigns: its last journal entry's term and commit
     (compared as Raft compares logs) and its head."""
-    return Progress(store.journal_term(), store.journal_head(), store.head)
+    return Progress(store.journal_term(), store.journal_head(), store.log_head)
 
 
 class ClusterMember:

@@ -299,7 +299,7 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
-        yield _gauge("lethedb_head_position", "Last committed global position.", store.head)
+        yield _gauge("lethedb_head_position", "Last committed global position.", store.log_head)
         yield _gauge(
             "lethedb_writer_queue_depth",
             "Commands waiting for the writer.",

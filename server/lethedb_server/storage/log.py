@@ -714,8 +714,11 @@ class LogStore:
 
     # -- reads ------------------------------------------------------------------
 
-    def read_all_page(self, start: int, *, backwards: bool, limit: int) -> RawPage:
-        """Up to *limit* events from position *start* (inclusive) in one direction.
+    def read_all_page(
+        self, start: int, *, backwards: bool, limit: int, upto: int | None = None
+    ) -> RawPage:
+        """Up to *limit* events from position *start* (inclusive) in one direction,
+        none beyond position *upto* (None: the head; see engine/visibility.py).
 
         The positions must be contiguous up to the head the log meta records
         in the same transaction. LMDB has no checksums, so a damaged key
@@ -728,6 +731,8 @@ class LogStore:
             return page
         with self.lmdb.read() as txn:
             head = self.head_in(txn)
+            if upto is not None and upto < head:
+                head = upto
             expected = min(start, head) if backwards else max(start, 1)
             if not 1 <= expected <= head:
                 return page
@@ -758,9 +763,12 @@ class LogStore:
             raise DataLoss(f"the log meta record is damaged ({exc}); {REMEDY}") from exc
 
     def read_stream_page(
-        self, stream_id: str, start: int, *, backwards: bool, limit: int
+        self, stream_id: str, start: int, *, backwards: bool, limit: int, upto: int | None = None
     ) -> RawPage | None:
         """Up to *limit* events of a stream from version *start*; None if no stream.
+
+        Nothing beyond position *upto* (None: the head): a stream whose first
+        event lies beyond it does not exist yet for this reader.
 
         The stream's versions must be contiguous, and each index entry must
         name the record of that stream and version: a damaged entry is
@@ -774,11 +782,14 @@ class LogStore:
             if raw_info is None:
                 return None
             try:
-                last = codec.decode_stream(raw_info).last_version
+                info = codec.decode_stream(raw_info)
             except Exception as exc:  # msgspec raises several types for damaged bytes
                 raise DataLoss(
                     f"the record of stream {stream_id!r} is damaged ({exc}); {REMEDY}"
                 ) from exc
+            last = info.last_version
+            if upto is not None and info.first_position > upto:
+                return None
             if start < 0:
                 return page
             expected = min(start, last) if backwards else start
@@ -798,6 +809,13 @@ class LogStore:
             for key, position_raw in items:
                 if key != prefix + codec.u64(expected):
                     break
+                if upto is not None and codec.from_u64(position_raw) > upto:
+                    if not backwards:
+                        return page  # the rest is not visible yet
+                    expected -= 1  # the newest versions are not visible yet
+                    if expected < 0:
+                        return page
+                    continue
                 page.append(self._stream_event(txn, stream_id, expected, position_raw, head))
                 expected += step
                 if len(page) >= limit or not 0 <= expected <= last:
@@ -901,8 +919,11 @@ class LogStore:
 
     # -- subjects and erasure ---------------------------------------------------
 
-    def subject_positions(self, subject_id: str, after: int, limit: int) -> list[int]:
-        """Positions of the subject's events after *after*, in log order.
+    def subject_positions(
+        self, subject_id: str, after: int, limit: int, upto: int | None = None
+    ) -> list[int]:
+        """Positions of the subject's events after *after*, in log order, none beyond
+        *upto* (None: the head).
 
         The index answers through ``subject_indexed``; the unindexed tail after
         it is scanned. The meta is read in the same transaction as both, so a
@@ -910,12 +931,14 @@ class LogStore:
         """
         with self.lmdb.read() as txn:
             indexed = self.subject_indexed(txn)
+            if upto is not None and upto < indexed:
+                indexed = upto
             positions = indexed_subject_positions(
                 txn, self.subject_index, subject_id, after, indexed, limit
             )
             if len(positions) < limit:
                 positions += tail_subject_positions(
-                    txn, self.events, subject_id, max(after, indexed), limit - len(positions)
+                    txn, self.events, subject_id, max(after, indexed), limit - len(positions), upto
                 )
         return positions
 
@@ -1044,9 +1067,15 @@ def indexed_subject_positions(
 
 
 def tail_subject_positions(
-    txn: lmdb.Transaction, events: Any, subject_id: str, after: int, limit: int
+    txn: lmdb.Transaction,
+    events: Any,
+    subject_id: str,
+    after: int,
+    limit: int,
+    upto: int | None = None,
 ) -> list[int]:
-    """Positions after *after* whose record names the subject, by scanning ``events``.
+    """Positions after *after* (up to *upto*; None: the end) whose record names the
+    subject, by scanning ``events``.
 
     Used only for the unindexed tail, which the writer keeps short. A record
     is decoded only when the subject id's msgpack bytes occur in it at all.
@@ -1056,7 +1085,10 @@ def tail_subject_positions(
     cursor = txn.cursor(db=events)
     if not cursor.set_range(codec.position_key(after + 1)):
         return positions
+    last = codec.position_key(upto) if upto is not None else None
     for key, value in _pairs(cursor.iternext()):
+        if last is not None and key > last:
+            break
         if needle in value and _subject_of(codec.position_from_key(key), value) == subject_id:
             positions.append(codec.position_from_key(key))
             if len(positions) >= limit:

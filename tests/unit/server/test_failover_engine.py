@@ -79,7 +79,7 @@ def write_acked(leader: Store, follower: Store, *commands: Any) -> list[Any]:
 
     def replicate_and_ack() -> None:
         replicate(leader, follower)
-        leader.replica_acked("b", follower.journal_head(), follower.head, 0, follower.term)
+        leader.replica_acked("b", follower.journal_head(), follower.log_head, 0, follower.term)
 
     async def go() -> list[Any]:
         leader.replica_connected("b", "b:1")
@@ -87,6 +87,7 @@ def write_acked(leader: Store, follower: Store, *commands: Any) -> list[Any]:
         while not all(a.done() for a in answers):
             await asyncio.to_thread(replicate_and_ack)
             await asyncio.sleep(0.005)
+        follower.leader_visible(leader.head)  # the next heartbeat: what the acks made visible
         return [a.result() for a in answers]
 
     return run(go())
@@ -123,7 +124,16 @@ def follow(leader: Store, follower: Store) -> int:
     assert first, "the leader has no commit to send the refresh with"
     run(apply_all(follower, first))
     replicate(leader, follower, sent)
+    ack(leader, follower)
     return rounds
+
+
+def ack(leader: Store, follower: Store, name: str = "f") -> None:
+    """What the follower's acks and the leader's next heartbeat do: the leader counts the
+    follower's durable commit, and the follower hears the visible head that made."""
+    leader.replica_connected(name, f"{name}:1")
+    leader.replica_acked(name, follower.journal_head(), follower.log_head, 0, follower.term)
+    follower.leader_visible(leader.head)
 
 
 def fail_over(old: Store, new: Store) -> int:
@@ -228,10 +238,10 @@ def test_an_ack_from_another_term_is_refused(cluster: tuple[Store, Store]) -> No
     a.replica_connected("b", "b:1")
 
     with pytest.raises(ReplicationRefused, match="below this node's term 3"):
-        a.replica_acked("b", b.journal_head(), b.head, 0, 2)
+        a.replica_acked("b", b.journal_head(), b.log_head, 0, 2)
 
     with pytest.raises(ReplicationRefused, match="no longer leads"):
-        a.replica_acked("b", b.journal_head(), b.head, 0, 4)  # "b" follows a newer leader
+        a.replica_acked("b", b.journal_head(), b.log_head, 0, 4)  # "b" follows a newer leader
     assert [f.commit for f in a.followers()] == [0]  # an earlier leadership's acks are gone
 
 
@@ -383,9 +393,9 @@ def test_a_deposed_leader_discards_its_unacknowledged_tail_and_follows_byte_for_
 
 def test_a_truncation_report_names_what_went(cluster: tuple[Store, Store]) -> None:
     a, b = cluster
-    commit, position = a.journal_head(), a.head
+    commit, position = a.journal_head(), a.log_head
     tail_history(a)
-    tail_commits, tail_head = a.journal_head() - commit, a.head
+    tail_commits, tail_head = a.journal_head() - commit, a.log_head
     b.promote(2)
     a.demote("b:1", 2)
 
@@ -399,7 +409,7 @@ def test_a_truncation_report_names_what_went(cluster: tuple[Store, Store]) -> No
         ("checkpoints", b"projector"),
         ("legal_holds", b"alice"),
     }
-    assert (a.journal_head(), a.head, a.term) == (commit, position, 2)
+    assert (a.journal_head(), a.log_head, a.term) == (commit, position, 2)
 
 
 def test_the_subject_index_a_restart_and_verify_see_the_truncated_log(
@@ -412,13 +422,14 @@ def test_the_subject_index_a_restart_and_verify_see_the_truncated_log(
     write_acked(a, b, *common_history())
     tail_history(a)
     a.writer.execute(ExclusiveTask(lambda: None))  # after the merge that follows the tail
-    assert a.log.meta.subject_indexed == a.head  # the tail is in the subject index too
+    assert a.log.meta.subject_indexed == a.log_head  # the tail is in the subject index too
     fail_over(a, b)
     a.close()
 
     reopened = stores("a", SYNC_FOLLOWER)  # the key store does not take it for a restored log
+    reopened.leader_visible(b.head)  # a follower shows nothing its leader has not said
 
-    assert reopened.head == b.head
+    assert reopened.log_head == b.log_head
     assert [e.position for e in reopened.read_subject("erin", 0, 10)] == []
     assert [e.position for e in reopened.read_subject("alice", 0, 10)] == [
         e.position for e in b.read_subject("alice", 0, 10)

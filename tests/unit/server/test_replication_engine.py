@@ -92,6 +92,7 @@ def replicate(leader: Store, follower: Store, sent_keys: set[tuple[str, int]] | 
     while frames := leader.frames_after(follower.journal_head(), sent, max_frames=3):
         run(apply_all(follower, frames))
         moved += len(frames)
+    follower.leader_visible(leader.head)  # as the frames and heartbeats on the wire say
     return moved
 
 
@@ -102,7 +103,7 @@ async def apply_all(follower: Store, frames: list[CommitFrame]) -> list[int]:
 
 def records(store: Store) -> list[bytes]:
     with store.log.lmdb.read() as txn:
-        return store.log.records_between(txn, 1, store.head)
+        return store.log.records_between(txn, 1, store.log_head)
 
 
 def rows(store: Store, table: str) -> list[tuple[bytes, bytes]]:
@@ -177,7 +178,7 @@ def test_a_follower_holds_the_leaders_records_rows_and_journal_byte_for_byte(
     assert follower.store_id == leader.store_id
     assert records(follower) == records(leader)
     assert follower.chain_head == leader.chain_head
-    assert (follower.head, follower.journal_head()) == (leader.head, leader.journal_head())
+    assert (follower.log_head, follower.journal_head()) == (leader.log_head, leader.journal_head())
     assert journal(follower) == journal(leader)
     for table in ("streams", "idempotency", "legal_holds", "checkpoints"):
         assert rows(follower, table) == rows(leader, table), table
@@ -237,6 +238,7 @@ def test_frames_page_and_a_follower_continues_after_a_restart(
     frames = leader.frames_after(follower.journal_head(), set())
     assert [f.commit for f in frames] == [8]
     run(apply_all(follower, frames))
+    follower.leader_visible(leader.head)  # a follower shows nothing its leader has not said
     assert records(follower) == records(leader)
     assert readable(follower) == readable(leader)
 
@@ -297,7 +299,7 @@ def test_a_tombstone_deletes_the_subjects_keys_on_the_follower_with_its_own_shre
     assert readable(follower) == readable(leader)
     call(follower.shred)
     assert follower.receipt("alice").state is SubjectState.SHREDDED
-    assert follower.shredded_through() == follower.head
+    assert follower.shredded_through() == follower.log_head
 
 
 def test_an_installed_key_is_never_extended_should_the_follower_lead(
@@ -348,7 +350,7 @@ def test_a_retry_against_a_promoted_follower_is_deduplicated_and_a_reused_key_re
     ]
     with pytest.raises(IdempotencyConflict):
         write(promoted, append("orders", "alice", "other content", key="k-1"))
-    assert promoted.head == leader.head
+    assert promoted.log_head == leader.log_head
 
 
 # -- what a follower refuses ------------------------------------------------------------
@@ -468,6 +470,7 @@ def test_a_follower_directory_reopens_cleanly_with_its_tombstones(
     follower.close()
 
     reopened = stores("follower", FOLLOWER)
+    reopened.leader_visible(leader.head)  # a follower shows nothing its leader has not said
 
     assert reopened.store_id == leader.store_id
     assert reopened.journal_head() == leader.journal_head()
@@ -489,7 +492,7 @@ def test_a_store_that_predates_the_journal_is_journalled_at_start_up(
     follower = stores("follower", FOLLOWER)
 
     records_entry, rows_entry = leader.frames_after(0, set())  # small: one of each
-    assert (records_entry.first_position, records_entry.last_position) == (1, leader.head)
+    assert (records_entry.first_position, records_entry.last_position) == (1, leader.log_head)
     assert records_entry.changes == ()
     assert rows_entry.records == ()
     assert {c.table for c in rows_entry.changes} == set(REPLICATED_TABLES)
@@ -519,7 +522,7 @@ def test_the_genesis_of_a_large_store_is_bounded_entries(
     frames = leader.frames_after(0, set(), max_frames=1000, max_bytes=1 << 40)
     assert len(frames) == leader.journal_head() > 3
     positions = [p for f in frames for p in range(f.first_position, f.last_position + 1)]
-    assert positions == list(range(1, leader.head + 1))  # each once, in order
+    assert positions == list(range(1, leader.log_head + 1))  # each once, in order
     for frame in frames:
         assert sum(len(r) for r in frame.records) <= GENESIS_MAX_BYTES or len(frame.records) == 1
         assert sum(len(c.key) + len(c.value or b"") for c in frame.changes) <= GENESIS_MAX_BYTES
@@ -623,14 +626,15 @@ def test_a_synchronous_write_without_an_ack_fails_and_its_retry_waits_too(
     async def go() -> None:
         with pytest.raises(NotEnoughReplicas, match="0 of the 1"):
             await leader.append(append("s", "alice", "1", key="k"))
-        assert leader.head == 1  # committed here, just not acknowledged
+        assert leader.log_head == 1  # committed here, just not acknowledged ...
+        assert leader.head == 0  # ... so no reader sees it
         retry = leader.append(append("s", "alice", "1", key="k"))
         await asyncio.sleep(0.05)
         assert not retry.done()
         leader.replica_acked("f1", 1, 1, 0)
         result = await retry
         assert result.deduplicated
-        assert leader.head == 1
+        assert leader.head == 1  # held by the follower now: visible
 
     run(go())
 
