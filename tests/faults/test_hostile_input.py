@@ -87,9 +87,15 @@ ALWAYS_ALLOWED = frozenset(
     }
 )
 #: Codes the API documents for a request naming something absent or ahead.
+#: CatchingUp (UNAVAILABLE): a read's min_position beyond the head.
+_BEYOND_MIN_POSITION = frozenset({Code.UNAVAILABLE})
 PROMISED: dict[str, frozenset[Code]] = {
-    "EventStore.ReadStream": frozenset({Code.NOT_FOUND}),  # the stream does not exist
-    "EventStore.Subscribe": frozenset({Code.OUT_OF_RANGE}),  # a start beyond the head
+    "EventStore.ReadStream": frozenset({Code.NOT_FOUND}) | _BEYOND_MIN_POSITION,  # no stream
+    "EventStore.ReadAll": _BEYOND_MIN_POSITION,
+    "EventStore.Subscribe": frozenset({Code.OUT_OF_RANGE}) | _BEYOND_MIN_POSITION,
+    "EventStore.GetSubject": _BEYOND_MIN_POSITION,
+    "EventStore.ExportSubject": _BEYOND_MIN_POSITION,
+    "EventStore.GetCheckpoint": _BEYOND_MIN_POSITION,
     "EventStore.CommitCheckpoint": frozenset({Code.OUT_OF_RANGE}),  # a position beyond it
 }
 #: Subscriptions never end by themselves: the first message proves the call works.

@@ -142,6 +142,14 @@ class ReadGate:
 
         if reached():
             return
+        if store.role != "follower" and min_position > store.log_head:
+            # Only this node writes its log: nothing will bring the position
+            # but a write of its own, so the read is not made to wait for one.
+            raise CatchingUp(
+                f"this node's log ends at position {store.log_head}, before the read's "
+                f"min_position {min_position}: it never held that position (written on "
+                "another leader?); read from the current leader"
+            )
         if time_remaining is None:
             budget = DEFAULT_MIN_POSITION_WAIT_S
         else:

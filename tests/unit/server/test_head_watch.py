@@ -32,30 +32,20 @@ def run(coro: Any) -> Any:
     return asyncio.run(bounded())
 
 
-def test_a_read_with_min_position_waits_for_the_commit_that_reaches_it(store: Store):
-    gate = ReadGate(store, HeadWatch(store), follower=False)
-    wanted = append(store) + 2
+def test_a_node_that_writes_its_own_log_refuses_a_min_position_beyond_it_at_once(
+    store: Store,
+):
+    """Only its own writes could bring the position, so the read is not made to wait.
 
-    async def scenario() -> int:
-        waiting = asyncio.create_task(gate.admit(wanted, time_remaining=TIMEOUT))
-        await asyncio.sleep(0)  # the read is waiting now
-        assert not waiting.done()
-        await asyncio.to_thread(append, store)
-        await asyncio.sleep(0.05)
-        assert not waiting.done(), "one position short: still waiting"
-        await asyncio.to_thread(append, store)
-        await waiting
-        return store.head
-
-    assert run(scenario()) == wanted
-
-
-def test_at_its_deadline_a_read_fails_catching_up_naming_both_positions(store: Store):
+    (A follower waits for its leader's commits: tests/integration/
+    test_replication_service.py; a sync leader waits for the acks of what its
+    log already holds: test_visibility.py.)
+    """
     gate = ReadGate(store, HeadWatch(store), follower=False)
     head = append(store)
     with pytest.raises(CatchingUp) as refused:
-        run(gate.admit(head + 5, time_remaining=0.2))
-    assert f"up to {head}" in str(refused.value)
+        run(gate.admit(head + 5, time_remaining=TIMEOUT))
+    assert f"ends at position {head}" in str(refused.value)
     assert f"min_position {head + 5}" in str(refused.value)
 
 
