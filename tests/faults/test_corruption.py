@@ -494,6 +494,8 @@ def _names(spot: Spot) -> list[str]:
         return [repr(spot.key.decode())]
     if spot.table == "meta":
         return ["the log meta"]
+    if spot.table == "journal":
+        return [f"journal entry {codec.from_u64(spot.key)}"]
     raise AssertionError(f"the store should have no records in table {spot.table}")
 
 

@@ -258,6 +258,50 @@ class _LogContent:
             self._streams()
             self._subject_index()
         self._small_tables()
+        self._journal(head)
+
+    def _journal(self, head: int | None) -> None:
+        """Every journal entry checks out and the entries cover the log in order.
+
+        Commits are numbered 1, 2, ... with no gap, terms never fall, and each
+        entry's records follow the previous entry's, so a flipped position,
+        term or key is found by its neighbours, and a flipped time or row key
+        by the entry's own check (``codec.encode_journal``).
+        """
+        expected_commit, expected_first, last_term = 1, 1, 0
+        for key, value in self.records("journal"):
+            commit = codec.from_u64(key) if len(key) == 8 else -1
+            where = f"journal entry {commit}" if commit >= 0 else f"journal key 0x{key.hex()}"
+            if commit != expected_commit:
+                self.report.add(0, f"expected journal entry {expected_commit} here", where)
+            expected_commit = max(commit, expected_commit) + 1
+            try:
+                entry = codec.decode_journal(value)
+            except Exception as exc:  # msgspec raises several types for damaged bytes
+                self.report.add(0, f"cannot be decoded ({exc})", where)
+                continue
+            if entry.term < last_term:
+                self.report.add(
+                    0, f"its term {entry.term} is below the previous entry's {last_term}", where
+                )
+            if (
+                entry.first_position != expected_first
+                or entry.last_position < entry.first_position - 1
+            ):
+                self.report.add(
+                    entry.first_position,
+                    f"it covers positions {entry.first_position}..{entry.last_position}; "
+                    f"the previous entry ends at {expected_first - 1}",
+                    where,
+                )
+            last_term = max(last_term, entry.term)
+            expected_first = max(expected_first, entry.last_position + 1)
+        if expected_commit > 1 and head is not None and expected_first - 1 != head:
+            self.report.add(
+                head,
+                f"the journal ends at position {expected_first - 1}, the log at {head}",
+                f"journal entry {expected_commit - 1}",
+            )
 
     def _meta(self) -> None:
         records = self.records("meta")

@@ -720,7 +720,7 @@ class Writer:
         state.journal_head += 1
         state.journal_term = self.term
         state.own_entry = True
-        log_store.put_journal(txn, state.journal_head, codec.encode(entry))
+        log_store.put_journal(txn, state.journal_head, codec.encode_journal(entry))
 
     def _key_demand(self, batch: list[_Pending]) -> dict[str, int]:
         """How many encryptions each subject needs, skipping forgotten subjects."""

@@ -263,7 +263,32 @@ decode_legal_hold = _hold_decoder.decode
 decode_epoch = _epoch_decoder.decode
 decode_key_meta = _key_meta_decoder.decode
 decode_key_mark = _key_mark_decoder.decode
-decode_journal = _journal_decoder.decode
+#: Bytes of the BLAKE2b check that ends every journal value.
+JOURNAL_CHECK_SIZE: Final = 8
+
+
+def encode_journal(entry: JournalEntry) -> bytes:
+    """The ``journal`` value: the entry, then a BLAKE2b-64 check of it.
+
+    Nothing else derives a journal entry's time or touched rows, so without
+    the check a flipped byte there would pass ``verify`` and be shipped to
+    every follower; with it, damage is found (and refused) where it is read.
+    """
+    body = encode(entry)
+    return body + hashlib.blake2b(body, digest_size=JOURNAL_CHECK_SIZE).digest()
+
+
+def decode_journal(value: bytes | memoryview) -> JournalEntry:
+    """A ``journal`` value's entry; ValueError when its check does not match."""
+    view = memoryview(value)
+    body, check = view[:-JOURNAL_CHECK_SIZE], view[-JOURNAL_CHECK_SIZE:]
+    if len(view) <= JOURNAL_CHECK_SIZE or (
+        hashlib.blake2b(body, digest_size=JOURNAL_CHECK_SIZE).digest() != check
+    ):
+        raise ValueError("the journal entry does not match its check (damaged)")
+    return _journal_decoder.decode(body)
+
+
 decode_node = _node_decoder.decode
 
 

@@ -366,7 +366,7 @@ class LogStore:
                 for touched in self._genesis_rows(txn, max_bytes, max_items)
             ]
             for commit, entry in enumerate(entries, start=1):
-                self.put_journal(txn, commit, codec.encode(entry))
+                self.put_journal(txn, commit, codec.encode_journal(entry))
             return len(entries)
 
         written = self.lmdb.write(put)

@@ -142,11 +142,18 @@ class _Walk:
     ) -> None:
         self.result.problems.append(PageProblem(page, table, what, low, high))
 
-    def claim(self, page: int, table: str, low: bytes | None, high: bytes | None) -> bool:
-        """Mark *page* as *table*'s; report a page out of range or already in use."""
+    def claim(
+        self, page: int, table: str, low: bytes | None, high: bytes | None, referrer: int = 0
+    ) -> bool:
+        """Mark *page* as *table*'s; report a page out of range or already in use.
+
+        An out-of-range reference is damage on the page that holds it,
+        *referrer* (0: a table's root, referred to from its record), so that
+        is the page named.
+        """
         if not 2 <= page <= self.last:
             self.problem(
-                page,
+                referrer or page,
                 table,
                 f"a reference to page {page}, outside the file's pages 2 to {self.last}",
                 low,
@@ -211,9 +218,10 @@ class _Walk:
         integer_keys: bool,
         leaf_flags: frozenset[int],
         counts: list[int],
+        referrer: int = 0,
     ) -> None:
         name = table.name
-        if not self.claim(pgno, name, low, high):
+        if not self.claim(pgno, name, low, high, referrer):
             return
         base = pgno * self.psize
         page_no, _pad, flags, lower, upper = _HEADER.unpack_from(self.data, base)
@@ -260,6 +268,7 @@ class _Walk:
                 integer_keys,
                 leaf_flags,
                 counts,
+                pgno,
             )
         return None
 
@@ -393,7 +402,7 @@ class _Walk:
             start = base + offset + NODE_HEADER + len(key)
             if flags & F_BIGDATA:
                 value = self._overflow(
-                    table.name, _U64.unpack_from(data, start)[0], size, key, counts
+                    table.name, _U64.unpack_from(data, start)[0], size, key, counts, pgno
                 )
                 if value is None:
                     continue
@@ -402,10 +411,11 @@ class _Walk:
             records.append((key, value))
 
     def _overflow(
-        self, name: str, pgno: int, size: int, key: bytes, counts: list[int]
+        self, name: str, pgno: int, size: int, key: bytes, counts: list[int], leaf: int
     ) -> bytes | None:
-        """A large value from its run of overflow pages, or None (reported) if damaged."""
-        if not self.claim(pgno, name, key, key):
+        """A large value from its run of overflow pages (referred to from page *leaf*),
+        or None (reported) if damaged."""
+        if not self.claim(pgno, name, key, key, leaf):
             return None
         page_no, _pad, flags, pages = _OVERFLOW_HEADER.unpack_from(self.data, pgno * self.psize)
         needed = -(-(PAGE_HEADER + size) // self.psize)
