@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from lethedb_server.coord.endpoints import DEFAULT_TTL_S
 from lethedb_server.coord.etcd import EtcdClient, EtcdError, EventKind, KeyValue
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 #: The lease's time to live unless configured: a few seconds, as issue 22 asks.
-DEFAULT_TTL_S = 5
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import grpc
 
+from lethedb_server.coord.endpoints import parse_endpoints
 from lethedb_server.coord.etcdpb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
 T = TypeVar("T")
@@ -122,27 +123,6 @@ class _Member:
     kv: rpc_pb2_grpc.KVAsyncStub
     lease: rpc_pb2_grpc.LeaseAsyncStub
     watch: rpc_pb2_grpc.WatchAsyncStub
-
-
-def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
-    """``http://h1:2379,h2:2379`` or a list of them -> ["h1:2379", "h2:2379"].
-
-    An ``https://`` endpoint needs :class:`EtcdTls`; the scheme itself only
-    documents it (TLS is on for every member or for none).
-    """
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    addresses = []
-    for item in (raw.strip() for raw in items):
-        if not item:
-            continue
-        address = item.split("://", 1)[1] if "://" in item else item
-        host, sep, port = address.rstrip("/").rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint {item!r} is not [http[s]://]host:port")
-        addresses.append(f"{host}:{port}")
-    if not addresses:
-        raise ValueError("no etcd endpoint given")
-    return addresses
 
 
 def prefix_end(prefix: bytes) -> bytes:

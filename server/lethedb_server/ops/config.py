@@ -21,8 +21,7 @@ import msgspec
 
 from lethedb_contract import DEFAULT_MAX_MESSAGE_BYTES
 from lethedb_server.api.validation import Limits
-from lethedb_server.coord.election import DEFAULT_TTL_S
-from lethedb_server.coord.etcd import parse_endpoints
+from lethedb_server.coord.endpoints import DEFAULT_TTL_S, parse_endpoints
 from lethedb_server.engine.store import StoreOptions
 from lethedb_server.engine.subscriptions import SubscriptionLimits
 from lethedb_server.engine.writer import WriterLimits

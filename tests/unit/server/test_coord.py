@@ -20,7 +20,8 @@ from lethedb_server.coord.election import (
     decode_leader,
     encode_node,
 )
-from lethedb_server.coord.etcd import KeyValue, parse_endpoints, prefix_end
+from lethedb_server.coord.endpoints import parse_endpoints
+from lethedb_server.coord.etcd import KeyValue, prefix_end
 
 ME = NodeInfo("me", "127.0.0.1:1")
 

@@ -13,6 +13,8 @@ replication link) and its errors must reach gRPC codes only in api/status.py.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +131,14 @@ def test_the_check_allows_arrows_down() -> None:
     assert violations("engine", "from lethedb_contract import ERASURE_STREAM\n") == []
     assert violations("coord", "import grpc\nfrom lethedb_server import errors\n") == []
     assert violations("ops", "from lethedb_server.coord.election import Election\n") == []
+
+
+def test_the_cli_configures_grpc_logging_before_anything_imports_grpc() -> None:
+    """gRPC reads GRPC_VERBOSITY once, when it is first imported; the CLI sets it
+    in main(), so nothing its module imports may load grpc (or the C core's
+    own log lines reach an operator's terminal beside ours)."""
+    probe = "import sys, lethedb_server.ops.cli; print('grpc' in sys.modules)"
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip() == "False", "importing the CLI module loads grpc"
