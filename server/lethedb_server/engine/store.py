@@ -351,6 +351,13 @@ class Store:
                             "start until they store one again", len(dropped))  # fmt: skip
             self._record_term(term)
             self.writer.term = term
+            # A store that predates the journal and started as a follower has
+            # not journalled its history: a leader must, or its followers
+            # could never receive it.
+            genesis = self.log.write_genesis(term, time.time_ns())
+            if genesis:
+                log.info("journalled the %d records written before replication existed in "
+                         "%d entries for replication", self.log.head, genesis)  # fmt: skip
             if not self.writer.leading:  # a leader's own followers and held answers stay
                 self._followers.reset()
                 self._open_gate()

@@ -507,6 +507,24 @@ def test_a_store_that_predates_the_journal_is_journalled_at_start_up(
     assert readable(follower) == readable(leader)
 
 
+def test_a_store_that_predates_the_journal_journals_it_when_promoted_from_follower(
+    stores: Callable[..., Store], tmp_path: Path
+) -> None:
+    """An upgraded node that joins a cluster as a follower and is then elected."""
+    old = stores("old")
+    busy_history(old)
+    old.close()
+    _drop_journal(tmp_path / "old" / "log")
+
+    member = stores("old", FOLLOWER)
+    assert member.journal_head() == 0  # a follower writes no journal of its own
+    member.promote(member.term + 1)
+    follower = stores("follower", FOLLOWER)
+    replicate(member, follower)
+    assert records(follower) == records(member)
+    assert readable(follower) == readable(member)
+
+
 def test_the_genesis_of_a_large_store_is_bounded_entries(
     stores: Callable[..., Store], tmp_path: Path
 ) -> None:
