@@ -71,15 +71,18 @@ class Progress:
     """A node's durable replication state: its last journal entry's term and commit, its head.
 
     Nodes are compared on (term, commit), as Raft compares logs: a later term
-    wins, and within a term the longer log.
+    wins, and within a term the longer log. The head breaks a tie only where
+    the journal cannot: a store that predates the journal (commit 0) holding
+    records must outrank an empty node, or an upgraded node's history would
+    lose the first election to an empty newcomer.
     """
 
     term: int
     commit: int
     position: int
 
-    def rank(self) -> tuple[int, int]:
-        return (self.term, self.commit)
+    def rank(self) -> tuple[int, int, int]:
+        return (self.term, self.commit, self.position)
 
 
 @dataclass(frozen=True, slots=True)

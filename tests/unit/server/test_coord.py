@@ -26,8 +26,12 @@ from lethedb_server.coord.etcd import KeyValue, prefix_end
 ME = NodeInfo("me", "127.0.0.1:1")
 
 
-def published(node_id: str, term: int, commit: int, after_term: int = 7) -> PublishedNode:
-    return PublishedNode(NodeInfo(node_id, "127.0.0.1:2"), Progress(term, commit, 0), after_term)
+def published(
+    node_id: str, term: int, commit: int, after_term: int = 7, position: int = 0
+) -> PublishedNode:
+    return PublishedNode(
+        NodeInfo(node_id, "127.0.0.1:2"), Progress(term, commit, position), after_term
+    )
 
 
 @pytest.mark.parametrize(
@@ -98,6 +102,16 @@ def test_a_later_term_counts_before_a_longer_log():
     nodes = [published("me", 4, 50), published("other", 5, 1)]
 
     refusal = campaign_refusal(ME, Progress(4, 50, 0), nodes, last_term=7, quorum=1)
+
+    assert refusal is not None
+    assert refusal.outcome is Outcome.BEHIND
+
+
+def test_an_empty_node_does_not_campaign_against_an_upgraded_node_with_history():
+    """A store that predates the journal has commit 0 like an empty node; its head tells."""
+    nodes = [published("me", 0, 0), published("upgraded", 0, 0, position=50_000)]
+
+    refusal = campaign_refusal(ME, Progress(0, 0, 0), nodes, last_term=7, quorum=1)
 
     assert refusal is not None
     assert refusal.outcome is Outcome.BEHIND
