@@ -79,7 +79,9 @@ def write_acked(leader: Store, follower: Store, *commands: Any) -> list[Any]:
 
     def replicate_and_ack() -> None:
         replicate(leader, follower)
-        leader.replica_acked("b", follower.journal_head(), follower.log_head, 0, follower.term)
+        leader.replica_acked(
+            "b", follower.journal_head(), follower.log_head, 0, ack_term(leader, follower)
+        )
 
     async def go() -> list[Any]:
         leader.replica_connected("b", "b:1")
@@ -132,8 +134,18 @@ def ack(leader: Store, follower: Store, name: str = "f") -> None:
     """What the follower's acks and the leader's next heartbeat do: the leader counts the
     follower's durable commit, and the follower hears the visible head that made."""
     leader.replica_connected(name, f"{name}:1")
-    leader.replica_acked(name, follower.journal_head(), follower.log_head, 0, follower.term)
+    leader.replica_acked(
+        name, follower.journal_head(), follower.log_head, 0, ack_term(leader, follower)
+    )
     follower.leader_visible(leader.head)
+
+
+def ack_term(leader: Store, follower: Store) -> int:
+    """The term an ack carries: the leader's it answers (from its welcome), or the
+    follower's own if it has seen a later one. Not the term of the follower's last
+    journal entry: before its first frame is applied that is 0, and a leader
+    refuses an ack of an earlier term."""
+    return max(leader.term, follower.term)
 
 
 def fail_over(old: Store, new: Store) -> int:
