@@ -52,3 +52,14 @@ def open_store(data_dir: Path) -> Iterator[StoreFactory]:
 def store(open_store: StoreFactory) -> Store:
     """An open store with default options in the test's temporary directory."""
     return open_store()
+
+
+@pytest.fixture
+def stores(open_store: StoreFactory, tmp_path: Path) -> StoreFactory:
+    """Open several stores by name (``stores(name, options=None)``), each in its own
+    directory under *tmp_path*: a leader and its followers, say. Closed at teardown."""
+
+    def by_name(name: str, options: StoreOptions | None = None) -> Store:
+        return open_store(options, path=tmp_path / name)
+
+    return by_name

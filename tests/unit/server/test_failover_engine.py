@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +46,6 @@ from tests.unit.server.test_replication_engine import (
 #: A leader whose writes are acknowledged once one follower holds them.
 SYNC = StoreOptions(role="leader", sync_replicas=1, sync_timeout_s=60)
 SYNC_FOLLOWER = StoreOptions(role="follower", leader="a:1", sync_replicas=1, sync_timeout_s=60)
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Callable[..., Store]]:
-    """Open stores under *tmp_path* by name; all closed at teardown."""
-    opened: list[Store] = []
-
-    def open_store(name: str, options: StoreOptions | None = None) -> Store:
-        store = Store.open(tmp_path / name, options)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in reversed(opened):
-        store.close()
 
 
 def submit(store: Store, command: Any) -> asyncio.Future[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,21 +120,6 @@ def readable(store: Store) -> list[tuple[str, bytes, bool]]:
     return [
         (e.stream_id, e.data, e.redacted) for e in store.read_all(1, backwards=False, limit=1000)
     ]
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Callable[..., Store]]:
-    """Open stores under *tmp_path* by name; all closed at teardown."""
-    opened: list[Store] = []
-
-    def open_store(name: str, options: StoreOptions | None = None) -> Store:
-        store = Store.open(tmp_path / name, options)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in reversed(opened):
-        store.close()
 
 
 @pytest.fixture
@@ -481,12 +466,11 @@ def test_a_follower_directory_reopens_cleanly_with_its_tombstones(
 
 
 def test_a_store_that_predates_the_journal_is_journalled_at_start_up(
-    stores: Callable[..., Store], tmp_path: Path
+    stores: Callable[..., Store],
 ) -> None:
     old = stores("old")
     busy_history(old)
-    old.close()
-    _drop_journal(tmp_path / "old" / "log")
+    _close_as_before_the_journal(old)
 
     leader = stores("old")
     follower = stores("follower", FOLLOWER)
@@ -508,13 +492,12 @@ def test_a_store_that_predates_the_journal_is_journalled_at_start_up(
 
 
 def test_a_store_that_predates_the_journal_journals_it_when_promoted_from_follower(
-    stores: Callable[..., Store], tmp_path: Path
+    stores: Callable[..., Store],
 ) -> None:
     """An upgraded node that joins a cluster as a follower and is then elected."""
     old = stores("old")
     busy_history(old)
-    old.close()
-    _drop_journal(tmp_path / "old" / "log")
+    _close_as_before_the_journal(old)
 
     member = stores("old", FOLLOWER)
     assert member.journal_head() == 0  # a follower writes no journal of its own
@@ -525,14 +508,11 @@ def test_a_store_that_predates_the_journal_journals_it_when_promoted_from_follow
     assert readable(follower) == readable(member)
 
 
-def test_the_genesis_of_a_large_store_is_bounded_entries(
-    stores: Callable[..., Store], tmp_path: Path
-) -> None:
+def test_the_genesis_of_a_large_store_is_bounded_entries(stores: Callable[..., Store]) -> None:
     old = stores("old")
     big = "x" * 300_000  # 20 records of 300 kB: 6 MB, over the 2 MiB bound of an entry
     write(old, *(append(f"s-{i}", f"subject-{i}", big, key=f"k-{i}") for i in range(20)))
-    old.close()
-    _drop_journal(tmp_path / "old" / "log")
+    _close_as_before_the_journal(old)
 
     leader = stores("old")
     follower = stores("follower", FOLLOWER)
@@ -559,8 +539,7 @@ def test_genesis_entries_list_the_side_table_rows_in_bounded_chunks(
 ) -> None:
     old = stores("old")
     busy_history(old)
-    old.close()
-    _drop_journal(tmp_path / "old" / "log")
+    _close_as_before_the_journal(old)
     log_store = LogStore(tmp_path / "old" / "log")
     try:
         written = log_store.write_genesis(1, 0, max_bytes=1 << 20, max_items=2)
@@ -578,9 +557,10 @@ def test_genesis_entries_list_the_side_table_rows_in_bounded_chunks(
     assert [row for e in entries for row in e.touched] == every_row
 
 
-def _drop_journal(log_dir: Path) -> None:
-    """Make the log look as it did before the journal existed."""
-    env = lmdb.open(str(log_dir), max_dbs=20)
+def _close_as_before_the_journal(store: Store) -> None:
+    """Close *store* and make its log look as it did before the journal existed."""
+    store.close()
+    env = lmdb.open(str(store.data_dir / "log"), max_dbs=20)
     try:
         with env.begin(write=True) as txn:
             txn.drop(env.open_db(b"journal", txn=txn), delete=True)

@@ -31,10 +31,7 @@ from tests.unit.server.test_replication_engine import (
     apply_all,
     readable,
     run,
-    stores,
 )
-
-__all__ = ["stores"]  # the fixture
 
 SYNC_LEADER = StoreOptions(role="leader", sync_replicas=1, sync_timeout_s=60)
 SYNC_FOLLOWER = StoreOptions(role="follower", leader="leader:1", sync_replicas=1)
