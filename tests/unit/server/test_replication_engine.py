@@ -206,7 +206,7 @@ def test_a_refused_command_leaves_nothing_in_the_journal(leader: Store) -> None:
 
 
 def test_frames_page_and_a_follower_continues_after_a_restart(
-    leader: Store, stores: Callable[..., Store], tmp_path: Path
+    leader: Store, stores: Callable[..., Store]
 ) -> None:
     follower = stores("follower", FOLLOWER)
     for i in range(7):
@@ -288,7 +288,7 @@ def test_a_tombstone_deletes_the_subjects_keys_on_the_follower_with_its_own_shre
 
 
 def test_an_installed_key_is_never_extended_should_the_follower_lead(
-    leader: Store, stores: Callable[..., Store], tmp_path: Path
+    leader: Store, stores: Callable[..., Store]
 ) -> None:
     follower = stores("follower", FOLLOWER)
     write(leader, append("s", "alice", "1"))
